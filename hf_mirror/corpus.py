@@ -1,0 +1,185 @@
+"""Corpus: streaming load from any `datasets` source, per-process sharding, document ids, windowing."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets.distributed import split_dataset_by_node
+
+from hf_mirror.errors import InputError
+from hf_mirror.probes import start_token_id
+
+logger = logging.getLogger(__name__)
+
+# file extension -> `datasets` builder name
+FORMATS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
+
+@dataclass
+class Corpus:
+    """Where the training documents come from and which columns hold text and ids.
+
+    ``source`` is a Hub dataset name, a local file / glob / directory of files, a directory written by
+    ``Dataset.save_to_disk``, a ``Dataset`` / ``IterableDataset``, or an in-memory list of strings or dicts. Without ``id_column`` a document's
+    id is its running index in the stream (0, 1, ...), which is stable for the same corpus.
+    """
+
+    source: str | Path | Dataset | IterableDataset | list
+    text_column: str = "text"
+    id_column: str | None = None
+    split: str = "train"
+    format: str | None = None
+    name: str | None = None  # a Hub dataset's configuration
+    extra: dict = field(default_factory=dict)  # more keyword arguments for `load_dataset`
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, (list, tuple)):
+            rows = [{self.text_column: r} if not isinstance(r, dict) else r for r in self.source]
+            self.source = Dataset.from_list(rows) if rows else Dataset.from_dict({self.text_column: []})
+
+    def describe(self) -> dict:
+        """A JSON-able description for config.json and cache keys."""
+        src = self.source
+        if isinstance(src, (Dataset, IterableDataset)):
+            fp = getattr(src, "_fingerprint", None)
+            src = f"<{type(src).__name__} fingerprint={fp}>"
+        return {
+            "source": str(src),
+            "text_column": self.text_column,
+            "id_column": self.id_column,
+            "split": self.split,
+            "format": self.format,
+            "name": self.name,
+        }
+
+    def stream(self) -> IterableDataset:
+        """The corpus as an `IterableDataset` (never materialised in memory)."""
+        src = self.source
+        if isinstance(src, (DatasetDict, IterableDatasetDict)):
+            src = _pick_split(src, self.split)
+        if isinstance(src, Dataset):
+            return src.to_iterable_dataset()
+        if isinstance(src, IterableDataset):
+            return src
+        return _load_stream(str(src), self.format, self.split, self.name, self.extra)
+
+    def documents(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[object, object]]:
+        """Yield ``(doc_id, text)`` for this process's share of the corpus.
+
+        With an ``id_column`` the stream is split with ``split_dataset_by_node``; the running-index default
+        needs the global position, so every process reads the stream and keeps every ``world_size``-th
+        document (reading is cheap next to the forward passes).
+        """
+        ds = self.stream()
+        if self.id_column is not None and world_size > 1:
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+            rows: Iterator = iter(ds)
+            indexed: Iterator = ((None, r) for r in rows)
+        else:
+            indexed = enumerate(iter(ds))
+            if world_size > 1:
+                indexed = itertools.islice(indexed, rank, None, world_size)
+        checked = False
+        for index, row in indexed:
+            if not checked:
+                self._check_columns(row)
+                checked = True
+            doc_id = index if self.id_column is None else row[self.id_column]
+            yield doc_id, row[self.text_column]
+
+    def _check_columns(self, row: dict) -> None:
+        for col, flag in ((self.text_column, "--text-column"), (self.id_column, "--id-column")):
+            if col is not None and col not in row:
+                raise InputError(
+                    f"Corpus has no column {col!r}; columns present: {sorted(row)}. Pass the right one with {flag}."
+                )
+
+
+def _pick_split(dd, split: str):
+    if split not in dd:
+        raise InputError(f"Corpus has no split {split!r}; splits present: {sorted(dd)}. Pass one with --split.")
+    return dd[split]
+
+
+def _load_stream(src: str, fmt: str | None, split: str, name: str | None, extra: dict) -> IterableDataset:
+    path = Path(src)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
+                          or (path / "dataset_dict.json").exists()):
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            ds = _pick_split(ds, split)
+        return ds.to_iterable_dataset()
+    if fmt is None and (path.is_file() or any(ch in src for ch in "*?[")):
+        suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+        fmt = FORMATS.get(suffixes[-1].lower() if suffixes else "")
+        if fmt is None:
+            raise InputError(
+                f"Cannot tell the format of {src!r} from its extension; pass --format "
+                f"(one of {sorted(set(FORMATS.values()))})."
+            )
+    if fmt is not None:
+        if path.is_dir():
+            files = sorted(str(p) for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        else:
+            files = [src]
+        kwargs = dict(extra)
+        if fmt == "csv" and path.suffix.lower() == ".tsv":
+            kwargs.setdefault("delimiter", "\t")
+        return load_dataset(fmt, data_files={split: files}, split=split, streaming=True, **kwargs)
+    if path.exists():
+        return load_dataset(str(path), name=name, split=split, streaming=True, **extra)
+    try:
+        return load_dataset(src, name=name, split=split, streaming=True, **extra)
+    except FileNotFoundError as e:
+        raise InputError(
+            f"Corpus {src!r} is neither a local file or directory nor a reachable Hub dataset ({e})."
+        ) from e
+
+
+@dataclass
+class Window:
+    """A slice of one document's tokens: ``input_ids[n_context:]`` are the tokens it scores."""
+
+    doc_seq: int  # position of the document in this process's stream
+    start: int  # index, in the document's scored tokens, of the first token this window scores
+    input_ids: list[int]
+    n_context: int
+
+
+def document_tokens(tokenizer, text: str) -> list[int]:
+    """Token ids of a document, preceded by one start token so that its first token is scored too."""
+    return [start_token_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def windows(seq: list[int], max_length: int, overlap: int) -> list[tuple[int, list[int], int]]:
+    """Split ``seq`` (start token + document tokens) into windows of at most ``max_length`` tokens.
+
+    Returns ``(start, input_ids, n_context)`` per window: the window scores ``input_ids[n_context:]``,
+    which are document tokens ``start, start+1, ...`` (0-based, start token excluded). Consecutive windows
+    repeat ``overlap`` tokens as context, so every document token is scored exactly once.
+    """
+    if max_length < 2:
+        raise InputError("max_length must be at least 2.")
+    overlap = max(1, min(overlap, max_length - 1))
+    out = []
+    lo = 1  # first position in seq to score
+    n = len(seq)
+    while lo < n:
+        ctx = 1 if lo == 1 else overlap
+        hi = min(n, lo + max_length - ctx)
+        out.append((lo - 1, seq[lo - ctx : hi], ctx))
+        lo = hi
+    return out

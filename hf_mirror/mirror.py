@@ -1,0 +1,180 @@
+"""Mirrors: one PEFT LoRA adapter per probe, fitted with a few optimizer steps on the probe loss."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from hf_mirror.errors import InputError, ScoreError
+from hf_mirror.probes import Probe, encode_probe
+from hf_mirror.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("unlearn", "learn")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class MirrorConfig:
+    """How each probe's LoRA mirror is fitted.
+
+    ``direction="unlearn"`` takes gradient *ascent* steps on the probe loss (the paper's choice);
+    ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture;
+    ``layers`` restricts the adapter to those transformer block indices.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    layers: list[int] | None = None
+    steps: int = 3
+    lr: float = 5e-3
+    optimizer: str = "adam"
+    direction: str = "unlearn"
+    seed: int = 0
+    include_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise InputError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.steps < 0 or self.rank < 1 or self.lr <= 0:
+            raise InputError("Mirror needs steps >= 0, rank >= 1 and lr > 0.")
+
+    @property
+    def sign(self) -> float:
+        """+1 when a supporting document's loss rises under the mirror (unlearn), -1 when it falls."""
+        return 1.0 if self.direction == "unlearn" else -1.0
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            layers_to_transform=self.layers,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitReport:
+    """Probe loss before and after fitting each mirror."""
+
+    loss_before: dict[str, float] = field(default_factory=dict)
+    loss_after: dict[str, float] = field(default_factory=dict)
+
+
+def _adapter_params(model: PeftModel, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def _make_optimizer(cfg: MirrorConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
+def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
+def fit_mirrors(
+    model,
+    tokenizer,
+    probes: Sequence[Probe],
+    adapter_names: Sequence[str],
+    cfg: MirrorConfig,
+    max_length: int | None = None,
+    show_progress: bool = True,
+) -> tuple[PeftModel, FitReport]:
+    """Attach one LoRA adapter per probe (named ``adapter_names[i]``) and fit it on that probe alone.
+
+    Every adapter starts from the same seeded initialisation (B = 0, so it starts as the identity),
+    which makes a probe's mirror independent of the other probes and of their order.
+    """
+    device = next(model.parameters()).device
+    lora = cfg.lora_config()
+    peft_model: PeftModel | None = model if isinstance(model, PeftModel) else None
+    report = FitReport()
+    was_training = model.training
+    bar = progress_bar(total=len(probes), desc="fitting mirrors", unit="probe", disable=not show_progress)
+    for probe, name in zip(probes, adapter_names, strict=True):
+        batch = {k: v.to(device) for k, v in encode_probe(tokenizer, probe, cfg.include_prompt, max_length).items()}
+        torch.manual_seed(cfg.seed)
+        try:
+            if peft_model is None:
+                peft_model = get_peft_model(model, lora, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, lora)
+        except ValueError as e:
+            raise InputError(
+                f"Could not attach a LoRA adapter ({e}). Pass target modules that exist in this model "
+                "with --target-modules (e.g. q_proj v_proj, or c_attn for GPT-2)."
+            ) from e
+        peft_model.set_adapter(name)
+        peft_model.eval()  # no dropout: the mirror is a deterministic function of the probe and seed
+        params = _adapter_params(peft_model, name)
+        for p in params:
+            p.requires_grad_(True)
+        opt = _make_optimizer(cfg, params)
+        for step in range(cfg.steps + 1):
+            loss = _probe_loss(peft_model, batch)
+            if not torch.isfinite(loss):
+                raise ScoreError(
+                    f"Probe {probe.id!r}: non-finite probe loss ({loss.item()}) at mirror step {step}; "
+                    "lower --lr or --steps, or check the model's dtype."
+                )
+            if step == 0:
+                report.loss_before[probe.id] = loss.item()
+            if step == cfg.steps:
+                report.loss_after[probe.id] = loss.item()
+                break
+            opt.zero_grad(set_to_none=True)
+            (-cfg.sign * loss).backward()  # unlearn: ascend the probe loss; learn: descend it
+            opt.step()
+        for p in params:
+            p.requires_grad_(False)
+        bar.update(1)
+        bar.set_postfix(loss=f"{report.loss_before[probe.id]:.3f}->{report.loss_after[probe.id]:.3f}")
+    bar.close()
+    if was_training:
+        model.train()
+    return peft_model, report
+
+
+def save_mirrors(model: PeftModel, names: Sequence[str], directory: str | Path) -> None:
+    """Save each adapter in the standard PEFT layout: ``directory/<name>/adapter_model.safetensors``."""
+    model.save_pretrained(str(directory), selected_adapters=list(names))
+
+
+def load_mirrors(base_model, directory: str | Path, names: Sequence[str]) -> PeftModel:
+    """Reload saved mirrors onto ``base_model`` (the inverse of :func:`save_mirrors`)."""
+    directory = Path(directory)
+    model: PeftModel | None = None
+    for name in names:
+        path = directory / name
+        if not (path / "adapter_config.json").exists():
+            raise InputError(f"No adapter for {name!r} under {directory}; was it saved by hf-mirror?")
+        if model is None:
+            model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name)
+        else:
+            model.load_adapter(str(path), adapter_name=name)
+    if model is None:
+        raise InputError("No adapter names given to load.")
+    model.eval()
+    return model

@@ -1,0 +1,76 @@
+"""Loading a causal LM and its tokenizer, with the checks hf-mirror relies on."""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from hf_mirror.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def check_causal_lm(model) -> None:
+    """Refuse models that are not decoder-only causal LMs."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    is_causal = (
+        config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+        and hasattr(model, "generate")
+        and (name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith("ForCausalLM"))
+    )
+    if not is_causal:
+        raise InputError(
+            f"{type(model).__name__} is not a causal language model; hf-mirror needs a decoder-only LM "
+            "loadable with AutoModelForCausalLM (e.g. GPT-2, Llama, SmolLM)."
+        )
+
+
+def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with a clear error for non-causal models."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except (OSError, ValueError) as e:
+        raise InputError(f"Cannot load a model config from {name_or_path!r}: {e}") from e
+    if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(
+            f"{name_or_path!r} is a {config.model_type!r} model, not a causal language model; hf-mirror needs a "
+            "decoder-only LM loadable with AutoModelForCausalLM (e.g. GPT-2, Llama, SmolLM)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model.eval()
+    return model
+
+
+def prepare_tokenizer(tokenizer):
+    """Make sure the tokenizer can pad: use the EOS token as padding when there is no pad token."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise InputError(
+                "The tokenizer has neither a pad token nor an EOS token; set one, e.g. "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) (and resize the model's embeddings)."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.warning("Tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str, **kwargs):
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, **kwargs))
+
+
+def context_length(model, tokenizer=None, cap: int = 1024) -> int:
+    """The model's context window (capped at ``cap`` to bound memory per batch)."""
+    cfg = model.config
+    n = None
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, attr, None)
+        if isinstance(n, int) and n > 0:
+            break
+    limit = getattr(tokenizer, "model_max_length", None)
+    candidates = [x for x in (n, limit if isinstance(limit, int) and limit < 10**8 else None) if x]
+    return min([*candidates, cap])

@@ -1,0 +1,153 @@
+"""Probes: a prompt plus the generation to explain, tokenised with a completion mask."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from hf_mirror.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Probe:
+    """One generation to explain: ``prompt`` followed by ``completion``."""
+
+    id: str
+    prompt: str
+    completion: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.prompt + (self.completion or "")
+
+
+def start_token_id(tokenizer) -> int:
+    """The token every probe and document starts with: BOS, or EOS for GPT-2-style tokenizers."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise InputError("The tokenizer has neither a BOS nor an EOS token; set one (tokenizer.bos_token = ...).")
+    return tid
+
+
+def adapter_name(probe_id: str, taken: set[str]) -> str:
+    """A PEFT-safe adapter name (no dots) derived from a probe id, unique within ``taken``."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", str(probe_id))[:64] or "probe"
+    if base in ("default", "__base__"):
+        base = f"probe_{base}"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
+def load_probes(source: str | Path | Iterable[Probe | Mapping | str]) -> list[Probe]:
+    """Read probes from a JSON-lines file or a list of ``Probe``/dicts/prompt strings; validate ids."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"Probe file {path} does not exist; pass a JSON-lines file with id/prompt fields.")
+        records: list = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one object per line.") from e
+    else:
+        records = list(source)
+    probes = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, Probe):
+            probe = Probe(str(rec.id), rec.prompt, rec.completion)
+        elif isinstance(rec, str):
+            probe = Probe(str(i), rec, None)
+        elif isinstance(rec, Mapping):
+            if "prompt" not in rec:
+                raise InputError(f"Probe #{i} has no 'prompt' field (fields: {sorted(rec)}); add one.")
+            pid = rec.get("id", i)
+            probe = Probe(str(pid), rec["prompt"], rec.get("completion"))
+        else:
+            raise InputError(f"Probe #{i} is a {type(rec).__name__}; use a dict with id/prompt/completion.")
+        if not isinstance(probe.prompt, str):
+            raise InputError(f"Probe {probe.id!r}: prompt must be a string, got {type(probe.prompt).__name__}.")
+        if probe.completion is not None and not isinstance(probe.completion, str):
+            raise InputError(f"Probe {probe.id!r}: completion must be a string or absent.")
+        probes.append(probe)
+    if not probes:
+        raise InputError("No probes given; pass at least one {'id', 'prompt', 'completion'} record.")
+    seen: set[str] = set()
+    for p in probes:
+        if p.id in seen:
+            raise InputError(f"Duplicate probe id {p.id!r}; every probe needs a unique id.")
+        seen.add(p.id)
+    return probes
+
+
+def save_probes(probes: Iterable[Probe], path: str | Path, extra: Mapping[str, Mapping] | None = None) -> None:
+    """Write probes as JSON lines, with optional extra fields per probe id."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for p in probes:
+            row = asdict(p) | dict((extra or {}).get(p.id, {}))
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@torch.no_grad()
+def generate_completions(
+    model, tokenizer, probes: list[Probe], max_new_tokens: int = 32, device: torch.device | None = None, **gen_kwargs
+) -> list[Probe]:
+    """Fill in missing completions with the model's own (greedy by default) generation."""
+    device = device or next(model.parameters()).device
+    gen_kwargs.setdefault("do_sample", False)
+    out = []
+    for p in probes:
+        if p.completion is not None:
+            out.append(p)
+            continue
+        prompt = [start_token_id(tokenizer), *tokenizer(p.prompt, add_special_tokens=False)["input_ids"]]
+        input_ids = torch.tensor([prompt], device=device)
+        ids = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, **gen_kwargs,
+        )[0, len(prompt):]
+        completion = tokenizer.decode(ids, skip_special_tokens=True)
+        out.append(Probe(p.id, p.prompt, completion))
+    return out
+
+
+def encode_probe(
+    tokenizer, probe: Probe, include_prompt: bool = False, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Token ids and labels for a probe; labels are -100 on the prompt unless ``include_prompt``.
+
+    The prompt and completion are tokenised separately so the boundary is exact; like corpus documents,
+    the sequence starts with the tokenizer's start token (BOS, else EOS).
+    """
+    if not probe.completion or not probe.completion.strip():
+        raise InputError(
+            f"Probe {probe.id!r} has an empty completion: there is nothing to attribute. "
+            "Give a completion or leave it out so the model generates one."
+        )
+    prompt_ids = [start_token_id(tokenizer), *tokenizer(probe.prompt, add_special_tokens=False)["input_ids"]]
+    completion_ids = tokenizer(probe.completion, add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids) + list(completion_ids)
+    labels = ([IGNORE_INDEX] * len(prompt_ids) if not include_prompt else list(prompt_ids)) + list(completion_ids)
+    if max_length is not None and len(ids) > max_length:
+        raise InputError(
+            f"Probe {probe.id!r} has {len(ids)} tokens, more than the context window ({max_length}); "
+            "shorten the prompt or raise --max-length."
+        )
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}

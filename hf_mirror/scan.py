@@ -1,0 +1,166 @@
+"""Scan: the forward loop over corpus windows, giving per-token losses under the base model and each mirror."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hf_mirror.corpus import Window, document_tokens, windows
+from hf_mirror.errors import InputError, ScoreError
+from hf_mirror.progress import progress_bar
+
+
+@dataclass
+class ScannedDoc:
+    """One document's token losses: ``base[i]`` and ``mirror[p, i]`` for its i-th token and probe p."""
+
+    doc_id: object
+    text: str
+    token_ids: np.ndarray
+    base: np.ndarray
+    mirror: np.ndarray
+
+
+@dataclass
+class Skipped:
+    doc_id: object
+    reason: str
+
+
+@dataclass
+class _Pending:
+    doc_id: object
+    text: str
+    token_ids: list[int]
+    base: np.ndarray
+    mirror: np.ndarray
+    remaining: int
+
+
+def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (float32) of ``input_ids[:, 1:]`` given the prefix; shape ``[B, L-1]``."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    targets = input_ids[:, 1:]
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+
+
+def _collate(batch: Sequence[Window], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(w.input_ids) for w in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, w in enumerate(batch):  # right padding: causal attention keeps real tokens unaffected
+        ids[i, : len(w.input_ids)] = torch.tensor(w.input_ids)
+        mask[i, : len(w.input_ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Scanner:
+    """Streams documents through the base model and every mirror adapter, window batch by window batch.
+
+    ``model`` is a PEFT model holding one adapter per name in ``adapter_names``; the base losses come from
+    the same model with its adapters disabled.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        adapter_names: Sequence[str],
+        probe_ids: Sequence[str],
+        max_length: int,
+        overlap: int,
+        batch_size: int = 8,
+        show_progress: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError("batch_size must be at least 1.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter_names = list(adapter_names)
+        self.probe_ids = list(probe_ids)
+        self.max_length = max_length
+        self.overlap = overlap
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.device = next(model.parameters()).device
+        self.skipped: list[Skipped] = []
+        self.n_documents = 0
+        self.n_tokens = 0
+
+    def __call__(self, documents: Iterable[tuple[object, object]]) -> Iterator[ScannedDoc]:
+        """Yield each scored document, in stream order, as soon as all its windows are done."""
+        pending: OrderedDict[int, _Pending] = OrderedDict()
+        batch: list[Window] = []
+        bar = progress_bar(desc="scanning", unit="doc", disable=not self.show_progress)
+        t0 = time.perf_counter()
+        n_probes = len(self.adapter_names)
+        for seq_no, (doc_id, text) in enumerate(documents):
+            if text is None or (isinstance(text, str) and not text.strip()):
+                self.skipped.append(Skipped(doc_id, "missing text" if text is None else "empty or whitespace-only"))
+                continue
+            if not isinstance(text, str):
+                raise InputError(
+                    f"Document {doc_id!r} has non-string text ({type(text).__name__}); "
+                    "point --text-column at a string column."
+                )
+            seq = document_tokens(self.tokenizer, text)
+            n = len(seq) - 1
+            if n == 0:
+                self.skipped.append(Skipped(doc_id, "no tokens after tokenization"))
+                continue
+            wins = windows(seq, self.max_length, self.overlap)
+            pending[seq_no] = _Pending(
+                doc_id, text, seq[1:], np.empty(n, np.float32), np.empty((n_probes, n), np.float32), len(wins)
+            )
+            for start, ids, ctx in wins:
+                batch.append(Window(seq_no, start, ids, ctx))
+                if len(batch) == self.batch_size:
+                    self._run(batch, pending)
+                    batch = []
+                    yield from self._drain(pending, bar, t0)
+        if batch:
+            self._run(batch, pending)
+        yield from self._drain(pending, bar, t0)
+        bar.close()
+
+    def _drain(self, pending: OrderedDict[int, _Pending], bar, t0: float) -> Iterator[ScannedDoc]:
+        while pending and next(iter(pending.values())).remaining == 0:
+            _, d = pending.popitem(last=False)
+            self.n_documents += 1
+            self.n_tokens += len(d.token_ids)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{self.n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+            yield ScannedDoc(d.doc_id, d.text, np.asarray(d.token_ids, np.int64), d.base, d.mirror)
+
+    @torch.no_grad()
+    def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending]) -> None:
+        ids, mask = _collate(batch, self.tokenizer.pad_token_id, self.device)
+        with self.model.disable_adapter():
+            base = token_losses(self.model, ids, mask).cpu().numpy()
+        self._store(batch, pending, base, None)
+        for p, name in enumerate(self.adapter_names):
+            self.model.set_adapter(name)
+            self._store(batch, pending, token_losses(self.model, ids, mask).cpu().numpy(), p)
+        for w in batch:
+            pending[w.doc_seq].remaining -= 1
+
+    def _store(self, batch: list[Window], pending, losses: np.ndarray, probe: int | None) -> None:
+        for i, w in enumerate(batch):
+            scored = losses[i, w.n_context - 1 : len(w.input_ids) - 1]
+            d = pending[w.doc_seq]
+            if not np.isfinite(scored).all():
+                who = "the base model" if probe is None else f"the mirror of probe {self.probe_ids[probe]!r}"
+                raise ScoreError(
+                    f"Non-finite token loss under {who} on document {d.doc_id!r}; "
+                    "check the model's dtype (use fp32) or lower the mirror's --lr."
+                )
+            target = d.base if probe is None else d.mirror[probe]
+            target[w.start : w.start + len(scored)] = scored
