@@ -33,8 +33,8 @@ class Corpus:
     """Where the training documents come from and which columns hold text and ids.
 
     ``source`` is a Hub dataset name, a local file / glob / directory of files, a directory written by
-    ``Dataset.save_to_disk``, a ``Dataset`` / ``IterableDataset``, or an in-memory list of strings or dicts. Without ``id_column`` a document's
-    id is its running index in the stream (0, 1, ...), which is stable for the same corpus.
+    ``Dataset.save_to_disk``, a ``Dataset`` / ``IterableDataset``, or an in-memory list of strings or dicts.
+    Without ``id_column`` a document's id is its running index in the stream (0, 1, ...), stable for a corpus.
     """
 
     source: str | Path | Dataset | IterableDataset | list
@@ -116,8 +116,9 @@ def _pick_split(dd, split: str):
 
 def _load_stream(src: str, fmt: str | None, split: str, name: str | None, extra: dict) -> IterableDataset:
     path = Path(src)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
-                          or (path / "dataset_dict.json").exists()):
+    if path.is_dir() and (
+        (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+    ):
         ds = load_from_disk(str(path))
         if isinstance(ds, DatasetDict):
             ds = _pick_split(ds, split)

@@ -5,11 +5,24 @@ from __future__ import annotations
 import logging
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from hf_mirror.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+
+NOT_CAUSAL = (
+    "is not a causal language model; hf-mirror needs a decoder-only LM loadable with AutoModelForCausalLM "
+    "(e.g. GPT-2, Llama, SmolLM)."
+)
+
+
+def _causal_config(config) -> bool:
+    """Decoder-only config: in the causal-LM mapping, and not an encoder merely usable as a decoder."""
+    if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
 
 
 def check_causal_lm(model) -> None:
@@ -18,15 +31,12 @@ def check_causal_lm(model) -> None:
     name = type(model).__name__
     is_causal = (
         config is not None
-        and not getattr(config, "is_encoder_decoder", False)
+        and _causal_config(config)
         and hasattr(model, "generate")
         and (name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith("ForCausalLM"))
     )
     if not is_causal:
-        raise InputError(
-            f"{type(model).__name__} is not a causal language model; hf-mirror needs a decoder-only LM "
-            "loadable with AutoModelForCausalLM (e.g. GPT-2, Llama, SmolLM)."
-        )
+        raise InputError(f"{type(model).__name__} {NOT_CAUSAL}")
 
 
 def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
@@ -35,11 +45,8 @@ def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
         config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     except (OSError, ValueError) as e:
         raise InputError(f"Cannot load a model config from {name_or_path!r}: {e}") from e
-    if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise InputError(
-            f"{name_or_path!r} is a {config.model_type!r} model, not a causal language model; hf-mirror needs a "
-            "decoder-only LM loadable with AutoModelForCausalLM (e.g. GPT-2, Llama, SmolLM)."
-        )
+    if not _causal_config(config):
+        raise InputError(f"{name_or_path!r} (a {config.model_type!r} model) {NOT_CAUSAL}")
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     model.eval()
     return model

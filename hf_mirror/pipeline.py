@@ -15,7 +15,7 @@ from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig, fit_mirrors, save_mirrors
 from hf_mirror.modeling import check_causal_lm, context_length, load_model, load_tokenizer, prepare_tokenizer
-from hf_mirror.probes import Probe, adapter_name, generate_completions, load_probes
+from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Scanner
 from hf_mirror.scoring import ScoreBook
@@ -31,15 +31,25 @@ class ScanConfig:
 
     ``max_length``: tokens per window (default: the model's context, at most 1024); longer documents are
     split into windows that repeat ``overlap`` tokens of context (default ``max_length // 8``).
-    ``normalize="zscore"`` standardises each document's scores across the probes of the run.
+    ``normalize="zscore"`` standardises each document's scores across the probes of the run, which removes
+    the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
+    probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
+    explicitly). ``normalize="none"`` reports the raw mean token-loss delta.
     """
 
     max_length: int | None = None
     overlap: int | None = None
     batch_size: int = 8
     top_k: int = 10
-    normalize: str = "none"
+    normalize: str = "zscore"
+    controls: int | None = None
+    min_pool: int = 8
     max_new_tokens: int = 32
+
+    def n_controls(self, n_probes: int) -> int:
+        if self.controls is not None:
+            return self.controls
+        return max(0, self.min_pool - n_probes) if self.normalize == "zscore" else 0
 
 
 def package_versions() -> dict[str, str | None]:
@@ -88,8 +98,9 @@ def attribute(
     if isinstance(model, (str, Path)):
         model = load_model(str(model), **(model_kwargs or {}))
         if tokenizer is None:
-            tokenizer = load_tokenizer(str(model_name), **{k: v for k, v in (model_kwargs or {}).items()
-                                                           if k == "gguf_file"})
+            tokenizer = load_tokenizer(
+                str(model_name), **{k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
+            )
     if tokenizer is None:
         raise InputError("Pass the tokenizer along with a loaded model: attribute(model, ..., tokenizer=tok).")
     check_causal_lm(model)
@@ -103,15 +114,34 @@ def attribute(
 
     probe_list: list[Probe] = load_probes(probes)
     probe_list = generate_completions(model, tokenizer, probe_list, scan.max_new_tokens)
+    n_controls = scan.n_controls(len(probe_list))
+    controls = (
+        control_probes(
+            corpus.documents(),
+            tokenizer,
+            n_controls,
+            mirror.seed,
+            span=min(16, (max_length - 1) // 2),
+            strict=scan.controls is not None,
+        )
+        if n_controls
+        else []
+    )
+    n_controls = len(controls)
+    normalize = scan.normalize
+    if normalize == "zscore" and scan.controls is None and len(probe_list) + n_controls < 3:
+        logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")
+        normalize = "none"
+    pool = probe_list + controls
     taken: set[str] = set()
-    names = [adapter_name(p.id, taken) for p in probe_list]
-    ids = [p.id for p in probe_list]
+    names = [adapter_name(p.id, taken) for p in pool]
+    ids = [p.id for p in pool]
     # validate scoring options before the (expensive) fit
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_"))
     out.mkdir(parents=True, exist_ok=True)
-    book = ScoreBook(ids, mirror.sign, scan.normalize, scan.top_k, out / "scores.parquet")
+    book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, out / "scores.parquet", n_controls)
 
-    peft_model, report = fit_mirrors(model, tokenizer, probe_list, names, mirror, max_length, show_progress)
+    peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress)
     try:
         if accelerator.is_main_process:
             save_mirrors(peft_model, names, out / "adapters")
@@ -124,16 +154,27 @@ def attribute(
         peft_model.unload()  # give the caller back their model without LoRA layers
 
     records = [
-        {**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
-         "probe_loss_after": report.loss_after[p.id]}
-        for p, n in zip(probe_list, names, strict=True)
+        {
+            **asdict(p),
+            "adapter": n,
+            "probe_loss_before": report.loss_before[p.id],
+            "probe_loss_after": report.loss_after[p.id],
+        }
+        for p, n in zip(probe_list, names, strict=False)
     ]
     config = {
         "model": str(model_name),
         "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
         "corpus": corpus.describe(),
         "mirror": mirror.to_dict(),
-        "scan": {**asdict(scan), "max_length": max_length, "overlap": overlap},
+        "scan": {
+            **asdict(scan),
+            "max_length": max_length,
+            "overlap": overlap,
+            "controls": n_controls,
+            "normalize": normalize,
+        },
+        "control_probes": [asdict(c) for c in controls],
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
         "versions": package_versions(),

@@ -120,9 +120,12 @@ def generate_completions(
         prompt = [start_token_id(tokenizer), *tokenizer(p.prompt, add_special_tokens=False)["input_ids"]]
         input_ids = torch.tensor([prompt], device=device)
         ids = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, **gen_kwargs,
-        )[0, len(prompt):]
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **gen_kwargs,
+        )[0, len(prompt) :]
         completion = tokenizer.decode(ids, skip_special_tokens=True)
         out.append(Probe(p.id, p.prompt, completion))
     return out
@@ -151,3 +154,48 @@ def encode_probe(
             "shorten the prompt or raise --max-length."
         )
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+
+
+CONTROL_PREFIX = "__control_"
+
+
+def control_probes(
+    documents: Iterable[tuple[object, object]],
+    tokenizer,
+    n: int,
+    seed: int = 0,
+    pool: int = 200,
+    span: int = 16,
+    strict: bool = True,
+) -> list[Probe]:
+    """``n`` control probes cut from corpus snippets (seeded pick among the first ``pool`` documents).
+
+    With ``strict=False`` a corpus with fewer usable documents gives fewer controls instead of an error.
+
+    Controls are fitted and scanned like probes but never reported: they give per-document normalisation
+    (z-scores across probes) a reference population when the user has few probes.
+    """
+    import random
+
+    texts = []
+    for _, text in documents:
+        if isinstance(text, str):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= 4:
+                texts.append(ids)
+        if len(texts) >= pool:
+            break
+    if len(texts) < n and not strict:
+        n = len(texts)
+    if len(texts) < n:
+        raise InputError(
+            f"The corpus has only {len(texts)} documents of 4+ tokens, too few for {n} control probes; "
+            "pass more probes, or use normalize='none'."
+        )
+    picks = random.Random(seed).sample(range(len(texts)), n)
+    out = []
+    for i, j in enumerate(sorted(picks)):
+        ids = texts[j][: 2 * span]
+        half = max(1, len(ids) // 2)
+        out.append(Probe(f"{CONTROL_PREFIX}{i}", tokenizer.decode(ids[:half]), tokenizer.decode(ids[half:])))
+    return out

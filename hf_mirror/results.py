@@ -65,7 +65,8 @@ class AttributionResult:
         rows = self.topk[self.topk["probe_id"] == probe_id].sort_values("rank")
         if k is not None:
             if k > self.config.get("scan", {}).get("top_k", k):
-                raise InputError(f"Only the top {self.config['scan']['top_k']} documents were kept; rerun with --top-k {k}.")
+                kept = self.config["scan"]["top_k"]
+                raise InputError(f"Only the top {kept} documents were kept; rerun with --top-k {k}.")
             rows = rows.head(k)
         return rows.drop(columns="probe_id").reset_index(drop=True)
 

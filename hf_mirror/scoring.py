@@ -49,18 +49,21 @@ class ScoreBook:
         normalize: str,
         top_k: int,
         scores_path: str | Path,
+        n_controls: int = 0,
         flush_rows: int = 65536,
     ) -> None:
+        """``probe_ids`` ends with ``n_controls`` control probes: used for normalisation, never reported."""
         if normalize not in NORMALIZATIONS:
             raise InputError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}.")
-        if normalize == "zscore" and len(probe_ids) < 2:
+        if normalize == "zscore" and len(probe_ids) < 3:
             raise InputError(
-                "normalize='zscore' needs at least 2 probes (it compares each document across probes); "
-                "add probes or use normalize='none'."
+                "normalize='zscore' needs at least 3 probes or control probes (it compares each document "
+                "across probes); add probes or controls, or use normalize='none'."
             )
         if top_k < 1:
             raise InputError("top_k must be at least 1.")
-        self.probe_ids = list(probe_ids)
+        self.all_ids = list(probe_ids)
+        self.probe_ids = self.all_ids[: len(self.all_ids) - n_controls]
         self.sign = sign
         self.normalize = normalize
         self.top_k = top_k
@@ -75,9 +78,10 @@ class ScoreBook:
     def add(self, doc: ScannedDoc) -> None:
         doc.doc_id = doc_id = self._check_id(doc.doc_id)
         support = self.sign * (doc.mirror - doc.base)  # [probes, tokens]; > 0 where the mirror supports
-        raw = support.mean(axis=1).astype(np.float64)
-        score = normalize_scores(raw, self.normalize)
+        raw_all = support.mean(axis=1).astype(np.float64)
         n = len(self.probe_ids)
+        score = normalize_scores(raw_all, self.normalize)[:n]
+        raw = raw_all[:n]
         self._rows["probe_id"].extend(self.probe_ids)
         self._rows["doc_id"].extend([doc_id] * n)
         self._rows["score"].extend(score.tolist())
@@ -121,8 +125,13 @@ class ScoreBook:
             return
         id_type = pa.int64() if self._id_type is int else pa.string()
         schema = pa.schema(
-            [("probe_id", pa.string()), ("doc_id", id_type), ("score", pa.float64()),
-             ("raw_score", pa.float64()), ("n_tokens", pa.int64())]
+            [
+                ("probe_id", pa.string()),
+                ("doc_id", id_type),
+                ("score", pa.float64()),
+                ("raw_score", pa.float64()),
+                ("n_tokens", pa.int64()),
+            ]
         )
         table = pa.table(self._rows, schema=schema)
         if self._writer is None:
@@ -149,9 +158,15 @@ class ScoreBook:
             for rank, c in enumerate(self._top[p], 1):
                 d = c.doc
                 top_rows.append(
-                    {"probe_id": pid, "rank": rank, "doc_id": d.doc_id,
-                     "score": c.score, "raw_score": float(self.sign * (d.mirror[p] - d.base).mean()),
-                     "n_tokens": len(d.token_ids), "text": d.text}
+                    {
+                        "probe_id": pid,
+                        "rank": rank,
+                        "doc_id": d.doc_id,
+                        "score": c.score,
+                        "raw_score": float(self.sign * (d.mirror[p] - d.base).mean()),
+                        "n_tokens": len(d.token_ids),
+                        "text": d.text,
+                    }
                 )
                 if c.key not in pieces_cache:
                     pieces_cache[c.key] = token_pieces(tokenizer, d.text, d.token_ids)
@@ -159,9 +174,15 @@ class ScoreBook:
                 delta = self.sign * (d.mirror[p] - d.base)
                 for i, piece in enumerate(pieces):
                     ev_rows.append(
-                        {"probe_id": pid, "doc_id": d.doc_id, "position": i, "token": piece,
-                         "base_loss": float(d.base[i]), "mirror_loss": float(d.mirror[p, i]),
-                         "delta": float(delta[i])}
+                        {
+                            "probe_id": pid,
+                            "doc_id": d.doc_id,
+                            "position": i,
+                            "token": piece,
+                            "base_loss": float(d.base[i]),
+                            "mirror_loss": float(d.mirror[p, i]),
+                            "delta": float(delta[i]),
+                        }
                     )
         return (
             pd.DataFrame(top_rows, columns=TOPK_COLUMNS),

@@ -1,0 +1,172 @@
+"""The ``hf-mirror`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from hf_mirror.errors import InputError, ScoreError
+
+
+def _add_attribute(sub) -> None:
+    p = sub.add_parser(
+        "attribute",
+        help="attribute probe generations to corpus documents",
+        description="Fit one LoRA mirror per probe and scan the corpus with forward passes; write the result to "
+        "--output (topk.parquet, scores.parquet, evidence.parquet, probes.jsonl, config.json, adapters/).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="from_pretrained name or local path of a causal LM")
+    p.add_argument("--gguf-file", help="GGUF file inside --model to load (dequantised)")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="Hub dataset name, local file/glob/directory (json, jsonl, parquet, csv, txt) or a save_to_disk directory",
+    )
+    p.add_argument("--probes", required=True, help="JSON-lines file of {id, prompt, completion?}")
+    p.add_argument("--output", required=True, help="output directory")
+    g = p.add_argument_group("corpus")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--id-column", default=None, help="document id column (default: running index)")
+    g.add_argument("--split", default="train")
+    g.add_argument("--format", default=None, help="file format when the extension does not tell")
+    g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
+    g = p.add_argument_group("mirror (one LoRA adapter per probe)")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=16.0)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--target-modules", nargs="+", default=None, help="default: PEFT's mapping for the model")
+    g.add_argument("--layers", nargs="+", type=int, default=None, help="block indices to adapt (default: all)")
+    g.add_argument("--steps", type=int, default=3)
+    g.add_argument("--lr", type=float, default=5e-3)
+    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    g.add_argument(
+        "--direction",
+        choices=["unlearn", "learn"],
+        default="unlearn",
+        help="unlearn = gradient ascent on the probe loss, learn = descent",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--include-prompt", action="store_true", help="count prompt tokens in the probe loss")
+    g = p.add_argument_group("scan")
+    g.add_argument("--max-length", type=int, default=None, help="tokens per window (default: model context, <=1024)")
+    g.add_argument("--overlap", type=int, default=None, help="context tokens repeated between windows")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--top-k", type=int, default=10)
+    g.add_argument(
+        "--normalize",
+        choices=["none", "zscore"],
+        default="zscore",
+        help="zscore: standardise each document's scores across the probes (and controls)",
+    )
+    g.add_argument(
+        "--controls",
+        type=int,
+        default=None,
+        help="control probes from corpus snippets (default: enough to pool 8 probes under zscore)",
+    )
+    g.add_argument("--max-new-tokens", type=int, default=32, help="for probes without a completion")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser(
+        "show",
+        help="print ranked documents of a result",
+        description="Print each probe's generation and its top documents with the strongest tokens marked.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("directory", help="an output directory of `hf-mirror attribute`")
+    p.add_argument("--probe", default=None, help="only this probe id")
+    p.add_argument("-k", type=int, default=5, help="documents per probe")
+    p.add_argument("--tokens", type=int, default=5, help="tokens to mark per document")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-mirror",
+        description="Which training documents made the model say this? Forward-pass attribution with LoRA mirrors.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_attribute(sub)
+    _add_show(sub)
+    return parser
+
+
+def _attribute(args) -> int:
+    from hf_mirror.corpus import Corpus
+    from hf_mirror.mirror import MirrorConfig
+    from hf_mirror.pipeline import ScanConfig, attribute
+    from hf_mirror.render import format_result
+
+    corpus = Corpus(
+        args.corpus,
+        text_column=args.text_column,
+        id_column=args.id_column,
+        split=args.split,
+        format=args.format,
+        name=args.dataset_config,
+    )
+    mirror = MirrorConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=args.target_modules,
+        layers=args.layers,
+        steps=args.steps,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        direction=args.direction,
+        seed=args.seed,
+        include_prompt=args.include_prompt,
+    )
+    scan = ScanConfig(
+        max_length=args.max_length,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        normalize=args.normalize,
+        controls=args.controls,
+        max_new_tokens=args.max_new_tokens,
+    )
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
+    result = attribute(
+        args.model,
+        corpus,
+        args.probes,
+        mirror=mirror,
+        scan=scan,
+        output_dir=args.output,
+        model_kwargs=kwargs,
+        show_progress=not args.no_progress,
+    )
+    print(format_result(result, k=min(3, args.top_k), color=sys.stdout.isatty()))
+    print(f"\nwrote {result.directory}")
+    return 0
+
+
+def _show(args) -> int:
+    from hf_mirror.render import format_result
+    from hf_mirror.results import AttributionResult
+
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    result = AttributionResult.load(args.directory)
+    print(format_result(result, args.probe, args.k, args.tokens, color))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"attribute": _attribute, "show": _show}[args.command](args)
+    except (InputError, ScoreError) as e:
+        print(f"hf-mirror: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The hf-mirror command line end to end on files on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_mirror import AttributionResult
+from hf_mirror.cli import main
+
+
+def test_attribute_then_show(planted, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"doc": f"d{i}", "body": t}) + "\n" for i, t in enumerate(planted.texts)))
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in planted.probes()[:8]))
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "attribute",
+            "--model",
+            str(planted.model_dir),
+            "--corpus",
+            str(corpus),
+            "--probes",
+            str(probes),
+            "--output",
+            str(out),
+            "--text-column",
+            "body",
+            "--id-column",
+            "doc",
+            "--top-k",
+            "4",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    result = AttributionResult.load(out)
+    assert result.config["scan"]["top_k"] == 4 and result.config["corpus"]["text_column"] == "body"
+    assert [result.top(f"fact-{i}", 1)["doc_id"][0] for i in range(8)].count("d0") <= 1
+    assert result.top("fact-3", 1)["doc_id"][0] == "d3"
+    capsys.readouterr()
+    assert main(["show", str(out), "--probe", "fact-3", "-k", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "probe fact-3" in shown and "doc d3" in shown and "[[" in shown and "\x1b[" not in shown
+    assert main(["show", str(out), "--probe", "nope"]) == 2
+    assert "Unknown probe 'nope'" in capsys.readouterr().err
+
+
+def test_errors_are_reported_without_traceback(planted, tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"content": "x"}) + "\n")
+    probes = tmp_path / "p.jsonl"
+    probes.write_text(json.dumps({"id": "a", "prompt": "x", "completion": " y"}) + "\n")
+    rc = main(
+        [
+            "attribute",
+            "--model",
+            str(planted.model_dir),
+            "--corpus",
+            str(corpus),
+            "--probes",
+            str(probes),
+            "--output",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 2
+    assert "no column 'text'; columns present: ['content']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["attribute"], ["show"]])
+def test_help(command):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_mirror.cli", *command, "--help"], capture_output=True, text=True, check=True
+    )
+    assert "usage: hf-mirror" in proc.stdout
