@@ -178,3 +178,29 @@ def load_mirrors(base_model, directory: str | Path, names: Sequence[str]) -> Pef
         raise InputError("No adapter names given to load.")
     model.eval()
     return model
+
+
+def adapter_states(model: PeftModel, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each adapter's LoRA weights on the CPU (small: for broadcasting to other processes)."""
+    from peft import get_peft_model_state_dict
+
+    return {n: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=n).items()}
+            for n in names}
+
+
+def attach_mirrors(model, names: Sequence[str], cfg: MirrorConfig, states: dict[str, dict]) -> PeftModel:
+    """Recreate fitted mirrors on ``model`` from :func:`adapter_states` (on processes that did not fit them)."""
+    from peft import set_peft_model_state_dict
+
+    lora = cfg.lora_config()
+    peft_model: PeftModel | None = None
+    for name in names:
+        if peft_model is None:
+            peft_model = get_peft_model(model, lora, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, lora)
+        set_peft_model_state_dict(peft_model, states[name], adapter_name=name)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    peft_model.eval()
+    return peft_model

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
-from hf_mirror.mirror import MirrorConfig, fit_mirrors, save_mirrors
+from hf_mirror.mirror import (
+    FitReport,
+    MirrorConfig,
+    adapter_states,
+    attach_mirrors,
+    fit_mirrors,
+    load_mirrors,
+    save_mirrors,
+)
 from hf_mirror.modeling import check_causal_lm, context_length, load_model, load_tokenizer, prepare_tokenizer
-from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes
+from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes, save_probes
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Scanner
-from hf_mirror.scoring import ScoreBook
+from hf_mirror.scoring import ScoreBook, merge_shards
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +59,8 @@ class ScanConfig:
     controls: int | None = None
     min_pool: int = 8
     max_new_tokens: int = 32
+    checkpoint_every: int = 1000
+    checkpoint_seconds: float = 300.0
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -70,6 +86,10 @@ def _as_corpus(corpus) -> Corpus:
     raise InputError(f"Cannot use a {type(corpus).__name__} as a corpus; pass a path, a Hub name or a Dataset.")
 
 
+def _run_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def attribute(
     model,
     corpus,
@@ -81,6 +101,7 @@ def attribute(
     output_dir: str | Path | None = None,
     model_kwargs: dict | None = None,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> AttributionResult:
     """Attribute each probe's generation to the corpus documents it is most supported by.
 
@@ -88,19 +109,32 @@ def attribute(
     ``corpus`` a :class:`Corpus`, path, Hub name or ``Dataset``; ``probes`` a JSON-lines path or a list of
     ``Probe``/dicts. Probes without a completion get the model's greedy generation. Everything the run
     produces is written to ``output_dir`` (a temporary directory if not given).
+
+    Under ``accelerate launch`` / ``torchrun`` each process scans its share of the corpus; the main process
+    fits the mirrors once and merges the shards, so the answer does not depend on the number of processes.
+    Rerunning on the same ``output_dir`` resumes from the last checkpoint (``overwrite=True`` starts afresh).
     """
     mirror = mirror or MirrorConfig()
     scan = scan or ScanConfig()
     corpus = _as_corpus(corpus)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if output_dir is None:
+        if world > 1:
+            raise InputError("Pass an output directory when running on several processes.")
+        output_dir = tempfile.mkdtemp(prefix="hf_mirror_")
+    out = Path(output_dir)
+    if main:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
 
     model_name = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
     if isinstance(model, (str, Path)):
         model = load_model(str(model), **(model_kwargs or {}))
         if tokenizer is None:
-            tokenizer = load_tokenizer(
-                str(model_name), **{k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
-            )
+            gguf = {k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
+            tokenizer = load_tokenizer(str(model_name), **gguf)
     if tokenizer is None:
         raise InputError("Pass the tokenizer along with a loaded model: attribute(model, ..., tokenizer=tok).")
     check_causal_lm(model)
@@ -112,21 +146,18 @@ def attribute(
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
 
-    probe_list: list[Probe] = load_probes(probes)
-    probe_list = generate_completions(model, tokenizer, probe_list, scan.max_new_tokens)
-    n_controls = scan.n_controls(len(probe_list))
-    controls = (
-        control_probes(
-            corpus.documents(),
-            tokenizer,
-            n_controls,
-            mirror.seed,
-            span=min(16, (max_length - 1) // 2),
-            strict=scan.controls is not None,
-        )
-        if n_controls
-        else []
-    )
+    # 1. probes (and controls): made once on the main process, shared with the others
+    if main:
+        probe_list: list[Probe] = _probes_from_disk(out, probes) or load_probes(probes)
+        probe_list = generate_completions(model, tokenizer, probe_list, scan.max_new_tokens)
+        n_controls = scan.n_controls(len(probe_list))
+        controls = (control_probes(corpus.documents(), tokenizer, n_controls, mirror.seed,
+                                   span=min(16, (max_length - 1) // 2), strict=scan.controls is not None)
+                    if n_controls else [])
+        shared = [probe_list, controls]
+    else:
+        shared = [None, None]
+    probe_list, controls = broadcast_object_list(shared, from_process=0) if world > 1 else shared
     n_controls = len(controls)
     normalize = scan.normalize
     if normalize == "zscore" and scan.controls is None and len(probe_list) + n_controls < 3:
@@ -136,52 +167,96 @@ def attribute(
     taken: set[str] = set()
     names = [adapter_name(p.id, taken) for p in pool]
     ids = [p.id for p in pool]
-    # validate scoring options before the (expensive) fit
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_"))
-    out.mkdir(parents=True, exist_ok=True)
-    book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, out / "scores.parquet", n_controls)
+    run_key = _run_key(str(model_name), corpus.describe(), mirror.to_dict(), [asdict(p) for p in pool],
+                       normalize, scan.top_k, max_length, overlap, world)
 
-    peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress)
+    # 2. mirrors: fitted (or reloaded) once on the main process, broadcast to the others
+    if main:
+        peft_model, report = _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out, run_key,
+                                            show_progress)
+        shared = [adapter_states(peft_model, names) if world > 1 else None, report]
+    else:
+        shared = [None, None]
+    states, report = broadcast_object_list(shared, from_process=0) if world > 1 else shared
+    if not main:
+        peft_model = attach_mirrors(model, names, mirror, states)
+
+    # 3. scan this process's shard, checkpointing as it goes
+    shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
     try:
-        if accelerator.is_main_process:
-            save_mirrors(peft_model, names, out / "adapters")
-        scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size, show_progress)
-        for doc in scanner(corpus.documents(accelerator.process_index, accelerator.num_processes)):
-            book.add(doc)
-        book.finish()
-        topk, evidence = book.topk_frames(tokenizer)
+        book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
+                         scan.checkpoint_every, scan.checkpoint_seconds)
+        if not book.done:
+            scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size,
+                              show_progress and main)
+            docs = itertools.islice(corpus.documents(rank, world), book.next_seq, None)
+            try:
+                for doc in scanner(docs, start=book.next_seq):
+                    book.add(doc, scanner.skipped)
+            except Exception:
+                logger.error("Process %d of %d failed while scanning near document #%d of its shard; "
+                             "finished work is checkpointed in %s: rerun the same command to resume.",
+                             rank, world, scanner.next_seq - 1, shard)
+                raise
+            book.finish(scanner.next_seq, scanner.skipped, tokenizer)
     finally:
         peft_model.unload()  # give the caller back their model without LoRA layers
+    accelerator.wait_for_everyone()
 
-    records = [
-        {
-            **asdict(p),
-            "adapter": n,
-            "probe_loss_before": report.loss_before[p.id],
-            "probe_loss_after": report.loss_after[p.id],
+    # 4. merge on the main process
+    if main:
+        shards = sorted((out / "shards").glob(f"rank-*-of-{world:05d}"))
+        merged = merge_shards(shards, out, ids[: len(probe_list)], scan.top_k)
+        records = [
+            {**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
+             "probe_loss_after": report.loss_after[p.id]}
+            for p, n in zip(probe_list, names, strict=False)
+        ]
+        config = {
+            "model": str(model_name),
+            "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
+            "corpus": corpus.describe(),
+            "mirror": mirror.to_dict(),
+            "scan": {**asdict(scan), "max_length": max_length, "overlap": overlap, "controls": n_controls,
+                     "normalize": normalize},
+            "control_probes": [asdict(c) for c in controls],
+            "device": str(accelerator.device),
+            "num_processes": world,
+            "run_key": run_key,
+            "versions": package_versions(),
+            "torch_dtype": str(next(model.parameters()).dtype),
+            "stats": merged["stats"],
         }
-        for p, n in zip(probe_list, names, strict=False)
-    ]
-    config = {
-        "model": str(model_name),
-        "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
-        "corpus": corpus.describe(),
-        "mirror": mirror.to_dict(),
-        "scan": {
-            **asdict(scan),
-            "max_length": max_length,
-            "overlap": overlap,
-            "controls": n_controls,
-            "normalize": normalize,
-        },
-        "control_probes": [asdict(c) for c in controls],
-        "device": str(accelerator.device),
-        "num_processes": accelerator.num_processes,
-        "versions": package_versions(),
-        "torch_dtype": str(next(model.parameters()).dtype),
-        "stats": {"documents": scanner.n_documents, "tokens": scanner.n_tokens, "skipped": len(scanner.skipped)},
-    }
-    skipped = [{"doc_id": s.doc_id, "reason": s.reason} for s in scanner.skipped]
-    result = AttributionResult(out, topk, evidence, records, skipped, config)
-    result.save(out)
-    return result
+        AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(out)
+    accelerator.wait_for_everyone()
+    return AttributionResult.load(out)
+
+
+def _probes_from_disk(out: Path, probes) -> list[Probe] | None:
+    """On resume, reuse the probes (with their generated completions) that the interrupted run fitted."""
+    path = out / "adapters" / "probes.jsonl"
+    if not path.exists():
+        return None
+    saved = load_probes(path)
+    given = load_probes(probes)
+    if [(p.id, p.prompt) for p in given] != [(p.id, p.prompt) for p in saved] or any(
+        g.completion is not None and g.completion != s.completion for g, s in zip(given, saved, strict=True)
+    ):
+        return None
+    return saved
+
+
+def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path, run_key: str, show_progress):
+    """Fit the mirrors, or reload them when this output directory already holds this run's adapters."""
+    adapters = out / "adapters"
+    marker = adapters / "fit.json"
+    if marker.exists():
+        fit = json.loads(marker.read_text())
+        if fit["run_key"] == run_key:
+            return load_mirrors(model, adapters, names), FitReport(fit["loss_before"], fit["loss_after"])
+    peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress)
+    save_mirrors(peft_model, names, adapters)
+    save_probes(pool, adapters / "probes.jsonl")
+    marker.write_text(json.dumps({"run_key": run_key, "loss_before": report.loss_before,
+                                  "loss_after": report.loss_after}))
+    return peft_model, report

@@ -25,12 +25,14 @@ class ScannedDoc:
     token_ids: np.ndarray
     base: np.ndarray
     mirror: np.ndarray
+    seq: int = 0  # position in this process's stream
 
 
 @dataclass
 class Skipped:
     doc_id: object
     reason: str
+    seq: int = 0
 
 
 @dataclass
@@ -94,17 +96,25 @@ class Scanner:
         self.skipped: list[Skipped] = []
         self.n_documents = 0
         self.n_tokens = 0
+        self.next_seq = 0  # stream position after the last document read
 
-    def __call__(self, documents: Iterable[tuple[object, object]]) -> Iterator[ScannedDoc]:
-        """Yield each scored document, in stream order, as soon as all its windows are done."""
+    def __call__(self, documents: Iterable[tuple[object, object]], start: int = 0) -> Iterator[ScannedDoc]:
+        """Yield each scored document, in stream order, as soon as all its windows are done.
+
+        ``start`` is the stream position of the first document (when resuming); skipped documents are
+        appended to ``self.skipped`` as they are read.
+        """
         pending: OrderedDict[int, _Pending] = OrderedDict()
         batch: list[Window] = []
         bar = progress_bar(desc="scanning", unit="doc", disable=not self.show_progress)
         t0 = time.perf_counter()
         n_probes = len(self.adapter_names)
-        for seq_no, (doc_id, text) in enumerate(documents):
+        self.next_seq = start
+        for seq_no, (doc_id, text) in enumerate(documents, start):
+            self.next_seq = seq_no + 1
             if text is None or (isinstance(text, str) and not text.strip()):
-                self.skipped.append(Skipped(doc_id, "missing text" if text is None else "empty or whitespace-only"))
+                reason = "missing text" if text is None else "empty or whitespace-only"
+                self.skipped.append(Skipped(doc_id, reason, seq_no))
                 continue
             if not isinstance(text, str):
                 raise InputError(
@@ -114,14 +124,14 @@ class Scanner:
             seq = document_tokens(self.tokenizer, text)
             n = len(seq) - 1
             if n == 0:
-                self.skipped.append(Skipped(doc_id, "no tokens after tokenization"))
+                self.skipped.append(Skipped(doc_id, "no tokens after tokenization", seq_no))
                 continue
             wins = windows(seq, self.max_length, self.overlap)
             pending[seq_no] = _Pending(
                 doc_id, text, seq[1:], np.empty(n, np.float32), np.empty((n_probes, n), np.float32), len(wins)
             )
-            for start, ids, ctx in wins:
-                batch.append(Window(seq_no, start, ids, ctx))
+            for w_start, ids, ctx in wins:
+                batch.append(Window(seq_no, w_start, ids, ctx))
                 if len(batch) == self.batch_size:
                     self._run(batch, pending)
                     batch = []
@@ -133,12 +143,12 @@ class Scanner:
 
     def _drain(self, pending: OrderedDict[int, _Pending], bar, t0: float) -> Iterator[ScannedDoc]:
         while pending and next(iter(pending.values())).remaining == 0:
-            _, d = pending.popitem(last=False)
+            seq, d = pending.popitem(last=False)
             self.n_documents += 1
             self.n_tokens += len(d.token_ids)
             bar.update(1)
             bar.set_postfix(tok_s=f"{self.n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
-            yield ScannedDoc(d.doc_id, d.text, np.asarray(d.token_ids, np.int64), d.base, d.mirror)
+            yield ScannedDoc(d.doc_id, d.text, np.asarray(d.token_ids, np.int64), d.base, d.mirror, seq)
 
     @torch.no_grad()
     def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending]) -> None:
