@@ -109,52 +109,68 @@ def fit_mirrors(
     """
     device = next(model.parameters()).device
     lora = cfg.lora_config()
-    peft_model: PeftModel | None = model if isinstance(model, PeftModel) else None
+    # encode every probe first: bad input fails before the model is touched
+    batches = [{k: v.to(device) for k, v in encode_probe(tokenizer, p, cfg.include_prompt, max_length).items()}
+               for p in probes]
+    peft_model: PeftModel | None = None
     report = FitReport()
-    was_training = model.training
     bar = progress_bar(total=len(probes), desc="fitting mirrors", unit="probe", disable=not show_progress)
-    for probe, name in zip(probes, adapter_names, strict=True):
-        batch = {k: v.to(device) for k, v in encode_probe(tokenizer, probe, cfg.include_prompt, max_length).items()}
-        torch.manual_seed(cfg.seed)
-        try:
-            if peft_model is None:
-                peft_model = get_peft_model(model, lora, adapter_name=name)
-            else:
-                peft_model.add_adapter(name, lora)
-        except ValueError as e:
-            raise InputError(
-                f"Could not attach a LoRA adapter ({e}). Pass target modules that exist in this model "
-                "with --target-modules (e.g. q_proj v_proj, or c_attn for GPT-2)."
-            ) from e
-        peft_model.set_adapter(name)
-        peft_model.eval()  # no dropout: the mirror is a deterministic function of the probe and seed
-        params = _adapter_params(peft_model, name)
-        for p in params:
-            p.requires_grad_(True)
-        opt = _make_optimizer(cfg, params)
-        for step in range(cfg.steps + 1):
-            loss = _probe_loss(peft_model, batch)
-            if not torch.isfinite(loss):
-                raise ScoreError(
-                    f"Probe {probe.id!r}: non-finite probe loss ({loss.item()}) at mirror step {step}; "
-                    "lower --lr or --steps, or check the model's dtype."
-                )
-            if step == 0:
-                report.loss_before[probe.id] = loss.item()
-            if step == cfg.steps:
-                report.loss_after[probe.id] = loss.item()
-                break
-            opt.zero_grad(set_to_none=True)
-            (-cfg.sign * loss).backward()  # unlearn: ascend the probe loss; learn: descend it
-            opt.step()
-        for p in params:
-            p.requires_grad_(False)
-        bar.update(1)
-        bar.set_postfix(loss=f"{report.loss_before[probe.id]:.3f}->{report.loss_after[probe.id]:.3f}")
+    try:
+        for probe, name, batch in zip(probes, adapter_names, batches, strict=True):
+            peft_model = _attach(model, peft_model, name, lora, cfg.seed)
+            _fit_one(peft_model, probe, name, batch, cfg, report)
+            bar.update(1)
+            bar.set_postfix(loss=f"{report.loss_before[probe.id]:.3f}->{report.loss_after[probe.id]:.3f}")
+    except BaseException:
+        if peft_model is not None:
+            peft_model.unload()  # leave the caller's model as it was
+        raise
     bar.close()
-    if was_training:
-        model.train()
+    peft_model.eval()
     return peft_model, report
+
+
+def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, seed: int) -> PeftModel:
+    torch.manual_seed(seed)
+    try:
+        if peft_model is None:
+            return get_peft_model(model, lora, adapter_name=name)
+        peft_model.add_adapter(name, lora)
+        return peft_model
+    except ValueError as e:
+        if "target module" not in str(e).lower():
+            raise
+        raise InputError(
+            f"Could not attach a LoRA adapter ({e}). Pass target modules that exist in this model "
+            "with --target-modules (e.g. q_proj v_proj, or c_attn for GPT-2)."
+        ) from e
+
+
+def _fit_one(peft_model: PeftModel, probe: Probe, name: str, batch: dict, cfg: MirrorConfig, report: FitReport):
+    """A few optimizer steps on one probe's loss, for its adapter only."""
+    peft_model.set_adapter(name)
+    peft_model.eval()  # no dropout: the mirror is a deterministic function of the probe and seed
+    params = _adapter_params(peft_model, name)
+    for p in params:
+        p.requires_grad_(True)
+    opt = _make_optimizer(cfg, params)
+    for step in range(cfg.steps + 1):
+        loss = _probe_loss(peft_model, batch)
+        if not torch.isfinite(loss):
+            raise ScoreError(
+                f"Probe {probe.id!r}: non-finite probe loss ({loss.item()}) at mirror step {step}; "
+                "lower --lr or --steps, or check the model's dtype."
+            )
+        if step == 0:
+            report.loss_before[probe.id] = loss.item()
+        if step == cfg.steps:
+            report.loss_after[probe.id] = loss.item()
+            break
+        opt.zero_grad(set_to_none=True)
+        (-cfg.sign * loss).backward()  # unlearn: ascend the probe loss; learn: descend it
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
 
 
 def save_mirrors(model: PeftModel, names: Sequence[str], directory: str | Path) -> None:

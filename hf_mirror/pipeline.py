@@ -194,9 +194,9 @@ def attribute(
                 for doc in scanner(docs, start=book.next_seq):
                     book.add(doc, scanner.skipped)
             except Exception:
-                logger.error("Process %d of %d failed while scanning near document #%d of its shard; "
-                             "finished work is checkpointed in %s: rerun the same command to resume.",
-                             rank, world, scanner.next_seq - 1, shard)
+                logger.error("Process %d of %d failed while scanning document %r (#%d of its shard); finished "
+                             "work is checkpointed in %s: rerun the same command to resume.",
+                             rank, world, scanner.current_doc_id, scanner.next_seq - 1, shard)
                 raise
             book.finish(scanner.next_seq, scanner.skipped, tokenizer)
     finally:

@@ -97,6 +97,7 @@ class Scanner:
         self.n_documents = 0
         self.n_tokens = 0
         self.next_seq = 0  # stream position after the last document read
+        self.current_doc_id: object = None  # the last document read (for error reports)
 
     def __call__(self, documents: Iterable[tuple[object, object]], start: int = 0) -> Iterator[ScannedDoc]:
         """Yield each scored document, in stream order, as soon as all its windows are done.
@@ -111,7 +112,7 @@ class Scanner:
         n_probes = len(self.adapter_names)
         self.next_seq = start
         for seq_no, (doc_id, text) in enumerate(documents, start):
-            self.next_seq = seq_no + 1
+            self.next_seq, self.current_doc_id = seq_no + 1, doc_id
             if text is None or (isinstance(text, str) and not text.strip()):
                 reason = "missing text" if text is None else "empty or whitespace-only"
                 self.skipped.append(Skipped(doc_id, reason, seq_no))

@@ -27,7 +27,7 @@ probes = st.lists(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     texts=docs,
     doc_ids=ids,
@@ -60,7 +60,7 @@ def test_scan_scores_each_nonempty_document_once(
         )
     except InputError as e:  # the only acceptable failures are clear input errors
         message = str(e)
-        assert any(s in message for s in ("empty completion", "context window", "control probes", "at least 3"))
+        assert any(s in message for s in ("empty completion", "context window", "at least 3")), message
         return
     nonempty = {d["id"] for d in corpus if d["text"].strip()}
     scores = result.scores()
