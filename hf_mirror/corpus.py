@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import itertools
 import logging
 from collections.abc import Iterator
@@ -64,6 +66,26 @@ class Corpus:
             "format": self.format,
             "name": self.name,
         }
+
+    def fingerprint(self) -> str | None:
+        """Identifies the corpus content for caching, or None when it cannot be known (generators)."""
+        src = self.source
+        if isinstance(src, Dataset):
+            return f"dataset:{src._fingerprint}"
+        if isinstance(src, IterableDataset):
+            return None
+        path = Path(str(src))
+        if any(ch in str(src) for ch in "*?["):
+            files = sorted(Path(p) for p in glob.glob(str(src), recursive=True))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            files = [path] if path.exists() else []
+        if files:
+            stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+            return "files:" + hashlib.sha256(repr(stats).encode()).hexdigest()[:20]
+        revision = self.extra.get("revision")
+        return None if revision is None else f"hub:{src}:{self.name}:{self.split}:{revision}"
 
     def stream(self) -> IterableDataset:
         """The corpus as an `IterableDataset` (never materialised in memory)."""

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 
+from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import (
@@ -36,6 +37,7 @@ from hf_mirror.scoring import ScoreBook, merge_shards
 
 logger = logging.getLogger(__name__)
 
+PRECISIONS = ("no", "bf16", "fp16")
 PACKAGES = ("hf-mirror", "torch", "transformers", "datasets", "accelerate", "peft", "evaluate")
 
 
@@ -61,6 +63,9 @@ class ScanConfig:
     max_new_tokens: int = 32
     checkpoint_every: int = 1000
     checkpoint_seconds: float = 300.0
+    cache: bool = True
+    cache_dir: str | None = None
+    precision: str = "no"
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -117,7 +122,13 @@ def attribute(
     mirror = mirror or MirrorConfig()
     scan = scan or ScanConfig()
     corpus = _as_corpus(corpus)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if scan.precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {scan.precision!r}.")
+    on_gpu = torch.cuda.is_available()
+    if scan.precision != "no" and not on_gpu:
+        logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.precision)
+    precision = scan.precision if on_gpu else "no"
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if output_dir is None:
         if world > 1:
@@ -145,6 +156,8 @@ def attribute(
     overlap = scan.overlap if scan.overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
+
+    cache = _base_cache(model, tokenizer, corpus, scan, max_length, overlap, precision, rank, world)
 
     # 1. probes (and controls): made once on the main process, shared with the others
     if main:
@@ -188,17 +201,29 @@ def attribute(
                          scan.checkpoint_every, scan.checkpoint_seconds)
         if not book.done:
             scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size,
-                              show_progress and main)
+                              show_progress and main, autocast=accelerator.autocast)
             docs = itertools.islice(corpus.documents(rank, world), book.next_seq, None)
+            cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
+            fill_cache = cache is not None and cached is None and book.next_seq == 0
             try:
-                for doc in scanner(docs, start=book.next_seq):
+                for doc in scanner(docs, start=book.next_seq, base_losses=cached):
+                    if fill_cache:
+                        cache.add(doc.seq, doc.doc_id, doc.base)
                     book.add(doc, scanner.skipped)
             except Exception:
                 logger.error("Process %d of %d failed while scanning document %r (#%d of its shard); finished "
                              "work is checkpointed in %s: rerun the same command to resume.",
                              rank, world, scanner.current_doc_id, scanner.next_seq - 1, shard)
+                if fill_cache:
+                    cache.discard()
                 raise
-            book.finish(scanner.next_seq, scanner.skipped, tokenizer)
+            if fill_cache:
+                cache.commit(scanner.n_documents)
+            book.finish(scanner.next_seq, scanner.skipped, tokenizer,
+                        {"base_passes": scanner.base_passes, "base_cache_hits": int(cached is not None),
+                         "forward_passes": scanner.forward_passes})
+            logger.info("Process %d: %d documents, %d base-model passes (%s).", rank, scanner.n_documents,
+                        scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit")
     finally:
         peft_model.unload()  # give the caller back their model without LoRA layers
     accelerator.wait_for_everyone()
@@ -230,6 +255,20 @@ def attribute(
         AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(out)
     accelerator.wait_for_everyone()
     return AttributionResult.load(out)
+
+
+def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: int, overlap: int,
+                precision: str, rank: int, world: int) -> BaseLossCache | None:
+    """The base-loss cache for this model, tokenizer, corpus and windowing (None when it cannot be keyed)."""
+    fingerprint = corpus.fingerprint() if scan.cache else None
+    if fingerprint is None:
+        if scan.cache:
+            logger.info("Corpus has no stable fingerprint (a generator?): base losses are not cached.")
+        return None
+    key = _run_key("base-losses-v1", model_fingerprint(model), tokenizer_fingerprint(tokenizer), fingerprint,
+                   corpus.text_column, corpus.id_column, max_length, overlap, precision,
+                   str(next(model.parameters()).dtype))
+    return BaseLossCache(scan.cache_dir or default_cache_dir(), key, rank, world)
 
 
 def _probes_from_disk(out: Path, probes) -> list[Probe] | None:

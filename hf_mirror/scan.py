@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,7 @@ class Scanner:
         overlap: int,
         batch_size: int = 8,
         show_progress: bool = True,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         if batch_size < 1:
             raise InputError("batch_size must be at least 1.")
@@ -92,18 +94,27 @@ class Scanner:
         self.overlap = overlap
         self.batch_size = batch_size
         self.show_progress = show_progress
+        self.autocast = autocast
         self.device = next(model.parameters()).device
         self.skipped: list[Skipped] = []
         self.n_documents = 0
         self.n_tokens = 0
         self.next_seq = 0  # stream position after the last document read
         self.current_doc_id: object = None  # the last document read (for error reports)
+        self.base_passes = 0  # forward passes of the base model (0 when every base loss came from the cache)
+        self.forward_passes = 0  # all forward passes, base and mirrors
 
-    def __call__(self, documents: Iterable[tuple[object, object]], start: int = 0) -> Iterator[ScannedDoc]:
+    def __call__(
+        self,
+        documents: Iterable[tuple[object, object]],
+        start: int = 0,
+        base_losses: Iterator[tuple[int, str, np.ndarray]] | None = None,
+    ) -> Iterator[ScannedDoc]:
         """Yield each scored document, in stream order, as soon as all its windows are done.
 
         ``start`` is the stream position of the first document (when resuming); skipped documents are
-        appended to ``self.skipped`` as they are read.
+        appended to ``self.skipped`` as they are read. ``base_losses`` (from a cache) supplies every
+        document's base losses in stream order, and the base model is then not run at all.
         """
         pending: OrderedDict[int, _Pending] = OrderedDict()
         batch: list[Window] = []
@@ -128,17 +139,16 @@ class Scanner:
                 self.skipped.append(Skipped(doc_id, "no tokens after tokenization", seq_no))
                 continue
             wins = windows(seq, self.max_length, self.overlap)
-            pending[seq_no] = _Pending(
-                doc_id, text, seq[1:], np.empty(n, np.float32), np.empty((n_probes, n), np.float32), len(wins)
-            )
+            base = np.empty(n, np.float32) if base_losses is None else self._cached(base_losses, seq_no, doc_id, n)
+            pending[seq_no] = _Pending(doc_id, text, seq[1:], base, np.empty((n_probes, n), np.float32), len(wins))
             for w_start, ids, ctx in wins:
                 batch.append(Window(seq_no, w_start, ids, ctx))
                 if len(batch) == self.batch_size:
-                    self._run(batch, pending)
+                    self._run(batch, pending, base_losses is None)
                     batch = []
                     yield from self._drain(pending, bar, t0)
         if batch:
-            self._run(batch, pending)
+            self._run(batch, pending, base_losses is None)
         yield from self._drain(pending, bar, t0)
         bar.close()
 
@@ -151,15 +161,31 @@ class Scanner:
             bar.set_postfix(tok_s=f"{self.n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
             yield ScannedDoc(d.doc_id, d.text, np.asarray(d.token_ids, np.int64), d.base, d.mirror, seq)
 
+    @staticmethod
+    def _cached(base_losses: Iterator, seq_no: int, doc_id: object, n: int) -> np.ndarray:
+        row = next(base_losses, None)
+        if row is None or row[0] != seq_no or row[1] != str(doc_id) or len(row[2]) != n:
+            raise RuntimeError(
+                f"The base-loss cache does not match the corpus at document {doc_id!r}; delete the cache "
+                "directory (see --cache-dir) or pass --no-cache."
+            )
+        return row[2]
+
     @torch.no_grad()
-    def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending]) -> None:
+    def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending], run_base: bool = True) -> None:
         ids, mask = _collate(batch, self.tokenizer.pad_token_id, self.device)
-        with self.model.disable_adapter():
-            base = token_losses(self.model, ids, mask).cpu().numpy()
-        self._store(batch, pending, base, None)
+        if run_base:
+            with self.model.disable_adapter(), self.autocast():
+                base = token_losses(self.model, ids, mask).cpu().numpy()
+            self.base_passes += 1
+            self.forward_passes += 1
+            self._store(batch, pending, base, None)
         for p, name in enumerate(self.adapter_names):
             self.model.set_adapter(name)
-            self._store(batch, pending, token_losses(self.model, ids, mask).cpu().numpy(), p)
+            with self.autocast():
+                losses = token_losses(self.model, ids, mask).cpu().numpy()
+            self.forward_passes += 1
+            self._store(batch, pending, losses, p)
         for w in batch:
             pending[w.doc_seq].remaining -= 1
 

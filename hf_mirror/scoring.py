@@ -110,6 +110,7 @@ class ScoreBook:
         self.done = False
         self.skipped: list[dict] = []
         self.n_documents = self.n_tokens = 0
+        self.counters: dict[str, int] = {}  # extra per-process counts, summed over processes on merge
         self._resume()
 
     # ---- resume ---------------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ class ScoreBook:
             saved = pickle.load(f)
         self._top, self.skipped = saved["top"], saved["skipped"]
         self.n_documents, self.n_tokens, self._id_type = saved["n_documents"], saved["n_tokens"], saved["id_type"]
+        self.counters = saved["counters"]
         for p in range(len(self._top)):
             self._prune(p)
         keep = {self._part_name(i) for i in range(self.parts)} | {state["state"], CHECKPOINT}
@@ -220,7 +222,7 @@ class ScoreBook:
                 v.clear()
         state_name = f"state-{self.parts:06d}-{next_seq}.pkl"
         state = {"top": self._top, "skipped": self.skipped, "n_documents": self.n_documents,
-                 "n_tokens": self.n_tokens, "id_type": self._id_type}
+                 "n_tokens": self.n_tokens, "id_type": self._id_type, "counters": self.counters}
         _atomic_write(self.dir / state_name, pickle.dumps(state))
         old = self.dir / CHECKPOINT
         previous = json.loads(old.read_text())["state"] if old.exists() else None
@@ -232,8 +234,10 @@ class ScoreBook:
         self.next_seq, self.done = next_seq, done
         self._since, self._last_time = 0, time.monotonic()
 
-    def finish(self, next_seq: int, skipped: Sequence[Skipped], tokenizer) -> None:
-        """Final checkpoint, then this shard's top-k and evidence tables."""
+    def finish(self, next_seq: int, skipped: Sequence[Skipped], tokenizer, counters: dict | None = None) -> None:
+        """This shard's top-k and evidence tables, then the final checkpoint (with ``counters`` added)."""
+        for k, v in (counters or {}).items():
+            self.counters[k] = self.counters.get(k, 0) + v
         topk, evidence = self.topk_frames(tokenizer)
         topk.to_parquet(self.dir / "topk.parquet", index=False)
         evidence.to_parquet(self.dir / "evidence.parquet", index=False)
@@ -297,6 +301,8 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
         skipped += [{"doc_id": s["doc_id"], "reason": s["reason"]} for s in saved["skipped"]]
         stats["documents"] += saved["n_documents"]
         stats["tokens"] += saved["n_tokens"]
+        for k, v in saved["counters"].items():
+            stats[k] = stats.get(k, 0) + v
     skipped.sort(key=lambda s: doc_sort_key(s["doc_id"]))
     stats["skipped"] = len(skipped)
     return {"topk": topk[TOPK_COLUMNS] if not topk.empty else pd.DataFrame(columns=TOPK_COLUMNS),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_MIRROR_CACHE", tempfile.mkdtemp(prefix="hf_mirror_test_cache_"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,64 @@
+"""Base-loss cache: a hit skips the base model entirely; any change of model, corpus or windowing misses."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hf_mirror import Corpus, ScanConfig, attribute
+from hf_mirror.cache import model_fingerprint
+
+
+def _run(model, tok, corpus, probes, out, cache_dir, **scan):
+    return attribute(model, corpus, probes, tokenizer=tok, output_dir=out, show_progress=False,
+                     scan=ScanConfig(cache_dir=str(cache_dir), normalize="none", **scan))
+
+
+def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_path):
+    model, tok = tiny_model
+    corpus = Corpus(planted.texts)
+    first = _run(model, tok, corpus, planted.probes()[:2], tmp_path / "a", tmp_path / "cache")
+    assert first.config["stats"]["base_passes"] > 0 and first.config["stats"]["base_cache_hits"] == 0
+    # a second run with new probes reads the base losses from the cache
+    second = _run(model, tok, corpus, planted.probes()[2:5], tmp_path / "b", tmp_path / "cache")
+    assert second.config["stats"]["base_passes"] == 0 and second.config["stats"]["base_cache_hits"] == 1
+    # per batch: base + 2 mirrors the first time, 3 mirrors and no base the second time
+    assert second.config["stats"]["forward_passes"] == first.config["stats"]["forward_passes"]
+    uncached = attribute(model, corpus, planted.probes()[2:5], tokenizer=tok, output_dir=tmp_path / "c",
+                         show_progress=False, scan=ScanConfig(cache=False, normalize="none"))
+    assert uncached.config["stats"]["base_passes"] > 0
+    a = second.scores().sort_values(["probe_id", "doc_id"])
+    b = uncached.scores().sort_values(["probe_id", "doc_id"])
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-6)
+
+
+def test_changed_corpus_model_or_windowing_misses(tiny_model, planted, tmp_path):
+    model, tok = tiny_model
+    probes = planted.probes()[:2]
+    cache = tmp_path / "cache"
+    _run(model, tok, planted.texts, probes, tmp_path / "a", cache)
+    hits = lambda r: r.config["stats"]["base_cache_hits"]  # noqa: E731
+    assert hits(_run(model, tok, planted.texts, probes, tmp_path / "b", cache)) == 1
+    changed = [*planted.texts[:-1], planted.texts[-1] + " changed"]
+    assert hits(_run(model, tok, changed, probes, tmp_path / "c", cache)) == 0
+    assert hits(_run(model, tok, planted.texts, probes, tmp_path / "d", cache, max_length=16)) == 0
+    before = model_fingerprint(model)
+    w = model.transformer.h[0].mlp.c_fc.weight
+    with torch.no_grad():
+        w[0, 0] += 1e-3
+    try:
+        assert model_fingerprint(model) != before
+        assert hits(_run(model, tok, planted.texts, probes, tmp_path / "e", cache)) == 0
+    finally:
+        with torch.no_grad():
+            w[0, 0] -= 1e-3
+
+
+def test_file_corpus_fingerprint_follows_content(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "a"}\n')
+    first = Corpus(f).fingerprint()
+    assert first == Corpus(f).fingerprint() and first.startswith("files:")
+    f.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert Corpus(f).fingerprint() != first
+    assert Corpus("some/hub-dataset").fingerprint() is None  # no revision: cannot know it did not change
