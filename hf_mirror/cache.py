@@ -23,8 +23,10 @@ ROWS_PER_PART = 4096
 
 
 def default_cache_dir() -> Path:
-    """``$HF_MIRROR_CACHE`` or ``~/.cache/hf_mirror``."""
-    return Path(os.environ.get("HF_MIRROR_CACHE", Path.home() / ".cache" / "hf_mirror"))
+    """``$HF_MIRROR_CACHE``, else ``$XDG_CACHE_HOME/hf_mirror`` (``~/.cache/hf_mirror``)."""
+    if os.environ.get("HF_MIRROR_CACHE"):
+        return Path(os.environ["HF_MIRROR_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "hf_mirror"
 
 
 @torch.no_grad()

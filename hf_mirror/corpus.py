@@ -87,6 +87,16 @@ class Corpus:
         revision = self.extra.get("revision")
         return None if revision is None else f"hub:{src}:{self.name}:{self.split}:{revision}"
 
+    def num_documents(self) -> int | None:
+        """The corpus length when it is known without reading it (in-memory datasets, Hub metadata)."""
+        src = self.source
+        if isinstance(src, Dataset):
+            return len(src)
+        info = getattr(src, "info", None) if isinstance(src, IterableDataset) else None
+        splits = getattr(info, "splits", None) or {}
+        split = splits.get(self.split) if hasattr(splits, "get") else None
+        return getattr(split, "num_examples", None)
+
     def stream(self) -> IterableDataset:
         """The corpus as an `IterableDataset` (never materialised in memory)."""
         src = self.source

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 
@@ -31,11 +31,12 @@ from hf_mirror.mirror import (
 )
 from hf_mirror.modeling import check_causal_lm, context_length, load_model, load_tokenizer, prepare_tokenizer
 from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes, save_probes
+from hf_mirror.progress import ScanProgress
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Scanner
 from hf_mirror.scoring import ScoreBook, merge_shards
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # accelerate's: logs once, from the main process, unless told otherwise
 
 PRECISIONS = ("no", "bf16", "fp16")
 PACKAGES = ("hf-mirror", "torch", "transformers", "datasets", "accelerate", "peft", "evaluate")
@@ -125,10 +126,10 @@ def attribute(
     if scan.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {scan.precision!r}.")
     on_gpu = torch.cuda.is_available()
-    if scan.precision != "no" and not on_gpu:
-        logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.precision)
     precision = scan.precision if on_gpu else "no"
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
+    if scan.precision != "no" and not on_gpu:
+        logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.precision)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if output_dir is None:
         if world > 1:
@@ -200,8 +201,11 @@ def attribute(
         book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
                          scan.checkpoint_every, scan.checkpoint_seconds)
         if not book.done:
-            scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size,
-                              show_progress and main, autocast=accelerator.autocast)
+            peers = [out / "shards" / f"rank-{r:05d}-of-{world:05d}" / "progress.json" for r in range(1, world)]
+            progress = ScanProgress(shard / "progress.json" if not main else None, peers if main else [],
+                                    corpus.num_documents(), show_progress and main)
+            scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size, progress,
+                              autocast=accelerator.autocast)
             docs = itertools.islice(corpus.documents(rank, world), book.next_seq, None)
             cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
             fill_cache = cache is not None and cached is None and book.next_seq == 0
@@ -213,7 +217,7 @@ def attribute(
             except Exception:
                 logger.error("Process %d of %d failed while scanning document %r (#%d of its shard); finished "
                              "work is checkpointed in %s: rerun the same command to resume.",
-                             rank, world, scanner.current_doc_id, scanner.next_seq - 1, shard)
+                             rank, world, scanner.current_doc_id, scanner.next_seq - 1, shard, main_process_only=False)
                 if fill_cache:
                     cache.discard()
                 raise
@@ -223,7 +227,8 @@ def attribute(
                         {"base_passes": scanner.base_passes, "base_cache_hits": int(cached is not None),
                          "forward_passes": scanner.forward_passes})
             logger.info("Process %d: %d documents, %d base-model passes (%s).", rank, scanner.n_documents,
-                        scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit")
+                        scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit",
+                        main_process_only=False)
     finally:
         peft_model.unload()  # give the caller back their model without LoRA layers
     accelerator.wait_for_everyone()

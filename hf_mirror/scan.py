@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 from hf_mirror.corpus import Window, document_tokens, windows
 from hf_mirror.errors import InputError, ScoreError
-from hf_mirror.progress import progress_bar
+from hf_mirror.progress import ScanProgress
 
 
 @dataclass
@@ -81,7 +80,7 @@ class Scanner:
         max_length: int,
         overlap: int,
         batch_size: int = 8,
-        show_progress: bool = True,
+        progress: ScanProgress | None = None,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         if batch_size < 1:
@@ -93,7 +92,7 @@ class Scanner:
         self.max_length = max_length
         self.overlap = overlap
         self.batch_size = batch_size
-        self.show_progress = show_progress
+        self.progress = progress or ScanProgress(show=False)
         self.autocast = autocast
         self.device = next(model.parameters()).device
         self.skipped: list[Skipped] = []
@@ -118,8 +117,6 @@ class Scanner:
         """
         pending: OrderedDict[int, _Pending] = OrderedDict()
         batch: list[Window] = []
-        bar = progress_bar(desc="scanning", unit="doc", disable=not self.show_progress)
-        t0 = time.perf_counter()
         n_probes = len(self.adapter_names)
         self.next_seq = start
         for seq_no, (doc_id, text) in enumerate(documents, start):
@@ -146,19 +143,18 @@ class Scanner:
                 if len(batch) == self.batch_size:
                     self._run(batch, pending, base_losses is None)
                     batch = []
-                    yield from self._drain(pending, bar, t0)
+                    yield from self._drain(pending)
         if batch:
             self._run(batch, pending, base_losses is None)
-        yield from self._drain(pending, bar, t0)
-        bar.close()
+        yield from self._drain(pending)
+        self.progress.close()
 
-    def _drain(self, pending: OrderedDict[int, _Pending], bar, t0: float) -> Iterator[ScannedDoc]:
+    def _drain(self, pending: OrderedDict[int, _Pending]) -> Iterator[ScannedDoc]:
         while pending and next(iter(pending.values())).remaining == 0:
             seq, d = pending.popitem(last=False)
             self.n_documents += 1
             self.n_tokens += len(d.token_ids)
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{self.n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+            self.progress.update(1, len(d.token_ids))
             yield ScannedDoc(d.doc_id, d.text, np.asarray(d.token_ids, np.int64), d.base, d.mirror, seq)
 
     @staticmethod
