@@ -176,9 +176,10 @@ def _load_stream(src: str, fmt: str | None, split: str, name: str | None, extra:
         return load_dataset(str(path), name=name, split=split, streaming=True, **extra)
     try:
         return load_dataset(src, name=name, split=split, streaming=True, **extra)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConnectionError) as e:
         raise InputError(
-            f"Corpus {src!r} is neither a local file or directory nor a reachable Hub dataset ({e})."
+            f"Corpus {src!r} is neither a local file or directory nor a reachable Hub dataset ({e}); "
+            "check the path, or the dataset name and your connection (HF_DATASETS_OFFLINE)."
         ) from e
 
 

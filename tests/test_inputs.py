@@ -45,6 +45,13 @@ def test_text_files_explicit_format_and_objects(corpus_files):
         list(Corpus(corpus_files / "c.data").documents())
 
 
+def test_unreachable_corpus_and_model_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="neither a local file or directory nor a reachable Hub dataset"):
+        list(Corpus("no-such-org/no-such-dataset").documents())
+    with pytest.raises(InputError, match="Cannot load a model config from 'no-such-org/no-such-model'"):
+        attribute("no-such-org/no-such-model", ["x"], PROBE, output_dir=tmp_path, show_progress=False)
+
+
 def test_sharding_splits_documents_without_overlap(corpus_files):
     for id_column in (None, "key"):
         corpus = Corpus(corpus_files / "c.jsonl", id_column=id_column)
