@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,6 +69,11 @@ def _add_attribute(sub) -> None:
         help="control probes from corpus snippets (default: enough to pool 8 probes under zscore)",
     )
     g.add_argument("--max-new-tokens", type=int, default=32, help="for probes without a completion")
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="documents between checkpoints")
+    g.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="autocast on GPU (fp32 on CPU)")
+    g.add_argument("--cache-dir", default=None, help="base-loss cache root (default: $HF_MIRROR_CACHE or ~/.cache)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the base-loss cache")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -85,6 +91,27 @@ def _add_show(sub) -> None:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="attribute the bundled default model's generations (no downloads)",
+        description="Train (or reuse from the cache) a small GPT-2 on the bundled WordNet facts, let it complete "
+        "a few bundled prompts, attribute each generation against all bundled documents, and write report.html. "
+        "Set HF_MIRROR_DEMO_FAST=1 for a much smaller training budget.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output", default="hf-mirror-demo", help="output directory (result files and report.html)")
+    p.add_argument("--probes", type=int, default=5, help="number of bundled prompts to complete and attribute")
+    p.add_argument("--retrain", action="store_true", help="train the default model again even if cached")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="model cache (default: $HF_MIRROR_CACHE, else ~/.cache/hf_mirror)",
+    )
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-mirror",
@@ -93,10 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_attribute(sub)
     _add_show(sub)
+    _add_demo(sub)
     return parser
 
 
 def _attribute(args) -> int:
+    from accelerate import PartialState
+
     from hf_mirror.corpus import Corpus
     from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig, attribute
@@ -131,6 +161,10 @@ def _attribute(args) -> int:
         normalize=args.normalize,
         controls=args.controls,
         max_new_tokens=args.max_new_tokens,
+        checkpoint_every=args.checkpoint_every,
+        precision=args.precision,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
     )
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
     result = attribute(
@@ -142,9 +176,11 @@ def _attribute(args) -> int:
         output_dir=args.output,
         model_kwargs=kwargs,
         show_progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
-    print(format_result(result, k=min(3, args.top_k), color=sys.stdout.isatty()))
-    print(f"\nwrote {result.directory}")
+    if PartialState().is_main_process:
+        print(format_result(result, k=min(3, args.top_k), color=sys.stdout.isatty()))
+        print(f"\nwrote {result.directory}")
     return 0
 
 
@@ -158,13 +194,28 @@ def _show(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from hf_mirror.demo import run_demo
+    from hf_mirror.render import format_result
+
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    report = run_demo(args.output, args.probes, args.cache_dir, args.retrain, show_progress=not args.no_progress)
+    print(format_result(report.result, k=3, color=color))
+    print()
+    print(report.summary())
+    print(f"\nwrote {report.result.directory} (open {report.result.directory / 'report.html'})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"attribute": _attribute, "show": _show}[args.command](args)
+        return {"attribute": _attribute, "show": _show, "demo": _demo}[args.command](args)
     except (InputError, ScoreError) as e:
-        print(f"hf-mirror: error: {e}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+        print(f"hf-mirror: error{where}: {e}", file=sys.stderr)
         return 2
 
 

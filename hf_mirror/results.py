@@ -113,6 +113,25 @@ class AttributionResult:
             f"dir={str(self.directory)!r})"
         )
 
+    # ---- display ------------------------------------------------------------------------------------
+    def _repr_html_(self) -> str:
+        """Jupyter display: generations, ranked documents with score bars, tokens shaded by delta."""
+        from hf_mirror.html import render_html
+
+        return render_html(self)
+
+    def plot_scores(self, probe_id: str, **kwargs):
+        """Histogram of the probe's scores with the top-k marked (a matplotlib Figure)."""
+        from hf_mirror.plots import plot_scores
+
+        return plot_scores(self, probe_id, **kwargs)
+
+    def plot_token_deltas(self, probe_id: str, **kwargs):
+        """Per-token loss deltas of the probe's top documents (a matplotlib Figure)."""
+        from hf_mirror.plots import plot_token_deltas
+
+        return plot_token_deltas(self, probe_id, **kwargs)
+
     # ---- persistence --------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write the result to ``directory`` (the scores file is copied if it lives elsewhere)."""

@@ -57,6 +57,7 @@ class _Candidate:
     """A top-k document of one probe, with just that probe's token losses (bounded memory)."""
 
     score: float
+    raw: float
     key: tuple
     doc_id: object
     text: str
@@ -149,31 +150,52 @@ class ScoreBook:
 
     # ---- adding documents -----------------------------------------------------------------------------
     def add(self, doc: ScannedDoc, skipped: Sequence[Skipped] = ()) -> None:
-        """Score one document; ``skipped`` is the scanner's running list of skipped documents."""
-        doc.doc_id = doc_id = self._check_id(doc.doc_id)
+        """Score one scanned document; ``skipped`` is the scanner's running list of skipped documents."""
         support = self.sign * (doc.mirror - doc.base)  # [probes, tokens]; > 0 where the mirror supports
-        raw_all = support.mean(axis=1).astype(np.float64)
+        doc.doc_id = self.add_scores(doc.doc_id, doc.text, doc.token_ids, support.mean(axis=1), doc.seq, skipped,
+                                     doc.base, doc.mirror)
+
+    def add_scores(
+        self,
+        doc_id: object,
+        text: str,
+        token_ids: np.ndarray,
+        raw_scores: np.ndarray,
+        seq: int,
+        skipped: Sequence[Skipped] = (),
+        base: np.ndarray | None = None,
+        mirror: np.ndarray | None = None,
+    ) -> object:
+        """Record one document's raw score per probe (and, for the mirror method, its token losses).
+
+        Methods without token losses (baselines) pass ``raw_scores`` only; their top-k carry no evidence.
+        Returns the normalised document id.
+        """
+        doc_id = self._check_id(doc_id)
+        raw_all = np.asarray(raw_scores, np.float64)
         n = len(self.probe_ids)
         score, raw = normalize_scores(raw_all, self.normalize)[:n], raw_all[:n]
         self._rows["probe_id"].extend(self.probe_ids)
         self._rows["doc_id"].extend([doc_id] * n)
         self._rows["score"].extend(score.tolist())
         self._rows["raw_score"].extend(raw.tolist())
-        self._rows["n_tokens"].extend([len(doc.token_ids)] * n)
+        self._rows["n_tokens"].extend([len(token_ids)] * n)
         self.n_documents += 1
-        self.n_tokens += len(doc.token_ids)
+        self.n_tokens += len(token_ids)
         key = doc_sort_key(doc_id)
+        empty = np.empty(0, np.float32)
         for p, s in enumerate(score.tolist()):
-            top = self._top[p]
             floor = self._floor[p]
             if floor is not None and (-s, key) > floor:
                 continue  # worse than the k-th best so far: cannot enter this probe's top-k
-            top.append(_Candidate(s, key, doc_id, doc.text, doc.token_ids, doc.base, doc.mirror[p].copy()))
-            if len(top) >= 2 * self.top_k:
+            evidence = (base, mirror[p].copy()) if base is not None and mirror is not None else (empty, empty)
+            self._top[p].append(_Candidate(s, float(raw[p]), key, doc_id, text, token_ids, *evidence))
+            if len(self._top[p]) >= 2 * self.top_k:
                 self._prune(p)
         self._since += 1
         if self._since >= self.checkpoint_every or time.monotonic() - self._last_time >= self.checkpoint_seconds:
-            self.checkpoint(doc.seq + 1, skipped)
+            self.checkpoint(seq + 1, skipped)
+        return doc_id
 
     def _check_id(self, doc_id: object) -> object:
         if isinstance(doc_id, np.integer):
@@ -250,9 +272,11 @@ class ScoreBook:
         for p, pid in enumerate(self.probe_ids):
             self._prune(p)
             for rank, c in enumerate(self._top[p], 1):
-                delta = self.sign * (c.mirror - c.base)
                 top_rows.append({"probe_id": pid, "rank": rank, "doc_id": c.doc_id, "score": c.score,
-                                 "raw_score": float(delta.mean()), "n_tokens": len(c.token_ids), "text": c.text})
+                                 "raw_score": c.raw, "n_tokens": len(c.token_ids), "text": c.text})
+                if not len(c.base):
+                    continue  # a method without token-level evidence
+                delta = self.sign * (c.mirror - c.base)
                 if c.key not in pieces_cache:
                     pieces_cache[c.key] = token_pieces(tokenizer, c.text, c.token_ids)
                 for i, piece in enumerate(pieces_cache[c.key]):
