@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -81,3 +82,20 @@ def context_length(model, tokenizer=None, cap: int = 1024) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     candidates = [x for x in (n, limit if isinstance(limit, int) and limit < 10**8 else None) if x]
     return min([*candidates, cap])
+
+
+def resolve_model(model, tokenizer=None, model_kwargs: dict | None = None) -> tuple[PreTrainedModel, object, str]:
+    """``(model, tokenizer, name)`` from a ``from_pretrained`` name/path or a loaded model and its tokenizer.
+
+    Checks that the model is a causal LM and that the tokenizer can pad.
+    """
+    name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
+    if isinstance(model, (str, Path)):
+        model = load_model(name, **(model_kwargs or {}))
+        if tokenizer is None:
+            tokenizer = load_tokenizer(name, **{k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"})
+    if tokenizer is None:
+        raise InputError("Pass the tokenizer along with a loaded model (tokenizer=...).")
+    check_causal_lm(model)
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer, name

@@ -29,7 +29,7 @@ from hf_mirror.mirror import (
     load_mirrors,
     save_mirrors,
 )
-from hf_mirror.modeling import check_causal_lm, context_length, load_model, load_tokenizer, prepare_tokenizer
+from hf_mirror.modeling import context_length, resolve_model
 from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes, save_probes
 from hf_mirror.progress import ScanProgress
 from hf_mirror.results import AttributionResult
@@ -141,16 +141,7 @@ def attribute(
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
 
-    model_name = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
-    if isinstance(model, (str, Path)):
-        model = load_model(str(model), **(model_kwargs or {}))
-        if tokenizer is None:
-            gguf = {k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
-            tokenizer = load_tokenizer(str(model_name), **gguf)
-    if tokenizer is None:
-        raise InputError("Pass the tokenizer along with a loaded model: attribute(model, ..., tokenizer=tok).")
-    check_causal_lm(model)
-    prepare_tokenizer(tokenizer)
+    model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
     model.to(accelerator.device).eval()
 
     max_length = scan.max_length or context_length(model, tokenizer)
