@@ -35,6 +35,7 @@ from hf_mirror.progress import ScanProgress
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Scanner
 from hf_mirror.scoring import ScoreBook, merge_shards
+from hf_mirror.trunk import SharedTrunk
 
 logger = get_logger(__name__)  # accelerate's: logs once, from the main process, unless told otherwise
 
@@ -67,6 +68,7 @@ class ScanConfig:
     cache: bool = True
     cache_dir: str | None = None
     precision: str = "no"
+    shared_trunk: bool = True
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -195,8 +197,10 @@ def attribute(
             peers = [out / "shards" / f"rank-{r:05d}-of-{world:05d}" / "progress.json" for r in range(1, world)]
             progress = ScanProgress(shard / "progress.json" if not main else None, peers if main else [],
                                     corpus.num_documents(), show_progress and main)
+            first = min(mirror.layers) if mirror.layers else 0
+            trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
             scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size, progress,
-                              autocast=accelerator.autocast)
+                              autocast=accelerator.autocast, trunk=trunk)
             docs = itertools.islice(corpus.documents(rank, world), book.next_seq, None)
             cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
             fill_cache = cache is not None and cached is None and book.next_seq == 0

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hf_mirror.corpus import Window, document_tokens, windows
 from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.progress import ScanProgress
+from hf_mirror.trunk import SharedTrunk
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Scanner:
         batch_size: int = 8,
         progress: ScanProgress | None = None,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
+        trunk: SharedTrunk | None = None,
     ) -> None:
         if batch_size < 1:
             raise InputError("batch_size must be at least 1.")
@@ -94,6 +96,7 @@ class Scanner:
         self.batch_size = batch_size
         self.progress = progress or ScanProgress(show=False)
         self.autocast = autocast
+        self.trunk = trunk
         self.device = next(model.parameters()).device
         self.skipped: list[Skipped] = []
         self.n_documents = 0
@@ -170,15 +173,20 @@ class Scanner:
     @torch.no_grad()
     def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending], run_base: bool = True) -> None:
         ids, mask = _collate(batch, self.tokenizer.pad_token_id, self.device)
+        record = self.trunk.capture if self.trunk is not None else nullcontext
+        reuse = self.trunk.reuse if self.trunk is not None else nullcontext
         if run_base:
-            with self.model.disable_adapter(), self.autocast():
+            with self.model.disable_adapter(), self.autocast(), record():
                 base = token_losses(self.model, ids, mask).cpu().numpy()
             self.base_passes += 1
             self.forward_passes += 1
             self._store(batch, pending, base, None)
+        elif self.trunk is not None:  # base losses are cached: run the trunk alone
+            with self.model.disable_adapter(), self.autocast(), self.trunk.capture(stop=True):
+                self.model(input_ids=ids, attention_mask=mask)
         for p, name in enumerate(self.adapter_names):
             self.model.set_adapter(name)
-            with self.autocast():
+            with self.autocast(), reuse():
                 losses = token_losses(self.model, ids, mask).cpu().numpy()
             self.forward_passes += 1
             self._store(batch, pending, losses, p)

@@ -1,0 +1,69 @@
+"""Shared trunk: mirrors on the top blocks give the same scores with the lower blocks run once per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from hf_mirror import MirrorConfig, ScanConfig, attribute
+from hf_mirror.trunk import SharedTrunk, find_blocks
+
+
+def _models(tok):
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=4, n_head=2,
+                                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=128, bos_token_id=tok.eos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    return {"gpt2": gpt2.eval(), "llama": llama.eval()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shared_trunk_matches_full_forward(tiny_model, planted, tmp_path, arch):
+    _, tok = tiny_model
+    model = _models(tok)[arch]
+    corpus = [*planted.texts[:12], " ".join(planted.facts[:5])]
+    kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(layers=[2, 3], steps=2, lr=1e-2))
+
+    pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
+    probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
+
+    def run(name, **scan):
+        return attribute(model, corpus, probes, output_dir=tmp_path / name,
+                         scan=ScanConfig(normalize="none", max_length=24, overlap=4, batch_size=4, **scan), **kw)
+
+    plain = run("plain", shared_trunk=False, cache=False)
+    shared = run("shared", cache=False)
+    cached = run("cached")  # base losses from the cache: the trunk runs alone
+    cached = run("cached2")
+    assert cached.config["stats"]["base_passes"] == 0
+    for other in (shared, cached):
+        a = plain.scores().sort_values(["probe_id", "doc_id"])
+        b = other.scores().sort_values(["probe_id", "doc_id"])
+        np.testing.assert_allclose(a["raw_score"], b["raw_score"], atol=1e-5)
+        assert np.abs(a["raw_score"]).max() > 1e-4  # the mirrors did move the losses
+    np.testing.assert_allclose(plain.evidence["mirror_loss"], shared.evidence["mirror_loss"], atol=1e-5)
+
+
+def test_trunk_only_runs_lower_blocks(tiny_model):
+    _, tok = tiny_model
+    model = _models(tok)["gpt2"]
+    calls = []
+    blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda m, a, o, i=i: calls.append(i))  # after the block ran
+    trunk = SharedTrunk(model, 2)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with trunk.capture(stop=True):
+        model(input_ids=ids)
+    assert calls == [0, 1] and trunk.hidden.shape == (1, 4, 32)
+    calls.clear()
+    with trunk.reuse():
+        model(input_ids=ids)
+    assert calls == [2, 3] and all(b is not None for b in blocks)
+    with pytest.raises(ValueError, match="lowest adapted block"):
+        SharedTrunk(model, 0)
