@@ -73,6 +73,10 @@ def _add_attribute(sub) -> None:
     g.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="autocast on GPU (fp32 on CPU)")
     g.add_argument("--cache-dir", default=None, help="base-loss cache root (default: $HF_MIRROR_CACHE or ~/.cache)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the base-loss cache")
+    g.add_argument("--adapters-per-forward", type=int, default=1,
+                   help="probes scored per forward pass (PEFT mixed-adapter batches)")
+    g.add_argument("--no-shared-trunk", action="store_true",
+                   help="recompute the blocks below --layers for every mirror")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
     p.add_argument("--no-progress", action="store_true")
 
@@ -165,6 +169,8 @@ def _attribute(args) -> int:
         precision=args.precision,
         cache=not args.no_cache,
         cache_dir=args.cache_dir,
+        adapters_per_forward=args.adapters_per_forward,
+        shared_trunk=not args.no_shared_trunk,
     )
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
     result = attribute(

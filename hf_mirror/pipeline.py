@@ -53,6 +53,12 @@ class ScanConfig:
     the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
     probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
     explicitly). ``normalize="none"`` reports the raw mean token-loss delta.
+
+    Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``);
+    ``shared_trunk`` runs the blocks below the mirror's lowest adapted layer once per batch when
+    ``MirrorConfig.layers`` is set; ``adapters_per_forward`` > 1 scores that many probes per forward pass
+    with PEFT mixed-adapter batches. ``precision`` ("bf16"/"fp16") autocasts on GPU. Checkpoints are written
+    every ``checkpoint_every`` documents or ``checkpoint_seconds``.
     """
 
     max_length: int | None = None
@@ -69,6 +75,7 @@ class ScanConfig:
     cache_dir: str | None = None
     precision: str = "no"
     shared_trunk: bool = True
+    adapters_per_forward: int = 1
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -200,7 +207,8 @@ def attribute(
             first = min(mirror.layers) if mirror.layers else 0
             trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
             scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size, progress,
-                              autocast=accelerator.autocast, trunk=trunk)
+                              autocast=accelerator.autocast, trunk=trunk,
+                              adapters_per_forward=scan.adapters_per_forward)
             docs = itertools.islice(corpus.documents(rank, world), book.next_seq, None)
             cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
             fill_cache = cache is not None and cached is None and book.next_seq == 0

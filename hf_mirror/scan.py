@@ -46,9 +46,9 @@ class _Pending:
     remaining: int
 
 
-def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
     """Per-token cross-entropy (float32) of ``input_ids[:, 1:]`` given the prefix; shape ``[B, L-1]``."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
     targets = input_ids[:, 1:]
     return F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
@@ -84,6 +84,7 @@ class Scanner:
         progress: ScanProgress | None = None,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         trunk: SharedTrunk | None = None,
+        adapters_per_forward: int = 1,
     ) -> None:
         if batch_size < 1:
             raise InputError("batch_size must be at least 1.")
@@ -97,6 +98,7 @@ class Scanner:
         self.progress = progress or ScanProgress(show=False)
         self.autocast = autocast
         self.trunk = trunk
+        self.adapters_per_forward = max(1, adapters_per_forward)
         self.device = next(model.parameters()).device
         self.skipped: list[Skipped] = []
         self.n_documents = 0
@@ -184,12 +186,24 @@ class Scanner:
         elif self.trunk is not None:  # base losses are cached: run the trunk alone
             with self.model.disable_adapter(), self.autocast(), self.trunk.capture(stop=True):
                 self.model(input_ids=ids, attention_mask=mask)
-        for p, name in enumerate(self.adapter_names):
-            self.model.set_adapter(name)
-            with self.autocast(), reuse():
-                losses = token_losses(self.model, ids, mask).cpu().numpy()
-            self.forward_passes += 1
-            self._store(batch, pending, losses, p)
+        if self.adapters_per_forward == 1:
+            for p, name in enumerate(self.adapter_names):
+                self.model.set_adapter(name)
+                with self.autocast(), reuse():
+                    losses = token_losses(self.model, ids, mask).cpu().numpy()
+                self.forward_passes += 1
+                self._store(batch, pending, losses, p)
+        else:  # PEFT mixed-adapter batches: the window batch repeated once per adapter of the group
+            g = self.adapters_per_forward
+            for lo in range(0, len(self.adapter_names), g):
+                group = self.adapter_names[lo : lo + g]
+                rows = [name for name in group for _ in batch]
+                with self.autocast(), (self.trunk.reuse(len(group)) if self.trunk is not None else nullcontext()):
+                    losses = token_losses(self.model, ids.repeat(len(group), 1), mask.repeat(len(group), 1),
+                                          adapter_names=rows).cpu().numpy()
+                self.forward_passes += 1
+                for j in range(len(group)):
+                    self._store(batch, pending, losses[j * len(batch) : (j + 1) * len(batch)], lo + j)
         for w in batch:
             pending[w.doc_seq].remaining -= 1
 

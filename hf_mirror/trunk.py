@@ -73,17 +73,21 @@ class SharedTrunk:
             handle.remove()
 
     @contextmanager
-    def reuse(self) -> Iterator[None]:
-        """Skip the trunk blocks and start block ``first`` from the recorded hidden states."""
+    def reuse(self, repeat: int = 1) -> Iterator[None]:
+        """Skip the trunk blocks and start block ``first`` from the recorded hidden states.
+
+        ``repeat`` > 1 for a batch that stacks the recorded batch that many times (mixed-adapter batches).
+        """
         if self.hidden is None:
             raise RuntimeError("No trunk recorded for this batch.")
+        hidden = self.hidden if repeat == 1 else self.hidden.repeat(repeat, *([1] * (self.hidden.dim() - 1)))
         saved = [self.blocks[i] for i in range(self.first)]
         skip = _Skip()
         for i in range(self.first):
             self.blocks[i] = skip
 
         def hook(module, args, kwargs):
-            return _with_hidden(args, kwargs, self.hidden)
+            return _with_hidden(args, kwargs, hidden)
 
         handle = self.blocks[self.first].register_forward_pre_hook(hook, with_kwargs=True)
         try:

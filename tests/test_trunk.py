@@ -1,4 +1,4 @@
-"""Shared trunk: mirrors on the top blocks give the same scores with the lower blocks run once per batch."""
+"""Faster scans give the same scores: shared trunk (lower blocks run once) and mixed-adapter batches."""
 
 from __future__ import annotations
 
@@ -38,10 +38,13 @@ def test_shared_trunk_matches_full_forward(tiny_model, planted, tmp_path, arch):
 
     plain = run("plain", shared_trunk=False, cache=False)
     shared = run("shared", cache=False)
-    cached = run("cached")  # base losses from the cache: the trunk runs alone
-    cached = run("cached2")
+    run("cached")
+    cached = run("cached2")  # base losses from the cache: the trunk runs alone
     assert cached.config["stats"]["base_passes"] == 0
-    for other in (shared, cached):
+    mixed = run("mixed", shared_trunk=False, cache=False, adapters_per_forward=2)  # PEFT mixed-adapter batches
+    mixed_trunk = run("mixed_trunk", adapters_per_forward=3)
+    assert mixed.config["stats"]["forward_passes"] < plain.config["stats"]["forward_passes"]
+    for other in (shared, cached, mixed, mixed_trunk):
         a = plain.scores().sort_values(["probe_id", "doc_id"])
         b = other.scores().sort_values(["probe_id", "doc_id"])
         np.testing.assert_allclose(a["raw_score"], b["raw_score"], atol=1e-5)
