@@ -75,6 +75,8 @@ def _add_attribute(sub) -> None:
     g.add_argument("--no-cache", action="store_true", help="do not read or write the base-loss cache")
     g.add_argument("--adapters-per-forward", type=int, default=1,
                    help="probes scored per forward pass (PEFT mixed-adapter batches)")
+    g.add_argument("--fixed-width", action="store_true",
+                   help="pad every batch to --max-length: scores independent of batching and process count")
     g.add_argument("--no-shared-trunk", action="store_true",
                    help="recompute the blocks below --layers for every mirror")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
@@ -171,6 +173,7 @@ def _attribute(args) -> int:
         cache_dir=args.cache_dir,
         adapters_per_forward=args.adapters_per_forward,
         shared_trunk=not args.no_shared_trunk,
+        fixed_width=args.fixed_width,
     )
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
     result = attribute(

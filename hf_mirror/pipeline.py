@@ -58,7 +58,9 @@ class ScanConfig:
     ``shared_trunk`` runs the blocks below the mirror's lowest adapted layer once per batch when
     ``MirrorConfig.layers`` is set; ``adapters_per_forward`` > 1 scores that many probes per forward pass
     with PEFT mixed-adapter batches. ``precision`` ("bf16"/"fp16") autocasts on GPU. Checkpoints are written
-    every ``checkpoint_every`` documents or ``checkpoint_seconds``.
+    every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads every batch to
+    ``max_length`` so that scores do not depend on how documents are batched or split over processes, down to
+    the last bit (costs compute on short documents).
     """
 
     max_length: int | None = None
@@ -76,6 +78,7 @@ class ScanConfig:
     precision: str = "no"
     shared_trunk: bool = True
     adapters_per_forward: int = 1
+    fixed_width: bool = False
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -208,7 +211,7 @@ def attribute(
             trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
             scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size, progress,
                               autocast=accelerator.autocast, trunk=trunk,
-                              adapters_per_forward=scan.adapters_per_forward)
+                              adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width)
             docs = itertools.islice(corpus.documents(rank, world), book.next_seq, None)
             cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
             fill_cache = cache is not None and cached is None and book.next_seq == 0

@@ -55,8 +55,10 @@ def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     ).view(targets.shape)
 
 
-def _collate(batch: Sequence[Window], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(w.input_ids) for w in batch)
+def _collate(
+    batch: Sequence[Window], pad_id: int, device, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = width or max(len(w.input_ids) for w in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, w in enumerate(batch):  # right padding: causal attention keeps real tokens unaffected
@@ -85,6 +87,7 @@ class Scanner:
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         trunk: SharedTrunk | None = None,
         adapters_per_forward: int = 1,
+        fixed_width: bool = False,
     ) -> None:
         if batch_size < 1:
             raise InputError("batch_size must be at least 1.")
@@ -99,6 +102,7 @@ class Scanner:
         self.autocast = autocast
         self.trunk = trunk
         self.adapters_per_forward = max(1, adapters_per_forward)
+        self.width = max_length if fixed_width else None  # fixed: every batch has the same shape
         self.device = next(model.parameters()).device
         self.skipped: list[Skipped] = []
         self.n_documents = 0
@@ -174,7 +178,7 @@ class Scanner:
 
     @torch.no_grad()
     def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending], run_base: bool = True) -> None:
-        ids, mask = _collate(batch, self.tokenizer.pad_token_id, self.device)
+        ids, mask = _collate(batch, self.tokenizer.pad_token_id, self.device, self.width)
         record = self.trunk.capture if self.trunk is not None else nullcontext
         reuse = self.trunk.reuse if self.trunk is not None else nullcontext
         if run_base:
