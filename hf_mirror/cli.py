@@ -28,6 +28,8 @@ def _add_attribute(sub) -> None:
     )
     p.add_argument("--probes", required=True, help="JSON-lines file of {id, prompt, completion?}")
     p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--method", choices=["mirror", "bm25", "embedding", "gradsim"], default="mirror",
+                   help="mirror (this toolkit's method) or a baseline; baselines ignore the mirror/scan-only options")
     g = p.add_argument_group("corpus")
     g.add_argument("--text-column", default="text")
     g.add_argument("--id-column", default=None, help="document id column (default: running index)")
@@ -176,17 +178,15 @@ def _attribute(args) -> int:
         fixed_width=args.fixed_width,
     )
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
-    result = attribute(
-        args.model,
-        corpus,
-        args.probes,
-        mirror=mirror,
-        scan=scan,
-        output_dir=args.output,
-        model_kwargs=kwargs,
-        show_progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    if args.method == "mirror":
+        result = attribute(args.model, corpus, args.probes, mirror=mirror, scan=scan, output_dir=args.output,
+                           model_kwargs=kwargs, show_progress=not args.no_progress, overwrite=args.overwrite)
+    else:
+        from hf_mirror.baselines import attribute_baseline
+
+        result = attribute_baseline(args.method, args.model, corpus, args.probes, output_dir=args.output,
+                                    top_k=args.top_k, show_progress=not args.no_progress, max_length=args.max_length,
+                                    overlap=args.overlap, max_new_tokens=args.max_new_tokens, model_kwargs=kwargs)
     if PartialState().is_main_process:
         print(format_result(result, k=min(3, args.top_k), color=sys.stdout.isatty()))
         print(f"\nwrote {result.directory}")

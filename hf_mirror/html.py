@@ -98,8 +98,8 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
     record = next(r for r in result.probe_records if str(r["id"]) == probe_id)
     top = result.top(probe_id)
     top = top.head(k) if k is not None else top
-    evs = [result.token_deltas(probe_id, d) for d in top["doc_id"]]
-    scale = max((float(ev["delta"].abs().max()) for ev in evs if len(ev)), default=0.0)
+    evs = [result.token_deltas(probe_id, d) if result.has_token_evidence else None for d in top["doc_id"]]
+    scale = max((float(ev["delta"].abs().max()) for ev in evs if ev is not None and len(ev)), default=0.0)
     max_score = max((abs(float(s)) for s in top["score"]), default=0.0) or 1.0
     before, after = record.get("probe_loss_before"), record.get("probe_loss_after")
     loss = (
@@ -118,7 +118,7 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
             f'<td class="score">{float(row.score):+.3f}'
             f'<div class="bar {"pos" if row.score >= 0 else "neg"}" style="width:{width:.1f}%"></div>'
             f'<div class="note">raw {float(row.raw_score):+.4f}</div></td>'
-            f'<td class="tokens">{_tokens_html(ev, scale)}</td></tr>'
+            f'<td class="tokens">{_tokens_html(ev, scale) if ev is not None else _esc(row.text)}</td></tr>'
         )
     return (
         f'<div class="probe"><div class="probe-head"><span class="pid">probe {_esc(probe_id)}</span>'

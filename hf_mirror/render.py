@@ -29,8 +29,12 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
     b, r = (BOLD, RESET) if color else ("", "")
     lines = [f"{b}probe {probe.id}{r}: {probe.prompt!r} -> {probe.completion!r}"]
     for row in result.top(probe.id, min(k, len(result.top(probe.id)))).itertuples():
-        ev = result.token_deltas(probe.id, row.doc_id)
-        text = mark_tokens(ev["token"].tolist(), ev["delta"].to_numpy(), n_marked, color).replace("\n", " ")
+        if result.has_token_evidence:
+            ev = result.token_deltas(probe.id, row.doc_id)
+            text = mark_tokens(ev["token"].tolist(), ev["delta"].to_numpy(), n_marked, color)
+        else:
+            text = row.text
+        text = text.replace("\n", " ")
         lines.append(f"  {row.rank:>3}. doc {row.doc_id}  score {row.score:+.4f}  {text}")
     return "\n".join(lines)
 

@@ -59,6 +59,11 @@ class AttributionResult:
             raise InputError(f"Unknown probe {probe_id!r}; probes in this result: {self.probe_ids}.")
         return probe_id
 
+    @property
+    def has_token_evidence(self) -> bool:
+        """False for methods that give no per-token losses (the baselines)."""
+        return not self.evidence.empty
+
     def top(self, probe_id: str, k: int | None = None) -> pd.DataFrame:
         """The probe's ranked documents: ``rank``, ``doc_id``, ``score``, ``text`` (best first)."""
         probe_id = self._check_probe(probe_id)
@@ -78,6 +83,8 @@ class AttributionResult:
         probe_id = self._check_probe(probe_id)
         ev = self.evidence
         rows = ev[(ev["probe_id"] == probe_id) & (ev["doc_id"].astype(str) == str(doc_id))]
+        if not self.has_token_evidence:
+            raise InputError(f"This result ({self.config.get('method', 'mirror')}) has no token-level evidence.")
         if rows.empty:
             raise InputError(
                 f"No token evidence for document {doc_id!r} and probe {probe_id!r}: evidence is kept for each "

