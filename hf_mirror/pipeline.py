@@ -186,6 +186,10 @@ def attribute(
     ids = [p.id for p in pool]
     run_key = _run_key(str(model_name), corpus.describe(), mirror.to_dict(), [asdict(p) for p in pool],
                        normalize, scan.top_k, max_length, overlap, world)
+    shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
+    # before the (costly) fit: checks the scoring options, refuses another run's shard, or resumes this one's
+    book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
+                     scan.checkpoint_every, scan.checkpoint_seconds)
 
     # 2. mirrors: fitted (or reloaded) once on the main process, broadcast to the others
     if main:
@@ -199,10 +203,7 @@ def attribute(
         peft_model = attach_mirrors(model, names, mirror, states)
 
     # 3. scan this process's shard, checkpointing as it goes
-    shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
     try:
-        book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
-                         scan.checkpoint_every, scan.checkpoint_seconds)
         if not book.done:
             peers = [out / "shards" / f"rank-{r:05d}-of-{world:05d}" / "progress.json" for r in range(1, world)]
             progress = ScanProgress(shard / "progress.json" if not main else None, peers if main else [],
@@ -277,7 +278,7 @@ def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: 
             logger.info("Corpus has no stable fingerprint (a generator?): base losses are not cached.")
         return None
     key = _run_key("base-losses-v1", model_fingerprint(model), tokenizer_fingerprint(tokenizer), fingerprint,
-                   corpus.text_column, corpus.id_column, max_length, overlap, precision,
+                   corpus.text_column, corpus.id_column, max_length, overlap, precision, scan.fixed_width,
                    str(next(model.parameters()).dtype))
     return BaseLossCache(scan.cache_dir or default_cache_dir(), key, rank, world)
 
