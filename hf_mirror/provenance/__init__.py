@@ -1,0 +1,15 @@
+"""Provenance checks: verbatim overlap with the corpus (memorization, benchmark leakage) and membership scores."""
+
+from hf_mirror.provenance.membership import min_k_percent, min_k_scores, token_logprobs
+from hf_mirror.provenance.ngram import NgramIndex, NgramMatch, Occurrence, Span, ngram_hashes
+
+__all__ = [
+    "NgramIndex",
+    "NgramMatch",
+    "Occurrence",
+    "Span",
+    "min_k_percent",
+    "min_k_scores",
+    "ngram_hashes",
+    "token_logprobs",
+]
