@@ -120,6 +120,34 @@ def _add_demo(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="flag evaluation items that leaked into the training corpus",
+        description="Benchmark leakage audit: verbatim n-gram overlap of each evaluation item with the corpus (with "
+        "the copied spans as evidence) and its Min-K%% Prob membership score. Writes report.json and report.html; "
+        "--fail-above makes it a CI gate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="the model (its tokenizer tokenises; it scores Min-K%%)")
+    p.add_argument("--corpus", required=True, help="training corpus, as for `attribute`")
+    p.add_argument("--eval-set", required=True, help="evaluation set: file, directory, Hub name")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--eval-text-column", default="text")
+    p.add_argument("--question-column", default=None, help="with --answer-column: item = question + answer")
+    p.add_argument("--answer-column", default=None)
+    p.add_argument("--eval-id-column", default=None)
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens")
+    p.add_argument("--threshold", type=float, default=0.5, help="leaked when this share of tokens is copied")
+    p.add_argument("--index", default=None, help="n-gram index directory: reused if built, else built there")
+    p.add_argument("--no-membership", action="store_true", help="skip the Min-K%% Prob score (no model forward)")
+    p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-mirror",
@@ -129,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attribute(sub)
     _add_show(sub)
     _add_demo(sub)
+    _add_audit(sub)
     return parser
 
 
@@ -216,11 +245,43 @@ def _demo(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from pathlib import Path
+
+    from hf_mirror.corpus import Corpus
+    from hf_mirror.modeling import load_model, load_tokenizer
+    from hf_mirror.provenance.leakage import EvalSet, audit_leakage, write_report
+    from hf_mirror.provenance.ngram import NgramIndex
+
+    items = EvalSet(args.eval_set, args.eval_text_column, args.question_column, args.answer_column,
+                    args.eval_id_column, args.eval_split).items()
+    tokenizer = load_tokenizer(args.model)
+    index_dir = Path(args.index) if args.index else Path(args.output) / "index"
+    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
+    if (index_dir / "manifest.json").exists():
+        index = NgramIndex.load(index_dir, tokenizer)
+        if index.n != args.ngram or index.manifest.get("corpus") != corpus.describe():
+            raise InputError(f"The index in {index_dir} was built for another corpus or n-gram length "
+                             f"(n={index.n}); pass a new --index directory or delete it.")
+    else:
+        index = NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=True)
+    model = None if args.no_membership else load_model(args.model)
+    report = audit_leakage(index, items, args.threshold, model, tokenizer)
+    out = write_report(report, args.output)
+    print(f"{report['leaked']} of {len(items)} evaluation items leaked (contamination rate "
+          f"{report['contamination_rate']:.1%}); wrote {out / 'report.json'} and {out / 'report.html'}")
+    if args.fail_above is not None and report["contamination_rate"] > args.fail_above:
+        print(f"hf-mirror: contamination rate {report['contamination_rate']:.1%} is above --fail-above "
+              f"{args.fail_above:.1%}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"attribute": _attribute, "show": _show, "demo": _demo}[args.command](args)
+        return {"attribute": _attribute, "show": _show, "demo": _demo, "audit": _audit}[args.command](args)
     except (InputError, ScoreError) as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""

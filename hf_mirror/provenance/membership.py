@@ -14,17 +14,9 @@ import torch
 
 from hf_mirror.corpus import document_tokens, windows
 from hf_mirror.errors import InputError
+from hf_mirror.modeling import context_length
 from hf_mirror.probes import start_token_id
 from hf_mirror.scan import token_losses
-
-
-def _context_length(model) -> int:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return 1024
 
 
 @torch.no_grad()
@@ -38,7 +30,7 @@ def token_logprobs(
     """
     if isinstance(texts, str):
         texts = [texts]
-    max_length = max_length or _context_length(model)
+    max_length = max_length or context_length(model, tokenizer)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token_id(tokenizer)
     jobs = []  # (text index, first token scored, window ids, n_context)

@@ -1,0 +1,55 @@
+"""Leakage audit: exact and near copies of evaluation items are flagged with evidence; clean items are not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_mirror.cli import main
+
+
+def _files(planted, tmp_path, items):
+    corpus = tmp_path / "corpus.jsonl"
+    long_docs = [" ".join(planted.facts[i : i + 5]) for i in range(0, 40, 5)]  # 8 documents of 5 facts
+    corpus.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(long_docs)))
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return corpus, evalset, long_docs
+
+
+def test_audit_flags_copies_with_evidence(planted, tmp_path, capsys):
+    exact = " ".join(planted.facts[10:12])  # two facts copied verbatim from doc2
+    near = " ".join(planted.facts[20:23]).replace(" at home.", " in a house.", 1)  # one edit
+    clean = "the weather in the north is cold today and the wind blows hard over the hills."
+    items = [{"q": exact, "a": "", "key": "exact"}, {"q": near, "a": "", "key": "near"},
+             {"q": clean, "a": "", "key": "clean"}]
+    corpus, evalset, _ = _files(planted, tmp_path, items)
+    args = ["audit", "--model", str(planted.model_dir), "--corpus", str(corpus), "--id-column", "id",
+            "--eval-set", str(evalset), "--question-column", "q", "--answer-column", "a",
+            "--eval-id-column", "key", "--output", str(tmp_path / "out"), "--ngram", "6"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    verdicts = {item["id"]: item for item in report["items"]}
+    assert verdicts["exact"]["leaked"] and verdicts["exact"]["score"] == 1.0
+    assert verdicts["exact"]["evidence"][0]["documents"][0]["doc_id"] == "doc2"
+    assert verdicts["near"]["leaked"] and 0.5 <= verdicts["near"]["score"] < 1.0
+    assert not verdicts["clean"]["leaked"] and verdicts["clean"]["score"] == 0.0
+    assert report["contamination_rate"] == pytest.approx(2 / 3)
+    # memorised text is more likely under the model than the clean sentence (Min-K% Prob)
+    assert verdicts["exact"]["min_k_prob"] > verdicts["clean"]["min_k_prob"]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "LEAKED" in page and "doc2@" in page
+    # the saved index is reused, and the rate gates CI
+    assert main([*args, "--fail-above", "0.5", "--no-membership"]) == 1
+    assert "above --fail-above" in capsys.readouterr().err
+    assert main([*args, "--fail-above", "0.9", "--no-membership"]) == 0
+    assert main([*args[:-1], "8"]) == 2  # an index built with another n-gram length is refused
+
+
+def test_audit_missing_field_is_a_clear_error(planted, tmp_path, capsys):
+    corpus, evalset, _ = _files(planted, tmp_path, [{"question": "x"}])
+    rc = main(["audit", "--model", str(planted.model_dir), "--corpus", str(corpus), "--eval-set", str(evalset),
+               "--output", str(tmp_path / "out")])
+    assert rc == 2
+    assert "no field(s) ['text']; fields present: ['question']" in capsys.readouterr().err
