@@ -148,6 +148,26 @@ def _add_audit(sub) -> None:
     p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
 
 
+def _add_memorization(sub) -> None:
+    p = sub.add_parser(
+        "memorization",
+        help="extractable memorization rate of the corpus",
+        description="Carlini et al. (2022) protocol: sample documents, prompt with their first P tokens, greedy-"
+        "decode S tokens, count exact reproductions of the true next S tokens. Writes memorization.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--prefix-tokens", type=int, default=32, help="P")
+    p.add_argument("--suffix-tokens", type=int, default=32, help="S")
+    p.add_argument("--samples", type=int, default=100, help="documents sampled (seeded reservoir)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-mirror",
@@ -158,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(sub)
     _add_demo(sub)
     _add_audit(sub)
+    _add_memorization(sub)
     return parser
 
 
@@ -277,11 +298,33 @@ def _audit(args) -> int:
     return 0
 
 
+def _memorization(args) -> int:
+    import json
+    from pathlib import Path
+
+    from hf_mirror.corpus import Corpus
+    from hf_mirror.modeling import resolve_model
+    from hf_mirror.provenance.memorization import extractable_memorization
+
+    model, tokenizer, _ = resolve_model(args.model)
+    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
+    report = extractable_memorization(model, tokenizer, corpus, args.prefix_tokens, args.suffix_tokens, args.samples,
+                                      args.seed, show_progress=True)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memorization.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"extractable memorization: {report['exact']} of {report['samples']} sampled documents "
+          f"({report['extractable_rate']:.1%}) reproduce their next {args.suffix_tokens} tokens from "
+          f"{args.prefix_tokens}; wrote {out / 'memorization.json'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"attribute": _attribute, "show": _show, "demo": _demo, "audit": _audit}[args.command](args)
+        return {"attribute": _attribute, "show": _show, "demo": _demo, "audit": _audit,
+                "memorization": _memorization}[args.command](args)
     except (InputError, ScoreError) as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""

@@ -53,3 +53,27 @@ def test_audit_missing_field_is_a_clear_error(planted, tmp_path, capsys):
                "--output", str(tmp_path / "out")])
     assert rc == 2
     assert "no field(s) ['text']; fields present: ['question']" in capsys.readouterr().err
+
+
+def test_memorization_rate_of_a_memorising_model(planted, tmp_path, capsys):
+    corpus = tmp_path / "facts.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f}) + "\n" for f in planted.facts))
+    args = ["memorization", "--model", str(planted.model_dir), "--corpus", str(corpus), "--prefix-tokens", "3",
+            "--suffix-tokens", "4", "--samples", "20", "--output", str(tmp_path / "mem")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "mem" / "memorization.json").read_text())
+    assert report["samples"] == 20 and report["extractable_rate"] >= 0.8
+    assert all(item["exact"] == (item["generated_suffix"] == item["true_suffix"]) for item in report["items"])
+    assert "extractable memorization" in capsys.readouterr().out
+
+
+def test_an_untrained_model_memorises_nothing(tiny_model, planted, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_mirror import Corpus
+    from hf_mirror.provenance.memorization import extractable_memorization
+
+    _, tok = tiny_model
+    untrained = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2)).eval()
+    report = extractable_memorization(untrained, tok, Corpus(planted.facts), 3, 4, samples=20)
+    assert report["exact"] == 0

@@ -1,0 +1,75 @@
+"""Extractable memorization (Carlini et al. 2022): prompt with a document's first P tokens, greedy-decode S tokens,
+and count the documents whose true next S tokens come back exactly."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from hf_mirror.corpus import Corpus
+from hf_mirror.errors import InputError
+from hf_mirror.probes import start_token_id
+from hf_mirror.progress import progress_bar
+
+
+@dataclass
+class MemorizationSample:
+    doc_id: object
+    prefix: str
+    true_suffix: str
+    generated_suffix: str
+    exact: bool
+    matched_tokens: int  # leading suffix tokens reproduced before the first mismatch
+
+
+def sample_documents(corpus: Corpus, tokenizer, n: int, min_tokens: int, seed: int = 0) -> list[tuple[object, list]]:
+    """A seeded reservoir sample of ``n`` documents with at least ``min_tokens`` tokens (one streaming pass)."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[object, list]] = []
+    seen = 0
+    for doc_id, text in corpus.documents():
+        if not isinstance(text, str) or not text.strip():
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < min_tokens:
+            continue
+        seen += 1
+        if len(reservoir) < n:
+            reservoir.append((doc_id, ids))
+        elif (j := rng.randrange(seen)) < n:
+            reservoir[j] = (doc_id, ids)
+    return reservoir
+
+
+@torch.no_grad()
+def extractable_memorization(
+    model, tokenizer, corpus: Corpus, prefix_tokens: int = 32, suffix_tokens: int = 32, samples: int = 100,
+    seed: int = 0, show_progress: bool = False,
+) -> dict:
+    """Exact-match rate of greedy continuations over sampled documents, with every sample's evidence."""
+    if prefix_tokens < 1 or suffix_tokens < 1 or samples < 1:
+        raise InputError("prefix_tokens, suffix_tokens and samples must be positive.")
+    docs = sample_documents(corpus, tokenizer, samples, prefix_tokens + suffix_tokens, seed)
+    if not docs:
+        raise InputError(
+            f"No document has {prefix_tokens + suffix_tokens} tokens; lower --prefix-tokens/--suffix-tokens."
+        )
+    device = next(model.parameters()).device
+    start = start_token_id(tokenizer)
+    results = []
+    for doc_id, ids in progress_bar(iterable=docs, desc="memorization", disable=not show_progress):
+        prefix, truth = ids[:prefix_tokens], ids[prefix_tokens : prefix_tokens + suffix_tokens]
+        input_ids = torch.tensor([[start, *prefix]], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=suffix_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = out[0, input_ids.shape[1] :].tolist()
+        mismatches = (i for i, (a, b) in enumerate(zip(out, truth, strict=False)) if a != b)
+        matched = next(mismatches, min(len(out), len(truth)))
+        results.append(MemorizationSample(doc_id, tokenizer.decode(prefix), tokenizer.decode(truth),
+                                          tokenizer.decode(out), out == truth, matched))
+    exact = sum(r.exact for r in results)
+    return {"extractable_rate": exact / len(results), "exact": exact, "samples": len(results),
+            "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "seed": seed,
+            "items": [asdict(r) for r in results]}
