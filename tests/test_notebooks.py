@@ -16,7 +16,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_quickstart.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_provenance.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -28,8 +28,8 @@ def test_notebook_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear outputs before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def _execute(path, tmp_path, monkeypatch) -> list:
+    """Run a notebook top to bottom; return every code cell output (no cell may raise)."""
     # the kernel inherits this environment: small training budget, a private cache, no Hub, two threads
     monkeypatch.setenv("HF_MIRROR_DEMO_FAST", "1")
     monkeypatch.setenv("HF_MIRROR_CACHE", str(tmp_path / "cache"))
@@ -48,8 +48,27 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     client.execute()  # jupyter_client starts the "python3" kernel with sys.executable: the project's venv
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+def _text(outputs) -> str:
+    return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    outputs = _execute(NOTEBOOKS[0], tmp_path, monkeypatch)
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any('class="hfm"' in h and "supports the generation" in h for h in html), "the result renders as HTML"
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) >= 2, "both plots are displayed"
     assert (tmp_path / "quickstart-run" / "topk.parquet").exists()
+
+
+def test_provenance_notebook_runs(tmp_path, monkeypatch):
+    path = next(p for p in NOTEBOOKS if p.name == "02_provenance.ipynb")
+    outputs = _execute(path, tmp_path, monkeypatch)
+    text = _text(outputs)
+    assert "contamination rate 60%" in text  # the two copies and the edited copy, not the two clean sentences
+    assert "('copy-a', True, 1.0" in text and "('clean-a', False, 0.0" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the Min-K% histogram is displayed"
+    assert any('class="hfm"' in o.get("data", {}).get("text/html", "") for o in outputs)
