@@ -77,6 +77,8 @@ def _add_attribute(sub) -> None:
     g.add_argument("--no-cache", action="store_true", help="do not read or write the base-loss cache")
     g.add_argument("--adapters-per-forward", type=int, default=1,
                    help="probes scored per forward pass (PEFT mixed-adapter batches)")
+    g.add_argument("--candidates", default=None, metavar="bm25:M",
+                   help="retrieve-then-rerank: scan only each probe's top-M BM25 documents")
     g.add_argument("--fixed-width", action="store_true",
                    help="pad every batch to --max-length: scores independent of batching and process count")
     g.add_argument("--no-shared-trunk", action="store_true",
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _attribute(args) -> int:
     from accelerate import PartialState
 
+    from hf_mirror.candidates import parse_candidates
     from hf_mirror.corpus import Corpus
     from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig, attribute
@@ -226,6 +229,7 @@ def _attribute(args) -> int:
         adapters_per_forward=args.adapters_per_forward,
         shared_trunk=not args.no_shared_trunk,
         fixed_width=args.fixed_width,
+        candidates=parse_candidates(args.candidates),
     )
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
     if args.method == "mirror":

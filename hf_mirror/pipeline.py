@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
+from hf_mirror.candidates import bm25_candidates
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import (
@@ -60,7 +61,8 @@ class ScanConfig:
     with PEFT mixed-adapter batches. ``precision`` ("bf16"/"fp16") autocasts on GPU. Checkpoints are written
     every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads every batch to
     ``max_length`` so that scores do not depend on how documents are batched or split over processes, down to
-    the last bit (costs compute on short documents).
+    the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
+    top-M BM25 documents (retrieve-then-rerank); other documents get no score.
     """
 
     max_length: int | None = None
@@ -79,6 +81,7 @@ class ScanConfig:
     shared_trunk: bool = True
     adapters_per_forward: int = 1
     fixed_width: bool = False
+    candidates: int | None = None
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -161,7 +164,8 @@ def attribute(
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
 
-    cache = _base_cache(model, tokenizer, corpus, scan, max_length, overlap, precision, rank, world)
+    cache = (_base_cache(model, tokenizer, corpus, scan, max_length, overlap, precision, rank, world)
+             if scan.candidates is None else None)  # the cache holds whole-corpus base losses
 
     # 1. probes (and controls): made once on the main process, shared with the others
     if main:
@@ -171,10 +175,12 @@ def attribute(
         controls = (control_probes(corpus.documents(), tokenizer, n_controls, mirror.seed,
                                    span=min(16, (max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
-        shared = [probe_list, controls]
+        keep = (bm25_candidates(corpus.documents(), probe_list, scan.candidates)[0]
+                if scan.candidates is not None else None)
+        shared = [probe_list, controls, keep]
     else:
-        shared = [None, None]
-    probe_list, controls = broadcast_object_list(shared, from_process=0) if world > 1 else shared
+        shared = [None, None, None]
+    probe_list, controls, keep = broadcast_object_list(shared, from_process=0) if world > 1 else shared
     n_controls = len(controls)
     normalize = scan.normalize
     if normalize == "zscore" and scan.controls is None and len(probe_list) + n_controls < 3:
@@ -185,7 +191,7 @@ def attribute(
     names = [adapter_name(p.id, taken) for p in pool]
     ids = [p.id for p in pool]
     run_key = _run_key(str(model_name), corpus.describe(), mirror.to_dict(), [asdict(p) for p in pool],
-                       normalize, scan.top_k, max_length, overlap, world)
+                       normalize, scan.top_k, max_length, overlap, world, scan.candidates)
     shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
     # before the (costly) fit: checks the scoring options, refuses another run's shard, or resumes this one's
     book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
@@ -213,7 +219,10 @@ def attribute(
             scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size, progress,
                               autocast=accelerator.autocast, trunk=trunk,
                               adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width)
-            docs = itertools.islice(corpus.documents(rank, world), book.next_seq, None)
+            docs = corpus.documents(rank, world)
+            if keep is not None:  # retrieve-then-rerank: only the candidates
+                docs = (d for d in docs if d[0] in keep)
+            docs = itertools.islice(docs, book.next_seq, None)
             cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
             fill_cache = cache is not None and cached is None and book.next_seq == 0
             try:
@@ -257,6 +266,7 @@ def attribute(
             "scan": {**asdict(scan), "max_length": max_length, "overlap": overlap, "controls": n_controls,
                      "normalize": normalize},
             "control_probes": [asdict(c) for c in controls],
+            "candidate_documents": None if keep is None else len(keep),
             "device": str(accelerator.device),
             "num_processes": world,
             "run_key": run_key,

@@ -38,7 +38,8 @@ DISTRACTOR_TEMPLATES = {
     "city": "{city} is a city in {country}.",
     "border": "{country} shares a border with {neighbour}.",
 }
-METHODS = ("mirror", "mirror_raw", "bm25", "embedding", "gradsim")
+METHODS = ("mirror", "mirror_raw", "mirror_rerank", "bm25", "embedding", "gradsim")
+RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
 
 
@@ -182,16 +183,18 @@ def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfi
     from hf_mirror import ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
-    def mirror(normalize: str) -> Callable:
-        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=work / f"mirror-{normalize}",
-                                 scan=ScanConfig(normalize=normalize, top_k=cfg.top_k, batch_size=32, cache=False),
+    def mirror(normalize: str, candidates: int | None = None) -> Callable:
+        scan = ScanConfig(normalize=normalize, top_k=cfg.top_k, batch_size=32, cache=False, candidates=candidates)
+        out = work / f"mirror-{normalize}-{candidates}"
+        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
                                  show_progress=show_progress, overwrite=True)
 
     def baseline(method: str) -> Callable:
         return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / method,
                                           top_k=cfg.top_k, show_progress=show_progress)
 
-    return {"mirror": mirror("zscore"), "mirror_raw": mirror("none"), "bm25": baseline("bm25"),
+    return {"mirror": mirror("zscore"), "mirror_raw": mirror("none"), "mirror_rerank": mirror("zscore", RERANK_M),
+            "bm25": baseline("bm25"),
             "embedding": baseline("embedding"), "gradsim": baseline("gradsim")}
 
 
