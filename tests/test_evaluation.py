@@ -13,6 +13,7 @@ import torch
 from hf_mirror import InputError
 from hf_mirror.evaluation import METRICS, load_metric, metric_path
 from hf_mirror.evaluation.fact_tracing import (
+    METHODS,
     QUERY_TEMPLATES,
     TRAIN_TEMPLATES,
     FactTracingConfig,
@@ -111,9 +112,8 @@ def test_quick_benchmark_runs_end_to_end(tmp_path, capsys):
         torch.set_num_threads(threads)  # the recipe runs on one thread
     printed = capsys.readouterr().out
     assert "| method | MRR | recall@10 | wall time (s) |" in printed
-    for method in ("mirror", "mirror_raw", "bm25", "embedding", "gradsim"):
+    for method in METHODS:
         assert f"| {method} |" in printed
     report = json.loads(out.read_text())
-    assert report["correct"] >= 1 and set(report["methods"]) == {"mirror", "mirror_raw", "bm25", "embedding",
-                                                                  "gradsim"}
+    assert report["correct"] >= 1 and set(report["methods"]) == set(METHODS)
     assert report["methods"]["bm25"]["mrr"] > 0.5
