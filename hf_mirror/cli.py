@@ -60,9 +60,10 @@ def _add_attribute(sub) -> None:
     g.add_argument("--top-k", type=int, default=10)
     g.add_argument(
         "--normalize",
-        choices=["none", "zscore"],
+        choices=["none", "zscore", "loo"],
         default="zscore",
-        help="zscore: standardise each document's scores across the probes (and controls)",
+        help="zscore: standardise each document's scores across the probes (and controls); loo: against the "
+        "other probes only",
     )
     g.add_argument(
         "--controls",

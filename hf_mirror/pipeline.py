@@ -53,7 +53,8 @@ class ScanConfig:
     ``normalize="zscore"`` standardises each document's scores across the probes of the run, which removes
     the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
     probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
-    explicitly). ``normalize="none"`` reports the raw mean token-loss delta.
+    explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling);
+    ``normalize="none"`` reports the raw mean token-loss delta.
 
     Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``);
     ``shared_trunk`` runs the blocks below the mirror's lowest adapted layer once per batch when
@@ -86,7 +87,7 @@ class ScanConfig:
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
             return self.controls
-        return max(0, self.min_pool - n_probes) if self.normalize == "zscore" else 0
+        return max(0, self.min_pool - n_probes) if self.normalize != "none" else 0
 
 
 def package_versions() -> dict[str, str | None]:
@@ -183,7 +184,7 @@ def attribute(
     probe_list, controls, keep = broadcast_object_list(shared, from_process=0) if world > 1 else shared
     n_controls = len(controls)
     normalize = scan.normalize
-    if normalize == "zscore" and scan.controls is None and len(probe_list) + n_controls < 3:
+    if normalize != "none" and scan.controls is None and len(probe_list) + n_controls < 3:
         logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")
         normalize = "none"
     pool = probe_list + controls

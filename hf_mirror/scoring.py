@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from hf_mirror.errors import InputError
 from hf_mirror.scan import ScannedDoc, Skipped
 
-NORMALIZATIONS = ("none", "zscore")
+NORMALIZATIONS = ("none", "zscore", "loo")
 TOPK_COLUMNS = ["probe_id", "rank", "doc_id", "score", "raw_score", "n_tokens", "text"]
 EVIDENCE_COLUMNS = ["probe_id", "doc_id", "position", "token", "base_loss", "mirror_loss", "delta"]
 SCORE_COLUMNS = ["probe_id", "doc_id", "score", "raw_score", "n_tokens"]
@@ -36,11 +36,20 @@ def doc_sort_key(doc_id: object) -> tuple:
 
 
 def normalize_scores(raw: np.ndarray, method: str) -> np.ndarray:
-    """``zscore``: remove each document's common drift across probes (needs >= 3 probes)."""
+    """One document's raw scores across the probes, normalised (needs >= 3 probes for the z-scores).
+
+    ``zscore``: standardise across all probes (removes the drift any perturbation causes; bounded by
+    sqrt(n - 1)). ``loo``: each probe against the mean and spread of the *other* probes, which has no such ceiling.
+    """
     if method == "none":
         return raw
-    std = raw.std()
-    return (raw - raw.mean()) / std if std > 0 else np.zeros_like(raw)
+    if method == "zscore":
+        std = raw.std()
+        return (raw - raw.mean()) / std if std > 0 else np.zeros_like(raw)
+    n = len(raw)
+    mean = (raw.sum() - raw) / (n - 1)
+    std = np.sqrt(np.maximum(((raw**2).sum() - raw**2) / (n - 1) - mean**2, 0.0))
+    return np.divide(raw - mean, std, out=np.zeros_like(raw), where=std > 0)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -87,7 +96,7 @@ class ScoreBook:
     ) -> None:
         if normalize not in NORMALIZATIONS:
             raise InputError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}.")
-        if normalize == "zscore" and len(probe_ids) < 3:
+        if normalize != "none" and len(probe_ids) < 3:
             raise InputError(
                 "normalize='zscore' needs at least 3 probes or control probes (it compares each document "
                 "across probes); add probes or controls, or use normalize='none'."

@@ -171,3 +171,17 @@ def test_result_roundtrip(tiny_model, planted, tmp_path):
     assert loaded.config["mirror"]["steps"] == 3 and loaded.config["versions"]["peft"]
     copy = loaded.save(tmp_path / "copy")
     assert AttributionResult.load(copy).token_deltas("fact-1", "doc-1")["token"].str.cat() == planted.texts[1]
+
+
+def test_normalisations_by_hand():
+    from hf_mirror.scoring import normalize_scores
+
+    raw = np.array([3.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(normalize_scores(raw, "none"), raw)
+    np.testing.assert_allclose(normalize_scores(raw, "zscore"), [np.sqrt(3), -1 / np.sqrt(3), -1 / np.sqrt(3),
+                                                                 -1 / np.sqrt(3)])
+    loo = normalize_scores(raw, "loo")  # probe 0 against [1, 1, 1]: zero spread -> 0; probe 1 against [3, 1, 1]
+    spread = np.std([3.0, 1.0, 1.0])
+    np.testing.assert_allclose(loo, [0.0, (1 - 5 / 3) / spread, (1 - 5 / 3) / spread, (1 - 5 / 3) / spread])
+    ceiling = normalize_scores(np.array([10.0, 0.1, 0.0, -0.1, 0.05]), "loo")[0]
+    assert ceiling > 2 * np.sqrt(4)  # no sqrt(n - 1) ceiling, unlike the z-score

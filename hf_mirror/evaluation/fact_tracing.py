@@ -38,7 +38,7 @@ DISTRACTOR_TEMPLATES = {
     "city": "{city} is a city in {country}.",
     "border": "{country} shares a border with {neighbour}.",
 }
-METHODS = ("mirror", "mirror_raw", "mirror_rerank", "bm25", "embedding", "gradsim")
+METHODS = ("mirror", "mirror_raw", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
 
@@ -193,7 +193,8 @@ def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfi
         return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / method,
                                           top_k=cfg.top_k, show_progress=show_progress)
 
-    return {"mirror": mirror("zscore"), "mirror_raw": mirror("none"), "mirror_rerank": mirror("zscore", RERANK_M),
+    return {"mirror": mirror("zscore"), "mirror_raw": mirror("none"), "mirror_loo": mirror("loo"),
+            "mirror_rerank": mirror("zscore", RERANK_M),
             "bm25": baseline("bm25"),
             "embedding": baseline("embedding"), "gradsim": baseline("gradsim")}
 
