@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import numpy as np
+
+from hf_mirror.evaluation._common import average_ranks, score_features
 
 _DESCRIPTION = """The probability that a random positive scores above a random negative (ties count one half),
 i.e. the Mann-Whitney U statistic divided by n_pos * n_neg. NaN when one class is absent."""
@@ -22,20 +23,6 @@ Example:
 """
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Auroc(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
@@ -43,8 +30,7 @@ class Auroc(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("float64"),
-                                        "references": datasets.Value("int32")}),
+            features=score_features("int32"),
         )
 
     def _compute(self, predictions, references) -> dict:
@@ -52,5 +38,5 @@ class Auroc(evaluate.Metric):
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
         if n_pos == 0 or n_neg == 0:
             return {"auroc": float("nan")}
-        rank_sum = _average_ranks(scores)[labels].sum()
+        rank_sum = average_ranks(scores)[labels].sum()
         return {"auroc": float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))}

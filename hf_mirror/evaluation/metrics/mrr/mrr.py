@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import numpy as np
+
+from hf_mirror.evaluation._common import RANKING_FEATURES
 
 _DESCRIPTION = """Mean over queries of 1 / (rank of the first relevant document in the ranking); a query whose
 ranking holds no relevant document contributes 0. Ids are compared as strings."""
@@ -29,8 +30,7 @@ class Mrr(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("string")),
-                                        "references": datasets.Sequence(datasets.Value("string"))}),
+            features=RANKING_FEATURES,
         )
 
     def _compute(self, predictions, references) -> dict:

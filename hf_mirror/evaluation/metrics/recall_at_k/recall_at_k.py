@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import numpy as np
+
+from hf_mirror.evaluation._common import RANKING_FEATURES
 
 _DESCRIPTION = """Mean over queries of |relevant among the top k| / |relevant|. Queries without relevant
 documents are left out. Ids are compared as strings."""
@@ -30,8 +31,7 @@ class RecallAtK(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("string")),
-                                        "references": datasets.Sequence(datasets.Value("string"))}),
+            features=RANKING_FEATURES,
         )
 
     def _compute(self, predictions, references, k: int = 10) -> dict:

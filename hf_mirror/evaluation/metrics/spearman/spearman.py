@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import numpy as np
+
+from hf_mirror.evaluation._common import average_ranks, score_features
 
 _DESCRIPTION = """The Pearson correlation of the average ranks (ties share their mean rank) of predictions and
 references. For LDS: predictions = a method's predicted outputs on subset-trained models, references = the
@@ -23,20 +24,6 @@ Example:
 """
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Spearman(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
@@ -44,13 +31,12 @@ class Spearman(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("float64"),
-                                        "references": datasets.Value("float64")}),
+            features=score_features("float64"),
         )
 
     def _compute(self, predictions, references) -> dict:
-        a = _average_ranks(np.asarray(predictions, np.float64))
-        b = _average_ranks(np.asarray(references, np.float64))
+        a = average_ranks(np.asarray(predictions, np.float64))
+        b = average_ranks(np.asarray(references, np.float64))
         if len(a) < 2 or a.std() == 0 or b.std() == 0:
             return {"spearman": float("nan")}
         return {"spearman": float(np.corrcoef(a, b)[0, 1])}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import datasets
 import evaluate
 import numpy as np
+
+from hf_mirror.evaluation._common import score_features
 
 _DESCRIPTION = """The highest true-positive rate among the ROC operating points (thresholds "score >= t")
 whose false-positive rate is at most ``fpr``. Examples with equal scores are never separated. NaN when one
@@ -31,8 +32,7 @@ class TprAtFpr(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("float64"),
-                                        "references": datasets.Value("int32")}),
+            features=score_features("int32"),
         )
 
     def _compute(self, predictions, references, fpr: float = 0.01) -> dict:
