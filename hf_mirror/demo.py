@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from hf_mirror.cache import default_cache_dir
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig
@@ -106,12 +107,8 @@ def training_facts(facts: list[dict], config: DemoModelConfig) -> list[dict]:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$HF_MIRROR_CACHE``, else ``$XDG_CACHE_HOME/hf_mirror`` (``~/.cache/hf_mirror``)."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "hf_mirror"
+    """``cache_dir``, else the package cache (``$HF_MIRROR_CACHE``, else ``~/.cache/hf_mirror``)."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 def model_dir(config: DemoModelConfig | None = None, cache_dir: str | Path | None = None) -> Path:
