@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from hf_mirror.errors import InputError, ScoreError
 
+BASELINES = ("bm25", "embedding", "gradsim", "ekfac")  # hf_mirror.baselines.METHODS, without importing torch
+
 
 def _add_attribute(sub) -> None:
     p = sub.add_parser(
@@ -28,8 +30,9 @@ def _add_attribute(sub) -> None:
     )
     p.add_argument("--probes", required=True, help="JSON-lines file of {id, prompt, completion?}")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--method", choices=["mirror", "bm25", "embedding", "gradsim"], default="mirror",
-                   help="mirror (this toolkit's method) or a baseline; baselines ignore the mirror/scan-only options")
+    p.add_argument("--method", choices=["mirror", *BASELINES], default="mirror",
+                   help="mirror (this toolkit's method) or a baseline; baselines ignore the mirror/scan-only options "
+                   "(ekfac needs the optional extra: pip install 'hf-mirror[ekfac]')")
     g = p.add_argument_group("corpus")
     g.add_argument("--text-column", default="text")
     g.add_argument("--id-column", default=None, help="document id column (default: running index)")
