@@ -48,10 +48,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 class BaseLossCache:
-    """One process's cached base losses, in its stream order: ``(seq, doc_id, losses)`` rows."""
+    """One process's cached per-document arrays, in its stream order: ``(seq, doc_id, losses)`` rows.
 
-    def __init__(self, root: str | Path, key: str, rank: int, world: int) -> None:
-        self.dir = Path(root) / "base_losses" / key / f"rank-{rank:05d}-of-{world:05d}"
+    ``kind="base_losses"``: the base model's token losses; ``kind="control_scores"``: the control probes' raw
+    scores of each document (so that a later run with the same controls need not fit or scan them).
+    """
+
+    def __init__(self, root: str | Path, key: str, rank: int, world: int, kind: str = "base_losses") -> None:
+        self.key = key
+        self.dir = Path(root) / kind / key / f"rank-{rank:05d}-of-{world:05d}"
         self._tmp = self.dir.with_name(f"{self.dir.name}.tmp-{os.getpid()}")
         self._rows: dict[str, list] = {"seq": [], "doc_id": [], "losses": []}
         self._parts = 0

@@ -132,12 +132,14 @@ def _add_audit(sub) -> None:
     p = sub.add_parser(
         "audit",
         help="flag evaluation items that leaked into the training corpus",
-        description="Benchmark leakage audit: verbatim n-gram overlap of each evaluation item with the corpus (with "
-        "the copied spans as evidence) and its Min-K%% Prob membership score. Writes report.json and report.html; "
-        "--fail-above makes it a CI gate.",
+        description="Benchmark leakage audit. Detectors (--detectors): ngram = verbatim n-gram overlap of each "
+        "item with the corpus (evidence: the copied spans); mirror = the item as a mirror probe, flagged when one "
+        "document stands far above the rest (evidence: that document, its score and margin); minkprob = Min-K%% "
+        "Prob membership score. With the mirror, the verdict is the combined detector: ngram OR (mirror AND "
+        "minkprob). Writes report.json and report.html; --fail-above makes it a CI gate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="the model (its tokenizer tokenises; it scores Min-K%%)")
+    p.add_argument("--model", required=True, help="the model (its tokenizer tokenises; it scores Min-K%% and mirrors)")
     p.add_argument("--corpus", required=True, help="training corpus, as for `attribute`")
     p.add_argument("--eval-set", required=True, help="evaluation set: file, directory, Hub name")
     p.add_argument("--output", required=True, help="output directory")
@@ -145,15 +147,76 @@ def _add_audit(sub) -> None:
     p.add_argument("--id-column", default=None)
     p.add_argument("--split", default="train")
     p.add_argument("--eval-text-column", default="text")
-    p.add_argument("--question-column", default=None, help="with --answer-column: item = question + answer")
+    p.add_argument("--question-column", default=None,
+                   help="with --answer-column: item = question + answer (the mirror's prompt and completion)")
     p.add_argument("--answer-column", default=None)
     p.add_argument("--eval-id-column", default=None)
     p.add_argument("--eval-split", default="test")
+    p.add_argument("--detectors", default="ngram,minkprob",
+                   help="comma-separated among ngram, mirror, minkprob, or 'all' (= ngram,mirror,minkprob: the "
+                   "combined detector; costs one mirror scan of the corpus per item)")
     p.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens")
-    p.add_argument("--threshold", type=float, default=0.5, help="leaked when this share of tokens is copied")
+    p.add_argument("--threshold", type=float, default=0.5, help="ngram: leaked when this share of tokens is copied")
+    p.add_argument("--combined-threshold", type=float, default=None,
+                   help="combined: leaked at this score (robust z units; default: the calibrated one)")
+    p.add_argument("--mirror-threshold", type=float, default=None,
+                   help="mirror alone: the item's top document stands out at this top z (default: calibrated)")
     p.add_argument("--index", default=None, help="n-gram index directory: reused if built, else built there")
-    p.add_argument("--no-membership", action="store_true", help="skip the Min-K%% Prob score (no model forward)")
+    p.add_argument("--no-membership", action="store_true", help="same as leaving minkprob out of --detectors")
     p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
+    g = p.add_argument_group("mirror detector (see `hf-mirror attribute --help`)")
+    g.add_argument("--steps", type=int, default=3)
+    g.add_argument("--lr", type=float, default=5e-3)
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--adapters-per-forward", type=int, default=1)
+    g.add_argument("--candidates", default=None, metavar="bm25:M",
+                   help="scan only each item's top-M BM25 documents (top z is then over those documents)")
+
+
+def _add_index(sub) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build the verbatim n-gram index of a corpus (for audit/provenance --index)",
+        description="One streaming pass over the corpus; under accelerate launch / torchrun every process indexes "
+        "its share and the main process merges them into the same index. Checkpointed: an interrupted build "
+        "resumes when rerun.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="model or tokenizer path/name (its tokenizer is used)")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--output", required=True, help="index directory")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    p.add_argument("--restart", action="store_true", help="ignore the checkpoint of an interrupted build")
+
+
+def _add_provenance(sub) -> None:
+    p = sub.add_parser(
+        "provenance",
+        help="per generation: memorized from which document, with evidence",
+        description="For each probe's generation (given, or the model's greedy one): the verbatim spans it shares "
+        "with the corpus (n-gram index), the source document that covers most of it, the verdict (memorized when "
+        "that document covers --threshold of its tokens), and the source's rank and score under mirror "
+        "attribution. Writes provenance.json and provenance.html.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--probes", required=True, help="JSON-lines file of {id, prompt, completion?}")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--ngram", type=int, default=8, help="n-gram length in tokens")
+    p.add_argument("--threshold", type=float, default=0.5, help="memorized when one document holds this share")
+    p.add_argument("--index", default=None, help="n-gram index directory: reused if built, else built there")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="for probes without a completion")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--no-mirror", action="store_true", help="verbatim spans only (no mirror attribution)")
 
 
 def _add_memorization(sub) -> None:
@@ -187,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_audit(sub)
     _add_memorization(sub)
+    _add_index(sub)
+    _add_provenance(sub)
     return parser
 
 
@@ -277,35 +342,130 @@ def _demo(args) -> int:
     return 0
 
 
-def _audit(args) -> int:
-    from pathlib import Path
-
-    from hf_mirror.corpus import Corpus
-    from hf_mirror.modeling import load_model, load_tokenizer
-    from hf_mirror.provenance.leakage import EvalSet, audit_leakage, write_report
+def _open_or_build_index(args, corpus, tokenizer, index_dir):
     from hf_mirror.provenance.ngram import NgramIndex
 
-    items = EvalSet(args.eval_set, args.eval_text_column, args.question_column, args.answer_column,
-                    args.eval_id_column, args.eval_split).items()
-    tokenizer = load_tokenizer(args.model)
-    index_dir = Path(args.index) if args.index else Path(args.output) / "index"
-    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
     if (index_dir / "manifest.json").exists():
         index = NgramIndex.load(index_dir, tokenizer)
         if index.n != args.ngram or index.manifest.get("corpus") != corpus.describe():
             raise InputError(f"The index in {index_dir} was built for another corpus or n-gram length "
                              f"(n={index.n}); pass a new --index directory or delete it.")
-    else:
-        index = NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=True)
-    model = None if args.no_membership else load_model(args.model)
-    report = audit_leakage(index, items, args.threshold, model, tokenizer)
+        return index
+    return NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=True)
+
+
+def _audit(args) -> int:
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from hf_mirror.corpus import Corpus
+    from hf_mirror.modeling import load_model, load_tokenizer
+    from hf_mirror.provenance.leakage import (
+        DEFAULT_COMBINED_THRESHOLD,
+        DEFAULT_MIRROR_THRESHOLD,
+        DETECTORS,
+        EvalSet,
+        audit_leakage,
+        write_report,
+    )
+
+    detectors = list(DETECTORS) if args.detectors.strip() == "all" else [
+        d.strip() for d in args.detectors.split(",") if d.strip()]
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if unknown or not detectors:
+        raise InputError(f"Unknown --detectors {unknown or args.detectors!r}; choose among {list(DETECTORS)} or 'all'.")
+    if args.no_membership and "minkprob" in detectors:
+        detectors.remove("minkprob")
+        if not detectors:
+            raise InputError("--no-membership leaves no detector; add ngram or mirror to --detectors.")
+    records = EvalSet(args.eval_set, args.eval_text_column, args.question_column, args.answer_column,
+                      args.eval_id_column, args.eval_split).records()
+    tokenizer = load_tokenizer(args.model)
+    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
+    index = None
+    if "ngram" in detectors:
+        index_dir = Path(args.index) if args.index else Path(args.output) / "index"
+        index = _open_or_build_index(args, corpus, tokenizer, index_dir)
+    model = load_model(args.model) if ("minkprob" in detectors or "mirror" in detectors) else None
+    mirror = scan = None
+    if "mirror" in detectors:
+        from hf_mirror.candidates import parse_candidates
+        from hf_mirror.mirror import MirrorConfig
+        from hf_mirror.pipeline import ScanConfig
+
+        mirror = MirrorConfig(steps=args.steps, lr=args.lr, rank=args.rank)
+        scan = ScanConfig(top_k=5, batch_size=args.batch_size, adapters_per_forward=args.adapters_per_forward,
+                          candidates=parse_candidates(args.candidates))
+    report = audit_leakage(
+        index, records, args.threshold, model, tokenizer, detectors=detectors, corpus=corpus, mirror=mirror,
+        scan=scan, output_dir=Path(args.output) / "mirror" if "mirror" in detectors else None,
+        mirror_threshold=DEFAULT_MIRROR_THRESHOLD if args.mirror_threshold is None else args.mirror_threshold,
+        combined_threshold=(DEFAULT_COMBINED_THRESHOLD if args.combined_threshold is None
+                            else args.combined_threshold),
+        show_progress=True,
+    )
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun: the main process reports
+        return 0
     out = write_report(report, args.output)
-    print(f"{report['leaked']} of {len(items)} evaluation items leaked (contamination rate "
-          f"{report['contamination_rate']:.1%}); wrote {out / 'report.json'} and {out / 'report.html'}")
+    print(f"{report['leaked']} of {len(records)} evaluation items leaked (contamination rate "
+          f"{report['contamination_rate']:.1%}, detectors {','.join(detectors)}, verdict by "
+          f"{report['detector']['method']}); wrote {out / 'report.json'} and {out / 'report.html'}")
     if args.fail_above is not None and report["contamination_rate"] > args.fail_above:
         print(f"hf-mirror: contamination rate {report['contamination_rate']:.1%} is above --fail-above "
               f"{args.fail_above:.1%}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _index(args) -> int:
+    from accelerate import PartialState
+
+    from hf_mirror.corpus import Corpus
+    from hf_mirror.modeling import load_tokenizer
+    from hf_mirror.provenance.ngram import NgramIndex
+
+    tokenizer = load_tokenizer(args.model)
+    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
+    index = NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=args.output, overwrite=args.overwrite,
+                             show_progress=True, resume=not args.restart)
+    if PartialState().is_main_process:
+        print(f"{index!r}; wrote {args.output}")
+    return 0
+
+
+def _provenance(args) -> int:
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from hf_mirror.corpus import Corpus
+    from hf_mirror.modeling import resolve_model
+    from hf_mirror.pipeline import ScanConfig
+    from hf_mirror.provenance.generation import generation_provenance, write_provenance
+
+    model, tokenizer, _ = resolve_model(args.model)
+    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
+    index = _open_or_build_index(args, corpus, tokenizer, Path(args.index) if args.index else Path(args.output)
+                                 / "index")
+    report = generation_provenance(model, corpus, args.probes, tokenizer=tokenizer, index=index,
+                                   threshold=args.threshold, use_mirror=not args.no_mirror,
+                                   scan=ScanConfig(top_k=args.top_k), max_new_tokens=args.max_new_tokens,
+                                   output_dir=args.output, top=args.top_k, show_progress=True)
+    if not PartialState().is_main_process:
+        return 0
+    out = write_provenance(report, args.output)
+    for r in report["items"]:
+        line = f"{r['id']}: {r['verdict']}"
+        if r["source"] is not None:
+            line += f" from {r['source']} ({r['copied_tokens']}/{r['n_tokens']} tokens verbatim)"
+        if r.get("mirror") and r["mirror"]["top"]:
+            line += f"; mirror top document {r['mirror']['top'][0]['doc_id']}"
+            if r["source"] is not None:
+                line += f", source at rank {r['mirror']['source_rank']}"
+        print(line)
+    print(f"{report['memorized']} of {report['generations']} generations memorized; wrote "
+          f"{out / 'provenance.json'} and {out / 'provenance.html'}")
     return 0
 
 
@@ -335,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"attribute": _attribute, "show": _show, "demo": _demo, "audit": _audit,
-                "memorization": _memorization}[args.command](args)
+                "memorization": _memorization, "index": _index, "provenance": _provenance}[args.command](args)
     except (InputError, ScoreError) as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""

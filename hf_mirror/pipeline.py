@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -20,7 +21,7 @@ from datasets import Dataset, IterableDataset
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
 from hf_mirror.candidates import bm25_candidates
 from hf_mirror.corpus import Corpus
-from hf_mirror.errors import InputError
+from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.mirror import (
     FitReport,
     MirrorConfig,
@@ -199,17 +200,24 @@ def attribute(
     # before the (costly) fit: checks the scoring options, refuses another run's shard, or resumes this one's
     book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
                      scan.checkpoint_every, scan.checkpoint_seconds, scan.aggregate)
+    # control probes' scores are cached like base losses: with a hit they are neither fitted nor scanned
+    control_cache = (BaseLossCache(cache.dir.parents[2], _run_key("control-scores-v1", cache.key, mirror.to_dict(),
+                                                                   [asdict(c) for c in controls], scan.aggregate),
+                                   rank, world, kind="control_scores")
+                     if cache is not None and controls and normalize != "none" else None)
+    controls_cached = control_cache is not None and control_cache.complete
+    n_fit = len(probe_list) if controls_cached else len(pool)
 
     # 2. mirrors: fitted (or reloaded) once on the main process, broadcast to the others
     if main:
-        peft_model, report = _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out, run_key,
-                                            show_progress)
-        shared = [adapter_states(peft_model, names) if world > 1 else None, report]
+        peft_model, report = _fit_or_reload(model, tokenizer, pool[:n_fit], names[:n_fit], mirror, max_length, out,
+                                            f"{run_key}-{n_fit}", show_progress)
+        shared = [adapter_states(peft_model, names[:n_fit]) if world > 1 else None, report]
     else:
         shared = [None, None]
     states, report = broadcast_object_list(shared, from_process=0) if world > 1 else shared
     if not main:
-        peft_model = attach_mirrors(model, names, mirror, states)
+        peft_model = attach_mirrors(model, names[:n_fit], mirror, states)
 
     # 3. scan this process's shard, checkpointing as it goes
     try:
@@ -219,7 +227,8 @@ def attribute(
                                     corpus.num_documents(), show_progress and main)
             first = min(mirror.layers) if mirror.layers else 0
             trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
-            scanner = Scanner(peft_model, tokenizer, names, ids, max_length, overlap, scan.batch_size, progress,
+            scanner = Scanner(peft_model, tokenizer, names[:n_fit], ids[:n_fit], max_length, overlap, scan.batch_size,
+                              progress,
                               autocast=accelerator.autocast, trunk=trunk,
                               adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width)
             docs = corpus.documents(rank, world)
@@ -228,23 +237,30 @@ def attribute(
             docs = itertools.islice(docs, book.next_seq, None)
             cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
             fill_cache = cache is not None and cached is None and book.next_seq == 0
+            control_rows = control_cache.read(book.next_seq) if controls_cached else None
+            fill_controls = control_cache is not None and not controls_cached and book.next_seq == 0
             try:
                 for doc in scanner(docs, start=book.next_seq, base_losses=cached):
                     if fill_cache:
                         cache.add(doc.seq, doc.doc_id, doc.base)
-                    book.add(doc, scanner.skipped)
+                    raw = book.add(doc, scanner.skipped, _control_row(control_rows, doc) if controls_cached else None)
+                    if fill_controls:
+                        control_cache.add(doc.seq, doc.doc_id, raw[len(probe_list):])
             except Exception:
                 logger.error("Process %d of %d failed while scanning document %r (#%d of its shard); finished "
                              "work is checkpointed in %s: rerun the same command to resume.",
                              rank, world, scanner.current_doc_id, scanner.next_seq - 1, shard, main_process_only=False)
-                if fill_cache:
-                    cache.discard()
+                for c in (cache if fill_cache else None, control_cache if fill_controls else None):
+                    if c is not None:
+                        c.discard()
                 raise
             if fill_cache:
                 cache.commit(scanner.n_documents)
+            if fill_controls:
+                control_cache.commit(scanner.n_documents)
             book.finish(scanner.next_seq, scanner.skipped, tokenizer,
                         {"base_passes": scanner.base_passes, "base_cache_hits": int(cached is not None),
-                         "forward_passes": scanner.forward_passes})
+                         "control_cache_hits": int(controls_cached), "forward_passes": scanner.forward_passes})
             logger.info("Process %d: %d documents, %d base-model passes (%s).", rank, scanner.n_documents,
                         scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit",
                         main_process_only=False)
@@ -294,6 +310,15 @@ def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: 
                    corpus.text_column, corpus.id_column, max_length, overlap, precision, scan.fixed_width,
                    str(next(model.parameters()).dtype))
     return BaseLossCache(scan.cache_dir or default_cache_dir(), key, rank, world)
+
+
+def _control_row(rows, doc) -> np.ndarray:
+    """The cached control scores of ``doc`` (the cache holds the same documents in the same order)."""
+    row = next(rows, None)
+    if row is None or row[0] != doc.seq or row[1] != str(doc.doc_id):
+        raise ScoreError(f"The control-score cache does not match the corpus at document {doc.doc_id!r}; delete "
+                         "the cache directory (--cache-dir / $HF_MIRROR_CACHE) or run with --no-cache.")
+    return row[2]
 
 
 def _probes_from_disk(out: Path, probes) -> list[Probe] | None:

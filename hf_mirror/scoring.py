@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hf_mirror.errors import InputError
+from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.scan import ScannedDoc, Skipped
 
 NORMALIZATIONS = ("none", "zscore", "loo")
@@ -162,11 +162,20 @@ class ScoreBook:
         return f"part-{i:06d}.parquet"
 
     # ---- adding documents -----------------------------------------------------------------------------
-    def add(self, doc: ScannedDoc, skipped: Sequence[Skipped] = ()) -> None:
-        """Score one scanned document; ``skipped`` is the scanner's running list of skipped documents."""
+    def add(self, doc: ScannedDoc, skipped: Sequence[Skipped] = (), extra: np.ndarray | None = None) -> np.ndarray:
+        """Score one scanned document; ``skipped`` is the scanner's running list of skipped documents.
+
+        ``extra``: raw scores of the last probes of the pool (cached control probes) that were not scanned.
+        Returns the document's raw score for every probe of the pool.
+        """
         support = self.sign * (doc.mirror - doc.base)  # [probes, tokens]; > 0 where the mirror supports
-        raw = getattr(support, self.aggregate)(axis=1)
+        raw = getattr(support, self.aggregate)(axis=1).astype(np.float64)
+        if extra is not None:
+            raw = np.concatenate([raw, np.asarray(extra, np.float64)])
+        if len(raw) != len(self.all_ids):
+            raise ScoreError(f"Document {doc.doc_id!r} has {len(raw)} probe scores, expected {len(self.all_ids)}.")
         doc.doc_id = self.add_scores(doc.doc_id, doc.text, doc.token_ids, raw, doc.seq, skipped, doc.base, doc.mirror)
+        return raw
 
     def add_scores(
         self,

@@ -1,22 +1,42 @@
-"""Scan cost per probe count, as a multiple of ONE plain forward pass over the same corpus, in the same run.
+"""Scan cost per probe count, as a multiple of ONE plain forward pass over the same corpus, in the same run;
+and end-to-end cost (fit + scan) of the mirror against gradient-based attribution (gradsim, EK-FAC).
 
-    python recipes/benchmark_speed.py [--models tiny gpt2-small] [--probes 1 8 32] [--docs 300] [--json PATH]
+    python recipes/benchmark_speed.py [--models tiny gpt2-small] [--probes 1 8 32] [--docs 300]
+                                      [--parts scan e2e] [--variants naive cached trunk mixed]
+                                      [--device auto|cpu|cuda] [--precision no|bf16] [--json PATH]
 
 Models are built from config (random weights: speed does not depend on training) with a byte-level BPE
-tokenizer trained on the bundled corpus. For each model and probe count T it times three scans:
+tokenizer trained on the bundled corpus. ``--parts scan``: for each model and probe count T it times the scan
+(``hf_mirror.scan.Scanner``) in up to four ways (``--variants``):
   naive        every mirror on all blocks, base pass computed     -> about T + 1 forward passes
   cached       base losses from the cache                          -> about T
-  trunk+cache  mirrors on the top 2 blocks (1 of 2), lower blocks run once -> about T x 2 / n_layer + trunk
-  +mixed8      trunk+cache, scoring up to 8 probes per forward with PEFT mixed-adapter batches
+  trunk        mirrors on the top 2 blocks (1 of 2), base losses cached, lower blocks run once
+               ("trunk+cache")                                     -> about T x 2 / n_layer + trunk
+  mixed        trunk+cache, scoring up to 8 probes per forward with PEFT mixed-adapter batches ("+mixed8")
 and reports each as a multiple of the floor, tokens/s, the mirror fitting time, and the process's peak RSS.
+
+``--parts e2e``: the whole call, fitting included, of ``hf_mirror.attribute`` (all-block mirrors; top-2-block
+mirrors with the shared trunk, first run and again with the base losses cached) and of
+``hf_mirror.baselines.attribute_baseline`` for ``gradsim`` and ``ekfac`` (when installed), on the same model,
+corpus and probes, with the crossover: the smallest T at which a gradient method is cheaper end to end. The
+mirror runs use ``normalize="none"`` so that T probes cost T mirrors (the default z-score adds control probes up
+to a pool of 8).
+
+``--device auto`` (default) uses CUDA when available and the CPU otherwise; ``--precision bf16`` autocasts the
+scans on CUDA (fp32 on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,102 +55,358 @@ MODELS = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=2000),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=8000),
 }
+VARIANTS = ("naive", "cached", "trunk", "mixed")
+E2E_MIRRORS = ("mirror", "mirror_top2", "mirror_top2_warm")
+GRADIENT_METHODS = ("gradsim", "ekfac")
 
 
-def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, batch_size: int) -> tuple[float, int]:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark_speed: --device cuda, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda}).")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str):
+    """A context-manager factory: bf16/fp16 autocast on CUDA, nothing on the CPU or in fp32."""
+    if device.type != "cuda" or precision == "no":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gradient_methods() -> dict[str, str | None]:
+    """Each gradient method -> None when it can run here, else why not."""
+    from hf_mirror.baselines import METHODS
+
+    out: dict[str, str | None] = {}
+    for m in GRADIENT_METHODS:
+        if m not in METHODS:
+            out[m] = f"hf_mirror.baselines has no {m!r}"
+        elif m == "ekfac":
+            try:
+                import kronfluence  # noqa: F401
+            except ImportError:
+                out[m] = "kronfluence is not installed"
+            else:
+                out[m] = None
+        else:
+            out[m] = None
+    return out
+
+
+def build_model(spec: dict, texts: list[str], max_length: int, device: torch.device):
+    torch.manual_seed(0)
+    tok = prepare_tokenizer(train_tokenizer(texts, spec["vocab"]))
+    config = GPT2Config(vocab_size=len(tok), n_positions=max_length, n_embd=spec["n_embd"], n_layer=spec["n_layer"],
+                        n_head=spec["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    return GPT2LMHeadModel(config).to(device).eval(), tok
+
+
+def top_blocks(n_layer: int) -> list[int]:
+    """The top 2 blocks (the top 1 of a 2-block model, so that a trunk remains below it)."""
+    return list(range(max(1, n_layer - 2), n_layer))
+
+
+def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, batch_size: int,
+                   autocast=nullcontext) -> tuple[float, int]:
     """One plain forward pass (per-token losses) over every window of the corpus."""
+    device = next(model.parameters()).device
     wins = [Window(0, start, ids, ctx) for _, text in docs
             for start, ids, ctx in windows(document_tokens(tok, text), max_length, max_length // 8)]
     batches = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
+    _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         for b in batches:
-            ids, mask = _collate(b, tok.pad_token_id, "cpu")
-            token_losses(model, ids, mask)
+            ids, mask = _collate(b, tok.pad_token_id, device)
+            with autocast():
+                token_losses(model, ids, mask)
+    _sync(device)
     return time.perf_counter() - t0, sum(len(w.input_ids) for w in wins)
 
 
-def _scan(model, tok, names, ids, docs, max_length, batch_size, base=None, trunk=None, group=1) -> tuple[float, list]:
+def _scan(model, tok, names, ids, docs, max_length, batch_size, base=None, trunk=None, group=1,
+          autocast=nullcontext) -> tuple[float, list]:
     scanner = Scanner(model, tok, names, ids, max_length, max_length // 8, batch_size, trunk=trunk,
-                      adapters_per_forward=group)
+                      adapters_per_forward=group, autocast=autocast)
     t0 = time.perf_counter()
     out = list(scanner(iter(docs), base_losses=iter(base) if base is not None else None))
     return time.perf_counter() - t0, out
 
 
 def bench_model(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
-                batch_size: int, max_length: int) -> list[dict]:
-    torch.manual_seed(0)
-    tok = prepare_tokenizer(train_tokenizer(texts, spec["vocab"]))
-    config = GPT2Config(vocab_size=len(tok), n_positions=max_length, n_embd=spec["n_embd"], n_layer=spec["n_layer"],
-                        n_head=spec["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                batch_size: int, max_length: int, variants=VARIANTS, device: torch.device | None = None,
+                precision: str = "no") -> list[dict]:
+    """The scan rows: each variant's scan time as a multiple of the floor, for each probe count."""
+    device = device or torch.device("cpu")
+    autocast = _autocast(device, precision)
+    model, tok = build_model(spec, texts, max_length, device)
     docs = [(i, t) for i, t in enumerate(texts[:n_docs])]
     t_max = max(probe_counts)
     probes = [Probe(f["headword"], f["prompt"], f["completion"]) for f in facts[-t_max:]]
-    top = list(range(max(1, spec["n_layer"] - 2), spec["n_layer"]))  # the top 2 blocks (1 of a 2-block model)
+    top = top_blocks(spec["n_layer"])
     rows = []
-    model = GPT2LMHeadModel(config).eval()
-    _floor_seconds(model, tok, docs, max_length, batch_size)  # warm-up
+    _floor_seconds(model, tok, docs, max_length, batch_size, autocast)  # warm-up
     for t in probe_counts:
-        floor, n_tokens = min(_floor_seconds(model, tok, docs, max_length, batch_size) for _ in range(2))
+        floor, n_tokens = min(_floor_seconds(model, tok, docs, max_length, batch_size, autocast) for _ in range(2))
         names = [f"p{i}" for i in range(t)]
-        row = {"model": name, "probes": t, "documents": len(docs), "tokens": n_tokens, "floor_s": floor}
-        t0 = time.perf_counter()
-        all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(), max_length, show_progress=False)
-        row["fit_s"] = time.perf_counter() - t0
-        row["naive_s"], scanned = _scan(all_layers, tok, names, names, docs, max_length, batch_size)
-        base = [(d.seq, str(d.doc_id), d.base) for d in scanned]
-        row["cached_s"], _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base)
-        all_layers.unload()
-        top_only, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(layers=top), max_length,
-                                  show_progress=False)
-        trunk = SharedTrunk(top_only, top[0])
-        row["trunk_cached_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base,
-                                         trunk=trunk)
-        row["mixed_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base, trunk=trunk,
-                                  group=min(t, 8))
-        top_only.unload()
+        row = {"model": name, "probes": t, "documents": len(docs), "tokens": n_tokens, "floor_s": floor,
+               "device": str(device), "precision": precision if device.type == "cuda" else "no"}
+        base = None
+
+        def base_only(peft_model) -> list:  # the base losses the cached variants read: a base-only scan, untimed
+            _, scanned = _scan(peft_model, tok, [], [], docs, max_length, batch_size, autocast=autocast)
+            return [(d.seq, str(d.doc_id), d.base) for d in scanned]
+
+        if "naive" in variants or "cached" in variants:
+            t0 = time.perf_counter()
+            all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(), max_length,
+                                        show_progress=False)
+            row["fit_s"] = time.perf_counter() - t0
+            if "naive" in variants:
+                row["naive_s"], scanned = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
+                                                autocast=autocast)
+                base = [(d.seq, str(d.doc_id), d.base) for d in scanned]
+            if "cached" in variants:
+                base = base or base_only(all_layers)
+                row["cached_s"], _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base,
+                                           autocast=autocast)
+            all_layers.unload()
+        if "trunk" in variants or "mixed" in variants:
+            t0 = time.perf_counter()
+            top_only, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(layers=top), max_length,
+                                      show_progress=False)
+            row["fit_top2_s"] = time.perf_counter() - t0
+            base = base or base_only(top_only)
+            trunk = SharedTrunk(top_only, top[0])
+            if "trunk" in variants:
+                row["trunk_cached_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size,
+                                                 base=base, trunk=trunk, autocast=autocast)
+            if "mixed" in variants:
+                row["mixed_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base,
+                                          trunk=trunk, group=min(t, 8), autocast=autocast)
+            top_only.unload()
         for k in ("naive", "cached", "trunk_cached", "mixed"):
-            row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
-            row[f"{k}_tok_s"] = n_tokens / row[f"{k}_s"]
+            if f"{k}_s" in row:
+                row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
+                row[f"{k}_tok_s"] = n_tokens / row[f"{k}_s"]
+        if "naive_s" in row and "trunk_cached_s" in row:
+            row["naive_over_trunk_cached"] = row["naive_s"] / row["trunk_cached_s"]
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if device.type == "cuda":
+            row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         rows.append(row)
-        print(_format([row], header=len(rows) == 1), flush=True)
+        print(format_scan([row], header=len(rows) == 1), flush=True)
+    del model
     return rows
 
 
-def _format(rows: list[dict], header: bool = True) -> str:
-    head = (f"{'model':<11} {'T':>3} {'docs':>5} {'floor s':>8} {'fit s':>7} {'naive x':>8} {'cached x':>9} "
-            f"{'trunk+cache x':>14} {'+mixed8 x':>10} {'naive tok/s':>12} {'trunk tok/s':>12} {'peak RSS MB':>12}")
-    lines = [head] if header else []
+def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
+              batch_size: int, max_length: int, methods: dict[str, str | None] | None = None,
+              device: torch.device | None = None, precision: str = "no", work: Path | None = None) -> list[dict]:
+    """End-to-end rows: wall time of whole attribution calls (fitting included), per probe count.
+
+    ``methods`` maps each gradient method to None (run it) or the reason it cannot run (reported as n/a).
+    """
+    from hf_mirror import ScanConfig, attribute
+    from hf_mirror.baselines import attribute_baseline
+    from hf_mirror.corpus import Corpus
+
+    device = device or torch.device("cpu")
+    methods = gradient_methods() if methods is None else methods
+    autocast = _autocast(device, precision)
+    model, tok = build_model(spec, texts, max_length, device)
+    rows_docs = [(i, t) for i, t in enumerate(texts[:n_docs])]
+    corpus = Corpus([{"id": str(i), "text": t} for i, t in rows_docs], id_column="id")
+    t_max = max(probe_counts)
+    probes = [{"id": f["headword"], "prompt": f["prompt"], "completion": f["completion"]} for f in facts[-t_max:]]
+    top = top_blocks(spec["n_layer"])
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="hf_mirror_e2e_")) if own else Path(work)
+    _floor_seconds(model, tok, rows_docs, max_length, batch_size, autocast)  # warm-up
+    floor, n_tokens = min(_floor_seconds(model, tok, rows_docs, max_length, batch_size, autocast) for _ in range(2))
+    rows = []
+    try:
+        for t in probe_counts:
+            row = {"model": name, "probes": t, "documents": len(rows_docs), "tokens": n_tokens, "floor_s": floor,
+                   "device": str(device), "precision": precision if device.type == "cuda" else "no"}
+
+            def mirror(tag: str, layers, cache: str, t: int = t) -> float:
+                scan = ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length,
+                                  cache_dir=str(work / cache), precision=precision)
+                t0 = time.perf_counter()
+                attribute(model, corpus, probes[:t], tokenizer=tok, mirror=MirrorConfig(layers=layers), scan=scan,
+                          output_dir=work / f"{tag}-{t}", show_progress=False, overwrite=True)
+                _sync(device)
+                return time.perf_counter() - t0
+
+            row["mirror_s"] = mirror("mirror", None, f"cache-all-{t}")
+            row["mirror_top2_s"] = mirror("top2", top, f"cache-top2-{t}")  # first run: fills the base-loss cache
+            row["mirror_top2_warm_s"] = mirror("top2-warm", top, f"cache-top2-{t}")  # base losses from the cache
+            for m, why in methods.items():
+                if why is not None:
+                    row[f"{m}_s"], row[f"{m}_na"] = None, why
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    attribute_baseline(m, model, corpus, probes[:t], tokenizer=tok, output_dir=work / f"{m}-{t}",
+                                       show_progress=False, max_length=max_length)
+                    _sync(device)
+                    row[f"{m}_s"] = time.perf_counter() - t0
+                except Exception as e:  # report it and go on: one failing baseline must not lose the table
+                    row[f"{m}_s"], row[f"{m}_na"] = None, f"failed: {type(e).__name__}: {e}"[:200]
+            for k in (*E2E_MIRRORS, *GRADIENT_METHODS):
+                if row.get(f"{k}_s") is not None:
+                    row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
+            rows.append(row)
+            print(format_e2e([row], header=len(rows) == 1), flush=True)
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def crossovers(rows: list[dict]) -> list[dict]:
+    """For each model, mirror variant and gradient method: the smallest measured T at which the gradient method is
+    cheaper end to end, and a linear-fit estimate (cost = a + b T for both, least squares over the measured T)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["probes"])
+        for g in GRADIENT_METHODS:
+            for m in E2E_MIRRORS:
+                pts = [(r["probes"], r[f"{m}_s"], r[f"{g}_s"]) for r in mine
+                       if r.get(f"{m}_s") is not None and r.get(f"{g}_s") is not None]
+                if not pts:
+                    continue
+                measured = next((t for t, a, b in pts if b < a), None)
+                estimate = None
+                if len({t for t, _, _ in pts}) >= 2:
+                    ts = torch.tensor([float(t) for t, _, _ in pts], dtype=torch.float64)
+                    design = torch.stack([torch.ones_like(ts), ts], 1)
+                    fit = torch.linalg.lstsq(design, torch.tensor([[a, b] for _, a, b in pts],
+                                                                  dtype=torch.float64)).solution
+                    (a0, b0), (a1, b1) = fit[0].tolist(), fit[1].tolist()  # intercepts, slopes
+                    if a1 > b1:
+                        estimate = max(0.0, (b0 - a0) / (a1 - b1))
+                out.append({"model": model, "mirror": m, "method": g, "measured": measured,
+                            "max_probes": pts[-1][0], "estimate": estimate})
+    return out
+
+
+def _x(row: dict, key: str) -> str:
+    v = row.get(f"{key}_x_floor")
+    return "-" if v is None else f"{v:.1f}"
+
+
+def format_scan(rows: list[dict], header: bool = True) -> str:
+    """The scan rows as a Markdown table (multiples of one plain forward pass; '-' = not measured)."""
+    lines = ["| model | T | docs | floor s | fit s | naive x | cached x | trunk+cache x | +mixed8 x | "
+             "naive / trunk+cache | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
     for r in rows:
-        lines.append(f"{r['model']:<11} {r['probes']:>3} {r['documents']:>5} {r['floor_s']:>8.2f} {r['fit_s']:>7.1f} "
-                     f"{r['naive_x_floor']:>8.1f} {r['cached_x_floor']:>9.1f} {r['trunk_cached_x_floor']:>14.1f} "
-                     f"{r['mixed_x_floor']:>10.1f} "
-                     f"{r['naive_tok_s']:>12.0f} {r['trunk_cached_tok_s']:>12.0f} {r['peak_rss_mb']:>12.0f}")
+        ratio = r.get("naive_over_trunk_cached")
+        lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | "
+                     f"{r.get('fit_s', r.get('fit_top2_s', float('nan'))):.1f} | {_x(r, 'naive')} | "
+                     f"{_x(r, 'cached')} | "
+                     f"{_x(r, 'trunk_cached')} | {_x(r, 'mixed')} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def _cell(row: dict, key: str) -> str:
+    if row.get(f"{key}_s") is None:
+        return "n/a" if f"{key}_na" in row else "-"
+    return f"{row[f'{key}_s']:.1f} ({row[f'{key}_x_floor']:.1f}x)"
+
+
+def format_e2e(rows: list[dict], header: bool = True) -> str:
+    """End-to-end rows as a Markdown table: seconds of each whole call (multiple of one forward pass)."""
+    lines = ["| model | T | docs | floor s | mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base "
+             "| gradsim | EK-FAC |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | {_cell(r, 'mirror')} | "
+                     f"{_cell(r, 'mirror_top2')} | {_cell(r, 'mirror_top2_warm')} | {_cell(r, 'gradsim')} | "
+                     f"{_cell(r, 'ekfac')} |")
+    return "\n".join(lines)
+
+
+def format_crossovers(items: list[dict]) -> str:
+    names = {"mirror": "mirror, all blocks", "mirror_top2": "mirror, top 2 + trunk",
+             "mirror_top2_warm": "top 2 + trunk, cached base"}
+    lines = ["| model | gradient method | vs | cheaper end to end from T = (measured) | linear-fit crossover T |",
+             "| --- | --- | --- | --- | --- |"]
+    for c in items:
+        measured = f"{c['measured']}" if c["measured"] is not None else f"never up to {c['max_probes']}"
+        estimate = "never (mirror grows slower)" if c["estimate"] is None else f"{c['estimate']:.1f}"
+        lines.append(f"| {c['model']} | {c['method']} | {names[c['mirror']]} | {measured} | {estimate} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "gpt2-small"], choices=sorted(MODELS))
     p.add_argument("--probes", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--docs", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--parts", nargs="+", default=["scan", "e2e"], choices=["scan", "e2e"],
+                   help="scan: scan cost per variant; e2e: fit + scan against gradsim and EK-FAC")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="scan variants to time")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available, else the CPU")
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # hf_mirror.attribute picks CUDA whenever it sees one
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f", precision: {args.precision if device.type == 'cuda' else 'no (fp32 on the CPU)'}", file=sys.stderr)
     facts = demo.load_facts()
     texts = [f["text"] for f in facts]
-    rows = []
+    report: dict = {"command": " ".join(["benchmark_speed.py", *(argv if argv is not None else sys.argv[1:])]),
+                    "device": str(device), "scan": [], "e2e": [], "crossovers": []}
     for name in args.models:
-        rows += bench_model(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size, args.max_length)
-    print("\n" + _format(rows))
+        if "scan" in args.parts:
+            report["scan"] += bench_model(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size,
+                                          args.max_length, args.variants, device, args.precision)
+    if "e2e" in args.parts:
+        methods = gradient_methods()
+        for m, why in methods.items():
+            if why is not None:
+                print(f"{m}: n/a ({why})", file=sys.stderr)
+        for name in args.models:
+            report["e2e"] += bench_e2e(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size,
+                                       args.max_length, methods, device, args.precision)
+        report["crossovers"] = crossovers(report["e2e"])
+    if report["scan"]:
+        print("\nScan cost, multiples of one plain forward pass:\n\n" + format_scan(report["scan"]))
+    if report["e2e"]:
+        print("\nEnd to end (fit + scan), seconds (multiple of one plain forward pass):\n\n"
+              + format_e2e(report["e2e"]))
+        print("\nCrossover (smallest T at which the gradient method is cheaper end to end):\n\n"
+              + format_crossovers(report["crossovers"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -62,3 +62,29 @@ def test_file_corpus_fingerprint_follows_content(tmp_path):
     f.write_text('{"text": "a"}\n{"text": "b"}\n')
     assert Corpus(f).fingerprint() != first
     assert Corpus("some/hub-dataset").fingerprint() is None  # no revision: cannot know it did not change
+
+
+def test_single_probe_reuses_cached_control_scores(tiny_model, planted, tmp_path):
+    """A single probe z-scored against controls: the second run fits and scans only the probe itself."""
+    model, tok = tiny_model
+    corpus = Corpus(planted.texts)
+    scan = dict(cache_dir=str(tmp_path / "cache"), normalize="zscore")
+    run = lambda probes, out, **kw: attribute(  # noqa: E731
+        model, corpus, probes, tokenizer=tok, output_dir=tmp_path / out, show_progress=False,
+        scan=ScanConfig(**scan, **kw))
+    first = run(planted.probes()[:1], "a")
+    assert first.config["scan"]["controls"] == 7 and first.config["stats"]["control_cache_hits"] == 0
+    second = run(planted.probes()[1:2], "b")
+    stats = second.config["stats"]
+    assert stats["control_cache_hits"] == 1 and stats["base_passes"] == 0
+    assert stats["forward_passes"] * 9 == first.config["stats"]["forward_passes"]  # 1 mirror vs base + 1 + 7 controls
+    assert len(list((tmp_path / "b" / "adapters").glob("*/adapter_config.json"))) == 1  # controls not fitted
+    uncached = attribute(model, corpus, planted.probes()[1:2], tokenizer=tok, output_dir=tmp_path / "c",
+                         show_progress=False, scan=ScanConfig(cache=False, normalize="zscore"))
+    assert uncached.config["control_probes"] == second.config["control_probes"]
+    a = second.scores().sort_values("doc_id")
+    b = uncached.scores().sort_values("doc_id")
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    assert list(second.topk["doc_id"]) == list(uncached.topk["doc_id"])
+    # another aggregation keys other control scores
+    assert run(planted.probes()[1:2], "d", aggregate="sum").config["stats"]["control_cache_hits"] == 0

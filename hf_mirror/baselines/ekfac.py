@@ -170,7 +170,7 @@ class EKFACBaseline:
 
     def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
                  strategy: str = "ekfac", damping: float | None = None, modules: list[str] | None = None,
-                 empirical_fisher: bool = False, batch_size: int = 8, include_prompt: bool = False,
+                 empirical_fisher: bool = False, batch_size: int = 16, include_prompt: bool = False,
                  seed: int = 0) -> None:
         kf = _kronfluence()
         if strategy not in STRATEGIES:

@@ -38,7 +38,7 @@ DISTRACTOR_TEMPLATES = {
     "city": "{city} is a city in {country}.",
     "border": "{country} shares a border with {neighbour}.",
 }
-METHODS = ("mirror", "mirror_raw", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim")
+METHODS = ("mirror", "mirror_raw", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim", "ekfac")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
 
@@ -196,7 +196,7 @@ def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfi
     return {"mirror": mirror("zscore"), "mirror_raw": mirror("none"), "mirror_loo": mirror("loo"),
             "mirror_rerank": mirror("zscore", RERANK_M),
             "bm25": baseline("bm25"),
-            "embedding": baseline("embedding"), "gradsim": baseline("gradsim")}
+            "embedding": baseline("embedding"), "gradsim": baseline("gradsim"), "ekfac": baseline("ekfac")}
 
 
 def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,

@@ -1,0 +1,163 @@
+"""Per-generation memorization report: "this generation was memorized from document X", with the evidence.
+
+For each probe (prompt + generation; a probe without a completion gets the model's greedy one) two independent
+checks meet:
+
+- the **n-gram index** finds the generation's verbatim spans in the corpus. The *source* is the document that
+  covers the most generated tokens with its spans; the generation is **memorized** when that document alone
+  covers at least ``threshold`` of them. Each copied span comes with its token range in the generation, its
+  character range, and the token offset in the source document;
+- the **mirror** (:func:`hf_mirror.attribute`) ranks every document by how much unlearning the generation
+  raises its loss: the report gives the source document's rank and score there, and the mirror's own top
+  documents (for a generation with no verbatim source, the mirror's top document is the best guess).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from hf_mirror.corpus import Corpus
+from hf_mirror.errors import InputError
+from hf_mirror.provenance.ngram import NgramIndex
+
+
+def _char_ranges(tokenizer, text: str, spans) -> list[tuple[int, int]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc.get("offset_mapping")
+    out = []
+    for s in spans:
+        if offsets and s.end <= len(offsets):
+            out.append((int(offsets[s.start][0]), int(offsets[s.end - 1][1])))
+        else:
+            i = text.find(s.text)
+            out.append((i, i + len(s.text)) if i >= 0 else (-1, -1))
+    return out
+
+
+def generation_provenance(
+    model,
+    corpus,
+    probes,
+    *,
+    tokenizer=None,
+    index: NgramIndex | None = None,
+    n: int = 8,
+    threshold: float = 0.5,
+    use_mirror: bool = True,
+    mirror=None,
+    scan=None,
+    max_new_tokens: int = 32,
+    output_dir: str | Path | None = None,
+    top: int = 5,
+    show_progress: bool = False,
+) -> dict:
+    """Per generation: verdict, source document, copied spans with offsets, and the mirror's view of the source.
+
+    ``probes``: a JSON-lines path or a list of ``{id, prompt, completion?}``. ``index``: a prebuilt
+    ``NgramIndex`` of ``corpus`` for this tokenizer (built with ``n`` when not given). The mirror run (skipped
+    with ``use_mirror=False``) is kept in ``output_dir/attribution`` when ``output_dir`` is given.
+    """
+    from hf_mirror.modeling import resolve_model
+    from hf_mirror.probes import generate_completions, load_probes
+
+    if not 0 < threshold <= 1:
+        raise InputError(f"threshold is a fraction of the generation's tokens in (0, 1], got {threshold}.")
+    model, tokenizer, _ = resolve_model(model, tokenizer)
+    if not isinstance(corpus, Corpus):
+        corpus = Corpus(corpus)
+    probe_list = generate_completions(model, tokenizer, load_probes(probes), max_new_tokens)
+    if index is None:
+        index = NgramIndex.build(corpus, tokenizer, n=n, show_progress=show_progress)
+    ranking: dict[str, list] = {}
+    mirror_scores: dict[str, dict] = {}
+    if use_mirror:
+        from hf_mirror.pipeline import ScanConfig, attribute
+
+        result = attribute(model, corpus, probe_list, tokenizer=tokenizer, mirror=mirror,
+                           scan=scan or ScanConfig(top_k=top),
+                           output_dir=None if output_dir is None else Path(output_dir) / "attribution",
+                           show_progress=show_progress, overwrite=True)
+        for pid, group in result.scores().groupby("probe_id", sort=False):
+            group = group.sort_values("score", ascending=False, kind="mergesort")
+            ids = [d.item() if hasattr(d, "item") else d for d in group["doc_id"]]
+            ranking[str(pid)] = ids
+            mirror_scores[str(pid)] = dict(zip(ids, group["score"].astype(float), strict=True))
+    reports = []
+    for p in probe_list:
+        text = p.completion or ""
+        match = index.find(text)
+        per_doc: dict[object, set[int]] = {}
+        for span in match.spans:
+            for occ in span.occurrences:
+                per_doc.setdefault(occ.doc_id, set()).update(range(span.start, span.end))
+        source, copied = None, 0
+        if per_doc:  # the document covering most tokens; ties: corpus order of the first occurrence
+            source = max(per_doc, key=lambda d: len(per_doc[d]))
+            copied = len(per_doc[source])
+        fraction = copied / match.n_tokens if match.n_tokens else 0.0
+        src_spans = [s for s in match.spans if any(o.doc_id == source for o in s.occurrences)]
+        chars = _char_ranges(tokenizer, text, src_spans)
+        spans = [{"text": s.text, "tokens": [s.start, s.end], "chars": list(c),
+                  "source_offset": next(o.offset for o in s.occurrences if o.doc_id == source)}
+                 for s, c in zip(src_spans, chars, strict=True)]
+        entry = {"id": p.id, "prompt": p.prompt, "generation": text, "n_tokens": match.n_tokens,
+                 "verdict": "memorized" if source is not None and fraction >= threshold else "not memorized",
+                 "source": source, "copied_tokens": copied, "copied_fraction": fraction, "spans": spans,
+                 "coverage": match.coverage}
+        if use_mirror:
+            order = ranking.get(p.id, [])
+            entry["mirror"] = {
+                "source_rank": (order.index(source) + 1) if source in order else None,
+                "source_score": mirror_scores.get(p.id, {}).get(source),
+                "top": [{"rank": r + 1, "doc_id": d, "score": mirror_scores[p.id][d]}
+                        for r, d in enumerate(order[:top])],
+            }
+            entry["mirror_agrees"] = source is not None and entry["mirror"]["source_rank"] == 1
+        reports.append(entry)
+    memorized = sum(r["verdict"] == "memorized" for r in reports)
+    return {"memorized": memorized, "generations": len(reports), "threshold": threshold, "n": index.n,
+            "mirror": use_mirror, "items": reports}
+
+
+def write_provenance(report: dict, directory: str | Path) -> Path:
+    """``provenance.json`` and a self-contained ``provenance.html`` (copied spans highlighted) in ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "provenance.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    blocks = []
+    for r in report["items"]:
+        marked, last = [], 0
+        for a, b in sorted(tuple(s["chars"]) for s in r["spans"] if s["chars"][0] >= 0):
+            if a < last:
+                a = last
+            marked.append(html.escape(r["generation"][last:a]))
+            marked.append(f"<mark>{html.escape(r['generation'][a:b])}</mark>")
+            last = max(last, b)
+        marked.append(html.escape(r["generation"][last:]))
+        head = (f"<b>{html.escape(str(r['id']))}</b>: <span class={'mem' if r['verdict'] == 'memorized' else 'ok'}>"
+                f"{r['verdict']}</span>")
+        if r["source"] is not None:
+            head += (f" from document <b>{html.escape(str(r['source']))}</b> ({r['copied_tokens']} of "
+                     f"{r['n_tokens']} tokens copied verbatim)")
+        m = r.get("mirror")
+        if m:
+            rank = "not scored" if m["source_rank"] is None else f"rank {m['source_rank']}"
+            top = ", ".join(f"{html.escape(str(t['doc_id']))} ({t['score']:.2f})" for t in m["top"][:3])
+            head += (f"<br>mirror: source at {rank}" if r["source"] is not None else "<br>mirror:")
+            head += f"; top documents {top}"
+        blocks.append(f"<div class=gen><p>{head}</p><pre><i>{html.escape(r['prompt'])}</i>{''.join(marked)}</pre>"
+                      "</div>")
+    page = ("<!doctype html><meta charset=utf-8><title>hf-mirror provenance</title><style>body{font:14px sans-serif;"
+            "margin:20px}pre{white-space:pre-wrap;background:#f6f8fa;padding:6px}mark{background:#fde2e2}"
+            ".mem{color:#b00;font-weight:bold}</style>"
+            f"<h1>Memorization provenance</h1><p>{report['memorized']} of {report['generations']} generations "
+            f"memorized (a single document holds at least {report['threshold']:.0%} of their tokens in "
+            f"{report['n']}-gram spans; highlighted).</p>" + "".join(blocks))
+    (out / "provenance.html").write_text(page)
+    return out
+
+
+__all__: Sequence[str] = ["generation_provenance", "write_provenance"]
