@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hf_mirror.evaluation.fact_tracing import FactTracingConfig
-    from hf_mirror.evaluation.sweep import format_table, run_sweep
+    from hf_mirror.evaluation.sweep import GRIDS, format_table, run_sweep
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the benchmark's small size (for tests)")
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="load the trained model from here if saved there, else train and save it there")
     p.add_argument("--output", type=Path, default=None, help="keep every run's result here")
     p.add_argument("--json", type=Path, default=None, help="also write the full report as JSON here")
+    p.add_argument("--grid", choices=["coarse", "steps"], default="coarse",
+                   help="coarse: one change at a time from the defaults; steps: the second stage, around more steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     for f in fields(FactTracingConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=argparse.SUPPRESS)
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(FactTracingConfig):
         if getattr(args, f.name) is not None:
             setattr(cfg, f.name, getattr(args, f.name))
-    report = run_sweep(cfg, output_dir=args.output, model_dir=args.model_dir, log=lambda s: print(s, file=sys.stderr))
+    report = run_sweep(cfg, GRIDS[args.grid](cfg.n_layer), output_dir=args.output, model_dir=args.model_dir,
+                       log=lambda s: print(s, file=sys.stderr))
     report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     print(f"{report['correct']} correct answers ({len(report['tune'])} tune, {len(report['test'])} test); "
           f"{report['documents']} documents")

@@ -34,7 +34,7 @@ CLEAN = [f"{n} writes long letters to a distant friend every winter." for n in (
 def test_split_item_keeps_the_text():
     assert split_item("dog: a member of the genus Canis.") == ("dog:", " a member of the genus Canis.")
     p, c = split_item("The quick brown fox jumps over the lazy dog today.")
-    assert p == "The quick brown fox" and p + c == "The quick brown fox jumps over the lazy dog today."
+    assert p == "The quick" and p + c == "The quick brown fox jumps over the lazy dog today."
     p, c = split_item("one two")
     assert (p, c) == ("one", " two")
     assert "".join(split_item("supercalifragilistic")) == "supercalifragilistic"
@@ -73,7 +73,7 @@ def test_combined_score_is_the_verdict_rule():
     z = robust_z(mirror)
     assert np.isfinite(z).all() and z[3] == z.max()
     assert np.isnan(robust_z([1.0, 2.0, 3.0])).all()  # too few items to calibrate
-    assert combined_scores(cov[:3], mirror[:3], mink[:3])[2] == -np.inf
+    assert combined_scores(np.zeros(3), mirror[:3] + 50, mink[:3] + 50)[2] == 0.0  # uncalibrated: n-gram only
     with pytest.raises(InputError):
         combined_scores(None, None, None)
 

@@ -67,6 +67,27 @@ def default_grid(n_layer: int) -> list[Setting]:
     ]
 
 
+def steps_grid(n_layer: int) -> list[Setting]:
+    """The second stage, around the first stage's winner (more ascent steps): how many, and with what."""
+    top2 = list(range(max(0, n_layer - 2), n_layer))
+    return [
+        Setting("steps=5", {"steps": 5}),
+        Setting("steps=8", {"steps": 8}),
+        Setting("steps=12", {"steps": 12}),
+        Setting("steps=20", {"steps": 20}),
+        Setting("steps=8,lr=1e-2", {"steps": 8, "lr": 1e-2}),
+        Setting("steps=8,rank=16", {"steps": 8, "rank": 16}),
+        Setting("steps=8,layers=top2", {"steps": 8, "layers": top2}),
+        Setting("steps=8,include_prompt", {"steps": 8, "include_prompt": True}),
+        Setting("steps=8,seed=1", {"steps": 8, "seed": 1}),
+        Setting("ensemble steps=8 seeds 0-1", ensemble=("steps=8", "steps=8,seed=1")),
+        Setting("ensemble steps 5,8,12", ensemble=("steps=5", "steps=8", "steps=12")),
+    ]
+
+
+GRIDS = {"coarse": default_grid, "steps": steps_grid}
+
+
 def split_half(ids: Sequence[str]) -> tuple[list[str], list[str]]:
     """(tune, test): each id lands in one half by the parity of its SHA-256."""
     tune = [i for i in ids if hashlib.sha256(str(i).encode()).digest()[0] % 2 == 0]
