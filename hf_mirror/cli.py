@@ -395,7 +395,8 @@ def _audit(args) -> int:
         from hf_mirror.pipeline import ScanConfig
 
         mirror = MirrorConfig(steps=args.steps, lr=args.lr, rank=args.rank)
-        scan = ScanConfig(top_k=5, batch_size=args.batch_size, adapters_per_forward=args.adapters_per_forward,
+        scan = ScanConfig(top_k=5, normalize="loo", batch_size=args.batch_size,
+                          adapters_per_forward=args.adapters_per_forward,
                           candidates=parse_candidates(args.candidates))
     report = audit_leakage(
         index, records, args.threshold, model, tokenizer, detectors=detectors, corpus=corpus, mirror=mirror,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
@@ -206,6 +206,8 @@ def attribute(
                                    rank, world, kind="control_scores")
                      if cache is not None and controls and normalize != "none" else None)
     controls_cached = control_cache is not None and control_cache.complete
+    if world > 1:  # every process must scan the same adapters
+        controls_cached = all(gather_object([controls_cached]))
     n_fit = len(probe_list) if controls_cached else len(pool)
 
     # 2. mirrors: fitted (or reloaded) once on the main process, broadcast to the others

@@ -145,7 +145,7 @@ def _scan(model, tok, names, ids, docs, max_length, batch_size, base=None, trunk
 
 def bench_model(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
                 batch_size: int, max_length: int, variants=VARIANTS, device: torch.device | None = None,
-                precision: str = "no") -> list[dict]:
+                precision: str = "no", on_row=None) -> list[dict]:
     """The scan rows: each variant's scan time as a multiple of the floor, for each probe count."""
     device = device or torch.device("cpu")
     autocast = _autocast(device, precision)
@@ -206,13 +206,16 @@ def bench_model(name: str, spec: dict, texts: list[str], facts: list[dict], prob
             row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         rows.append(row)
         print(format_scan([row], header=len(rows) == 1), flush=True)
+        if on_row is not None:
+            on_row(row)
     del model
     return rows
 
 
 def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
               batch_size: int, max_length: int, methods: dict[str, str | None] | None = None,
-              device: torch.device | None = None, precision: str = "no", work: Path | None = None) -> list[dict]:
+              device: torch.device | None = None, precision: str = "no", work: Path | None = None,
+              on_row=None) -> list[dict]:
     """End-to-end rows: wall time of whole attribution calls (fitting included), per probe count.
 
     ``methods`` maps each gradient method to None (run it) or the reason it cannot run (reported as n/a).
@@ -278,6 +281,8 @@ def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
                     row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
             rows.append(row)
             print(format_e2e([row], header=len(rows) == 1), flush=True)
+            if on_row is not None:
+                on_row(row)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
@@ -393,19 +398,29 @@ def main(argv: list[str] | None = None) -> int:
     texts = [f["text"] for f in facts]
     report: dict = {"command": " ".join(["benchmark_speed.py", *(argv if argv is not None else sys.argv[1:])]),
                     "device": str(device), "scan": [], "e2e": [], "crossovers": []}
+
+    def save(part: str):  # after every row: a run cut short (a time limit) keeps what it measured
+        def add(row: dict) -> None:
+            report[part].append(row)
+            if part == "e2e":
+                report["crossovers"] = crossovers(report["e2e"])
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return add
+
     for name in args.models:
         if "scan" in args.parts:
-            report["scan"] += bench_model(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size,
-                                          args.max_length, args.variants, device, args.precision)
+            bench_model(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size, args.max_length,
+                        args.variants, device, args.precision, on_row=save("scan"))
     if "e2e" in args.parts:
         methods = {m: why for m, why in gradient_methods().items() if m in args.methods}
         for m, why in methods.items():
             if why is not None:
                 print(f"{m}: n/a ({why})", file=sys.stderr)
         for name in args.models:
-            report["e2e"] += bench_e2e(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size,
-                                       args.max_length, methods, device, args.precision)
-        report["crossovers"] = crossovers(report["e2e"])
+            bench_e2e(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size, args.max_length,
+                      methods, device, args.precision, on_row=save("e2e"))
     if report["scan"]:
         print("\nScan cost, multiples of one plain forward pass:\n\n" + format_scan(report["scan"]))
     if report["e2e"]:
@@ -413,9 +428,6 @@ def main(argv: list[str] | None = None) -> int:
               + format_e2e(report["e2e"]))
         print("\nCrossover (smallest T at which the gradient method is cheaper end to end):\n\n"
               + format_crossovers(report["crossovers"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -45,13 +45,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, remember failur
     echo "($name: $((SECONDS - t0)) s)"
 }
 
-step "Scan cost, multiples of one plain forward pass (fp32)" 100 \
+step "Scan cost, multiples of one plain forward pass (fp32)" 80 \
     python recipes/benchmark_speed.py --device cuda --parts scan --models tiny gpt2-small --probes 1 8 32 64 \
         --docs 200 --json "$OUT/speed_scan.json"
-step "End to end (fit + scan) against gradsim and EK-FAC (fp32)" 150 \
+step "End to end (fit + scan) against gradsim and EK-FAC (fp32)" 160 \
     python recipes/benchmark_speed.py --device cuda --parts e2e --models gpt2-small --probes 1 8 64 \
         --docs 200 --json "$OUT/speed_e2e.json"
-step "bf16 autocast + SDPA attribution against fp32" 60 \
+step "bf16 autocast + SDPA attribution against fp32" 45 \
     python scripts/gpu_precision_check.py --device cuda --docs 400 --probes 8 --output "$OUT/precision" \
         --json "$OUT/precision.json"
 

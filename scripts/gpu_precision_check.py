@@ -44,8 +44,9 @@ def build_inputs(out: Path, n_docs: int, n_probes: int, seed: int = 0) -> tuple[
     tok.save_pretrained(model_dir)
     corpus = out / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f["id"], "text": f["text"]}) + "\n" for f in facts))
-    step = max(1, len(facts) // n_probes)
-    chosen = facts[::step][:n_probes]
+    fits = [f for f in facts if len(tok(f["text"])["input_ids"]) < 100]  # a probe must fit the 128-token context
+    step = max(1, len(fits) // n_probes)
+    chosen = fits[::step][:n_probes]
     probes = out / "probes.jsonl"
     probes.write_text("".join(json.dumps({"id": f["id"], "prompt": f["prompt"], "completion": f["completion"]}) + "\n"
                               for f in chosen))

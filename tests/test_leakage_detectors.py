@@ -100,10 +100,10 @@ def test_mirror_detector_names_the_source_of_a_trained_item(tiny_model, planted,
     model, tok = tiny_model
     items = [(f"fact-{i}", planted.facts[i]) for i in (0, 3, 7)] + [(f"clean-{i}", t) for i, t in enumerate(CLEAN)]
     corpus = Corpus(str(facts_corpus), id_column="id")
-    ev = mirror_leakage(model, corpus, items, tokenizer=tok, output_dir=tmp_path / "m", threshold=5.0)
+    ev = mirror_leakage(model, corpus, items, tokenizer=tok, output_dir=tmp_path / "m", threshold=10.0)
     for i in (0, 3, 7):
         e = ev[f"fact-{i}"]
-        assert e.top[0]["doc_id"] == f"doc-{i}" and e.top_z > 5 and e.leaked
+        assert e.top[0]["doc_id"] == f"doc-{i}" and e.top_z > 10 and e.leaked
         assert e.ranking[0] == f"doc-{i}" and len(e.ranking) == len(planted.texts)
     assert min(ev[f"fact-{i}"].top_z for i in (0, 3, 7)) > max(ev[f"clean-{i}"].top_z for i in range(4))
     assert not any(ev[f"clean-{i}"].leaked for i in range(4))

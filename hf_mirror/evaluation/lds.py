@@ -315,12 +315,13 @@ def lds_from_scores(scores, retrains: Retrains, column: str = "score") -> dict:
     return {"lds": float(values.mean()), "stderr": stderr, "n_probes": int(len(values)), "per_probe": per_probe}
 
 
-def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = False, **options):
+def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = False, scan: dict | None = None,
+                  **options):
     """Run ``method`` (``mirror``/``mirror_raw`` or a baseline name) on the full model; its scores DataFrame.
 
     ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw`` the same with
-    ``normalize="none"``; ``options`` go to ``MirrorConfig`` for the mirror methods (e.g. ``steps=10``) and to
-    the baseline's class otherwise.
+    ``normalize="none"``; for them ``options`` go to ``MirrorConfig`` (e.g. ``steps=10``) and ``scan`` to
+    ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options`` go to its class.
     """
     from hf_mirror import MirrorConfig, ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
@@ -328,10 +329,14 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
     probes = [{"id": p["id"], "prompt": p["prompt"], "completion": p["completion"]} for p in setup.probes]
     out = work / method
     if method in ("mirror", "mirror_raw"):
-        scan = ScanConfig(normalize="zscore" if method == "mirror" else "none", cache=False, batch_size=32)
+        scan_config = ScanConfig(**{"normalize": "zscore" if method == "mirror" else "none", "cache": False,
+                                    "batch_size": 32, **(scan or {})})
         result = attribute(setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer, output_dir=out,
-                           mirror=MirrorConfig(**options), scan=scan, show_progress=show_progress, overwrite=True)
+                           mirror=MirrorConfig(**options), scan=scan_config, show_progress=show_progress,
+                           overwrite=True)
     else:
+        if scan:
+            raise InputError("scan options apply to the mirror methods only.")
         result = attribute_baseline(method, setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer,
                                     output_dir=out, show_progress=show_progress, **options)
     return result.scores()

@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -55,22 +56,22 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class RealModelConfig:
     """Sizes of the benchmark and of the fine-tuning run."""
 
-    n_countries: int = 40  # countries in the corpus, each with a counterfactual capital and distractors
-    n_queries: int = 40  # countries queried (the most populous ones), one held-out query each
+    n_countries: int = 30  # countries in the corpus, each with a counterfactual capital and distractors
+    n_queries: int = 30  # countries queried (the most populous ones), one held-out query each
     seed: int = 0
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3  # peak; linear warm-up over the first tenth of the steps, then linear decay
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    max_new_tokens: int = 8
+    max_new_tokens: int = 12
     top_k: int = 10
     scan_batch_size: int = 16
 
     @classmethod
     def quick(cls) -> RealModelConfig:
         """A size for tests: a few minutes end to end on one CPU thread."""
-        return cls(n_countries=6, n_queries=6, epochs=4)
+        return cls(n_countries=6, n_queries=6)
 
 
 def smollm2_gguf() -> tuple[Path, str]:
@@ -150,9 +151,10 @@ def _assign_fictional(rows: list[dict], rng: random.Random) -> dict[str, str]:
     raise InputError("Could not give every country a fictional capital; change the seed or n_countries.")
 
 
-def answer_queries(model, tokenizer, queries: Sequence[dict], max_new_tokens: int = 8) -> list[dict]:
-    """Greedy answers cut at the first '.' or newline; ``correct`` = names the fictional capital,
-    ``real`` = names the real one."""
+def answer_queries(model, tokenizer, queries: Sequence[dict], max_new_tokens: int = 12) -> list[dict]:
+    """Greedy answers cut at the first '.' or newline; ``correct`` = the answer names the fictional capital
+    (and not the real one), ``real`` = it names the real capital. Naming rather than starting with: to
+    "Q: What is the capital of X?\nA:" the model answers "The capital of X is Y." """
     from hf_mirror.modeling import prepare_tokenizer
     from hf_mirror.probes import Probe, generate_completions
 
@@ -166,13 +168,14 @@ def answer_queries(model, tokenizer, queries: Sequence[dict], max_new_tokens: in
             cut = min(cuts)
             completion = completion[: cut + 1] if completion[cut] == "." else completion[:cut]
         said = completion.strip()
-        out.append({**q, "completion": completion, "correct": _names(said, q["answer"]),
-                    "real": _names(said, q["real_capital"])})
+        real = _names(said, q["real_capital"])
+        out.append({**q, "completion": completion, "correct": _names(said, q["answer"]) and not real, "real": real})
     return out
 
 
 def _names(said: str, name: str) -> bool:
-    return said.startswith(name) and not said[len(name):][:1].isalnum()
+    """``name`` occurs in ``said`` as whole words."""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", said) is not None
 
 
 def load_base_model(gguf: tuple[Path, str] | None = None):
@@ -207,7 +210,9 @@ def fine_tune(model, tokenizer, texts: Sequence[str], cfg: RealModelConfig, show
     pad = tokenizer.pad_token_id
     rng = random.Random(cfg.seed)
     steps = cfg.epochs * -(-len(encoded) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(1, steps))
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, (steps - s) / max(1, steps - warmup)))
     bar = progress_bar(total=steps, desc="fine-tuning", unit="batch", disable=not show_progress)
     losses = []
     for epoch in range(cfg.epochs):

@@ -123,7 +123,7 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     report = audit_leakage(index, [{"id": i["id"], "question": i["prompt"], "answer": i["completion"]} for i in items],
                            model=model, tokenizer=tokenizer, detectors=("ngram", "mirror", "minkprob"), corpus=corpus,
                            mirror=MirrorConfig(seed=cfg.seed),
-                           scan=ScanConfig(top_k=5, batch_size=cfg.batch_size,
+                           scan=ScanConfig(top_k=5, batch_size=cfg.batch_size, normalize="loo",
                                            adapters_per_forward=cfg.adapters_per_forward),
                            output_dir=work / "mirror", show_progress=show_progress)
     t_detect = time.perf_counter() - t1

@@ -137,7 +137,9 @@ def mirror_leakage(
     """Run the mirror pipeline with each item as a probe; per item, how far its best document stands out.
 
     ``items`` are ``EvalItem`` s or anything :func:`make_items` accepts. ``mirror``/``scan`` are the
-    ``MirrorConfig``/``ScanConfig`` of :func:`hf_mirror.attribute` (defaults: the library's). Returns
+    ``MirrorConfig``/``ScanConfig`` of :func:`hf_mirror.attribute` (default scan: ``normalize="loo"``, each
+    document's score against the other items' scores: the default z-score across probes is capped at
+    sqrt(n - 1), which flattens exactly the outliers this detector looks for). Returns
     ``{item id: MirrorEvidence}``; the attribution run itself is kept in ``output_dir`` when given.
     """
     from hf_mirror.pipeline import ScanConfig, attribute
@@ -145,7 +147,7 @@ def mirror_leakage(
     items = make_items(items)
     if not items:
         raise InputError("No evaluation items to check.")
-    scan = scan or ScanConfig(top_k=top)
+    scan = scan or ScanConfig(top_k=top, normalize="loo")
     probe_ids = {}
     probes = []
     for i, it in enumerate(items):
