@@ -45,7 +45,7 @@ def _add_attribute(sub) -> None:
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--target-modules", nargs="+", default=None, help="default: PEFT's mapping for the model")
     g.add_argument("--layers", nargs="+", type=int, default=None, help="block indices to adapt (default: all)")
-    g.add_argument("--steps", type=int, default=3)
+    g.add_argument("--steps", type=int, default=5, help="optimizer steps per mirror (chosen by the sweep)")
     g.add_argument("--lr", type=float, default=5e-3)
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
     g.add_argument(
@@ -165,7 +165,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--no-membership", action="store_true", help="same as leaving minkprob out of --detectors")
     p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
     g = p.add_argument_group("mirror detector (see `hf-mirror attribute --help`)")
-    g.add_argument("--steps", type=int, default=3)
+    g.add_argument("--steps", type=int, default=5, help="optimizer steps per mirror (chosen by the sweep)")
     g.add_argument("--lr", type=float, default=5e-3)
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--batch-size", type=int, default=8)

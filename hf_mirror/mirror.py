@@ -34,7 +34,7 @@ class MirrorConfig:
     dropout: float = 0.0
     target_modules: list[str] | None = None
     layers: list[int] | None = None
-    steps: int = 3
+    steps: int = 5
     lr: float = 5e-3
     optimizer: str = "adam"
     direction: str = "unlearn"

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--json", type=Path, default=None, help="also write the full report as JSON here")
     p.add_argument("--output", type=Path, default=None, help="keep the model and every result here")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="load the trained model from here if saved there (e.g. an earlier --output), else train it "
+                        "and save it there")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: tiny models gain little from more, and lose a lot on a busy "
                         "machine)")
@@ -45,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             setattr(cfg, f.name, value)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    report = run_benchmark(cfg, methods, args.output, args.progress, log=lambda s: print(s, file=sys.stderr))
+    report = run_benchmark(cfg, methods, args.output, args.progress, log=lambda s: print(s, file=sys.stderr),
+                           model_dir=args.model_dir)
     report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     report["threads"] = args.threads
     print(f"{report['correct']}/{report['queries']} held-out queries answered correctly; "
-          f"{report['documents']} documents; model trained in {report['train_seconds']:.0f} s")
+          f"{report['documents']} documents; "
+          + (f"model trained in {report['train_seconds']:.0f} s" if report["train_seconds"] is not None
+             else "model loaded from --model-dir"))
     print(format_table(report, cfg.top_k))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

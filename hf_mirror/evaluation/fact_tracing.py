@@ -9,6 +9,7 @@ MRR and recall@k are reported over the queries the model answers correctly.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import tempfile
@@ -40,6 +41,7 @@ DISTRACTOR_TEMPLATES = {
 }
 METHODS = ("mirror", "mirror_raw", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim", "ekfac")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
+MODEL_MARKER = "fact_tracing_model.json"  # next to a saved model: the configuration it was trained for
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
 
 
@@ -140,6 +142,33 @@ def train_model(bench: FactTracingBenchmark, cfg: FactTracingConfig, output_dir:
                          show_progress=show_progress)
 
 
+def load_or_train(bench: FactTracingBenchmark, cfg: FactTracingConfig, model_dir: str | Path | None,
+                  log: Callable[[str], None] = lambda s: None) -> tuple[object, object, float | None]:
+    """The benchmark's model saved in ``model_dir`` (by this function, or by ``benchmark_fact_tracing.py
+    --output DIR``: then ``DIR/model``), else one trained now and saved there. Returns model, tokenizer and the
+    training time (None when loaded); a model saved for another configuration is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is not None:
+        path = Path(model_dir)
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            path = path / "model"
+        if (path / "config.json").exists():
+            marker = path / MODEL_MARKER
+            if marker.exists() and json.loads(marker.read_text()) != asdict(cfg):
+                raise InputError(f"The model in {path} was trained for another fact-tracing configuration; "
+                                 "pass another --model-dir.")
+            log(f"loading the fact-tracing model from {path}")
+            return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), None
+    log("training the fact-tracing model")
+    t0 = time.perf_counter()
+    model, tokenizer = train_model(bench, cfg, model_dir)
+    seconds = time.perf_counter() - t0
+    if model_dir is not None:
+        (Path(model_dir) / MODEL_MARKER).write_text(json.dumps(asdict(cfg)))
+    return model, tokenizer, seconds
+
+
 def answer_queries(model, tokenizer, bench: FactTracingBenchmark, max_new_tokens: int = 8) -> list[dict]:
     """The model's greedy answer to each query (cut after its first sentence) and whether it is right."""
     from hf_mirror.modeling import prepare_tokenizer
@@ -200,8 +229,9 @@ def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfi
 
 
 def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,
-                  show_progress: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Build, train, answer, then run and score each method; returns a JSON-able report.
+                  show_progress: bool = False, log: Callable[[str], None] = lambda s: None,
+                  model_dir: str | Path | None = None) -> dict:
+    """Build, train (or load from ``model_dir``), answer, then run and score each method; returns a JSON-able report.
 
     ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw`` the same with
     ``normalize="none"``; the baselines are :func:`hf_mirror.baselines.attribute_baseline`. Each method's
@@ -215,13 +245,11 @@ def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, outp
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_ftrace_"))
     work.mkdir(parents=True, exist_ok=True)
     bench = build_benchmark(cfg)
-    log(f"{len(bench.documents)} documents, {len(bench.queries)} queries; training the model")
-    t0 = time.perf_counter()
-    model, tokenizer = train_model(bench, cfg, work / "model", show_progress)
-    train_seconds = time.perf_counter() - t0
+    log(f"{len(bench.documents)} documents, {len(bench.queries)} queries")
+    model, tokenizer, train_seconds = load_or_train(bench, cfg, model_dir or work / "model", log)
     answers = answer_queries(model, tokenizer, bench, cfg.max_new_tokens)
     correct = [a["id"] for a in answers if a["correct"]]
-    log(f"model trained in {train_seconds:.0f} s; answers {len(correct)}/{len(answers)} held-out queries correctly")
+    log(f"the model answers {len(correct)}/{len(answers)} held-out queries correctly")
     probes = [{"id": a["id"], "prompt": a["prompt"], "completion": a["completion"]} for a in answers if a["correct"]]
     report = {"config": asdict(cfg), "documents": len(bench.documents), "queries": len(answers),
               "correct": len(correct), "train_seconds": train_seconds, "answers": answers, "methods": {}}

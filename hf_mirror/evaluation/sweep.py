@@ -26,9 +26,9 @@ from hf_mirror.evaluation.fact_tracing import (
     FactTracingConfig,
     answer_queries,
     build_benchmark,
+    load_or_train,
     rankings,
     retrieval_metrics,
-    train_model,
 )
 from hf_mirror.mirror import MirrorConfig
 from hf_mirror.scoring import normalize_scores
@@ -45,9 +45,10 @@ class Setting:
 
 
 def default_grid(n_layer: int) -> list[Setting]:
-    """One change at a time from the defaults (3 Adam ascent steps, lr 5e-3, rank 8, all blocks)."""
-    return [
-        Setting("default"),
+    """The first stage: one change at a time from the first defaults (3 Adam ascent steps, lr 5e-3, rank 8)."""
+    first = {"steps": 3}
+    grid = [
+        Setting("steps=3"),
         Setting("steps=1", {"steps": 1}),
         Setting("steps=5", {"steps": 5}),
         Setting("steps=10,lr=2e-3", {"steps": 10, "lr": 2e-3}),
@@ -62,9 +63,10 @@ def default_grid(n_layer: int) -> list[Setting]:
         Setting("aggregate=max", aggregate="max"),
         Setting("seed=1", {"seed": 1}),
         Setting("seed=2", {"seed": 2}),
-        Setting("ensemble seeds 0-2", ensemble=("default", "seed=1", "seed=2")),
-        Setting("ensemble steps 1,3,5", ensemble=("steps=1", "default", "steps=5")),
+        Setting("ensemble seeds 0-2", ensemble=("steps=3", "seed=1", "seed=2")),
+        Setting("ensemble steps 1,3,5", ensemble=("steps=1", "steps=3", "steps=5")),
     ]
+    return [replace(s, mirror={**first, **s.mirror}) if not s.ensemble else s for s in grid]
 
 
 def steps_grid(n_layer: int) -> list[Setting]:
@@ -102,17 +104,6 @@ def normalized(raw: pd.DataFrame, normalize: str) -> pd.DataFrame:
     return out.reset_index().melt(id_vars="doc_id", var_name="probe_id", value_name="score")
 
 
-def load_or_train(bench, cfg: FactTracingConfig, model_dir: Path, log: Callable[[str], None]):
-    """The benchmark's model from ``model_dir`` if one is saved there, else trained and saved there."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (model_dir / "config.json").exists():
-        log(f"loading the trained model from {model_dir}")
-        return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    log("training the model")
-    return train_model(bench, cfg, model_dir)
-
-
 def run_sweep(cfg: FactTracingConfig, grid: Sequence[Setting] | None = None, output_dir: str | Path | None = None,
               model_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every setting of ``grid`` and score it (MRR, recall@k) on the tune and test halves."""
@@ -124,7 +115,7 @@ def run_sweep(cfg: FactTracingConfig, grid: Sequence[Setting] | None = None, out
     if grid is not None:
         _check_grid(grid)
     bench = build_benchmark(cfg)
-    model, tokenizer = load_or_train(bench, cfg, Path(model_dir) if model_dir else work / "model", log)
+    model, tokenizer, _ = load_or_train(bench, cfg, model_dir or work / "model", log)
     grid = list(grid) if grid is not None else default_grid(model.config.num_hidden_layers)
     answers = answer_queries(model, tokenizer, bench, cfg.max_new_tokens)
     probes = [{"id": a["id"], "prompt": a["prompt"], "completion": a["completion"]} for a in answers if a["correct"]]
