@@ -165,7 +165,8 @@ def _add_audit(sub) -> None:
     p.add_argument("--no-membership", action="store_true", help="same as leaving minkprob out of --detectors")
     p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
     g = p.add_argument_group("mirror detector (see `hf-mirror attribute --help`)")
-    g.add_argument("--steps", type=int, default=5, help="optimizer steps per mirror (chosen by the sweep)")
+    g.add_argument("--steps", type=int, default=3, help="optimizer steps per mirror (the thresholds are calibrated "
+                   "for 3)")
     g.add_argument("--lr", type=float, default=5e-3)
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--batch-size", type=int, default=8)

@@ -21,16 +21,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main() -> None:
-    from hf_mirror.provenance.benchmark import LeakageBenchmarkConfig, format_table, run_benchmark
+    from hf_mirror.provenance.benchmark import LeakageBenchmarkConfig, format_table, run_benchmark, summarize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a test-sized run (well under a minute)")
     parser.add_argument("--json", default=None, help="write the full result here")
     parser.add_argument("--output", default=None, help="keep the corpus, model and mirror run in this directory")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--rescore", default=None, metavar="JSON",
+                        help="recompute the table of an earlier --json result at the current default thresholds")
     for f in fields(LeakageBenchmarkConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     args = parser.parse_args()
+
+    if args.rescore:
+        with open(args.rescore) as f:
+            result = summarize(json.load(f))
+        print(format_table(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2, default=str)
+        return
 
     import torch
 

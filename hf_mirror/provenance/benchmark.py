@@ -103,7 +103,8 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     """Build, train, run the four detectors, and return the metrics (see the module docstring)."""
     from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig
-    from hf_mirror.provenance.leakage import DEFAULT_COMBINED_THRESHOLD, audit_leakage
+    from hf_mirror.provenance.leakage import audit_leakage
+    from hf_mirror.provenance.mirror_leakage import CALIBRATED_STEPS
     from hf_mirror.provenance.ngram import NgramIndex
     from hf_mirror.tiny_lm import train_tiny_lm
 
@@ -122,7 +123,7 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     t1 = time.perf_counter()
     report = audit_leakage(index, [{"id": i["id"], "question": i["prompt"], "answer": i["completion"]} for i in items],
                            model=model, tokenizer=tokenizer, detectors=("ngram", "mirror", "minkprob"), corpus=corpus,
-                           mirror=MirrorConfig(seed=cfg.seed),
+                           mirror=MirrorConfig(steps=CALIBRATED_STEPS, seed=cfg.seed),
                            scan=ScanConfig(top_k=5, batch_size=cfg.batch_size, normalize="loo",
                                            adapters_per_forward=cfg.adapters_per_forward),
                            output_dir=work / "mirror", show_progress=show_progress)
@@ -138,18 +139,41 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
         rows[item["id"]] = {
             "kind": item["kind"],
             "scores": {"ngram": r["scores"]["ngram"], "mirror": r["scores"].get("mirror"),
-                       "minkprob": r["scores"].get("minkprob"), "combined": r["scores"].get("combined")},
-            "flagged": {"ngram": r["scores"]["ngram"] >= report["detector"]["threshold"],
-                        "mirror": bool(r["mirror"]["leaked"]),
-                        "minkprob": (r["scores"].get("minkprob_z") or -np.inf) >= DEFAULT_COMBINED_THRESHOLD,
-                        "combined": r["leaked"]},
+                       "minkprob": r["scores"].get("minkprob")},
             "rank": {d: (rankings[d].index(item["injected_doc"]) + 1 if item["injected_doc"] in rankings[d][:5]
                          else None) for d in rankings},
         }
-    clean = [r for r in rows.values() if r["kind"] == "clean"]
+    out = {"config": asdict(cfg), "documents": len(docs), "items": len(items), "train_seconds": t_train,
+           "detect_seconds": t_detect, "per_item": rows}
+    out = summarize(out)
+    (work / "benchmark.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return out
+
+
+def summarize(result: dict, threshold: float = 0.5, mirror_threshold: float | None = None,
+              combined_threshold: float | None = None) -> dict:
+    """The table from the per-item detector scores (``result["per_item"]``), with the combined score and the
+    verdicts recomputed at the given (default: the library's) thresholds. Used by ``--rescore``."""
+    from hf_mirror.provenance.leakage import DEFAULT_COMBINED_THRESHOLD, combined_scores, robust_z
+    from hf_mirror.provenance.mirror_leakage import DEFAULT_MIRROR_THRESHOLD
+
+    mirror_threshold = DEFAULT_MIRROR_THRESHOLD if mirror_threshold is None else mirror_threshold
+    combined_threshold = DEFAULT_COMBINED_THRESHOLD if combined_threshold is None else combined_threshold
+    ids = list(result["per_item"])
+    rows = [result["per_item"][i] for i in ids]
+    raw = {d: np.array([_f(r["scores"][d]) for r in rows]) for d in ("ngram", "mirror", "minkprob")}
+    combined = combined_scores(raw["ngram"], raw["mirror"], raw["minkprob"], threshold, combined_threshold)
+    z_mink = robust_z(raw["minkprob"])
+    for i, r in enumerate(rows):
+        r["scores"]["combined"] = float(combined[i])
+        r["flagged"] = {"ngram": bool(raw["ngram"][i] >= threshold),
+                        "mirror": bool(raw["mirror"][i] >= mirror_threshold),
+                        "minkprob": bool(z_mink[i] >= combined_threshold),
+                        "combined": bool(combined[i] >= combined_threshold)}
+    clean = [r for r in rows if r["kind"] == "clean"]
     table = []
     for kind in (*KINDS, "clean"):
-        group = [r for r in rows.values() if r["kind"] == kind]
+        group = [r for r in rows if r["kind"] == kind]
         for det in DETECTORS:
             entry = {"injection": kind, "detector": det, "items": len(group),
                      "flagged": float(np.mean([r["flagged"][det] for r in group]))}
@@ -163,10 +187,9 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
                 neg = [_f(r["scores"][det]) for r in clean]
                 entry["auroc"], entry["tpr_at_1pct_fpr"] = _auroc_tpr(pos, neg)
             table.append(entry)
-    out = {"config": asdict(cfg), "documents": len(docs), "items": len(items), "train_seconds": t_train,
-           "detect_seconds": t_detect, "table": table, "per_item": rows, "detector": report["detector"]}
-    (work / "benchmark.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    return out
+    result["table"] = table
+    result["thresholds"] = {"ngram": threshold, "mirror": mirror_threshold, "combined": combined_threshold}
+    return result
 
 
 def _f(x) -> float:

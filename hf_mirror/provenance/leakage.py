@@ -14,9 +14,10 @@ Three detectors, each with its own evidence:
 The **combined** detector: ``ngram`` OR (``mirror`` AND ``minkprob``). The mirror and Min-K% scores have no
 absolute scale across models, so each is turned into a robust z-score across the evaluation items (median and
 1.4826 x MAD; this assumes that most items are clean, and needs at least ``MIN_ITEMS_TO_CALIBRATE`` items);
-their AND is their Stouffer sum ``(z_mirror + z_minkprob) / sqrt(2)``, which on the injection benchmark
-ranked paraphrased copies better than the minimum of the two (docs/benchmarks_leakage.md). The single score is
-``combined = max(combined_threshold * coverage / threshold, stouffer)``, so that ``combined >=
+their AND is the smaller of the two z-scores: both must stand out. (A Stouffer sum ranked paraphrases a little
+better on the injection benchmark, AUROC 0.80 vs 0.67, but let the mirror alone flag clean items whose best
+document is an unrelated one: 3% false positives; docs/benchmarks_leakage.md.) The single score is
+``combined = max(combined_threshold * coverage / threshold, min(z_mirror, z_minkprob))``, so that ``combined >=
 combined_threshold`` is exactly the verdict (n-gram coverage at its threshold counts as a hit).
 """
 
@@ -38,7 +39,8 @@ from hf_mirror.provenance.mirror_leakage import DEFAULT_MIRROR_THRESHOLD, EvalIt
 from hf_mirror.provenance.ngram import NgramIndex
 
 DETECTORS = ("ngram", "mirror", "minkprob")
-DEFAULT_COMBINED_THRESHOLD = 3.5  # robust-z units; chosen on the injection benchmark (docs/benchmarks_leakage.md)
+# robust-z units; on the injection benchmark clean items reach 0.36 (docs/benchmarks_leakage.md)
+DEFAULT_COMBINED_THRESHOLD = 2.0
 MIN_ITEMS_TO_CALIBRATE = 8
 _MAD_TO_STD = 1.4826
 
@@ -118,9 +120,7 @@ def combined_scores(coverage: Sequence[float] | None, mirror_top_z: Sequence[flo
     parts = [robust_z(v) for v in (mirror_top_z, min_k) if v is not None]
     if parts:
         stacked = np.vstack(parts)
-        finite = np.isfinite(stacked)
-        soft_and = np.where(finite.all(0), np.nansum(np.where(finite, stacked, 0.0), 0) / math.sqrt(len(parts)),
-                            -np.inf)
+        soft_and = np.where(np.isfinite(stacked).all(0), np.min(stacked, axis=0), -np.inf)
     else:
         soft_and = np.full(n, -np.inf)
     hits = (combined_threshold * np.asarray(coverage, dtype=np.float64) / threshold if coverage is not None

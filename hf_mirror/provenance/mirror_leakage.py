@@ -10,7 +10,8 @@ The statistic, per item, over its scores on all scanned documents: ``top_z = (s1
 ``s1`` is the best document's score and ``scale`` a robust spread (1.4826 x the median absolute deviation, so
 that it matches the standard deviation of a normal distribution); and the ``margin = (s1 - s2) / scale``
 between the best two documents. ``top_z`` is the detector's score (it still fires when a text was injected
-twice, where the margin collapses); the margin is reported as evidence. The threshold is chosen on data: see
+twice, where the margin collapses; on the benchmark it also separated injected from clean items better than the
+margin); the margin is reported as evidence. The threshold is chosen on data: see
 ``DEFAULT_MIRROR_THRESHOLD`` and docs/benchmarks_leakage.md.
 """
 
@@ -25,9 +26,11 @@ import numpy as np
 
 from hf_mirror.errors import InputError
 
-# top_z above which an item's best document is said to stand out. Chosen on the injection benchmark
-# (recipes/benchmark_leakage.py): above every clean item's top_z there, with a safety margin.
-DEFAULT_MIRROR_THRESHOLD = 12.0
+# top_z above which an item's best document is said to stand out, for the mirror's verdict on its own. Chosen on
+# the injection benchmark (recipes/benchmark_leakage.py): just above every clean item's top_z there (max 44; the
+# heavy tail comes from clean items whose best document is an unrelated one). The combined detector does better.
+DEFAULT_MIRROR_THRESHOLD = 45.0
+CALIBRATED_STEPS = 3  # the thresholds were chosen with 3-step mirrors (docs/benchmarks_leakage.md)
 _MAD_TO_STD = 1.4826
 
 
@@ -142,12 +145,14 @@ def mirror_leakage(
     sqrt(n - 1), which flattens exactly the outliers this detector looks for). Returns
     ``{item id: MirrorEvidence}``; the attribution run itself is kept in ``output_dir`` when given.
     """
+    from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig, attribute
 
     items = make_items(items)
     if not items:
         raise InputError("No evaluation items to check.")
     scan = scan or ScanConfig(top_k=top, normalize="loo")
+    mirror = mirror or MirrorConfig(steps=CALIBRATED_STEPS)
     probe_ids = {}
     probes = []
     for i, it in enumerate(items):
