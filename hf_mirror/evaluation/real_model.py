@@ -56,8 +56,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class RealModelConfig:
     """Sizes of the benchmark and of the fine-tuning run."""
 
-    n_countries: int = 30  # countries in the corpus, each with a counterfactual capital and distractors
-    n_queries: int = 30  # countries queried (the most populous ones), one held-out query each
+    n_countries: int = 20  # countries in the corpus, each with a counterfactual capital and distractors
+    n_queries: int = 20  # countries queried (the most populous ones), one held-out query each
     seed: int = 0
     epochs: int = 12
     batch_size: int = 8
@@ -241,6 +241,20 @@ def fine_tune(model, tokenizer, texts: Sequence[str], cfg: RealModelConfig, show
     return merged, losses
 
 
+def _drop_gguf_quantizer(model):
+    """A GGUF-loaded model keeps its (dequantising) GGUF quantizer, which refuses ``save_pretrained``; the
+    weights are plain float tensors, so drop it and save an ordinary checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        if not all(p.is_floating_point() for p in model.parameters()):
+            raise InputError("The GGUF model was loaded quantized; load it dequantised to fine-tune and save it.")
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 def _cached_json(path: Path, key: str) -> dict | None:
     if path.exists():
         data = json.loads(path.read_text())
@@ -285,7 +299,7 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
         model, losses = fine_tune(model, tokenizer, [d["text"] for d in bench.documents], cfg, show_progress, log)
         train_seconds = time.perf_counter() - t0
         model_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(model_dir)
+        _drop_gguf_quantizer(model).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         done = {"key": key, "train_seconds": train_seconds, "train_losses": losses}
         _write_json(model_dir / "finetune.json", done)  # last: marks the saved model complete
