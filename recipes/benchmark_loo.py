@@ -1,12 +1,13 @@
 """Mirrored-hypothesis check: correlation of mirror scores with leave-one-out retraining.
 
     python recipes/benchmark_loo.py [--quick] [--methods mirror,mirror_raw,ekfac,...] [--json runs/loo.json]
-        [--cache-dir DIR] [--n-docs 32] [--n-queries 8] ...
+        [--cache-dir DIR] [--n-docs 32] [--n-queries 8] [--train-seeds 2] ...
 
 Trains a small GPT-2 on the fact-tracing corpus, retrains it once without each of ``--n-docs`` documents
 (the probes' proponents plus random others; same tokenizer, hyperparameters, seed and data order), and
 correlates each method's score for every (probe, document) pair with the actual effect (probe loss without
-the document minus with it); see ``hf_mirror.evaluation.loo``. Retrains are cached under ``--cache-dir``
+the document minus with it; ``--train-seeds K`` averages it over K training seeds and reports how well
+two seeds' effects agree); see ``hf_mirror.evaluation.loo``. Retrains are cached under ``--cache-dir``
 (default ``$HF_MIRROR_CACHE/counterfactual``). Prints a Markdown table.
 """
 
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(report['left_out'])} documents left out ({report['retrain_seconds']:.0f} s retraining in this run)")
     print(f"mean LOO effect on the probe loss: proponent pairs {eff['proponent_mean']:+.4f}, other pairs "
           f"{eff['other_mean']:+.4f} (std {eff['other_std']:.4f})")
+    if "seed_agreement" in report:
+        agree = report["seed_agreement"]
+        print(f"LOO reproducibility (seed {cfg.seed} vs seed {cfg.seed + 1} effects): Pearson {agree['pearson']:.3f}, "
+              f"Spearman {agree['spearman']:.3f}, per-probe Spearman {agree['spearman_per_probe']:.3f}")
     print(format_table(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

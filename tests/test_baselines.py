@@ -14,6 +14,7 @@ from hf_mirror.scoring import EVIDENCE_COLUMNS, TOPK_COLUMNS
 
 # share of planted probes whose source document must rank first (measured: bm25 1.0, embedding 1.0, gradsim 0.82)
 MIN_TOP1 = {"bm25": 0.95, "embedding": 0.8, "gradsim": 0.7}
+BASELINES = [m for m in METHODS if m != "ekfac"]  # ekfac (optional extra): tests/test_ekfac.py
 
 
 @pytest.fixture(autouse=True)
@@ -34,19 +35,19 @@ def results(tiny_model, planted, tmp_path_factory) -> dict[str, AttributionResul
     try:
         return {m: attribute_baseline(m, model, corpus, planted.probes(), tokenizer=tok,
                                       output_dir=tmp_path_factory.mktemp(m), top_k=5, show_progress=False)
-                for m in METHODS}
+                for m in BASELINES}
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(BASELINES))
 def test_source_document_ranks_first(results, planted, method):
     result = results[method]
     hits = [result.top(f"fact-{i}", 1)["doc_id"][0] == i for i in range(len(planted.names))]
     assert np.mean(hits) >= MIN_TOP1[method], f"{method}: source first for only {np.mean(hits):.0%} of probes"
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(BASELINES))
 def test_writes_a_loadable_result_like_attribute(results, planted, method):
     result = results[method]
     for name in FILES.values():

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from hf_mirror import InputError
+from hf_mirror import AttributionResult, InputError
 from hf_mirror.baselines import METHODS, attribute_baseline
-from hf_mirror.baselines.ekfac import linearize_conv1d, tracked_linear_modules
+from hf_mirror.baselines._common import iter_documents
+from hf_mirror.baselines.ekfac import EKFACBaseline, linearize_conv1d, tracked_linear_modules
+from hf_mirror.probes import Probe
+from hf_mirror.results import FILES
+from hf_mirror.scoring import EVIDENCE_COLUMNS, TOPK_COLUMNS
 
 HAS_KRONFLUENCE = importlib.util.find_spec("kronfluence") is not None
 needs_kronfluence = pytest.mark.skipif(not HAS_KRONFLUENCE,
@@ -43,7 +47,7 @@ def ekfac_result(tiny_model, planted, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return attribute_baseline("ekfac", model, planted.texts, fact_probes(planted), tokenizer=tok,
+        return attribute_baseline("ekfac", model, [*planted.texts, "   "], fact_probes(planted), tokenizer=tok,
                                   output_dir=tmp_path_factory.mktemp("ekfac"), top_k=3, show_progress=False,
                                   batch_size=32)
     finally:
@@ -62,8 +66,37 @@ def test_source_document_ranks_first(ekfac_result, planted):
     scores = ekfac_result.scores()
     own = scores[scores["probe_id"] == "fact-0"].set_index("doc_id")["score"]
     assert own[0] > 0 and own[0] > own.drop(0).max()  # positive = supports the probe
+
+
+@needs_kronfluence
+def test_writes_a_loadable_result_like_the_other_baselines(ekfac_result, planted):
+    loaded = AttributionResult.load(ekfac_result.directory)
+    for name in FILES.values():
+        assert (loaded.directory / name).exists(), name
+    assert list(loaded.topk.columns) == TOPK_COLUMNS and list(loaded.evidence.columns) == EVIDENCE_COLUMNS
+    assert loaded.evidence.empty and loaded.config["method"] == "ekfac"
+    assert loaded.skipped == [{"doc_id": len(planted.texts), "reason": "empty or whitespace-only"}]
+    scores = loaded.scores()
     assert len(scores) == len(planted.names) * len(planted.texts)
-    assert ekfac_result.config["method"] == "ekfac" and ekfac_result.evidence.empty
+    assert np.allclose(scores["score"], scores["raw_score"])
+
+
+@needs_kronfluence
+def test_scorer_sums_windows_and_removes_its_scratch(tiny_model, planted):
+    model, tok = tiny_model
+    probes = [Probe(**p) for p in fact_probes(planted)[:2]]
+    scorer = EKFACBaseline(model, tok, probes, 32, 2, batch_size=4)  # the probes' context: 32 tokens
+    skipped = []
+    docs = list(iter_documents(enumerate(planted.texts[:4]), tok, 6, 2, skipped))
+    assert all(len(d.windows) >= 2 for d in docs)  # 6-token windows: every document is split
+    rows = list(scorer.score(iter(docs)))
+    assert [d for d, _ in rows] == docs
+    scores = np.stack([row for _, row in rows])
+    assert scores.shape == (4, 2) and np.isfinite(scores).all()
+    assert scores[0, 0] > scores[1:, 0].max() and scores[1, 1] > np.delete(scores[:, 1], 1).max()  # own fact
+    assert scorer.workdir.exists()
+    scorer.close()
+    assert not scorer.workdir.exists()
 
 
 @needs_kronfluence

@@ -20,6 +20,7 @@ token windows are held in memory, like BM25's index.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import shutil
 import tempfile
@@ -36,7 +37,9 @@ from hf_mirror.errors import InputError
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-INSTALL = "The ekfac baseline needs kronfluence: pip install 'hf-mirror[ekfac]'."
+INSTALL = ("The ekfac baseline needs kronfluence: pip install 'hf-mirror[ekfac]' && pip install --no-deps "
+           "kronfluence==1.0.1 (--no-deps: kronfluence's declared torchvision dependency is unused and can replace "
+           "or break your torch).")
 
 
 def _kronfluence():
@@ -211,7 +214,19 @@ class EKFACBaseline:
             for _, seq, ctx in doc.windows:  # the window scores seq[ctx:]: its context is masked out
                 rows.append((list(seq), [IGNORE_INDEX] * ctx + list(seq[ctx:])))
                 owner.append(i)
-        train = _Rows(rows)
+        # kronfluence calls gc.collect() around every phase; freezing the objects that exist now (the caller's
+        # whole process) keeps each collection cheap, and unfreezing hands them back to the collector
+        gc.freeze()
+        try:
+            window_scores = self._fit_and_score(_Rows(rows))
+        finally:
+            gc.unfreeze()
+        per_doc = np.zeros((len(docs), window_scores.shape[0]), np.float64)
+        np.add.at(per_doc, np.asarray(owner), window_scores.T)  # a document's gradient is its windows' sum
+        yield from zip(docs, per_doc, strict=True)
+
+    def _fit_and_score(self, train: _Rows) -> np.ndarray:
+        """Fit the factors on ``train`` and return the [probes, windows] influence scores."""
         _, _, _, FactorArguments, ScoreArguments, _, _ = self._kf
         with torch.enable_grad():
             torch.manual_seed(self.seed)
@@ -224,10 +239,7 @@ class EKFACBaseline:
                 per_device_train_batch_size=self.batch_size,
                 score_args=ScoreArguments(damping_factor=self.damping), overwrite_output_dir=True)
             scores = analyzer.load_pairwise_scores("scores")
-        window_scores = scores["all_modules"].double().cpu().numpy()  # [probes, windows]
-        per_doc = np.zeros((len(docs), window_scores.shape[0]), np.float64)
-        np.add.at(per_doc, np.asarray(owner), window_scores.T)  # a document's gradient is its windows' sum
-        yield from zip(docs, per_doc, strict=True)
+        return scores["all_modules"].double().cpu().numpy()
 
     def close(self) -> None:
         """Remove kronfluence's factors and scores (the private model copy goes with this object)."""

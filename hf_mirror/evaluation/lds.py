@@ -346,6 +346,8 @@ def run_lds(cfg: LDSConfig, methods: Sequence[str] = METHODS, cache_dir: str | P
             output_dir: str | Path | None = None, show_progress: bool = False,
             log: Callable[[str], None] = lambda s: None) -> dict:
     """Train (or load) the full model and the retrained subsets, then score each method; a JSON-able report."""
+    from hf_mirror.mirror import MirrorConfig
+
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise InputError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
@@ -357,7 +359,8 @@ def run_lds(cfg: LDSConfig, methods: Sequence[str] = METHODS, cache_dir: str | P
     report = {"config": asdict(cfg), "documents": len(setup.documents), "probes": len(setup.probes),
               "correct": sum(p["correct"] for p in setup.probes), "subset_documents": int(retrains.masks[0].sum()),
               "retrain_seconds": retrains.seconds, "setup_seconds": time.perf_counter() - t0,
-              "cache": retrains.config["cache"], "loss_spread": float(spread.mean()), "methods": {}}
+              "cache": retrains.config["cache"], "loss_spread": float(spread.mean()),
+              "mirror_config": asdict(MirrorConfig()), "methods": {}}
     log(f"{len(setup.documents)} documents, {len(setup.probes)} probes, {cfg.n_subsets} subsets; mean std of a "
         f"probe's loss across subsets {spread.mean():.3f}")
     for method in methods:
@@ -365,6 +368,9 @@ def run_lds(cfg: LDSConfig, methods: Sequence[str] = METHODS, cache_dir: str | P
         scores = method_scores(method, setup, work, show_progress)
         seconds = time.perf_counter() - t1
         row = lds_from_scores(scores, retrains)
+        right = [row["per_probe"][p["id"]] for p in setup.probes if p["correct"]]
+        right = [v for v in right if np.isfinite(v)]
+        row["lds_correct"] = float(np.mean(right)) if right else float("nan")  # probes answered correctly
         report["methods"][method] = {**row, "seconds": seconds}
         log(f"{method}: LDS {row['lds']:.3f} +- {row['stderr']:.3f} over {row['n_probes']} probes ({seconds:.0f} s)")
     return report
@@ -372,9 +378,9 @@ def run_lds(cfg: LDSConfig, methods: Sequence[str] = METHODS, cache_dir: str | P
 
 def format_table(report: dict) -> str:
     """The report's methods as a Markdown table."""
-    lines = ["| method | LDS (mean over probes) | std. error | probes | wall time (s) |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| method | LDS (mean over probes) | std. error | probes | LDS, correct answers only | wall time (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for method, row in report["methods"].items():
         lines.append(f"| {method} | {row['lds']:.3f} | {row['stderr']:.3f} | {row['n_probes']} | "
-                     f"{row['seconds']:.1f} |")
+                     f"{row.get('lds_correct', float('nan')):.3f} | {row['seconds']:.1f} |")
     return "\n".join(lines)

@@ -49,7 +49,8 @@ class LOOConfig:
 
     n_countries: int = 24
     n_queries: int = 8
-    n_docs: int = 32  # documents left out, one retrain each
+    n_docs: int = 32  # documents left out, one retrain each (per training seed)
+    train_seeds: int = 1  # average the effects over this many training seeds (each: 1 + n_docs retrains)
     doc_seed: int = 1  # draws the non-proponent documents
     seed: int = 0
     vocab_size: int = 500
@@ -78,7 +79,8 @@ class LOOConfig:
 
 @dataclass
 class LeaveOneOut:
-    """``effects[p, d]`` = probe loss without document d minus with it (positive = d supports p)."""
+    """``effects[p, d]`` = probe loss without document d minus with it (positive = d supports p), averaged
+    over training seeds."""
 
     probe_ids: list[str]
     doc_ids: list[str]
@@ -87,6 +89,7 @@ class LeaveOneOut:
     proponent: np.ndarray  # [probes, docs] bool: d states the fact probe p asks for
     cache: str = ""
     seconds: float = 0.0
+    seed_effects: np.ndarray | None = None  # [seeds, probes, docs]; effects is their mean
 
 
 def pick_documents(setup: Setup, n_docs: int, seed: int) -> list[str]:
@@ -104,7 +107,10 @@ def pick_documents(setup: Setup, n_docs: int, seed: int) -> list[str]:
 
 def load_or_train(cfg: LOOConfig, setup: Setup | None = None, cache_dir: str | Path | None = None,
                   log: Callable[[str], None] = lambda s: None) -> tuple[Setup, LeaveOneOut]:
-    """The full model and one retrain per picked document (cached per document, so a rerun resumes)."""
+    """The full model and one retrain per picked document and training seed (cached per retrain: a rerun
+    resumes). With ``train_seeds`` > 1 the effects are averaged over seeds ``seed, seed + 1, ...``: for each
+    seed, a model on all documents and one without each document, both trained with that seed; the probes
+    stay the seed-``seed`` model's answers. ``seed_effects`` keeps each seed's effects."""
     setup = setup or full_setup(cfg, cache_dir, log)
     doc_ids = pick_documents(setup, cfg.n_docs, cfg.doc_seed)
     train = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed")}
@@ -112,27 +118,37 @@ def load_or_train(cfg: LOOConfig, setup: Setup | None = None, cache_dir: str | P
                 "probes": [(p["id"], p["prompt"], p["completion"]) for p in setup.probes]})
     directory = cache_root(cache_dir) / f"loo-{key}"
     directory.mkdir(parents=True, exist_ok=True)
-    full = probe_losses(setup.model, setup.tokenizer, setup.probes)
     index = {d["id"]: i for i, d in enumerate(setup.documents)}
     texts = setup.texts
-    effects = np.empty((len(setup.probes), len(doc_ids)), np.float64)
     spent = 0.0
-    for j, doc_id in enumerate(doc_ids):
-        path = directory / f"without-{_key({'doc': doc_id})}.json"
+
+    def losses_without(doc_id: str | None, seed: int) -> np.ndarray:
+        nonlocal spent
+        if doc_id is None and seed == cfg.seed:
+            return probe_losses(setup.model, setup.tokenizer, setup.probes)
+        # seed cfg.seed files carry no seed in their name (caches written before train_seeds existed)
+        name = {"doc": doc_id} if seed == cfg.seed else {"doc": doc_id, "seed": seed}
+        path = directory / f"without-{_key(name)}.json"
         if path.exists():
-            losses = np.asarray(json.loads(path.read_text())["losses"])
-        else:
-            t0 = time.perf_counter()
-            keep = [i != index[doc_id] for i in range(len(texts))]
-            model = train_subset(texts, keep, setup.tokenizer, setup.model.config, **train)
-            losses = probe_losses(model, setup.tokenizer, setup.probes)
-            spent += time.perf_counter() - t0
-            _write_json(path, {"doc_id": doc_id, "losses": losses.tolist()})
-            log(f"retrained without {doc_id} ({j + 1}/{len(doc_ids)}) in {time.perf_counter() - t0:.0f} s")
-        effects[:, j] = losses - full
+            return np.asarray(json.loads(path.read_text())["losses"])
+        t0 = time.perf_counter()
+        keep = [doc_id is None or i != index[doc_id] for i in range(len(texts))]
+        model = train_subset(texts, keep, setup.tokenizer, setup.model.config, **{**train, "seed": seed})
+        losses = probe_losses(model, setup.tokenizer, setup.probes)
+        spent += time.perf_counter() - t0
+        _write_json(path, {"doc_id": doc_id, "seed": seed, "losses": losses.tolist()})
+        log(f"seed {seed}: retrained {'on everything' if doc_id is None else 'without ' + doc_id} in "
+            f"{time.perf_counter() - t0:.0f} s")
+        return losses
+
+    seed_effects = []
+    for seed in range(cfg.seed, cfg.seed + cfg.train_seeds):
+        full = losses_without(None, seed)
+        seed_effects.append(np.stack([losses_without(d, seed) - full for d in doc_ids], axis=1))
     proponent = np.array([[d in setup.proponents.get(p["id"], []) for d in doc_ids] for p in setup.probes])
-    return setup, LeaveOneOut([p["id"] for p in setup.probes], doc_ids, effects, full, proponent, str(directory),
-                              spent)
+    full = probe_losses(setup.model, setup.tokenizer, setup.probes)
+    return setup, LeaveOneOut([p["id"] for p in setup.probes], doc_ids, np.mean(seed_effects, axis=0), full,
+                              proponent, str(directory), spent, np.stack(seed_effects))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -169,6 +185,9 @@ def run_loo(cfg: LOOConfig, methods: Sequence[str] = ("mirror", "mirror_raw"), c
         raise InputError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_loo_"))
     work.mkdir(parents=True, exist_ok=True)
+    from hf_mirror.evaluation import load_metric
+    from hf_mirror.mirror import MirrorConfig
+
     setup, loo = load_or_train(cfg, cache_dir=cache_dir, log=log)
     props, others = loo.effects[loo.proponent], loo.effects[~loo.proponent]
     report = {"config": asdict(cfg), "documents": len(setup.documents), "probes": len(setup.probes),
@@ -178,7 +197,18 @@ def run_loo(cfg: LOOConfig, methods: Sequence[str] = ("mirror", "mirror_raw"), c
                          "other_mean": float(others.mean()) if others.size else float("nan"),
                          "other_std": float(others.std()) if others.size else float("nan"),
                          "proponent_pairs": int(props.size), "other_pairs": int(others.size)},
-              "methods": {}}
+              "mirror_config": asdict(MirrorConfig()), "methods": {}}
+    if loo.seed_effects is not None and len(loo.seed_effects) > 1:
+        # how reproducible LOO itself is: seed 0's effects against seed 1's (a ceiling for any method)
+        a, b = loo.seed_effects[0].ravel(), loo.seed_effects[1].ravel()
+        spearman = load_metric("spearman")
+        report["seed_agreement"] = {
+            "pearson": pearson(a, b),
+            "spearman": spearman.compute(predictions=a.tolist(), references=b.tolist())["spearman"],
+            "spearman_per_probe": float(np.nanmean([
+                spearman.compute(predictions=x.tolist(), references=y.tolist())["spearman"]
+                for x, y in zip(loo.seed_effects[0], loo.seed_effects[1], strict=True)]))}
+        log(f"LOO reproducibility across two training seeds: {report['seed_agreement']}")
     log(f"LOO effect: proponents {report['effect']['proponent_mean']:+.4f} (mean), others "
         f"{report['effect']['other_mean']:+.4f} +- {report['effect']['other_std']:.4f}")
     for method in methods:
