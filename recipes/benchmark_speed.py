@@ -361,7 +361,8 @@ def format_crossovers(items: list[dict]) -> str:
              "| --- | --- | --- | --- | --- |"]
     for c in items:
         measured = f"{c['measured']}" if c["measured"] is not None else f"never up to {c['max_probes']}"
-        estimate = "never (mirror grows slower)" if c["estimate"] is None else f"{c['estimate']:.1f}"
+        estimate = ("never (mirror grows slower)" if c["estimate"] is None
+                    else "< 1" if c["estimate"] < 1 else f"{c['estimate']:.1f}")
         lines.append(f"| {c['model']} | {c['method']} | {names[c['mirror']]} | {measured} | {estimate} |")
     return "\n".join(lines)
 

@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT="${OUT:-runs/gpu_check}"
-mkdir -p "$OUT"
 
 if ! python - <<'PY'
 import sys
@@ -24,6 +23,7 @@ PY
 then
     exit 3
 fi
+mkdir -p "$OUT"
 
 status=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, remember failures, keep going

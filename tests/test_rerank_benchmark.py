@@ -53,7 +53,7 @@ def test_quick_rerank_benchmark(tmp_path, capsys):
     assert set(methods) == {"full", "rerank", "bm25"} and report["documents"] == 800
     assert 1 <= len(report["probes"]) <= 4
     # the rerank scores each candidate exactly as the full scan does (z-scored across the same probe pool)
-    assert report["rerank_vs_full_max_abs_diff"] < 1e-3
+    assert report["rerank_vs_full_max_abs_diff_raw"] < 1e-4 and report["rerank_vs_full_max_abs_diff"] < 1e-2
     assert methods["rerank"]["documents_scored"] <= 20 * len(report["probes"]) < methods["full"]["documents_scored"]
     assert methods["rerank"]["forward_passes"] < methods["full"]["forward_passes"]
     for row in methods.values():
