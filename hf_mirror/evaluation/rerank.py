@@ -10,7 +10,6 @@ each one's wall time, MRR and recall@k, the rerank's speedup and the share of th
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import tempfile
@@ -28,9 +27,9 @@ from hf_mirror.evaluation.fact_tracing import (
     FactTracingConfig,
     answer_queries,
     build_benchmark,
+    load_or_train,
     rankings,
     retrieval_metrics,
-    train_model,
 )
 
 CITY_TEMPLATES = (
@@ -45,7 +44,6 @@ COUNTRY_TEMPLATES = (
     "The internet domain of {country} is {tld}.",
     "The telephone code of {country} is +{phone}.",
 )
-MARKER = "rerank_model.json"  # written next to a model this module trained, with the config it was trained with
 
 
 @dataclass
@@ -132,34 +130,6 @@ def padded_corpus(bench: FactTracingBenchmark, n_documents: int, seed: int = 0) 
     docs = train + pads
     random.Random(seed + 1).shuffle(docs)
     return docs
-
-
-def load_or_train(bench: FactTracingBenchmark, cfg: FactTracingConfig, model_dir: str | Path | None,
-                  log: Callable[[str], None] = lambda s: None) -> tuple[object, object, float | None]:
-    """The fact-tracing model saved in ``model_dir`` (by this function, or by ``benchmark_fact_tracing.py
-    --output DIR``: then ``DIR/model``), else one trained now and saved there. Returns model, tokenizer and the
-    training time (None when loaded)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model_dir is not None:
-        path = Path(model_dir)
-        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
-            path = path / "model"
-        if (path / "config.json").exists():
-            marker = path / MARKER
-            if marker.exists() and json.loads(marker.read_text()) != asdict(cfg):
-                raise InputError(f"The model in {path} was trained for another fact-tracing configuration; "
-                                 "pass another --model-dir.")
-            log(f"loading the fact-tracing model from {path}")
-            model = AutoModelForCausalLM.from_pretrained(path).eval()
-            return model, AutoTokenizer.from_pretrained(path), None
-    log("training the fact-tracing model")
-    t0 = time.perf_counter()
-    model, tokenizer = train_model(bench, cfg, model_dir)
-    seconds = time.perf_counter() - t0
-    if model_dir is not None:
-        (Path(model_dir) / MARKER).write_text(json.dumps(asdict(cfg)))
-    return model, tokenizer, seconds
 
 
 def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,

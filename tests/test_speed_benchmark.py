@@ -1,0 +1,120 @@
+"""The speed benchmark (scan cost and end-to-end rows), its crossover summary, and the GPU check's CPU paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return _load(ROOT / "recipes" / "benchmark_speed.py")
+
+
+def test_crossovers_measured_and_linear_fit(speed):
+    rows = [{"model": "m", "probes": t, "mirror_s": 1.0 + t, "mirror_top2_s": 1.0 + 0.1 * t,
+             "mirror_top2_warm_s": None, "gradsim_s": 4.5 + 0.5 * t, "ekfac_s": None} for t in (1, 8, 32)]
+    found = {(c["method"], c["mirror"]): c for c in speed.crossovers(rows)}
+    assert set(found) == {("gradsim", "mirror"), ("gradsim", "mirror_top2")}  # nothing measured: no row
+    allb = found[("gradsim", "mirror")]
+    assert allb["measured"] == 8 and allb["estimate"] == pytest.approx(7.0)  # 1 + t = 4.5 + 0.5 t
+    top2 = found[("gradsim", "mirror_top2")]
+    assert top2["measured"] is None and top2["estimate"] is None and top2["max_probes"] == 32
+    table = speed.format_crossovers(speed.crossovers(rows))
+    assert "| m | gradsim | mirror, all blocks | 8 | 7.0 |" in table and "never up to 32" in table
+
+
+def test_device_resolution_falls_back_to_the_cpu(speed):
+    assert speed.resolve_device("cpu").type == "cpu"
+    assert speed.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA"):
+            speed.resolve_device("cuda")
+
+
+def test_gradient_methods_report_why_they_cannot_run(speed):
+    methods = speed.gradient_methods()
+    assert set(methods) == {"gradsim", "ekfac"} and methods["gradsim"] is None
+    assert methods["ekfac"] is None or isinstance(methods["ekfac"], str)
+
+
+def test_speed_benchmark_scan_and_end_to_end_rows(speed, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    try:
+        assert speed.main(["--models", "tiny", "--probes", "2", "--docs", "4", "--max-length", "64",
+                           "--batch-size", "4", "--methods", "gradsim", "--device", "cpu", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "| model | T | docs | floor s | fit s | naive x | cached x | trunk+cache x | +mixed8 x |" in printed
+    assert "| mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base | gradsim | EK-FAC |" in printed
+    report = json.loads(out.read_text())
+    assert [r["probes"] for r in report["scan"]] == [2] and [r["probes"] for r in report["e2e"]] == [2]
+    for r in report["scan"]:
+        assert r["documents"] == 4 and r["floor_s"] > 0
+        for k in ("naive", "cached", "trunk_cached", "mixed"):
+            assert r[f"{k}_s"] > 0 and r[f"{k}_x_floor"] > 0
+    for r in report["e2e"]:
+        for k in ("mirror", "mirror_top2", "mirror_top2_warm", "gradsim"):
+            assert r[f"{k}_s"] > 0
+        assert "ekfac_s" not in r  # not asked for
+    assert {(c["method"], c["mirror"]) for c in report["crossovers"]} == {
+        ("gradsim", m) for m in ("mirror", "mirror_top2", "mirror_top2_warm")}
+    assert all(c["estimate"] is None for c in report["crossovers"])  # one probe count: no line to fit
+
+
+def test_scan_variants_can_be_chosen(speed):
+    rows = speed.bench_model("tiny", speed.MODELS["tiny"], *_texts_and_facts(), [2], 4, 4, 64, variants=("trunk",))
+    (row,) = rows
+    assert "trunk_cached_s" in row and "naive_s" not in row and "cached_s" not in row and "mixed_s" not in row
+    assert "| - | - |" in speed.format_scan(rows)
+
+
+def _texts_and_facts():
+    from hf_mirror import demo
+
+    facts = demo.load_facts()
+    return [f["text"] for f in facts], facts
+
+
+def test_gpu_check_without_cuda_exits_with_a_clear_message():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "VIRTUAL_ENV": "", "OUT": "/tmp/hf_mirror_gpu_check_test"})
+    assert done.returncode == 3 and "no CUDA device" in done.stderr
+
+
+def test_precision_check_inputs(tmp_path):
+    check = _load(ROOT / "scripts" / "gpu_precision_check.py")
+    model_dir, corpus, probes = check.build_inputs(tmp_path, n_docs=30, n_probes=3)
+    assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
+    docs = [json.loads(line) for line in corpus.read_text().splitlines()]
+    chosen = [json.loads(line) for line in probes.read_text().splitlines()]
+    assert len(docs) == 30 and len(chosen) == 3
+    texts = {d["id"]: d["text"] for d in docs}
+    for p in chosen:  # each probe is its source document, verbatim
+        assert texts[p["id"]] == p["prompt"] + p["completion"]
+
+
+@pytest.mark.slow
+def test_precision_check_runs_on_the_cpu(tmp_path):
+    check = _load(ROOT / "scripts" / "gpu_precision_check.py")
+    assert check.main(["--device", "cpu", "--docs", "30", "--probes", "2", "--output", str(tmp_path),
+                       "--json", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["mismatches"] == 0
