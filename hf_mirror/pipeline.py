@@ -162,6 +162,7 @@ def attribute(
 
     model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
     model.to(accelerator.device).eval()
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}  # PEFT freezes them: restored
 
     max_length = scan.max_length or context_length(model, tokenizer)
     overlap = scan.overlap if scan.overlap is not None else max(1, max_length // 8)
@@ -267,7 +268,9 @@ def attribute(
                         scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit",
                         main_process_only=False)
     finally:
-        peft_model.unload()  # give the caller back their model without LoRA layers
+        peft_model.unload()  # give the caller back their model without LoRA layers, as trainable as it was
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable.get(name, p.requires_grad))
     accelerator.wait_for_everyone()
 
     # 4. merge on the main process

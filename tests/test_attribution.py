@@ -145,6 +145,8 @@ def test_adapters_are_standard_peft_and_reload(tiny_model, planted, tmp_path):
         np.testing.assert_allclose(ev["mirror_loss"], mirror, atol=1e-5)
     finally:
         peft_model.unload()
+        for p in model.parameters():  # PEFT froze the shared fixture's weights
+            p.requires_grad_(True)
 
 
 def test_result_roundtrip(tiny_model, planted, tmp_path):
@@ -169,7 +171,7 @@ def test_result_roundtrip(tiny_model, planted, tmp_path):
     assert loaded.top("fact-1", 2)["doc_id"].tolist() == result.top("fact-1")["doc_id"][:2].tolist()
     assert set(loaded.scores()["doc_id"]) == {f"doc-{i}" for i in range(8)}
     assert len(loaded.scores_dataset()) == 24
-    assert loaded.config["mirror"]["steps"] == 3 and loaded.config["versions"]["peft"]
+    assert loaded.config["mirror"]["steps"] == MirrorConfig().steps and loaded.config["versions"]["peft"]
     copy = loaded.save(tmp_path / "copy")
     assert AttributionResult.load(copy).token_deltas("fact-1", "doc-1")["token"].str.cat() == planted.texts[1]
 
@@ -204,3 +206,14 @@ def test_aggregations_of_token_deltas(tiny_model, planted, tmp_path):
     with pytest.raises(InputError, match="aggregate must be one of"):
         attribute(model, planted.texts[:3], planted.probes()[:3], output_dir=tmp_path / "bad",
                   scan=ScanConfig(aggregate="median"), **kw)
+
+
+def test_caller_model_comes_back_unchanged(tiny_model, planted, tmp_path):
+    model, tok = tiny_model
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    attribute(model, planted.texts[:4], planted.probes()[:3], tokenizer=tok, output_dir=tmp_path / "run",
+              scan=ScanConfig(normalize="none"), show_progress=False)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)  # no LoRA layers left behind
+    for n, (grad, value) in before.items():
+        assert after[n].requires_grad == grad and torch.equal(after[n].detach(), value), n
