@@ -70,6 +70,7 @@ def test_writes_a_loadable_result_like_attribute(results, planted, method):
 def test_gradsim_gives_the_model_back_unchanged(results, tiny_model):
     model, _ = tiny_model
     assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())  # PEFT froze the weights; they are given back
 
 
 def test_bm25_query_is_the_generation(tiny_model, tmp_path):

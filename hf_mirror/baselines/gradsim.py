@@ -47,6 +47,8 @@ class GradSimBaseline:
         lora = MirrorConfig(rank=rank, alpha=alpha, target_modules=target_modules, layers=layers, seed=seed)
         batches = [encode_probe(tokenizer, p, include_prompt, max_length) for p in probes]  # fail before attaching
         torch.manual_seed(seed)
+        self._base = model
+        self._trainable = {n: p.requires_grad for n, p in model.named_parameters()}  # PEFT freezes them
         self.model = get_peft_model(model, lora.lora_config())
         self.model.eval()
         self.device = next(model.parameters()).device
@@ -90,8 +92,10 @@ class GradSimBaseline:
             yield doc, (self.probe_grads @ g).numpy()
 
     def close(self) -> None:
-        """Remove the adapter: the caller gets back their model unchanged."""
+        """Remove the adapter: the caller gets back their model unchanged (trainable as it was)."""
         self.model.unload()
+        for n, p in self._base.named_parameters():
+            p.requires_grad_(self._trainable.get(n, p.requires_grad))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
