@@ -41,7 +41,7 @@ def _execute(path, tmp_path, monkeypatch) -> list:
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
-        timeout=300,
+        timeout=900,  # per cell: the first trains the demo model, slow on a busy 2-core machine
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
     )
