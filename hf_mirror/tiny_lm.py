@@ -54,11 +54,8 @@ def train_tiny_lm(
 
     Deterministic for a given seed on CPU; saved in Hugging Face format when ``output_dir`` is given.
     """
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
     tokenizer = train_tokenizer(texts, vocab_size)
     eos = tokenizer.eos_token_id
-    seqs = [[eos, *tokenizer(t, add_special_tokens=False)["input_ids"][: n_positions - 2], eos] for t in texts]
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
@@ -71,15 +68,53 @@ def train_tiny_lm(
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
+    model = fit_lm(texts, tokenizer, config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                   show_progress=show_progress)
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    return model, tokenizer
+
+
+def fit_lm(
+    texts: Sequence[str],
+    tokenizer,
+    config: GPT2Config,
+    *,
+    keep: Sequence[bool] | None = None,
+    epochs: int = 30,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> GPT2LMHeadModel:
+    """A GPT-2 of ``config`` trained from scratch on ``texts`` (AdamW, one-cycle schedule, clipping at 1).
+
+    Each document is framed by EOS and cut to the context. ``keep`` (one flag per text) trains on a subset
+    while keeping the data order of the full run: each epoch shuffles *all* texts and skips the left-out ones,
+    so retrains on subsets differ from the full run only by the documents left out.
+    """
+    keep = [True] * len(texts) if keep is None else [bool(k) for k in keep]
+    if len(keep) != len(texts):
+        raise ValueError("keep needs one flag per text.")
+    n_kept = sum(keep)
+    if n_kept == 0:
+        raise ValueError("Training needs at least one document.")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
+    limit = config.n_positions - 2
+    seqs = [[eos, *tokenizer(t, add_special_tokens=False)["input_ids"][:limit], eos] for t in texts]
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * math.ceil(len(seqs) / batch_size)
+    steps = epochs * math.ceil(n_kept / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     bar = progress_bar(total=steps, desc="training tiny LM", disable=not show_progress)
     for _ in range(epochs):
         order = list(range(len(seqs)))
         rng.shuffle(order)
+        order = [j for j in order if keep[j]]
         for i in range(0, len(order), batch_size):
             batch = [seqs[j] for j in order[i : i + batch_size]]
             width = max(map(len, batch))
@@ -98,7 +133,4 @@ def train_tiny_lm(
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     model.eval()
-    if output_dir is not None:
-        model.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-    return model, tokenizer
+    return model

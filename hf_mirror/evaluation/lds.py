@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -75,52 +73,16 @@ class LDSConfig:
 
 def train_subset(texts: Sequence[str], keep: Sequence[bool], tokenizer, model_config, *, epochs: int,
                  batch_size: int, lr: float, seed: int):
-    """A GPT-2 trained from scratch on the ``texts`` with ``keep`` true, as :func:`hf_mirror.tiny_lm.train_tiny_lm`.
+    """A GPT-2 trained from scratch on the ``texts`` with ``keep`` true, with the full model's tokenizer and
+    config and the full run's data order (:func:`hf_mirror.tiny_lm.fit_lm`); with every document kept it
+    equals :func:`hf_mirror.tiny_lm.train_tiny_lm` on the same texts (tested)."""
+    from hf_mirror.tiny_lm import fit_lm
 
-    Same recipe (AdamW, one-cycle schedule, gradient clipping at 1, each document framed by EOS and cut to
-    the context) and the same seed policy, with two differences that make retrains comparable: the
-    ``tokenizer`` and ``model_config`` are given (the full model's), and the data order is each epoch's
-    shuffle of *all* ``texts`` with the left-out documents skipped, so the kept documents keep their relative
-    order. With every document kept, the result equals ``train_tiny_lm`` on the same texts (tested).
-    """
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    if len(keep) != len(texts):
-        raise InputError("keep needs one flag per text.")
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    eos = tokenizer.eos_token_id
-    limit = model_config.n_positions - 2
-    seqs = [[eos, *tokenizer(t, add_special_tokens=False)["input_ids"][:limit], eos] for t in texts]
-    model = GPT2LMHeadModel(model_config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    n_kept = int(sum(bool(k) for k in keep))
-    if n_kept == 0:
-        raise InputError("A subset needs at least one document.")
-    steps = epochs * math.ceil(n_kept / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(epochs):
-        order = list(range(len(seqs)))
-        rng.shuffle(order)
-        order = [j for j in order if keep[j]]
-        for i in range(0, len(order), batch_size):
-            batch = [seqs[j] for j in order[i : i + batch_size]]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), eos)
-            labels = torch.full((len(batch), width), -100)
-            for r, s in enumerate(batch):
-                ids[r, : len(s)] = torch.tensor(s)
-                labels[r, : len(s)] = torch.tensor(s)
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-    model.eval()
-    return model
+    try:
+        return fit_lm(texts, tokenizer, model_config, keep=keep, epochs=epochs, batch_size=batch_size, lr=lr,
+                      seed=seed)
+    except ValueError as e:
+        raise InputError(str(e)) from e
 
 
 def probe_losses(model, tokenizer, probes: Sequence[dict]) -> np.ndarray:
