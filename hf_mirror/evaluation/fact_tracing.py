@@ -15,7 +15,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hf_mirror.errors import InputError
@@ -62,6 +62,11 @@ class FactTracingConfig:
     lr: float = 3e-3
     max_new_tokens: int = 8
     top_k: int = 10
+
+    @classmethod
+    def sharing(cls, other) -> FactTracingConfig:
+        """The benchmark configuration with every field that ``other`` (another benchmark's config) also has."""
+        return cls(**{f.name: getattr(other, f.name) for f in fields(cls) if hasattr(other, f.name)})
 
     @classmethod
     def quick(cls) -> FactTracingConfig:

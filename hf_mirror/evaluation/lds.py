@@ -63,10 +63,7 @@ class LDSConfig:
     def fact_tracing(self):
         from hf_mirror.evaluation.fact_tracing import FactTracingConfig
 
-        return FactTracingConfig(n_countries=self.n_countries, n_queries=self.n_queries, seed=self.seed,
-                                 vocab_size=self.vocab_size, n_layer=self.n_layer, n_embd=self.n_embd,
-                                 n_head=self.n_head, n_positions=self.n_positions, epochs=self.epochs,
-                                 batch_size=self.batch_size, lr=self.lr, max_new_tokens=self.max_new_tokens)
+        return FactTracingConfig.sharing(self)
 
 
 # --- training on a subset, exactly as train_tiny_lm but with a fixed tokenizer ------------------------------
