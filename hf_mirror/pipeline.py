@@ -65,7 +65,8 @@ class ScanConfig:
     every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads every batch to
     ``max_length`` so that scores do not depend on how documents are batched or split over processes, down to
     the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
-    top-M BM25 documents (retrieve-then-rerank); other documents get no score.
+    top-M BM25 documents (retrieve-then-rerank); other documents get no score. ``sort_batches`` pools that many
+    batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
     """
 
     max_length: int | None = None
@@ -86,6 +87,7 @@ class ScanConfig:
     fixed_width: bool = False
     candidates: int | None = None
     aggregate: str = "mean"
+    sort_batches: int = 16
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:
@@ -233,7 +235,8 @@ def attribute(
             scanner = Scanner(peft_model, tokenizer, names[:n_fit], ids[:n_fit], max_length, overlap, scan.batch_size,
                               progress,
                               autocast=accelerator.autocast, trunk=trunk,
-                              adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width)
+                              adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width,
+                              sort_batches=scan.sort_batches)
             docs = corpus.documents(rank, world)
             if keep is not None:  # retrieve-then-rerank: only the candidates
                 docs = (d for d in docs if d[0] in keep)
@@ -263,7 +266,8 @@ def attribute(
                 control_cache.commit(scanner.n_documents)
             book.finish(scanner.next_seq, scanner.skipped, tokenizer,
                         {"base_passes": scanner.base_passes, "base_cache_hits": int(cached is not None),
-                         "control_cache_hits": int(controls_cached), "forward_passes": scanner.forward_passes})
+                         "control_cache_hits": int(controls_cached), "forward_passes": scanner.forward_passes,
+                         "window_tokens": scanner.window_tokens, "padded_tokens": scanner.padded_tokens})
             logger.info("Process %d: %d documents, %d base-model passes (%s).", rank, scanner.n_documents,
                         scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit",
                         main_process_only=False)

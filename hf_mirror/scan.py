@@ -88,9 +88,12 @@ class Scanner:
         trunk: SharedTrunk | None = None,
         adapters_per_forward: int = 1,
         fixed_width: bool = False,
+        sort_batches: int = 1,
     ) -> None:
         if batch_size < 1:
             raise InputError("batch_size must be at least 1.")
+        if sort_batches < 1:
+            raise InputError("sort_batches must be at least 1 (1 turns length sorting off).")
         self.model = model
         self.tokenizer = tokenizer
         self.adapter_names = list(adapter_names)
@@ -103,6 +106,8 @@ class Scanner:
         self.trunk = trunk
         self.adapters_per_forward = max(1, adapters_per_forward)
         self.width = max_length if fixed_width else None  # fixed: every batch has the same shape
+        # windows pooled before batching: sorted by length, they pad less (pointless at a fixed width)
+        self.pool_size = batch_size * (1 if fixed_width else sort_batches)
         self.device = next(model.parameters()).device
         self.skipped: list[Skipped] = []
         self.n_documents = 0
@@ -111,6 +116,8 @@ class Scanner:
         self.current_doc_id: object = None  # the last document read (for error reports)
         self.base_passes = 0  # forward passes of the base model (0 when every base loss came from the cache)
         self.forward_passes = 0  # all forward passes, base and mirrors
+        self.window_tokens = 0  # real tokens fed to the model per pass
+        self.padded_tokens = 0  # batch cells per pass (real tokens + padding)
 
     def __call__(
         self,
@@ -125,7 +132,8 @@ class Scanner:
         document's base losses in stream order, and the base model is then not run at all.
         """
         pending: OrderedDict[int, _Pending] = OrderedDict()
-        batch: list[Window] = []
+        pool: list[Window] = []
+        run_base = base_losses is None
         n_probes = len(self.adapter_names)
         self.next_seq = start
         for seq_no, (doc_id, text) in enumerate(documents, start):
@@ -148,15 +156,21 @@ class Scanner:
             base = np.empty(n, np.float32) if base_losses is None else self._cached(base_losses, seq_no, doc_id, n)
             pending[seq_no] = _Pending(doc_id, text, seq[1:], base, np.empty((n_probes, n), np.float32), len(wins))
             for w_start, ids, ctx in wins:
-                batch.append(Window(seq_no, w_start, ids, ctx))
-                if len(batch) == self.batch_size:
-                    self._run(batch, pending, base_losses is None)
-                    batch = []
+                pool.append(Window(seq_no, w_start, ids, ctx))
+                if len(pool) == self.pool_size:
+                    self._run_pool(pool, pending, run_base)
+                    pool = []
                     yield from self._drain(pending)
-        if batch:
-            self._run(batch, pending, base_losses is None)
+        self._run_pool(pool, pending, run_base)
         yield from self._drain(pending)
         self.progress.close()
+
+    def _run_pool(self, pool: list[Window], pending: OrderedDict[int, _Pending], run_base: bool) -> None:
+        """Run a pool of windows in batches of ``batch_size``, sorted by length when the pool spans several."""
+        if len(pool) > self.batch_size:
+            pool = sorted(pool, key=lambda w: len(w.input_ids))
+        for lo in range(0, len(pool), self.batch_size):
+            self._run(pool[lo : lo + self.batch_size], pending, run_base)
 
     def _drain(self, pending: OrderedDict[int, _Pending]) -> Iterator[ScannedDoc]:
         while pending and next(iter(pending.values())).remaining == 0:
@@ -179,6 +193,8 @@ class Scanner:
     @torch.no_grad()
     def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending], run_base: bool = True) -> None:
         ids, mask = _collate(batch, self.tokenizer.pad_token_id, self.device, self.width)
+        self.window_tokens += int(mask.sum())
+        self.padded_tokens += mask.numel()
         record = self.trunk.capture if self.trunk is not None else nullcontext
         reuse = self.trunk.reuse if self.trunk is not None else nullcontext
         if run_base:

@@ -105,7 +105,7 @@ def test_sigkill_mid_scan_then_resume(planted, tmp_path):
 def test_resume_after_an_exception_keeps_finished_work(tiny_model, planted, tmp_path):
     model, tok = tiny_model
     kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(steps=2),
-              scan=ScanConfig(checkpoint_every=3, batch_size=2, normalize="none"))
+              scan=ScanConfig(checkpoint_every=3, batch_size=2, sort_batches=4, normalize="none"))
     texts = planted.texts
 
     def failing(n):

@@ -70,3 +70,27 @@ def test_trunk_only_runs_lower_blocks(tiny_model):
     assert calls == [2, 3] and all(b is not None for b in blocks)
     with pytest.raises(ValueError, match="lowest adapted block"):
         SharedTrunk(model, 0)
+
+
+def test_length_sorted_batches_pad_less_and_score_the_same(tiny_model, planted, tmp_path):
+    """Pooling windows and batching them by length cuts padding on mixed lengths; scores and order stay put."""
+    model, tok = tiny_model
+    long = [" ".join(planted.texts[i : i + 5]) for i in range(12)]
+    corpus = [t for pair in zip(planted.texts[20:32], long, strict=True) for t in pair]  # short, long, short, ...
+    probes = planted.probes()[:2]
+
+    def run(name, sort_batches):
+        scan = ScanConfig(normalize="none", max_length=48, overlap=8, batch_size=4, sort_batches=sort_batches,
+                          cache=False, checkpoint_every=3)
+        return attribute(model, corpus, probes, tokenizer=tok, output_dir=tmp_path / name, show_progress=False,
+                         mirror=MirrorConfig(steps=2), scan=scan)
+
+    plain, pooled = run("plain", 1), run("pooled", 8)
+    stats_plain, stats_pooled = plain.config["stats"], pooled.config["stats"]
+    assert stats_pooled["window_tokens"] == stats_plain["window_tokens"]
+    assert stats_pooled["padded_tokens"] < 0.8 * stats_plain["padded_tokens"]
+    a = plain.scores().sort_values(["probe_id", "doc_id"])
+    b = pooled.scores().sort_values(["probe_id", "doc_id"])
+    assert list(a["doc_id"]) == list(b["doc_id"])
+    np.testing.assert_allclose(a["raw_score"], b["raw_score"], atol=1e-5)
+    assert np.abs(a["raw_score"]).max() > 1e-4
