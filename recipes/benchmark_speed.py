@@ -23,7 +23,9 @@ mirror runs use ``normalize="none"`` so that T probes cost T mirrors (the defaul
 to a pool of 8).
 
 ``--device auto`` (default) uses CUDA when available and the CPU otherwise; ``--precision bf16`` autocasts the
-scans on CUDA (fp32 on the CPU).
+scans on CUDA (fp32 on the CPU). Each row is printed as it is measured and, with ``--json``, saved at once (a run
+cut short keeps what it measured). Logic in ``hf_mirror.evaluation.speed``. A test size:
+``--models tiny --probes 2 --docs 4 --max-length 64 --batch-size 4 --methods gradsim --device cpu``.
 """
 
 from __future__ import annotations
@@ -31,340 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import shutil
 import sys
-import tempfile
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_mirror import demo
-from hf_mirror.corpus import Window, document_tokens, windows
-from hf_mirror.mirror import MirrorConfig, fit_mirrors
-from hf_mirror.modeling import prepare_tokenizer
-from hf_mirror.probes import Probe
-from hf_mirror.scan import Scanner, _collate, token_losses
-from hf_mirror.tiny_lm import train_tokenizer
-from hf_mirror.trunk import SharedTrunk
-
-MODELS = {
-    "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=2000),
-    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=8000),
-}
-VARIANTS = ("naive", "cached", "trunk", "mixed")
-E2E_MIRRORS = ("mirror", "mirror_top2", "mirror_top2_warm")
-GRADIENT_METHODS = ("gradsim", "ekfac")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; ``cuda`` without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmark_speed: --device cuda, but torch sees no CUDA device "
-                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda}).")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device, precision: str):
-    """A context-manager factory: bf16/fp16 autocast on CUDA, nothing on the CPU or in fp32."""
-    if device.type != "cuda" or precision == "no":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast("cuda", dtype=dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def gradient_methods() -> dict[str, str | None]:
-    """Each gradient method -> None when it can run here, else why not."""
-    from hf_mirror.baselines import METHODS
-
-    out: dict[str, str | None] = {}
-    for m in GRADIENT_METHODS:
-        if m not in METHODS:
-            out[m] = f"hf_mirror.baselines has no {m!r}"
-        elif m == "ekfac":
-            try:
-                import kronfluence  # noqa: F401
-            except ImportError:
-                out[m] = "kronfluence is not installed"
-            else:
-                out[m] = None
-        else:
-            out[m] = None
-    return out
-
-
-def build_model(spec: dict, texts: list[str], max_length: int, device: torch.device):
-    torch.manual_seed(0)
-    tok = prepare_tokenizer(train_tokenizer(texts, spec["vocab"]))
-    config = GPT2Config(vocab_size=len(tok), n_positions=max_length, n_embd=spec["n_embd"], n_layer=spec["n_layer"],
-                        n_head=spec["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    return GPT2LMHeadModel(config).to(device).eval(), tok
-
-
-def top_blocks(n_layer: int) -> list[int]:
-    """The top 2 blocks (the top 1 of a 2-block model, so that a trunk remains below it)."""
-    return list(range(max(1, n_layer - 2), n_layer))
-
-
-def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, batch_size: int,
-                   autocast=nullcontext) -> tuple[float, int]:
-    """One plain forward pass (per-token losses) over every window of the corpus."""
-    device = next(model.parameters()).device
-    wins = [Window(0, start, ids, ctx) for _, text in docs
-            for start, ids, ctx in windows(document_tokens(tok, text), max_length, max_length // 8)]
-    batches = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for b in batches:
-            ids, mask = _collate(b, tok.pad_token_id, device)
-            with autocast():
-                token_losses(model, ids, mask)
-    _sync(device)
-    return time.perf_counter() - t0, sum(len(w.input_ids) for w in wins)
-
-
-def _scan(model, tok, names, ids, docs, max_length, batch_size, base=None, trunk=None, group=1,
-          autocast=nullcontext) -> tuple[float, list]:
-    scanner = Scanner(model, tok, names, ids, max_length, max_length // 8, batch_size, trunk=trunk,
-                      adapters_per_forward=group, autocast=autocast)
-    t0 = time.perf_counter()
-    out = list(scanner(iter(docs), base_losses=iter(base) if base is not None else None))
-    return time.perf_counter() - t0, out
-
-
-def bench_model(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
-                batch_size: int, max_length: int, variants=VARIANTS, device: torch.device | None = None,
-                precision: str = "no", on_row=None) -> list[dict]:
-    """The scan rows: each variant's scan time as a multiple of the floor, for each probe count."""
-    device = device or torch.device("cpu")
-    autocast = _autocast(device, precision)
-    model, tok = build_model(spec, texts, max_length, device)
-    docs = [(i, t) for i, t in enumerate(texts[:n_docs])]
-    t_max = max(probe_counts)
-    probes = [Probe(f["headword"], f["prompt"], f["completion"]) for f in facts[-t_max:]]
-    top = top_blocks(spec["n_layer"])
-    rows = []
-    _floor_seconds(model, tok, docs, max_length, batch_size, autocast)  # warm-up
-    for t in probe_counts:
-        floor, n_tokens = min(_floor_seconds(model, tok, docs, max_length, batch_size, autocast) for _ in range(2))
-        names = [f"p{i}" for i in range(t)]
-        row = {"model": name, "probes": t, "documents": len(docs), "tokens": n_tokens, "floor_s": floor,
-               "device": str(device), "precision": precision if device.type == "cuda" else "no"}
-        base = None
-
-        def base_only(peft_model) -> list:  # the base losses the cached variants read: a base-only scan, untimed
-            _, scanned = _scan(peft_model, tok, [], [], docs, max_length, batch_size, autocast=autocast)
-            return [(d.seq, str(d.doc_id), d.base) for d in scanned]
-
-        if "naive" in variants or "cached" in variants:
-            t0 = time.perf_counter()
-            all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(), max_length,
-                                        show_progress=False)
-            row["fit_s"] = time.perf_counter() - t0
-            if "naive" in variants:
-                row["naive_s"], scanned = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
-                                                autocast=autocast)
-                base = [(d.seq, str(d.doc_id), d.base) for d in scanned]
-            if "cached" in variants:
-                base = base or base_only(all_layers)
-                row["cached_s"], _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base,
-                                           autocast=autocast)
-            all_layers.unload()
-        if "trunk" in variants or "mixed" in variants:
-            t0 = time.perf_counter()
-            top_only, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(layers=top), max_length,
-                                      show_progress=False)
-            row["fit_top2_s"] = time.perf_counter() - t0
-            base = base or base_only(top_only)
-            trunk = SharedTrunk(top_only, top[0])
-            if "trunk" in variants:
-                row["trunk_cached_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size,
-                                                 base=base, trunk=trunk, autocast=autocast)
-            if "mixed" in variants:
-                row["mixed_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base,
-                                          trunk=trunk, group=min(t, 8), autocast=autocast)
-            top_only.unload()
-        for k in ("naive", "cached", "trunk_cached", "mixed"):
-            if f"{k}_s" in row:
-                row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
-                row[f"{k}_tok_s"] = n_tokens / row[f"{k}_s"]
-        if "naive_s" in row and "trunk_cached_s" in row:
-            row["naive_over_trunk_cached"] = row["naive_s"] / row["trunk_cached_s"]
-        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if device.type == "cuda":
-            row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        rows.append(row)
-        print(format_scan([row], header=len(rows) == 1), flush=True)
-        if on_row is not None:
-            on_row(row)
-    del model
-    return rows
-
-
-def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
-              batch_size: int, max_length: int, methods: dict[str, str | None] | None = None,
-              device: torch.device | None = None, precision: str = "no", work: Path | None = None,
-              on_row=None) -> list[dict]:
-    """End-to-end rows: wall time of whole attribution calls (fitting included), per probe count.
-
-    ``methods`` maps each gradient method to None (run it) or the reason it cannot run (reported as n/a).
-    """
-    from hf_mirror import ScanConfig, attribute
-    from hf_mirror.baselines import attribute_baseline
-    from hf_mirror.corpus import Corpus
-
-    device = device or torch.device("cpu")
-    methods = gradient_methods() if methods is None else methods
-    autocast = _autocast(device, precision)
-    model, tok = build_model(spec, texts, max_length, device)
-    rows_docs = [(i, t) for i, t in enumerate(texts[:n_docs])]
-    corpus = Corpus([{"id": str(i), "text": t} for i, t in rows_docs], id_column="id")
-    t_max = max(probe_counts)
-    probes = [{"id": f["headword"], "prompt": f["prompt"], "completion": f["completion"]} for f in facts[-t_max:]]
-    top = top_blocks(spec["n_layer"])
-    own = work is None
-    work = Path(tempfile.mkdtemp(prefix="hf_mirror_e2e_")) if own else Path(work)
-    _floor_seconds(model, tok, rows_docs, max_length, batch_size, autocast)  # warm-up
-    floor, n_tokens = min(_floor_seconds(model, tok, rows_docs, max_length, batch_size, autocast) for _ in range(2))
-    rows = []
-    try:
-        # warm-up (untimed): one probe on a few documents through the mirror and gradsim, so that one-time costs
-        # (imports, allocator, kernels) do not land on the first timed call; EK-FAC's import is done already
-        few = Corpus([{"id": str(i), "text": t} for i, t in rows_docs[:4]], id_column="id")
-        attribute(model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-mirror", show_progress=False,
-                  scan=ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length, cache=False,
-                                  precision=precision), overwrite=True)
-        if methods.get("gradsim", "") is None:
-            attribute_baseline("gradsim", model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-gradsim",
-                               show_progress=False, max_length=max_length)
-        for t in probe_counts:
-            row = {"model": name, "probes": t, "documents": len(rows_docs), "tokens": n_tokens, "floor_s": floor,
-                   "device": str(device), "precision": precision if device.type == "cuda" else "no"}
-
-            def mirror(tag: str, layers, cache: str, t: int = t) -> float:
-                scan = ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length,
-                                  cache_dir=str(work / cache), precision=precision)
-                t0 = time.perf_counter()
-                attribute(model, corpus, probes[:t], tokenizer=tok, mirror=MirrorConfig(layers=layers), scan=scan,
-                          output_dir=work / f"{tag}-{t}", show_progress=False, overwrite=True)
-                _sync(device)
-                return time.perf_counter() - t0
-
-            row["mirror_s"] = mirror("mirror", None, f"cache-all-{t}")
-            row["mirror_top2_s"] = mirror("top2", top, f"cache-top2-{t}")  # first run: fills the base-loss cache
-            row["mirror_top2_warm_s"] = mirror("top2-warm", top, f"cache-top2-{t}")  # base losses from the cache
-            for m, why in methods.items():
-                if why is not None:
-                    row[f"{m}_s"], row[f"{m}_na"] = None, why
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    attribute_baseline(m, model, corpus, probes[:t], tokenizer=tok, output_dir=work / f"{m}-{t}",
-                                       show_progress=False, max_length=max_length)
-                    _sync(device)
-                    row[f"{m}_s"] = time.perf_counter() - t0
-                except Exception as e:  # report it and go on: one failing baseline must not lose the table
-                    row[f"{m}_s"], row[f"{m}_na"] = None, f"failed: {type(e).__name__}: {e}"[:200]
-            for k in (*E2E_MIRRORS, *GRADIENT_METHODS):
-                if row.get(f"{k}_s") is not None:
-                    row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
-            rows.append(row)
-            print(format_e2e([row], header=len(rows) == 1), flush=True)
-            if on_row is not None:
-                on_row(row)
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
-    return rows
-
-
-def crossovers(rows: list[dict]) -> list[dict]:
-    """For each model, mirror variant and gradient method: the smallest measured T at which the gradient method is
-    cheaper end to end, and a linear-fit estimate (cost = a + b T for both, least squares over the measured T)."""
-    out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["probes"])
-        for g in GRADIENT_METHODS:
-            for m in E2E_MIRRORS:
-                pts = [(r["probes"], r[f"{m}_s"], r[f"{g}_s"]) for r in mine
-                       if r.get(f"{m}_s") is not None and r.get(f"{g}_s") is not None]
-                if not pts:
-                    continue
-                measured = next((t for t, a, b in pts if b < a), None)
-                estimate = None
-                if len({t for t, _, _ in pts}) >= 2:
-                    ts = torch.tensor([float(t) for t, _, _ in pts], dtype=torch.float64)
-                    design = torch.stack([torch.ones_like(ts), ts], 1)
-                    fit = torch.linalg.lstsq(design, torch.tensor([[a, b] for _, a, b in pts],
-                                                                  dtype=torch.float64)).solution
-                    (a0, b0), (a1, b1) = fit[0].tolist(), fit[1].tolist()  # intercepts, slopes
-                    if a1 > b1:
-                        estimate = max(0.0, (b0 - a0) / (a1 - b1))
-                out.append({"model": model, "mirror": m, "method": g, "measured": measured,
-                            "max_probes": pts[-1][0], "estimate": estimate})
-    return out
-
-
-def _x(row: dict, key: str) -> str:
-    v = row.get(f"{key}_x_floor")
-    return "-" if v is None else f"{v:.1f}"
-
-
-def format_scan(rows: list[dict], header: bool = True) -> str:
-    """The scan rows as a Markdown table (multiples of one plain forward pass; '-' = not measured)."""
-    lines = ["| model | T | docs | floor s | fit s | naive x | cached x | trunk+cache x | +mixed8 x | "
-             "naive / trunk+cache | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
-    for r in rows:
-        ratio = r.get("naive_over_trunk_cached")
-        lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | "
-                     f"{r.get('fit_s', r.get('fit_top2_s', float('nan'))):.1f} | {_x(r, 'naive')} | "
-                     f"{_x(r, 'cached')} | "
-                     f"{_x(r, 'trunk_cached')} | {_x(r, 'mixed')} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
-                     f"{r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines)
-
-
-def _cell(row: dict, key: str) -> str:
-    if row.get(f"{key}_s") is None:
-        return "n/a" if f"{key}_na" in row else "-"
-    return f"{row[f'{key}_s']:.1f} ({row[f'{key}_x_floor']:.1f}x)"
-
-
-def format_e2e(rows: list[dict], header: bool = True) -> str:
-    """End-to-end rows as a Markdown table: seconds of each whole call (multiple of one forward pass)."""
-    lines = ["| model | T | docs | floor s | mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base "
-             "| gradsim | EK-FAC |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | {_cell(r, 'mirror')} | "
-                     f"{_cell(r, 'mirror_top2')} | {_cell(r, 'mirror_top2_warm')} | {_cell(r, 'gradsim')} | "
-                     f"{_cell(r, 'ekfac')} |")
-    return "\n".join(lines)
-
-
-def format_crossovers(items: list[dict]) -> str:
-    names = {"mirror": "mirror, all blocks", "mirror_top2": "mirror, top 2 + trunk",
-             "mirror_top2_warm": "top 2 + trunk, cached base"}
-    lines = ["| model | gradient method | vs | cheaper end to end from T = (measured) | linear-fit crossover T |",
-             "| --- | --- | --- | --- | --- |"]
-    for c in items:
-        measured = f"{c['measured']}" if c["measured"] is not None else f"never up to {c['max_probes']}"
-        estimate = ("never (mirror grows slower)" if c["estimate"] is None
-                    else "< 1" if c["estimate"] < 1 else f"{c['estimate']:.1f}")
-        lines.append(f"| {c['model']} | {c['method']} | {names[c['mirror']]} | {measured} | {estimate} |")
-    return "\n".join(lines)
+from hf_mirror.errors import InputError
+from hf_mirror.evaluation.speed import (
+    GRADIENT_METHODS,
+    MODELS,
+    PARTS,
+    PRECISIONS,
+    VARIANTS,
+    SpeedConfig,
+    format_table,
+    run_speed_benchmark,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--parts", nargs="+", default=["scan", "e2e"], choices=["scan", "e2e"],
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                    help="scan: scan cost per variant; e2e: fit + scan against gradsim and EK-FAC")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="scan variants to time")
     p.add_argument("--methods", nargs="+", default=list(GRADIENT_METHODS), choices=GRADIENT_METHODS,
                    help="gradient methods timed end to end (those not installed are reported n/a)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available, else the CPU")
-    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast on CUDA")
+    p.add_argument("--precision", default="no", choices=PRECISIONS, help="autocast on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -390,45 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # hf_mirror.attribute picks CUDA whenever it sees one
-    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", precision: {args.precision if device.type == 'cuda' else 'no (fp32 on the CPU)'}", file=sys.stderr)
-    facts = demo.load_facts()
-    texts = [f["text"] for f in facts]
-    report: dict = {"command": " ".join(["benchmark_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-                    "device": str(device), "scan": [], "e2e": [], "crossovers": []}
+    cfg = SpeedConfig(models=args.models, probes=args.probes, n_documents=args.docs, batch_size=args.batch_size,
+                      max_length=args.max_length, parts=args.parts, variants=args.variants, methods=args.methods,
+                      device=args.device, precision=args.precision)
+    command = " ".join(["benchmark_speed.py", *(argv if argv is not None else sys.argv[1:])])
 
-    def save(part: str):  # after every row: a run cut short (a time limit) keeps what it measured
-        def add(row: dict) -> None:
-            report[part].append(row)
-            if part == "e2e":
-                report["crossovers"] = crossovers(report["e2e"])
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(report, indent=2) + "\n")
-        return add
+    def save(report: dict) -> None:  # after every row: a run cut short (a time limit) keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"command": command, **report}, indent=2) + "\n")
 
-    for name in args.models:
-        if "scan" in args.parts:
-            bench_model(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size, args.max_length,
-                        args.variants, device, args.precision, on_row=save("scan"))
-    if "e2e" in args.parts:
-        methods = {m: why for m, why in gradient_methods().items() if m in args.methods}
-        for m, why in methods.items():
-            if why is not None:
-                print(f"{m}: n/a ({why})", file=sys.stderr)
-        for name in args.models:
-            bench_e2e(name, MODELS[name], texts, facts, args.probes, args.docs, args.batch_size, args.max_length,
-                      methods, device, args.precision, on_row=save("e2e"))
-    if report["scan"]:
-        print("\nScan cost, multiples of one plain forward pass:\n\n" + format_scan(report["scan"]))
-    if report["e2e"]:
-        print("\nEnd to end (fit + scan), seconds (multiple of one plain forward pass):\n\n"
-              + format_e2e(report["e2e"]))
-        print("\nCrossover (smallest T at which the gradient method is cheaper end to end):\n\n"
-              + format_crossovers(report["crossovers"]))
+    try:
+        report = run_speed_benchmark(cfg, on_update=save, show=lambda s: print(s, flush=True),
+                                     log=lambda s: print(s, file=sys.stderr))
+    except InputError as e:
+        raise SystemExit(f"benchmark_speed: {e}") from None
+    summary = format_table(report)
+    if summary:
+        print(summary)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The speed benchmark (scan cost and end-to-end rows), its crossover summary, and the GPU check's CPU paths."""
+"""The speed benchmark (``hf_mirror.evaluation.speed`` and its recipe): scan cost and end-to-end rows, the crossover
+summary, and the GPU check's CPU paths."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from hf_mirror.errors import InputError
+from hf_mirror.evaluation import speed
+from hf_mirror.evaluation.speed import SpeedConfig, run_speed_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,11 +26,11 @@ def _load(path: Path):
 
 
 @pytest.fixture(scope="module")
-def speed():
+def recipe():
     return _load(ROOT / "recipes" / "benchmark_speed.py")
 
 
-def test_crossovers_measured_and_linear_fit(speed):
+def test_crossovers_measured_and_linear_fit():
     rows = [{"model": "m", "probes": t, "mirror_s": 1.0 + t, "mirror_top2_s": 1.0 + 0.1 * t,
              "mirror_top2_warm_s": None, "gradsim_s": 4.5 + 0.5 * t, "ekfac_s": None} for t in (1, 8, 32)]
     found = {(c["method"], c["mirror"]): c for c in speed.crossovers(rows)}
@@ -38,32 +43,42 @@ def test_crossovers_measured_and_linear_fit(speed):
     assert "| m | gradsim | mirror, all blocks | 8 | 7.0 |" in table and "never up to 32" in table
 
 
-def test_device_resolution_falls_back_to_the_cpu(speed):
+def test_device_resolution_falls_back_to_the_cpu(recipe):
     assert speed.resolve_device("cpu").type == "cpu"
     assert speed.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="no CUDA"):
+        with pytest.raises(InputError, match="no CUDA"):
             speed.resolve_device("cuda")
+        with pytest.raises(SystemExit, match="benchmark_speed: --device cuda, but torch sees no CUDA"):
+            recipe.main(["--device", "cuda", "--models", "tiny", "--probes", "1"])
 
 
-def test_gradient_methods_report_why_they_cannot_run(speed):
+def test_config_is_checked():
+    with pytest.raises(InputError, match="Unknown variants"):
+        run_speed_benchmark(SpeedConfig(variants=["fast"]))
+
+
+def test_gradient_methods_report_why_they_cannot_run():
     methods = speed.gradient_methods()
     assert set(methods) == {"gradsim", "ekfac"} and methods["gradsim"] is None
     assert methods["ekfac"] is None or isinstance(methods["ekfac"], str)
 
 
-def test_speed_benchmark_scan_and_end_to_end_rows(speed, tmp_path, capsys):
+def test_speed_benchmark_scan_and_end_to_end_rows(recipe, tmp_path, capsys):
     out = tmp_path / "speed.json"
     threads = torch.get_num_threads()
     try:
-        assert speed.main(["--models", "tiny", "--probes", "2", "--docs", "4", "--max-length", "64",
+        assert recipe.main(["--models", "tiny", "--probes", "2", "--docs", "4", "--max-length", "64",
                            "--batch-size", "4", "--methods", "gradsim", "--device", "cpu", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "| model | T | docs | floor s | fit s | naive x | cached x | trunk+cache x | +mixed8 x |" in printed
     assert "| mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base | gradsim | EK-FAC |" in printed
+    assert "\nCrossover (smallest T at which the gradient method is cheaper end to end):\n" in printed
     report = json.loads(out.read_text())
+    assert list(report) == ["command", "device", "scan", "e2e", "crossovers"]
+    assert report["command"].startswith("benchmark_speed.py --models tiny") and report["device"] == "cpu"
     assert [r["probes"] for r in report["scan"]] == [2] and [r["probes"] for r in report["e2e"]] == [2]
     for r in report["scan"]:
         assert r["documents"] == 4 and r["floor_s"] > 0
@@ -78,18 +93,23 @@ def test_speed_benchmark_scan_and_end_to_end_rows(speed, tmp_path, capsys):
     assert all(c["estimate"] is None for c in report["crossovers"])  # one probe count: no line to fit
 
 
-def test_scan_variants_can_be_chosen(speed):
-    rows = speed.bench_model("tiny", speed.MODELS["tiny"], *_texts_and_facts(), [2], 4, 4, 64, variants=("trunk",))
-    (row,) = rows
-    assert "trunk_cached_s" in row and "naive_s" not in row and "cached_s" not in row and "mixed_s" not in row
-    assert "| - | - |" in speed.format_scan(rows)
-
-
-def _texts_and_facts():
-    from hf_mirror import demo
-
-    facts = demo.load_facts()
-    return [f["text"] for f in facts], facts
+def test_library_run_reports_rows_as_they_are_measured():
+    cfg = SpeedConfig.quick()
+    cfg.parts, cfg.variants = ["scan"], ["trunk"]
+    updates, shown, notes = [], [], []
+    report = run_speed_benchmark(cfg, on_update=lambda r: updates.append(len(r["scan"])), show=shown.append,
+                                 log=notes.append)
+    assert set(report) == {"device", "scan", "e2e", "crossovers"} and report["device"] == "cpu"
+    assert report["e2e"] == [] and report["crossovers"] == [] and updates == [1]
+    (row,) = report["scan"]
+    assert row["model"] == "tiny" and row["probes"] == 2 and row["documents"] == 4 and row["precision"] == "no"
+    assert row["trunk_cached_s"] > 0 and row["trunk_cached_x_floor"] > 0 and row["fit_top2_s"] > 0
+    assert "naive_s" not in row and "cached_s" not in row and "mixed_s" not in row  # variants not asked for
+    assert "| - | - |" in speed.format_scan(report["scan"])
+    assert len(shown) == 1 and shown[0].startswith("| model | T |") and notes[0].startswith("device: cpu")
+    summary = speed.format_table(report)
+    assert summary.startswith("\nScan cost") and "End to end" not in summary
+    assert speed.format_table({"scan": [], "e2e": [], "crossovers": []}) == ""
 
 
 def test_gpu_check_without_cuda_exits_with_a_clear_message():

@@ -1,0 +1,466 @@
+"""Speed benchmark: scan cost per probe count as a multiple of ONE plain forward pass over the same corpus, and
+end-to-end cost (fit + scan) of the mirror against gradient-based attribution (gradsim, EK-FAC).
+
+Models are built from config (random weights: speed does not depend on training) with a byte-level BPE tokenizer
+trained on the bundled corpus. The ``scan`` part times the scan (:class:`hf_mirror.scan.Scanner`) in up to four
+ways (:data:`VARIANTS`):
+
+  naive        every mirror on all blocks, base pass computed     -> about T + 1 forward passes
+  cached       base losses from the cache                          -> about T
+  trunk        mirrors on the top 2 blocks (1 of 2), base losses cached, lower blocks run once
+               ("trunk+cache")                                     -> about T x 2 / n_layer + trunk
+  mixed        trunk+cache, scoring up to 8 probes per forward with PEFT mixed-adapter batches ("+mixed8")
+
+The ``e2e`` part times whole calls, fitting included, of :func:`hf_mirror.attribute` (all-block mirrors; top-2-block
+mirrors with the shared trunk, first run and again with the base losses cached) and of
+:func:`hf_mirror.baselines.attribute_baseline` for ``gradsim`` and ``ekfac`` (when installed), and the crossover:
+the smallest T at which a gradient method is cheaper end to end. The mirror runs use ``normalize="none"`` so that
+T probes cost T mirrors.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_mirror.corpus import Window, document_tokens, windows
+from hf_mirror.errors import InputError
+from hf_mirror.mirror import MirrorConfig, fit_mirrors
+from hf_mirror.modeling import prepare_tokenizer
+from hf_mirror.probes import Probe
+from hf_mirror.scan import Scanner, _collate, token_losses
+from hf_mirror.tiny_lm import train_tokenizer
+from hf_mirror.trunk import SharedTrunk
+
+MODELS = {
+    "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=2000),
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=8000),
+}
+PARTS = ("scan", "e2e")
+VARIANTS = ("naive", "cached", "trunk", "mixed")
+E2E_MIRRORS = ("mirror", "mirror_top2", "mirror_top2_warm")
+GRADIENT_METHODS = ("gradsim", "ekfac")
+PRECISIONS = ("no", "bf16", "fp16")
+
+Autocast = Callable[[], AbstractContextManager]
+OnRow = Callable[[dict], None]
+
+
+@dataclass
+class SpeedConfig:
+    """What the speed benchmark times, and where."""
+
+    models: list[str] = field(default_factory=lambda: ["tiny", "gpt2-small"])  # keys of MODELS
+    probes: list[int] = field(default_factory=lambda: [1, 8, 32])  # probe counts T
+    n_documents: int = 300  # corpus size (the first bundled facts' texts)
+    batch_size: int = 16
+    max_length: int = 128
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # scan variants
+    methods: list[str] = field(default_factory=lambda: list(GRADIENT_METHODS))  # gradient methods timed end to end
+    device: str = "auto"  # auto (CUDA when available), cpu or cuda
+    precision: str = "no"  # autocast on CUDA: no, bf16 or fp16
+
+    @classmethod
+    def quick(cls) -> SpeedConfig:
+        """A size for tests: the tiny model, T = 2, 4 documents, gradsim only, on the CPU (seconds)."""
+        return cls(models=["tiny"], probes=[2], n_documents=4, batch_size=4, max_length=64, methods=["gradsim"],
+                   device="cpu")
+
+    def check(self) -> None:
+        """Raise :class:`InputError` on an unknown model, part, variant, method or precision."""
+        for name, values, known in (("models", self.models, MODELS), ("parts", self.parts, PARTS),
+                                    ("variants", self.variants, VARIANTS),
+                                    ("methods", self.methods, GRADIENT_METHODS),
+                                    ("precision", [self.precision], PRECISIONS)):
+            unknown = [v for v in values if v not in known]
+            if unknown:
+                raise InputError(f"Unknown {name} {unknown}; choose among {list(known)}.")
+        if not self.probes:
+            raise InputError("probes must hold at least one probe count.")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; ``cuda`` without CUDA is an :class:`InputError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device cuda, but torch sees no CUDA device (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}).")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str) -> Autocast:
+    """A context-manager factory: bf16/fp16 autocast on CUDA, nothing on the CPU or in fp32."""
+    if device.type != "cuda" or precision == "no":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gradient_methods() -> dict[str, str | None]:
+    """Each gradient method -> None when it can run here, else why not."""
+    from hf_mirror.baselines import METHODS
+
+    out: dict[str, str | None] = {}
+    for m in GRADIENT_METHODS:
+        if m not in METHODS:
+            out[m] = f"hf_mirror.baselines has no {m!r}"
+        elif m == "ekfac":
+            try:
+                import kronfluence  # noqa: F401
+            except ImportError:
+                out[m] = "kronfluence is not installed"
+            else:
+                out[m] = None
+        else:
+            out[m] = None
+    return out
+
+
+def build_model(spec: dict, texts: list[str], max_length: int, device: torch.device):
+    """A randomly initialised GPT-2 of ``spec``'s shape (seed 0) and a BPE tokenizer trained on ``texts``."""
+    torch.manual_seed(0)
+    tok = prepare_tokenizer(train_tokenizer(texts, spec["vocab"]))
+    config = GPT2Config(vocab_size=len(tok), n_positions=max_length, n_embd=spec["n_embd"], n_layer=spec["n_layer"],
+                        n_head=spec["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    return GPT2LMHeadModel(config).to(device).eval(), tok
+
+
+def top_blocks(n_layer: int) -> list[int]:
+    """The top 2 blocks (the top 1 of a 2-block model, so that a trunk remains below it)."""
+    return list(range(max(1, n_layer - 2), n_layer))
+
+
+def _row(name: str, t: int, n_docs: int, n_tokens: int, floor: float, device: torch.device, precision: str) -> dict:
+    return {"model": name, "probes": t, "documents": n_docs, "tokens": n_tokens, "floor_s": floor,
+            "device": str(device), "precision": precision if device.type == "cuda" else "no"}
+
+
+def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, batch_size: int,
+                   autocast: Autocast = nullcontext) -> tuple[float, int]:
+    """One plain forward pass (per-token losses) over every window of the corpus: seconds and tokens."""
+    device = next(model.parameters()).device
+    wins = [Window(0, start, ids, ctx) for _, text in docs
+            for start, ids, ctx in windows(document_tokens(tok, text), max_length, max_length // 8)]
+    batches = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            ids, mask = _collate(b, tok.pad_token_id, device)
+            with autocast():
+                token_losses(model, ids, mask)
+    _sync(device)
+    return time.perf_counter() - t0, sum(len(w.input_ids) for w in wins)
+
+
+def _scan(model, tok, names: list[str], ids: list[str], docs: list[tuple[int, str]], max_length: int,
+          batch_size: int, base: list | None = None, trunk: SharedTrunk | None = None, group: int = 1,
+          autocast: Autocast = nullcontext) -> tuple[float, list]:
+    """One timed scan of ``docs``: seconds and the scanned documents."""
+    scanner = Scanner(model, tok, names, ids, max_length, max_length // 8, batch_size, trunk=trunk,
+                      adapters_per_forward=group, autocast=autocast)
+    t0 = time.perf_counter()
+    out = list(scanner(iter(docs), base_losses=iter(base) if base is not None else None))
+    return time.perf_counter() - t0, out
+
+
+def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
+               batch_size: int, max_length: int, variants: Iterable[str] = VARIANTS,
+               device: torch.device | None = None, precision: str = "no", on_row: OnRow | None = None) -> list[dict]:
+    """The scan rows: each variant's scan time as a multiple of the floor, for each probe count."""
+    device = device or torch.device("cpu")
+    autocast = _autocast(device, precision)
+    model, tok = build_model(spec, texts, max_length, device)
+    docs = [(i, t) for i, t in enumerate(texts[:n_docs])]
+    t_max = max(probe_counts)
+    probes = [Probe(f["headword"], f["prompt"], f["completion"]) for f in facts[-t_max:]]
+    top = top_blocks(spec["n_layer"])
+    rows = []
+    _floor_seconds(model, tok, docs, max_length, batch_size, autocast)  # warm-up
+    for t in probe_counts:
+        floor, n_tokens = min(_floor_seconds(model, tok, docs, max_length, batch_size, autocast) for _ in range(2))
+        names = [f"p{i}" for i in range(t)]
+        row = _row(name, t, len(docs), n_tokens, floor, device, precision)
+        base = None
+
+        def base_only(peft_model) -> list:  # the base losses the cached variants read: a base-only scan, untimed
+            _, scanned = _scan(peft_model, tok, [], [], docs, max_length, batch_size, autocast=autocast)
+            return [(d.seq, str(d.doc_id), d.base) for d in scanned]
+
+        if "naive" in variants or "cached" in variants:
+            t0 = time.perf_counter()
+            all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(), max_length,
+                                        show_progress=False)
+            row["fit_s"] = time.perf_counter() - t0
+            if "naive" in variants:
+                row["naive_s"], scanned = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
+                                                autocast=autocast)
+                base = [(d.seq, str(d.doc_id), d.base) for d in scanned]
+            if "cached" in variants:
+                base = base or base_only(all_layers)
+                row["cached_s"], _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base,
+                                           autocast=autocast)
+            all_layers.unload()
+        if "trunk" in variants or "mixed" in variants:
+            t0 = time.perf_counter()
+            top_only, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(layers=top), max_length,
+                                      show_progress=False)
+            row["fit_top2_s"] = time.perf_counter() - t0
+            base = base or base_only(top_only)
+            trunk = SharedTrunk(top_only, top[0])
+            if "trunk" in variants:
+                row["trunk_cached_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size,
+                                                 base=base, trunk=trunk, autocast=autocast)
+            if "mixed" in variants:
+                row["mixed_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base,
+                                          trunk=trunk, group=min(t, 8), autocast=autocast)
+            top_only.unload()
+        for k in ("naive", "cached", "trunk_cached", "mixed"):
+            if f"{k}_s" in row:
+                row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
+                row[f"{k}_tok_s"] = n_tokens / row[f"{k}_s"]
+        if "naive_s" in row and "trunk_cached_s" in row:
+            row["naive_over_trunk_cached"] = row["naive_s"] / row["trunk_cached_s"]
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if device.type == "cuda":
+            row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    del model
+    return rows
+
+
+def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
+              batch_size: int, max_length: int, methods: dict[str, str | None] | None = None,
+              device: torch.device | None = None, precision: str = "no", work: Path | None = None,
+              on_row: OnRow | None = None) -> list[dict]:
+    """End-to-end rows: wall time of whole attribution calls (fitting included), per probe count.
+
+    ``methods`` maps each gradient method to None (run it) or the reason it cannot run (reported as n/a).
+    """
+    from hf_mirror import ScanConfig, attribute
+    from hf_mirror.baselines import attribute_baseline
+    from hf_mirror.corpus import Corpus
+
+    device = device or torch.device("cpu")
+    methods = gradient_methods() if methods is None else methods
+    autocast = _autocast(device, precision)
+    model, tok = build_model(spec, texts, max_length, device)
+    rows_docs = [(i, t) for i, t in enumerate(texts[:n_docs])]
+    corpus = Corpus([{"id": str(i), "text": t} for i, t in rows_docs], id_column="id")
+    t_max = max(probe_counts)
+    probes = [{"id": f["headword"], "prompt": f["prompt"], "completion": f["completion"]} for f in facts[-t_max:]]
+    top = top_blocks(spec["n_layer"])
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="hf_mirror_e2e_")) if own else Path(work)
+    _floor_seconds(model, tok, rows_docs, max_length, batch_size, autocast)  # warm-up
+    floor, n_tokens = min(_floor_seconds(model, tok, rows_docs, max_length, batch_size, autocast) for _ in range(2))
+    rows = []
+    try:
+        # warm-up (untimed): one probe on a few documents through the mirror and gradsim, so that one-time costs
+        # (imports, allocator, kernels) do not land on the first timed call; EK-FAC's import is done already
+        few = Corpus([{"id": str(i), "text": t} for i, t in rows_docs[:4]], id_column="id")
+        attribute(model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-mirror", show_progress=False,
+                  scan=ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length, cache=False,
+                                  precision=precision), overwrite=True)
+        if methods.get("gradsim", "") is None:
+            attribute_baseline("gradsim", model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-gradsim",
+                               show_progress=False, max_length=max_length)
+        for t in probe_counts:
+            row = _row(name, t, len(rows_docs), n_tokens, floor, device, precision)
+
+            def mirror(tag: str, layers: list[int] | None, cache: str, t: int = t) -> float:
+                scan = ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length,
+                                  cache_dir=str(work / cache), precision=precision)
+                t0 = time.perf_counter()
+                attribute(model, corpus, probes[:t], tokenizer=tok, mirror=MirrorConfig(layers=layers), scan=scan,
+                          output_dir=work / f"{tag}-{t}", show_progress=False, overwrite=True)
+                _sync(device)
+                return time.perf_counter() - t0
+
+            row["mirror_s"] = mirror("mirror", None, f"cache-all-{t}")
+            row["mirror_top2_s"] = mirror("top2", top, f"cache-top2-{t}")  # first run: fills the base-loss cache
+            row["mirror_top2_warm_s"] = mirror("top2-warm", top, f"cache-top2-{t}")  # base losses from the cache
+            for m, why in methods.items():
+                if why is not None:
+                    row[f"{m}_s"], row[f"{m}_na"] = None, why
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    attribute_baseline(m, model, corpus, probes[:t], tokenizer=tok, output_dir=work / f"{m}-{t}",
+                                       show_progress=False, max_length=max_length)
+                    _sync(device)
+                    row[f"{m}_s"] = time.perf_counter() - t0
+                except Exception as e:  # report it and go on: one failing baseline must not lose the table
+                    row[f"{m}_s"], row[f"{m}_na"] = None, f"failed: {type(e).__name__}: {e}"[:200]
+            for k in (*E2E_MIRRORS, *GRADIENT_METHODS):
+                if row.get(f"{k}_s") is not None:
+                    row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def crossovers(rows: list[dict]) -> list[dict]:
+    """For each model, mirror variant and gradient method: the smallest measured T at which the gradient method is
+    cheaper end to end, and a linear-fit estimate (cost = a + b T for both, least squares over the measured T)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["probes"])
+        for g in GRADIENT_METHODS:
+            for m in E2E_MIRRORS:
+                pts = [(r["probes"], r[f"{m}_s"], r[f"{g}_s"]) for r in mine
+                       if r.get(f"{m}_s") is not None and r.get(f"{g}_s") is not None]
+                if not pts:
+                    continue
+                measured = next((t for t, a, b in pts if b < a), None)
+                estimate = None
+                if len({t for t, _, _ in pts}) >= 2:
+                    ts = torch.tensor([float(t) for t, _, _ in pts], dtype=torch.float64)
+                    design = torch.stack([torch.ones_like(ts), ts], 1)
+                    fit = torch.linalg.lstsq(design, torch.tensor([[a, b] for _, a, b in pts],
+                                                                  dtype=torch.float64)).solution
+                    (a0, b0), (a1, b1) = fit[0].tolist(), fit[1].tolist()  # intercepts, slopes
+                    if a1 > b1:
+                        estimate = max(0.0, (b0 - a0) / (a1 - b1))
+                out.append({"model": model, "mirror": m, "method": g, "measured": measured,
+                            "max_probes": pts[-1][0], "estimate": estimate})
+    return out
+
+
+def run_speed_benchmark(cfg: SpeedConfig, on_update: Callable[[dict], None] | None = None,
+                        show: Callable[[str], None] = lambda s: None,
+                        log: Callable[[str], None] = lambda s: None) -> dict:
+    """Time ``cfg.parts`` for each of ``cfg.models``; the report: ``device``, ``scan`` and ``e2e`` rows, and the
+    ``crossovers`` of the ``e2e`` rows.
+
+    ``on_update(report)`` is called after every row (so that a run cut short keeps what it measured); ``show``
+    gets each row as a Markdown table line as it is measured (with a header before each model's first row of a
+    part); ``log`` gets notes (the device, gradient methods that cannot run).
+    """
+    from hf_mirror import demo
+
+    cfg.check()
+    device = resolve_device(cfg.device)
+    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f", precision: {cfg.precision if device.type == 'cuda' else 'no (fp32 on the CPU)'}")
+    facts = demo.load_facts()
+    texts = [f["text"] for f in facts]
+    report: dict = {"device": str(device), "scan": [], "e2e": [], "crossovers": []}
+
+    def record(part: str) -> OnRow:  # one model's rows of one part
+        shown = []
+
+        def add(row: dict) -> None:
+            show(FORMATS[part]([row], header=not shown))
+            shown.append(row)
+            report[part].append(row)
+            if part == "e2e":
+                report["crossovers"] = crossovers(report["e2e"])
+            if on_update is not None:
+                on_update(report)
+        return add
+
+    common = dict(texts=texts, facts=facts, probe_counts=cfg.probes, n_docs=cfg.n_documents,
+                  batch_size=cfg.batch_size, max_length=cfg.max_length, device=device, precision=cfg.precision)
+    if "scan" in cfg.parts:
+        for name in cfg.models:
+            bench_scan(name, MODELS[name], variants=cfg.variants, on_row=record("scan"), **common)
+    if "e2e" in cfg.parts:
+        methods = {m: why for m, why in gradient_methods().items() if m in cfg.methods}
+        for m, why in methods.items():
+            if why is not None:
+                log(f"{m}: n/a ({why})")
+        for name in cfg.models:
+            bench_e2e(name, MODELS[name], methods=methods, on_row=record("e2e"), **common)
+    return report
+
+
+def _x(row: dict, key: str) -> str:
+    v = row.get(f"{key}_x_floor")
+    return "-" if v is None else f"{v:.1f}"
+
+
+def format_scan(rows: list[dict], header: bool = True) -> str:
+    """The scan rows as a Markdown table (multiples of one plain forward pass; '-' = not measured)."""
+    lines = ["| model | T | docs | floor s | fit s | naive x | cached x | trunk+cache x | +mixed8 x | "
+             "naive / trunk+cache | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    for r in rows:
+        ratio = r.get("naive_over_trunk_cached")
+        lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | "
+                     f"{r.get('fit_s', r.get('fit_top2_s', float('nan'))):.1f} | {_x(r, 'naive')} | "
+                     f"{_x(r, 'cached')} | "
+                     f"{_x(r, 'trunk_cached')} | {_x(r, 'mixed')} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def _cell(row: dict, key: str) -> str:
+    if row.get(f"{key}_s") is None:
+        return "n/a" if f"{key}_na" in row else "-"
+    return f"{row[f'{key}_s']:.1f} ({row[f'{key}_x_floor']:.1f}x)"
+
+
+def format_e2e(rows: list[dict], header: bool = True) -> str:
+    """End-to-end rows as a Markdown table: seconds of each whole call (multiple of one forward pass)."""
+    lines = ["| model | T | docs | floor s | mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base "
+             "| gradsim | EK-FAC |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | {_cell(r, 'mirror')} | "
+                     f"{_cell(r, 'mirror_top2')} | {_cell(r, 'mirror_top2_warm')} | {_cell(r, 'gradsim')} | "
+                     f"{_cell(r, 'ekfac')} |")
+    return "\n".join(lines)
+
+
+def format_crossovers(items: list[dict]) -> str:
+    """The crossovers as a Markdown table."""
+    names = {"mirror": "mirror, all blocks", "mirror_top2": "mirror, top 2 + trunk",
+             "mirror_top2_warm": "top 2 + trunk, cached base"}
+    lines = ["| model | gradient method | vs | cheaper end to end from T = (measured) | linear-fit crossover T |",
+             "| --- | --- | --- | --- | --- |"]
+    for c in items:
+        measured = f"{c['measured']}" if c["measured"] is not None else f"never up to {c['max_probes']}"
+        estimate = ("never (mirror grows slower)" if c["estimate"] is None
+                    else "< 1" if c["estimate"] < 1 else f"{c['estimate']:.1f}")
+        lines.append(f"| {c['model']} | {c['method']} | {names[c['mirror']]} | {measured} | {estimate} |")
+    return "\n".join(lines)
+
+
+FORMATS: dict[str, Callable[..., str]] = {"scan": format_scan, "e2e": format_e2e}
+
+
+def format_table(report: dict) -> str:
+    """The report's summary in Markdown: the scan table, the end-to-end table and the crossovers (the parts
+    measured; empty when none was)."""
+    parts = []
+    if report["scan"]:
+        parts.append("\nScan cost, multiples of one plain forward pass:\n\n" + format_scan(report["scan"]))
+    if report["e2e"]:
+        parts.append("\nEnd to end (fit + scan), seconds (multiple of one plain forward pass):\n\n"
+                     + format_e2e(report["e2e"]))
+        parts.append("\nCrossover (smallest T at which the gradient method is cheaper end to end):\n\n"
+                     + format_crossovers(report["crossovers"]))
+    return "\n".join(parts)
