@@ -87,6 +87,8 @@ def _add_attribute(sub) -> None:
                    help="retrieve-then-rerank: scan only each probe's top-M BM25 documents")
     g.add_argument("--fixed-width", action="store_true",
                    help="pad every batch to --max-length: scores independent of batching and process count")
+    g.add_argument("--sort-batches", type=int, default=16,
+                   help="pool this many batches of windows and batch them by length (less padding; 1 = off)")
     g.add_argument("--no-shared-trunk", action="store_true",
                    help="recompute the blocks below --layers for every mirror")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
@@ -193,6 +195,9 @@ def _add_index(sub) -> None:
     p.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint of an interrupted build")
+    p.add_argument("--backend", choices=["ngram", "infini-gram"], default="ngram",
+                   help="ngram: hashed n-grams of one --ngram; infini-gram: a suffix array (any n, for huge "
+                   "corpora; pip install 'hf_mirror[infinigram]'; one process, no checkpoint)")
 
 
 def _add_provenance(sub) -> None:
@@ -302,6 +307,7 @@ def _attribute(args) -> int:
         adapters_per_forward=args.adapters_per_forward,
         shared_trunk=not args.no_shared_trunk,
         fixed_width=args.fixed_width,
+        sort_batches=args.sort_batches,
         candidates=parse_candidates(args.candidates),
     )
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
@@ -344,10 +350,13 @@ def _demo(args) -> int:
 
 
 def _open_or_build_index(args, corpus, tokenizer, index_dir):
+    from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
     from hf_mirror.provenance.ngram import NgramIndex
 
     if (index_dir / "manifest.json").exists():
-        index = NgramIndex.load(index_dir, tokenizer)
+        index = load_index(index_dir, tokenizer)
+        if isinstance(index, InfiniGramIndex):
+            index.n = args.ngram  # a suffix array answers any n
         if index.n != args.ngram or index.manifest.get("corpus") != corpus.describe():
             raise InputError(f"The index in {index_dir} was built for another corpus or n-gram length "
                              f"(n={index.n}); pass a new --index directory or delete it.")
@@ -429,8 +438,14 @@ def _index(args) -> int:
 
     tokenizer = load_tokenizer(args.model)
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
-    index = NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=args.output, overwrite=args.overwrite,
-                             show_progress=True, resume=not args.restart)
+    if args.backend == "infini-gram":
+        from hf_mirror.provenance.infinigram import InfiniGramIndex
+
+        index = InfiniGramIndex.build(corpus, tokenizer, output_dir=args.output, n=args.ngram,
+                                      overwrite=args.overwrite, show_progress=True)
+    else:
+        index = NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=args.output,
+                                 overwrite=args.overwrite, show_progress=True, resume=not args.restart)
     if PartialState().is_main_process:
         print(f"{index!r}; wrote {args.output}")
     return 0

@@ -2,6 +2,7 @@
 membership scores; benchmark leakage audits and memorization reports."""
 
 from hf_mirror.provenance.generation import generation_provenance, write_provenance
+from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
 from hf_mirror.provenance.leakage import EvalSet, audit_leakage, combined_scores, robust_z, write_report
 from hf_mirror.provenance.membership import min_k_percent, min_k_scores, token_logprobs
 from hf_mirror.provenance.memorization import extractable_memorization
@@ -11,9 +12,11 @@ from hf_mirror.provenance.ngram import NgramIndex, NgramMatch, Occurrence, Span,
 __all__ = [
     "EvalItem",
     "EvalSet",
+    "InfiniGramIndex",
     "audit_leakage",
     "combined_scores",
     "generation_provenance",
+    "load_index",
     "make_items",
     "mirror_leakage",
     "robust_z",
