@@ -16,6 +16,10 @@ mirrors with the shared trunk, first run and again with the base losses cached) 
 :func:`hf_mirror.baselines.attribute_baseline` for ``gradsim`` and ``ekfac`` (when installed), and the crossover:
 the smallest T at which a gradient method is cheaper end to end. The mirror runs use ``normalize="none"`` so that
 T probes cost T mirrors.
+
+The ``padding`` part scans a corpus of mixed lengths (1 to 12 bundled texts per document) with every batch cut
+in stream order (``sort_batches=1``) and with the default pool of 16 batches batched by length, and reports the
+padded share of the batch cells, both times and the largest score difference between the two.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ MODELS = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=2000),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=8000),
 }
-PARTS = ("scan", "e2e")
+PARTS = ("scan", "e2e", "padding")
 VARIANTS = ("naive", "cached", "trunk", "mixed")
 E2E_MIRRORS = ("mirror", "mirror_top2", "mirror_top2_warm")
 GRADIENT_METHODS = ("gradsim", "ekfac")
@@ -64,7 +68,7 @@ class SpeedConfig:
     n_documents: int = 300  # corpus size (the first bundled facts' texts)
     batch_size: int = 16
     max_length: int = 128
-    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    parts: list[str] = field(default_factory=lambda: ["scan", "e2e"])  # of PARTS ("padding" on request)
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # scan variants
     methods: list[str] = field(default_factory=lambda: list(GRADIENT_METHODS))  # gradient methods timed end to end
     device: str = "auto"  # auto (CUDA when available), cpu or cuda
@@ -171,13 +175,16 @@ def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, bat
 
 def _scan(model, tok, names: list[str], ids: list[str], docs: list[tuple[int, str]], max_length: int,
           batch_size: int, base: list | None = None, trunk: SharedTrunk | None = None, group: int = 1,
-          autocast: Autocast = nullcontext) -> tuple[float, list]:
-    """One timed scan of ``docs``: seconds and the scanned documents."""
+          autocast: Autocast = nullcontext, sort_batches: int = 1) -> tuple[float, list, Scanner]:
+    """One timed scan of ``docs``: seconds, the scanned documents and the scanner (for its counters)."""
     scanner = Scanner(model, tok, names, ids, max_length, max_length // 8, batch_size, trunk=trunk,
-                      adapters_per_forward=group, autocast=autocast)
+                      adapters_per_forward=group, autocast=autocast, sort_batches=sort_batches)
+    device = next(model.parameters()).device
+    _sync(device)
     t0 = time.perf_counter()
     out = list(scanner(iter(docs), base_losses=iter(base) if base is not None else None))
-    return time.perf_counter() - t0, out
+    _sync(device)
+    return time.perf_counter() - t0, out, scanner
 
 
 def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
@@ -200,7 +207,7 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
         base = None
 
         def base_only(peft_model) -> list:  # the base losses the cached variants read: a base-only scan, untimed
-            _, scanned = _scan(peft_model, tok, [], [], docs, max_length, batch_size, autocast=autocast)
+            _, scanned, _ = _scan(peft_model, tok, [], [], docs, max_length, batch_size, autocast=autocast)
             return [(d.seq, str(d.doc_id), d.base) for d in scanned]
 
         if "naive" in variants or "cached" in variants:
@@ -209,12 +216,12 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
                                         show_progress=False)
             row["fit_s"] = time.perf_counter() - t0
             if "naive" in variants:
-                row["naive_s"], scanned = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
+                row["naive_s"], scanned, _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
                                                 autocast=autocast)
                 base = [(d.seq, str(d.doc_id), d.base) for d in scanned]
             if "cached" in variants:
                 base = base or base_only(all_layers)
-                row["cached_s"], _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base,
+                row["cached_s"], *_ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base,
                                            autocast=autocast)
             all_layers.unload()
         if "trunk" in variants or "mixed" in variants:
@@ -225,10 +232,10 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
             base = base or base_only(top_only)
             trunk = SharedTrunk(top_only, top[0])
             if "trunk" in variants:
-                row["trunk_cached_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size,
+                row["trunk_cached_s"], *_ = _scan(top_only, tok, names, names, docs, max_length, batch_size,
                                                  base=base, trunk=trunk, autocast=autocast)
             if "mixed" in variants:
-                row["mixed_s"], _ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base,
+                row["mixed_s"], *_ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base,
                                           trunk=trunk, group=min(t, 8), autocast=autocast)
             top_only.unload()
         for k in ("naive", "cached", "trunk_cached", "mixed"):
@@ -244,6 +251,52 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
         if on_row is not None:
             on_row(row)
     del model
+    return rows
+
+
+def mixed_lengths(texts: list[str], n_docs: int, seed: int = 0) -> list[tuple[int, str]]:
+    """``n_docs`` documents of 1 to 12 consecutive ``texts`` each (lengths drawn with ``seed``)."""
+    import random
+
+    rng, docs, i = random.Random(seed), [], 0
+    while len(docs) < n_docs:
+        k = rng.choice([1, 1, 2, 3, 6, 12])
+        docs.append((len(docs), " ".join(texts[(i + j) % len(texts)] for j in range(k))))
+        i += k
+    return docs
+
+
+def bench_padding(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
+                  batch_size: int, max_length: int, device: torch.device | None = None, precision: str = "no",
+                  on_row: OnRow | None = None) -> list[dict]:
+    """The padding rows: an all-block mirror scan of a mixed-length corpus, batches in stream order vs by length."""
+    import numpy as np
+
+    device = device or torch.device("cpu")
+    autocast = _autocast(device, precision)
+    model, tok = build_model(spec, texts, max_length, device)
+    docs = mixed_lengths(texts, n_docs)
+    probes = [Probe(f["headword"], f["prompt"], f["completion"]) for f in facts[-max(probe_counts):]]
+    rows = []
+    for t in probe_counts:
+        floor, n_tokens = min(_floor_seconds(model, tok, docs, max_length, batch_size, autocast) for _ in range(2))
+        row = _row(name, t, len(docs), n_tokens, floor, device, precision)
+        names = [f"p{i}" for i in range(t)]
+        peft_model, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(), max_length, show_progress=False)
+        scans = {}
+        for key, pool in (("stream", 1), ("sorted", 16)):
+            row[f"{key}_s"], scans[key], scanner = _scan(peft_model, tok, names, names, docs, max_length, batch_size,
+                                                         autocast=autocast, sort_batches=pool)
+            row[f"{key}_padding"] = 1 - scanner.window_tokens / scanner.padded_tokens
+            row[f"{key}_x_floor"] = row[f"{key}_s"] / floor
+        row["stream_over_sorted"] = row["stream_s"] / row["sorted_s"]
+        row["max_abs_diff"] = max(float(np.abs(np.concatenate([a.base, a.mirror.ravel()])
+                                               - np.concatenate([b.base, b.mirror.ravel()])).max())
+                                  for a, b in zip(scans["stream"], scans["sorted"], strict=True))
+        peft_model.unload()
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -367,7 +420,7 @@ def run_speed_benchmark(cfg: SpeedConfig, on_update: Callable[[dict], None] | No
         + f", precision: {cfg.precision if device.type == 'cuda' else 'no (fp32 on the CPU)'}")
     facts = demo.load_facts()
     texts = [f["text"] for f in facts]
-    report: dict = {"device": str(device), "scan": [], "e2e": [], "crossovers": []}
+    report: dict = {"device": str(device), "scan": [], "e2e": [], "crossovers": [], "padding": []}
 
     def record(part: str) -> OnRow:  # one model's rows of one part
         shown = []
@@ -394,6 +447,9 @@ def run_speed_benchmark(cfg: SpeedConfig, on_update: Callable[[dict], None] | No
                 log(f"{m}: n/a ({why})")
         for name in cfg.models:
             bench_e2e(name, MODELS[name], methods=methods, on_row=record("e2e"), **common)
+    if "padding" in cfg.parts:
+        for name in cfg.models:
+            bench_padding(name, MODELS[name], on_row=record("padding"), **common)
     return report
 
 
@@ -449,7 +505,20 @@ def format_crossovers(items: list[dict]) -> str:
     return "\n".join(lines)
 
 
-FORMATS: dict[str, Callable[..., str]] = {"scan": format_scan, "e2e": format_e2e}
+def format_padding(rows: list[dict], header: bool = True) -> str:
+    """The padding rows as a Markdown table."""
+    lines = ["| model | T | docs | padded, stream order | padded, by length | stream s (x) | by length s (x) | "
+             "speedup | max score diff |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['stream_padding']:.0%} | "
+                     f"{r['sorted_padding']:.0%} | {r['stream_s']:.1f} ({r['stream_x_floor']:.1f}x) | "
+                     f"{r['sorted_s']:.1f} ({r['sorted_x_floor']:.1f}x) | {r['stream_over_sorted']:.2f}x | "
+                     f"{r['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+FORMATS: dict[str, Callable[..., str]] = {"scan": format_scan, "e2e": format_e2e, "padding": format_padding}
 
 
 def format_table(report: dict) -> str:
@@ -463,4 +532,7 @@ def format_table(report: dict) -> str:
                      + format_e2e(report["e2e"]))
         parts.append("\nCrossover (smallest T at which the gradient method is cheaper end to end):\n\n"
                      + format_crossovers(report["crossovers"]))
+    if report.get("padding"):
+        parts.append("\nPadding (mixed-length corpus; all-block mirrors, base pass computed):\n\n"
+                     + format_padding(report["padding"]))
     return "\n".join(parts)
