@@ -165,6 +165,8 @@ def _add_audit(sub) -> None:
                    help="mirror alone: the item's top document stands out at this top z (default: calibrated)")
     p.add_argument("--index", default=None, help="n-gram index directory: reused if built, else built there")
     p.add_argument("--no-membership", action="store_true", help="same as leaving minkprob out of --detectors")
+    p.add_argument("--membership", choices=["mink", "mink++"], default="mink",
+                   help="the minkprob detector's score: Min-K%% Prob (mink) or Min-K%%++ (mink++)")
     p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
     g = p.add_argument_group("mirror detector (see `hf-mirror attribute --help`)")
     g.add_argument("--steps", type=int, default=3, help="optimizer steps per mirror (the thresholds are calibrated "
@@ -414,7 +416,7 @@ def _audit(args) -> int:
         mirror_threshold=DEFAULT_MIRROR_THRESHOLD if args.mirror_threshold is None else args.mirror_threshold,
         combined_threshold=(DEFAULT_COMBINED_THRESHOLD if args.combined_threshold is None
                             else args.combined_threshold),
-        show_progress=True,
+        show_progress=True, membership=args.membership,
     )
     if not PartialState().is_main_process:  # under accelerate launch / torchrun: the main process reports
         return 0

@@ -47,6 +47,7 @@ def train_tiny_lm(
     epochs: int = 30,
     batch_size: int = 16,
     lr: float = 3e-3,
+    weight_decay: float = 0.0,
     seed: int = 0,
     show_progress: bool = False,
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
@@ -68,8 +69,8 @@ def train_tiny_lm(
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    model = fit_lm(texts, tokenizer, config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                   show_progress=show_progress)
+    model = fit_lm(texts, tokenizer, config, epochs=epochs, batch_size=batch_size, lr=lr,
+                   weight_decay=weight_decay, seed=seed, show_progress=show_progress)
     if output_dir is not None:
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
@@ -85,6 +86,7 @@ def fit_lm(
     epochs: int = 30,
     batch_size: int = 16,
     lr: float = 3e-3,
+    weight_decay: float = 0.0,
     seed: int = 0,
     show_progress: bool = False,
 ) -> GPT2LMHeadModel:
@@ -106,7 +108,7 @@ def fit_lm(
     limit = config.n_positions - 2
     seqs = [[eos, *tokenizer(t, add_special_tokens=False)["input_ids"][:limit], eos] for t in texts]
     model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(n_kept / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()

@@ -36,7 +36,7 @@ def main() -> None:
 
     if args.rescore:
         with open(args.rescore) as f:
-            result = summarize(json.load(f))
+            result = summarize(json.load(f), membership=args.membership or "mink")
         print(format_table(result))
         if args.json:
             with open(args.json, "w") as f:

@@ -45,6 +45,11 @@ def test_audit_flags_copies_with_evidence(planted, tmp_path, capsys):
     assert "above --fail-above" in capsys.readouterr().err
     assert main([*args, "--fail-above", "0.9", "--no-membership"]) == 0
     assert main([*args[:-1], "8"]) == 2  # an index built with another n-gram length is refused
+    assert main([*args, "--membership", "mink++", "--output", str(tmp_path / "pp")]) == 0  # Min-K%++
+    pp = json.loads((tmp_path / "pp" / "report.json").read_text())
+    assert pp["detector"]["membership"] == "mink++"
+    assert {i["id"]: i for i in pp["items"]}["exact"]["min_k_prob"] > {i["id"]: i for i in pp["items"]}["clean"][
+        "min_k_prob"]
 
 
 def test_audit_missing_field_is_a_clear_error(planted, tmp_path, capsys):

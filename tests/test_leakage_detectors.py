@@ -206,3 +206,11 @@ def test_benchmark_quick(tmp_path):
     assert rows[("exact", "minkprob")]["top1"] is None
     assert rows[("clean", "combined")]["flagged"] == 0.0
     assert rows[("exact", "mirror")]["top5"] >= 2 / 3
+    assert all({"mink", "mink++"} <= set(r["scores"]) for r in result["per_item"].values())
+    rescore = [sys.executable, "recipes/benchmark_leakage.py", "--rescore", str(tmp_path / "b.json"),
+               "--membership", "mink++", "--json", str(tmp_path / "pp.json")]
+    proc = subprocess.run(rescore, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pp = json.loads((tmp_path / "pp.json").read_text())
+    assert pp["membership"] == "mink++"
+    assert all(r["scores"]["minkprob"] == r["scores"]["mink++"] for r in pp["per_item"].values())

@@ -7,9 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
+from hf_mirror.probes import start_token_id
 from hf_mirror.provenance import NgramIndex, min_k_percent, min_k_scores, ngram_hashes, token_logprobs
 from hf_mirror.tiny_lm import train_tokenizer
 
@@ -186,3 +188,25 @@ def test_min_k_ranks_memorised_facts_higher(tiny_model, planted):
     assert seen.mean() > s_shuffled.mean() + 1.0
     assert seen.mean() > s_unseen.mean() + 1.0
     assert (seen > s_shuffled).mean() > 0.9
+
+
+def test_min_k_plus_plus_standardises_against_the_models_distribution(tiny_model, planted):
+    model, tok = tiny_model
+    texts = [planted.facts[0], " ".join(planted.facts[:6])]
+    (stats, long_stats) = token_logprobs(model, tok, texts, batch_size=2, with_stats=True)
+    plain = token_logprobs(model, tok, texts[:1])[0]
+    np.testing.assert_allclose(stats[0], plain, atol=1e-4)  # row 0 is the log-prob itself
+    with torch.no_grad():  # mu, sigma of the next-token log-probs, by hand at the first position
+        logp = torch.log_softmax(model(torch.tensor([[start_token_id(tok)]])).logits[0, 0], -1)
+    mu = float((logp.exp() * logp).sum())
+    np.testing.assert_allclose(stats[1, 0], mu, atol=1e-4)
+    np.testing.assert_allclose(stats[2, 0], float(((logp - mu) ** 2 * logp.exp()).sum().sqrt()), atol=1e-4)
+    windowed = token_logprobs(model, tok, texts[1:], max_length=16, overlap=4, with_stats=True)[0]
+    assert windowed.shape == long_stats.shape and np.isfinite(windowed).all()  # windowed, never truncated
+    np.testing.assert_allclose(windowed[:, :15], long_stats[:, :15], atol=1e-4)  # the first window: same prefix
+    unseen = [f"{name} writes long letters to a distant friend every winter." for name in planted.names]
+    seen_pp = min_k_scores(model, tok, planted.facts, method="mink++")
+    unseen_pp = min_k_scores(model, tok, unseen, method="mink++")
+    assert seen_pp.mean() > unseen_pp.mean() + 0.5 and (seen_pp > np.median(unseen_pp)).mean() > 0.9
+    with pytest.raises(InputError, match="mink"):
+        min_k_scores(model, tok, texts, method="zlib")

@@ -41,6 +41,7 @@ class LeakageBenchmarkConfig:
     epochs: int = 30
     batch_size: int = 64  # scan batch
     adapters_per_forward: int = 8
+    membership: str = "mink"  # the minkprob detector's score (mink or mink++); both are recorded per item
 
     @classmethod
     def quick(cls) -> LeakageBenchmarkConfig:
@@ -103,7 +104,8 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     """Build, train, run the four detectors, and return the metrics (see the module docstring)."""
     from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig
-    from hf_mirror.provenance.leakage import audit_leakage
+    from hf_mirror.provenance.leakage import audit_leakage, make_items
+    from hf_mirror.provenance.membership import MEMBERSHIP_METHODS, min_k_scores
     from hf_mirror.provenance.mirror_leakage import CALIBRATED_STEPS
     from hf_mirror.provenance.ngram import NgramIndex
     from hf_mirror.tiny_lm import train_tiny_lm
@@ -121,16 +123,19 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     corpus = Corpus(str(work / "corpus.jsonl"), id_column="id")
     index = NgramIndex.build(corpus, tokenizer, n=cfg.ngram)
     t1 = time.perf_counter()
-    report = audit_leakage(index, [{"id": i["id"], "question": i["prompt"], "answer": i["completion"]} for i in items],
-                           model=model, tokenizer=tokenizer, detectors=("ngram", "mirror", "minkprob"), corpus=corpus,
+    records = [{"id": i["id"], "question": i["prompt"], "answer": i["completion"]} for i in items]
+    report = audit_leakage(index, records, model=model, tokenizer=tokenizer,
+                           detectors=("ngram", "mirror", "minkprob"), corpus=corpus,
                            mirror=MirrorConfig(steps=CALIBRATED_STEPS, seed=cfg.seed),
                            scan=ScanConfig(top_k=5, batch_size=cfg.batch_size, normalize="loo",
                                            adapters_per_forward=cfg.adapters_per_forward),
-                           output_dir=work / "mirror", show_progress=show_progress)
+                           output_dir=work / "mirror", show_progress=show_progress, membership=cfg.membership)
     t_detect = time.perf_counter() - t1
+    texts = [r.text for r in make_items(records)]
+    membership = {m: min_k_scores(model, tokenizer, texts, method=m) for m in MEMBERSHIP_METHODS}
     by_id = {r["id"]: r for r in report["items"]}
     rows = {}
-    for item in items:
+    for n, item in enumerate(items):
         r = by_id[item["id"]]
         ngram_rank = _ngram_ranking(index.find(item["text"]))
         mirror_rank = [t["doc_id"] for t in r["mirror"]["top"]]
@@ -139,21 +144,23 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
         rows[item["id"]] = {
             "kind": item["kind"],
             "scores": {"ngram": r["scores"]["ngram"], "mirror": r["scores"].get("mirror"),
-                       "minkprob": r["scores"].get("minkprob")},
+                       **{m: float(membership[m][n]) for m in MEMBERSHIP_METHODS}},
             "rank": {d: (rankings[d].index(item["injected_doc"]) + 1 if item["injected_doc"] in rankings[d][:5]
                          else None) for d in rankings},
         }
     out = {"config": asdict(cfg), "documents": len(docs), "items": len(items), "train_seconds": t_train,
            "detect_seconds": t_detect, "per_item": rows}
-    out = summarize(out)
+    out = summarize(out, membership=cfg.membership)
     (work / "benchmark.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     return out
 
 
 def summarize(result: dict, threshold: float = 0.5, mirror_threshold: float | None = None,
-              combined_threshold: float | None = None) -> dict:
+              combined_threshold: float | None = None, membership: str = "mink") -> dict:
     """The table from the per-item detector scores (``result["per_item"]``), with the combined score and the
-    verdicts recomputed at the given (default: the library's) thresholds. Used by ``--rescore``."""
+    verdicts recomputed at the given (default: the library's) thresholds, the ``minkprob`` detector using the
+    ``membership`` score (``mink`` or ``mink++``; results saved before both were recorded have Min-K% only).
+    Used by ``--rescore``."""
     from hf_mirror.provenance.leakage import DEFAULT_COMBINED_THRESHOLD, combined_scores, robust_z
     from hf_mirror.provenance.mirror_leakage import DEFAULT_MIRROR_THRESHOLD
 
@@ -161,6 +168,11 @@ def summarize(result: dict, threshold: float = 0.5, mirror_threshold: float | No
     combined_threshold = DEFAULT_COMBINED_THRESHOLD if combined_threshold is None else combined_threshold
     ids = list(result["per_item"])
     rows = [result["per_item"][i] for i in ids]
+    for r in rows:
+        if membership in r["scores"]:
+            r["scores"]["minkprob"] = r["scores"][membership]
+        elif membership != "mink":
+            raise ValueError(f"These results have no {membership!r} scores; rerun the benchmark.")
     raw = {d: np.array([_f(r["scores"][d]) for r in rows]) for d in ("ngram", "mirror", "minkprob")}
     combined = combined_scores(raw["ngram"], raw["mirror"], raw["minkprob"], threshold, combined_threshold)
     z_mink = robust_z(raw["minkprob"])
@@ -189,6 +201,7 @@ def summarize(result: dict, threshold: float = 0.5, mirror_threshold: float | No
             table.append(entry)
     result["table"] = table
     result["thresholds"] = {"ngram": threshold, "mirror": mirror_threshold, "combined": combined_threshold}
+    result["membership"] = membership
     return result
 
 

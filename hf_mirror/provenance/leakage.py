@@ -145,6 +145,7 @@ def audit_leakage(
     combined_threshold: float = DEFAULT_COMBINED_THRESHOLD,
     output_dir: str | Path | None = None,
     show_progress: bool = False,
+    membership: str = "mink",
 ) -> dict:
     """Per item: verdict, score, per-detector scores and evidence; overall: the contamination rate.
 
@@ -153,6 +154,7 @@ def audit_leakage(
     the mirror runs: then it is the combined detector's (see the module docstring); with ``minkprob`` alone,
     the Min-K% robust z-score against ``combined_threshold``. ``mirror`` needs ``model`` and ``corpus``; its
     attribution run is kept under ``output_dir`` when given. ``mirror``/``scan`` configure that run.
+    ``membership`` picks the ``minkprob`` detector's score: ``"mink"`` (Min-K% Prob) or ``"mink++"`` (Min-K%++).
     """
     if not 0 < threshold <= 1:
         raise InputError(f"threshold is a fraction of the item's tokens in (0, 1], got {threshold}.")
@@ -175,9 +177,9 @@ def audit_leakage(
             from hf_mirror.modeling import resolve_model
 
             model, tokenizer, _ = resolve_model(model)
-        membership = min_k_scores(model, tokenizer, texts, k=k)
+        member_scores = min_k_scores(model, tokenizer, texts, k=k, method=membership)
     else:
-        membership = np.full(len(records), np.nan)
+        member_scores = np.full(len(records), np.nan)
     matches = [index.find(t) for t in texts] if "ngram" in detectors else None
     coverage = np.array([m.coverage for m in matches]) if matches is not None else None
     mirrored = None
@@ -186,7 +188,7 @@ def audit_leakage(
                                   threshold=mirror_threshold, output_dir=output_dir, show_progress=show_progress,
                                   overwrite=True)
     top_z = np.array([mirrored[r.id].top_z for r in records]) if mirrored is not None else None
-    min_k = membership if "minkprob" in detectors else None
+    min_k = member_scores if "minkprob" in detectors else None
     if "mirror" in detectors or detectors == ("minkprob",):
         verdict_by = "combined"
         combined = combined_scores(coverage, top_z, min_k, threshold, combined_threshold)
@@ -197,7 +199,7 @@ def audit_leakage(
     z_mirror = robust_z(top_z) if top_z is not None else None
     z_mink = robust_z(min_k) if min_k is not None else None
     verdicts = []
-    for i, (rec, mk) in enumerate(zip(records, membership, strict=True)):
+    for i, (rec, mk) in enumerate(zip(records, member_scores, strict=True)):
         evidence, longest, scores = [], 0, {}
         if matches is not None:
             match = matches[i]
@@ -229,7 +231,7 @@ def audit_leakage(
         verdicts.append(ItemVerdict(rec.id, rec.text, leaked, score, longest, _num(mk), evidence, scores, mirror_ev))
     leaked = sum(v.leaked for v in verdicts)
     detector = {"method": verdict_by, "detectors": list(detectors), "threshold": threshold,
-                "min_k_percent": k, "combined_threshold": combined_threshold,
+                "min_k_percent": k, "membership": membership, "combined_threshold": combined_threshold,
                 "mirror_threshold": mirror_threshold, "n": index.n if index is not None else None}
     return {"contamination_rate": leaked / len(verdicts), "leaked": leaked, "items": [asdict(v) for v in verdicts],
             "detector": detector}
@@ -283,7 +285,8 @@ def write_report(report: dict, directory: str | Path) -> Path:
         rules.append("mirror: top z, how far the item's best document stands above its scores on the rest of the "
                      "corpus when the mirror unlearns the item")
     if "minkprob" in ran:
-        rules.append(f"Min-K% Prob (k={d['min_k_percent']:g}): higher means more likely seen in training")
+        name = "Min-K%++" if d.get("membership") == "mink++" else "Min-K% Prob"
+        rules.append(f"{name} (k={d['min_k_percent']:g}): higher means more likely seen in training")
     if "combined" in columns:
         rules.append(f"combined: n-gram OR (mirror AND Min-K%), in robust z units across the items, threshold "
                      f"{d.get('combined_threshold', DEFAULT_COMBINED_THRESHOLD):g}")
