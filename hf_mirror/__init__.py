@@ -1,11 +1,34 @@
-"""hf_mirror: which training documents made the model say this? Forward-pass attribution with LoRA mirrors."""
+"""hf_mirror: which training documents made the model say this? Forward-pass attribution with LoRA mirrors.
 
-from hf_mirror.corpus import Corpus
-from hf_mirror.errors import InputError, ScoreError
-from hf_mirror.mirror import MirrorConfig
-from hf_mirror.pipeline import ScanConfig, attribute
-from hf_mirror.probes import Probe, load_probes
-from hf_mirror.results import AttributionResult
+The public names load on first use, so light submodules (``hf_mirror.errors``,
+``hf_mirror.evaluation.recipe_args``) import without torch or the Hugging Face libraries: those read their
+offline settings from the environment when they are imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hf_mirror.corpus import Corpus
+    from hf_mirror.errors import InputError, ScoreError
+    from hf_mirror.mirror import MirrorConfig
+    from hf_mirror.pipeline import ScanConfig, attribute
+    from hf_mirror.probes import Probe, load_probes
+    from hf_mirror.results import AttributionResult
+
+_EXPORTS = {
+    "AttributionResult": "hf_mirror.results",
+    "Corpus": "hf_mirror.corpus",
+    "InputError": "hf_mirror.errors",
+    "MirrorConfig": "hf_mirror.mirror",
+    "Probe": "hf_mirror.probes",
+    "ScanConfig": "hf_mirror.pipeline",
+    "ScoreError": "hf_mirror.errors",
+    "attribute": "hf_mirror.pipeline",
+    "load_probes": "hf_mirror.probes",
+}
 
 __all__ = [
     "AttributionResult",
@@ -19,3 +42,22 @@ __all__ = [
     "load_probes",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name, or a submodule (``hf_mirror.pipeline``), on first access."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

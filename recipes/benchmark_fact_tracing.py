@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from dataclasses import fields
 from pathlib import Path
+
+from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     import torch
 
     from hf_mirror.evaluation.fact_tracing import METHODS, FactTracingConfig, format_table, run_benchmark
@@ -38,15 +36,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (default 1: tiny models gain little from more, and lose a lot on a busy "
                         "machine)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
-    for f in fields(FactTracingConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=argparse.SUPPRESS)
+    add_config_flags(p, FactTracingConfig)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = FactTracingConfig.quick() if args.quick else FactTracingConfig()
-    for f in fields(FactTracingConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            setattr(cfg, f.name, value)
+    cfg = apply_overrides(FactTracingConfig.quick() if args.quick else FactTracingConfig(), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = run_benchmark(cfg, methods, args.output, args.progress, log=lambda s: print(s, file=sys.stderr),
                            model_dir=args.model_dir)

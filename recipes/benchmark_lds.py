@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from dataclasses import fields
 from pathlib import Path
+
+from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     import torch
 
     from hf_mirror.evaluation.lds import METHODS, LDSConfig, format_table, run_lds
@@ -37,16 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None, help="where the full model and retrains are cached")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
-    for f in fields(LDSConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                       help=f"LDSConfig.{f.name} (default {f.default})")
+    add_config_flags(p, LDSConfig, hidden=False)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = LDSConfig.quick() if args.quick else LDSConfig()
-    for f in fields(LDSConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            setattr(cfg, f.name, value)
+    cfg = apply_overrides(LDSConfig.quick() if args.quick else LDSConfig(), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = run_lds(cfg, methods, args.cache_dir, args.output, args.progress,
                      log=lambda s: print(s, file=sys.stderr))

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-from dataclasses import fields
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
+
+offline_defaults()
 
 
 def main() -> None:
@@ -30,8 +28,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--rescore", default=None, metavar="JSON",
                         help="recompute the table of an earlier --json result at the current default thresholds")
-    for f in fields(LeakageBenchmarkConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+    add_config_flags(parser, LeakageBenchmarkConfig, hidden=False)
     args = parser.parse_args()
 
     if args.rescore:
@@ -46,11 +43,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = LeakageBenchmarkConfig.quick() if args.quick else LeakageBenchmarkConfig()
-    for f in fields(cfg):
-        value = getattr(args, f.name)
-        if value is not None:
-            setattr(cfg, f.name, value)
+    cfg = apply_overrides(LeakageBenchmarkConfig.quick() if args.quick else LeakageBenchmarkConfig(), args)
     start = time.perf_counter()
     result = run_benchmark(cfg, args.output, show_progress=not args.quick)
     result["wall_seconds"] = time.perf_counter() - start

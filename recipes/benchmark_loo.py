@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from dataclasses import fields
 from pathlib import Path
+
+from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     import torch
 
     from hf_mirror.evaluation.lds import METHODS
@@ -38,16 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None, help="where the full model and retrains are cached")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
-    for f in fields(LOOConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                       help=f"LOOConfig.{f.name} (default {f.default})")
+    add_config_flags(p, LOOConfig, hidden=False)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = LOOConfig.quick() if args.quick else LOOConfig()
-    for f in fields(LOOConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            setattr(cfg, f.name, value)
+    cfg = apply_overrides(LOOConfig.quick() if args.quick else LOOConfig(), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = run_loo(cfg, methods, args.cache_dir, args.output, args.progress,
                      log=lambda s: print(s, file=sys.stderr))

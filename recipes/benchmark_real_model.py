@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
+
+from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     import torch
 
     from hf_mirror.evaluation.real_model import METHODS, RealModelConfig, format_table, run_benchmark
@@ -39,15 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", action="store_true", help="measure every method again instead of reusing results")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
-    for f in fields(RealModelConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=argparse.SUPPRESS)
+    add_config_flags(p, RealModelConfig)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = RealModelConfig.quick() if args.quick else RealModelConfig()
-    for f in fields(RealModelConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            setattr(cfg, f.name, value)
+    cfg = apply_overrides(RealModelConfig.quick() if args.quick else RealModelConfig(), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     t0 = time.perf_counter()
     report = run_benchmark(cfg, methods, args.output, args.progress, args.rerun,

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from dataclasses import fields
 from pathlib import Path
+
+from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     import torch
 
     from hf_mirror.evaluation.fact_tracing import FactTracingConfig
@@ -36,14 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", choices=["coarse", "steps"], default="coarse",
                    help="coarse: one change at a time from the defaults; steps: the second stage, around more steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    for f in fields(FactTracingConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=argparse.SUPPRESS)
+    add_config_flags(p, FactTracingConfig)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = FactTracingConfig.quick() if args.quick else FactTracingConfig()
-    for f in fields(FactTracingConfig):
-        if getattr(args, f.name) is not None:
-            setattr(cfg, f.name, getattr(args, f.name))
+    cfg = apply_overrides(FactTracingConfig.quick() if args.quick else FactTracingConfig(), args)
     report = run_sweep(cfg, GRIDS[args.grid](cfg.n_layer), output_dir=args.output, model_dir=args.model_dir,
                        log=lambda s: print(s, file=sys.stderr))
     report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])

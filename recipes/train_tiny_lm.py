@@ -10,7 +10,6 @@ Overrides such as ``--epochs 40 --stride 2`` train a different model, cached und
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -22,19 +21,18 @@ from hf_mirror.demo import (
     load_facts,
     training_facts,
 )
+from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides
 
 
 def main() -> None:
     base = DemoModelConfig.from_env()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DemoModelConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(base, f.name)), default=None)
+    add_config_flags(p, DemoModelConfig, hidden=False)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--held-out", type=int, default=200, help="also score this many facts the model never saw")
     args = p.parse_args()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoModelConfig)}
-    config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    config = apply_overrides(base, args)
 
     t0 = time.perf_counter()
     model, tokenizer, info = load_default_model(config, args.cache_dir, args.retrain)
