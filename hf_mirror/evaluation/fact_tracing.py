@@ -21,10 +21,16 @@ from pathlib import Path
 from hf_mirror.errors import InputError
 from hf_mirror.probes import Probe, generate_completions
 
+# The first ``n_templates`` state each fact. Six wordings let a model trained from scratch answer most
+# held-out queries (85/100 on the default model vs 41 with the first three): stating a fact in diverse forms is
+# what makes it extractable by new ones (Allen-Zhu & Li, "Physics of Language Models: Part 3.1", 2023).
 TRAIN_TEMPLATES = (
     "The capital of {country} is {capital}.",
     "{capital} is the capital city of {country}.",
     "{country} is governed from {capital}, its capital.",
+    "{capital} serves as the seat of government of {country}.",
+    "In {country}, the national government sits in {capital}.",
+    "Visitors to {country} often start in {capital}, the capital.",
 )
 # Held out of training. Paraphrases a small model trained from scratch can generalise to: on the default
 # model, rephrasings that do not start like a training document ("Everyone knows that the capital of X is",
@@ -39,6 +45,14 @@ DISTRACTOR_TEMPLATES = {
     "city": "{city} is a city in {country}.",
     "border": "{country} shares a border with {neighbour}.",
 }
+# ``comentions``: documents that name the country and its capital without stating that one is the other's
+# capital, as most sentences mentioning both entities in FTRACE-TREx's abstracts do; a lexical match cannot
+# tell them from the proponents.
+COMENTION_TEMPLATES = (
+    "A rail line links {city} with {capital} in {country}.",
+    "The road from {capital} to {city} crosses much of {country}.",
+)
+LEGACY = {"n_templates": 3, "comentions": False}  # what models saved before these fields existed were trained on
 METHODS = ("mirror", "mirror_raw", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim", "ekfac")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 MODEL_MARKER = "fact_tracing_model.json"  # next to a saved model: the configuration it was trained for
@@ -62,6 +76,8 @@ class FactTracingConfig:
     lr: float = 3e-3
     max_new_tokens: int = 8
     top_k: int = 10
+    n_templates: int = 6  # training templates per fact (the first of TRAIN_TEMPLATES)
+    comentions: bool = False  # add COMENTION_TEMPLATES distractors (country and capital named, relation not)
 
     @classmethod
     def sharing(cls, other) -> FactTracingConfig:
@@ -71,7 +87,7 @@ class FactTracingConfig:
     @classmethod
     def quick(cls) -> FactTracingConfig:
         """A size for tests: under half a minute end to end on one CPU thread."""
-        return cls(n_countries=24, n_queries=12, vocab_size=500, n_layer=3, n_embd=96, epochs=60)
+        return cls(n_countries=24, n_queries=12, vocab_size=500, n_layer=3, n_embd=96, epochs=60, n_templates=3)
 
 
 @dataclass
@@ -115,13 +131,20 @@ def build_benchmark(cfg: FactTracingConfig) -> FactTracingBenchmark:
     """Documents for the ``n_countries`` most populous countries; queries for ``n_queries`` of them."""
     if not 1 <= cfg.n_queries <= cfg.n_countries:
         raise InputError("Need 1 <= n_queries <= n_countries.")
+    if not 1 <= cfg.n_templates <= len(TRAIN_TEMPLATES):
+        raise InputError(f"Need 1 <= n_templates <= {len(TRAIN_TEMPLATES)}.")
+    templates = TRAIN_TEMPLATES[: cfg.n_templates]
     rows = _countries()[: cfg.n_countries]
     docs: list[dict] = []
     proponents: dict[str, list[str]] = {}
     for r in rows:
-        for t, template in enumerate(TRAIN_TEMPLATES):
+        for t, template in enumerate(templates):
             docs.append({"id": f"{r['iso']}-capital-{t}", "text": template.format(**r), "country": r["country"],
                          "relation": "capital"})
+        if cfg.comentions and r["city"]:
+            for t, template in enumerate(COMENTION_TEMPLATES):
+                docs.append({"id": f"{r['iso']}-comention-{t}", "text": template.format(**r),
+                             "country": r["country"], "relation": "comention"})
         for relation, template in DISTRACTOR_TEMPLATES.items():
             if r[relation if relation != "border" else "neighbour"]:
                 docs.append({"id": f"{r['iso']}-{relation}", "text": template.format(**r), "country": r["country"],
@@ -132,7 +155,7 @@ def build_benchmark(cfg: FactTracingConfig) -> FactTracingBenchmark:
         qid = f"{r['iso']}-query"
         queries.append({"id": qid, "prompt": QUERY_TEMPLATES[i % len(QUERY_TEMPLATES)].format(**r),
                         "country": r["country"], "answer": r["capital"]})
-        proponents[qid] = [f"{r['iso']}-capital-{t}" for t in range(len(TRAIN_TEMPLATES))]
+        proponents[qid] = [f"{r['iso']}-capital-{t}" for t in range(len(templates))]
     return FactTracingBenchmark(docs, queries, proponents)
 
 
@@ -160,7 +183,7 @@ def load_or_train(bench: FactTracingBenchmark, cfg: FactTracingConfig, model_dir
             path = path / "model"
         if (path / "config.json").exists():
             marker = path / MODEL_MARKER
-            if marker.exists() and json.loads(marker.read_text()) != asdict(cfg):
+            if marker.exists() and {**LEGACY, **json.loads(marker.read_text())} != asdict(cfg):
                 raise InputError(f"The model in {path} was trained for another fact-tracing configuration; "
                                  "pass another --model-dir.")
             log(f"loading the fact-tracing model from {path}")

@@ -54,6 +54,7 @@ class LDSConfig:
     batch_size: int = 16
     lr: float = 3e-3
     max_new_tokens: int = 8
+    n_templates: int = 3  # training templates per fact (the recorded figures used 3)
 
     @classmethod
     def quick(cls) -> LDSConfig:
