@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.probes import Probe, encode_probe
 from hf_mirror.progress import progress_bar
+from hf_mirror.trunk import SharedTrunk
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,8 @@ def fit_mirrors(
     """Attach one LoRA adapter per probe (named ``adapter_names[i]``) and fit it on that probe alone.
 
     Every adapter starts from the same seeded initialisation (B = 0, so it starts as the identity),
-    which makes a probe's mirror independent of the other probes and of their order.
+    which makes a probe's mirror independent of the other probes and of their order. When ``cfg.layers``
+    leaves the lowest blocks unadapted, they run once per probe (a shared trunk) instead of once per step.
     """
     device = next(model.parameters()).device
     lora = cfg.lora_config()
@@ -118,7 +121,7 @@ def fit_mirrors(
     try:
         for probe, name, batch in zip(probes, adapter_names, batches, strict=True):
             peft_model = _attach(model, peft_model, name, lora, cfg.seed)
-            _fit_one(peft_model, probe, name, batch, cfg, report)
+            _fit_one(peft_model, probe, name, batch, cfg, report, _trunk(peft_model, name, cfg))
             bar.update(1)
             bar.set_postfix(loss=f"{report.loss_before[probe.id]:.3f}->{report.loss_after[probe.id]:.3f}")
     except BaseException:
@@ -146,16 +149,37 @@ def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, se
         ) from e
 
 
-def _fit_one(peft_model: PeftModel, probe: Probe, name: str, batch: dict, cfg: MirrorConfig, report: FitReport):
-    """A few optimizer steps on one probe's loss, for its adapter only."""
+def _trunk(peft_model: PeftModel, name: str, cfg: MirrorConfig) -> SharedTrunk | None:
+    """The shared trunk under the lowest adapted block: when there is one, the blocks can be found, and every
+    weight of adapter ``name`` sits in the blocks above it."""
+    first = min(cfg.layers) if cfg.layers else 0
+    if first <= 0:
+        return None
+    try:
+        trunk = SharedTrunk(peft_model, first)
+    except ValueError:
+        return None
+    above = {id(p) for block in list(trunk.blocks)[first:] for p in block.parameters()}
+    return trunk if all(id(p) in above for p in _adapter_params(peft_model, name)) else None
+
+
+def _fit_one(peft_model: PeftModel, probe: Probe, name: str, batch: dict, cfg: MirrorConfig, report: FitReport,
+             trunk: SharedTrunk | None = None):
+    """A few optimizer steps on one probe's loss, for its adapter only (the blocks under ``trunk`` run once)."""
     peft_model.set_adapter(name)
     peft_model.eval()  # no dropout: the mirror is a deterministic function of the probe and seed
     params = _adapter_params(peft_model, name)
     for p in params:
         p.requires_grad_(True)
     opt = _make_optimizer(cfg, params)
+    reuse = nullcontext
+    if trunk is not None:  # unadapted blocks: the same hidden states at every step
+        with torch.no_grad(), trunk.capture(stop=True):
+            peft_model(input_ids=batch["input_ids"])
+        reuse = trunk.reuse
     for step in range(cfg.steps + 1):
-        loss = _probe_loss(peft_model, batch)
+        with reuse():
+            loss = _probe_loss(peft_model, batch)
         if not torch.isfinite(loss):
             raise ScoreError(
                 f"Probe {probe.id!r}: non-finite probe loss ({loss.item()}) at mirror step {step}; "

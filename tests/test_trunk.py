@@ -94,3 +94,30 @@ def test_length_sorted_batches_pad_less_and_score_the_same(tiny_model, planted, 
     assert list(a["doc_id"]) == list(b["doc_id"])
     np.testing.assert_allclose(a["raw_score"], b["raw_score"], atol=1e-5)
     assert np.abs(a["raw_score"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fitting_top_layer_mirrors_runs_the_trunk_once_with_the_same_result(tiny_model, planted, arch, monkeypatch):
+    from hf_mirror import mirror as mirror_mod
+    from hf_mirror.probes import Probe
+
+    _, tok = tiny_model
+    model = _models(tok)[arch]
+    probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
+              for p, fact in zip(planted.probes()[:2], planted.facts[:2], strict=True)]
+    cfg = MirrorConfig(layers=[2, 3], steps=3, lr=1e-2)
+    calls = []
+    first_block = find_blocks(model)[0]
+    handle = first_block.register_forward_pre_hook(lambda *a: calls.append(1))
+    shared, _ = mirror_mod.fit_mirrors(model, tok, probes, ["a", "b"], cfg, show_progress=False)
+    weights = {n: p.detach().clone() for n, p in shared.named_parameters() if "lora_" in n}
+    shared.unload()
+    assert len(calls) == 2  # block 0 ran once per probe, not once per step
+    handle.remove()
+    monkeypatch.setattr(mirror_mod, "_trunk", lambda *a: None)  # the plain path: every step runs every block
+    plain, _ = mirror_mod.fit_mirrors(model, tok, probes, ["a", "b"], cfg, show_progress=False)
+    ref = {n: p.detach() for n, p in plain.named_parameters() if "lora_" in n}
+    plain.unload()
+    assert ref.keys() == weights.keys() and any(float(w.abs().max()) > 0 for n, w in ref.items() if "lora_B" in n)
+    for n, w in ref.items():
+        torch.testing.assert_close(weights[n], w, atol=1e-5, rtol=1e-4)
