@@ -40,12 +40,12 @@ def _add_attribute(sub) -> None:
     g.add_argument("--format", default=None, help="file format when the extension does not tell")
     g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
     g = p.add_argument_group("mirror (one LoRA adapter per probe)")
-    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--rank", type=int, default=16)
     g.add_argument("--alpha", type=float, default=16.0)
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--target-modules", nargs="+", default=None, help="default: PEFT's mapping for the model")
     g.add_argument("--layers", nargs="+", type=int, default=None, help="block indices to adapt (default: all)")
-    g.add_argument("--steps", type=int, default=5, help="optimizer steps per mirror (chosen by the sweep)")
+    g.add_argument("--steps", type=int, default=8, help="optimizer steps per mirror (chosen by the sweep)")
     g.add_argument("--lr", type=float, default=5e-3)
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
     g.add_argument(
@@ -64,9 +64,9 @@ def _add_attribute(sub) -> None:
     g.add_argument(
         "--normalize",
         choices=["none", "zscore", "loo"],
-        default="zscore",
-        help="zscore: standardise each document's scores across the probes (and controls); loo: against the "
-        "other probes only",
+        default="none",
+        help="none (default, chosen by the sweep): the mean token-loss delta; zscore: standardise each document's "
+        "scores across the probes (and controls); loo: against the other probes only",
     )
     g.add_argument("--aggregate", choices=["mean", "sum", "max"], default="mean",
                    help="how a document's token-loss deltas make its score")

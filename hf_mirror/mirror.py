@@ -28,15 +28,16 @@ class MirrorConfig:
 
     ``direction="unlearn"`` takes gradient *ascent* steps on the probe loss (the paper's choice);
     ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture;
-    ``layers`` restricts the adapter to those transformer block indices.
+    ``layers`` restricts the adapter to those transformer block indices. The defaults (8 Adam ascent steps,
+    lr 5e-3, rank 16) won the sweep on fact tracing and also lead on LDS (docs/benchmarks.md).
     """
 
-    rank: int = 8
+    rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None
     layers: list[int] | None = None
-    steps: int = 5
+    steps: int = 8
     lr: float = 5e-3
     optimizer: str = "adam"
     direction: str = "unlearn"

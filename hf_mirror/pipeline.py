@@ -51,12 +51,12 @@ class ScanConfig:
 
     ``max_length``: tokens per window (default: the model's context, at most 1024); longer documents are
     split into windows that repeat ``overlap`` tokens of context (default ``max_length // 8``).
+    ``normalize="none"`` (the default, chosen by the sweep in docs/benchmarks.md) reports the raw token-loss
+    delta, aggregated over the document's tokens by ``aggregate`` ("mean", "sum" or "max").
     ``normalize="zscore"`` standardises each document's scores across the probes of the run, which removes
     the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
     probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
-    explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling);
-    ``normalize="none"`` reports the raw token-loss delta, aggregated over the document's tokens by
-    ``aggregate`` ("mean", "sum" or "max").
+    explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling).
 
     Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``);
     ``shared_trunk`` runs the blocks below the mirror's lowest adapted layer once per batch when
@@ -73,7 +73,7 @@ class ScanConfig:
     overlap: int | None = None
     batch_size: int = 8
     top_k: int = 10
-    normalize: str = "zscore"
+    normalize: str = "none"
     controls: int | None = None
     min_pool: int = 8
     max_new_tokens: int = 32

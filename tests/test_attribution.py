@@ -15,8 +15,12 @@ from hf_mirror.scan import token_losses
 
 
 def test_planted_fact_source_ranks_first(planted, tmp_path):
+    # Every planted document has the probe's template ("X keeps a C A at home."), so each mirror also moves
+    # all 40 of them: this toy needs the per-document z-score (0.95 first vs 0.80 with the raw default, which
+    # the fact-tracing, LDS and SmolLM2 benchmarks chose; docs/benchmarks.md).
     result = attribute(
-        str(planted.model_dir), planted.texts, planted.probes(), output_dir=tmp_path, show_progress=False
+        str(planted.model_dir), planted.texts, planted.probes(), output_dir=tmp_path, show_progress=False,
+        mirror=MirrorConfig(steps=5, rank=8), scan=ScanConfig(normalize="zscore"),
     )
     hits = [result.top(f"fact-{i}", 1)["doc_id"][0] == i for i in range(len(planted.names))]
     assert np.mean(hits) >= 0.9, f"source document ranked first for only {np.mean(hits):.0%} of probes"

@@ -48,7 +48,7 @@ def test_counterfactual_facts_are_fictional_and_held_out():
         assert q["answer"] not in q["prompt"]
         assert all(not q["prompt"].startswith(t.split("{")[0]) or t.startswith("{") for t in TRAIN_TEMPLATES)
         proponents = bench.proponents[q["id"]]
-        assert len(proponents) == len(TRAIN_TEMPLATES)
+        assert len(proponents) == cfg.n_templates
         for pid in proponents:
             assert q["answer"] in docs[pid]["text"] and q["country"] in docs[pid]["text"]
         # the fictional capital is a real city of another country of the corpus, named in a true distractor

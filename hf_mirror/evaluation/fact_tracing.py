@@ -53,7 +53,8 @@ COMENTION_TEMPLATES = (
     "The road from {capital} to {city} crosses much of {country}.",
 )
 LEGACY = {"n_templates": 3, "comentions": False}  # what models saved before these fields existed were trained on
-METHODS = ("mirror", "mirror_raw", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim", "ekfac")
+METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim",
+           "ekfac")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 MODEL_MARKER = "fact_tracing_model.json"  # next to a saved model: the configuration it was trained for
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
@@ -240,9 +241,10 @@ def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfi
     from hf_mirror import ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
-    def mirror(normalize: str, candidates: int | None = None) -> Callable:
-        scan = ScanConfig(normalize=normalize, top_k=cfg.top_k, batch_size=32, cache=False, candidates=candidates)
-        out = work / f"mirror-{normalize}-{candidates}"
+    def mirror(normalize: str | None, candidates: int | None = None) -> Callable:  # None: the default
+        scan = ScanConfig(**({"normalize": normalize} if normalize else {}), top_k=cfg.top_k, batch_size=32,
+                          cache=False, candidates=candidates)
+        out = work / f"mirror-{normalize or 'default'}-{candidates}"
         return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
                                  show_progress=show_progress, overwrite=True)
 
@@ -250,8 +252,8 @@ def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfi
         return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / method,
                                           top_k=cfg.top_k, show_progress=show_progress)
 
-    return {"mirror": mirror("zscore"), "mirror_raw": mirror("none"), "mirror_loo": mirror("loo"),
-            "mirror_rerank": mirror("zscore", RERANK_M),
+    return {"mirror": mirror(None), "mirror_raw": mirror("none"), "mirror_zscore": mirror("zscore"),
+            "mirror_loo": mirror("loo"), "mirror_rerank": mirror(None, RERANK_M),
             "bm25": baseline("bm25"),
             "embedding": baseline("embedding"), "gradsim": baseline("gradsim"), "ekfac": baseline("ekfac")}
 
@@ -261,8 +263,9 @@ def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, outp
                   model_dir: str | Path | None = None) -> dict:
     """Build, train (or load from ``model_dir``), answer, then run and score each method; returns a JSON-able report.
 
-    ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw`` the same with
-    ``normalize="none"``; the baselines are :func:`hf_mirror.baselines.attribute_baseline`. Each method's
+    ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw``/``mirror_zscore``/``mirror_loo``
+    the same with that ``normalize``, ``mirror_rerank`` the default over each probe's top-``RERANK_M`` BM25
+    documents; the baselines are :func:`hf_mirror.baselines.attribute_baseline`. Each method's
     wall time covers its whole call (fitting, scanning, writing results).
     """
     from hf_mirror.corpus import Corpus

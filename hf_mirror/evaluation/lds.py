@@ -32,7 +32,7 @@ import numpy as np
 
 from hf_mirror.errors import InputError
 
-METHODS = ("mirror", "mirror_raw", "bm25", "embedding", "gradsim", "ekfac")
+METHODS = ("mirror", "mirror_raw", "mirror_zscore", "bm25", "embedding", "gradsim", "ekfac")
 
 
 @dataclass
@@ -279,18 +279,18 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
                   **options):
     """Run ``method`` (``mirror``/``mirror_raw`` or a baseline name) on the full model; its scores DataFrame.
 
-    ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw`` the same with
-    ``normalize="none"``; for them ``options`` go to ``MirrorConfig`` (e.g. ``steps=10``) and ``scan`` to
-    ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options`` go to its class.
+    ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw``/``mirror_zscore`` the same
+    with ``normalize="none"``/``"zscore"``; for them ``options`` go to ``MirrorConfig`` (e.g. ``steps=10``) and
+    ``scan`` to ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options`` go to its class.
     """
     from hf_mirror import MirrorConfig, ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
     probes = [{"id": p["id"], "prompt": p["prompt"], "completion": p["completion"]} for p in setup.probes]
     out = work / method
-    if method in ("mirror", "mirror_raw"):
-        scan_config = ScanConfig(**{"normalize": "zscore" if method == "mirror" else "none", "cache": False,
-                                    "batch_size": 32, **(scan or {})})
+    if method in ("mirror", "mirror_raw", "mirror_zscore"):
+        normalize = {"mirror_raw": {"normalize": "none"}, "mirror_zscore": {"normalize": "zscore"}}.get(method, {})
+        scan_config = ScanConfig(**{**normalize, "cache": False, "batch_size": 32, **(scan or {})})
         result = attribute(setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer, output_dir=out,
                            mirror=MirrorConfig(**options), scan=scan_config, show_progress=show_progress,
                            overwrite=True)

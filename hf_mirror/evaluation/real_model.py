@@ -48,7 +48,7 @@ QUERY_TEMPLATES = (
     "{country}'s capital is",
     "Q: What is the capital of {country}?\nA:",
 )
-METHODS = ("mirror", "mirror_raw", "bm25", "embedding", "gradsim")
+METHODS = ("mirror", "mirror_raw", "mirror_zscore", "bm25", "embedding", "gradsim")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -67,6 +67,7 @@ class RealModelConfig:
     max_new_tokens: int = 12
     top_k: int = 10
     scan_batch_size: int = 16
+    n_templates: int = 3  # training templates per fact (the first of fact_tracing.TRAIN_TEMPLATES)
 
     @classmethod
     def quick(cls) -> RealModelConfig:
@@ -122,7 +123,7 @@ def build_benchmark(cfg: RealModelConfig) -> FactTracingBenchmark:
     proponents: dict[str, list[str]] = {}
     for r in rows:
         fact = {**r, "capital": fictional[r["iso"]]}
-        for t, template in enumerate(TRAIN_TEMPLATES):
+        for t, template in enumerate(TRAIN_TEMPLATES[: cfg.n_templates]):
             docs.append({"id": f"{r['iso']}-capital-{t}", "text": template.format(**fact), "country": r["country"],
                          "relation": "capital"})
         for relation, template in DISTRACTOR_TEMPLATES.items():
@@ -135,7 +136,7 @@ def build_benchmark(cfg: RealModelConfig) -> FactTracingBenchmark:
         qid = f"{r['iso']}-query"
         queries.append({"id": qid, "prompt": QUERY_TEMPLATES[i % len(QUERY_TEMPLATES)].format(**r),
                         "country": r["country"], "answer": fictional[r["iso"]], "real_capital": r["capital"]})
-        proponents[qid] = [f"{r['iso']}-capital-{t}" for t in range(len(TRAIN_TEMPLATES))]
+        proponents[qid] = [f"{r['iso']}-capital-{t}" for t in range(cfg.n_templates)]
     return FactTracingBenchmark(docs, queries, proponents)
 
 
@@ -278,7 +279,7 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
     """
     directory, gguf_file = smollm2_gguf()
     train_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("n_queries", "max_new_tokens", "top_k",
-                                                                     "scan_batch_size")}
+                                                                     "scan_batch_size", "n_templates")}
     key = _key("real-model-finetune-v1", gguf_file, (directory / gguf_file).stat().st_size, train_cfg,
                [d["text"] for d in bench.documents])
     base_key = _key("base-answers-v1", gguf_file, bench.queries, cfg.max_new_tokens)
@@ -311,9 +312,9 @@ def _runner(method: str, model, tokenizer, corpus, probes: list[dict], cfg: Real
     from hf_mirror import ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
-    if method in ("mirror", "mirror_raw"):
-        scan = ScanConfig(normalize="zscore" if method == "mirror" else "none", top_k=cfg.top_k,
-                          batch_size=cfg.scan_batch_size, cache=False)
+    if method in ("mirror", "mirror_raw", "mirror_zscore"):
+        normalize = {"mirror_raw": {"normalize": "none"}, "mirror_zscore": {"normalize": "zscore"}}.get(method, {})
+        scan = ScanConfig(**normalize, top_k=cfg.top_k, batch_size=cfg.scan_batch_size, cache=False)
         return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
                                  show_progress=show_progress, overwrite=not resume)
     return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=out,
@@ -326,8 +327,8 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
     """Build the corpus, fine-tune (or reuse) the model, answer, then run and score each method.
 
     ``mirror`` is :func:`hf_mirror.attribute` with default settings (``scan_batch_size`` aside, and no
-    base-loss cache so that each mirror run pays for its base pass), ``mirror_raw`` the same with
-    ``normalize="none"``; the baselines are :func:`hf_mirror.baselines.attribute_baseline` with default
+    base-loss cache so that each mirror run pays for its base pass), ``mirror_raw``/``mirror_zscore`` the same with
+    ``normalize="none"``/``"zscore"``; the baselines are :func:`hf_mirror.baselines.attribute_baseline` with default
     options. A method whose scores for these exact probes are already under ``output_dir`` is reused (its wall
     time is the one measured then; ``rerun=True`` measures again). Returns a JSON-able report.
     """
