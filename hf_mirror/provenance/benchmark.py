@@ -131,9 +131,10 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
                                            adapters_per_forward=cfg.adapters_per_forward),
                            output_dir=work / "mirror", show_progress=show_progress, membership=cfg.membership)
     t_detect = time.perf_counter() - t1
-    texts = [r.text for r in make_items(records)]
-    membership = {m: min_k_scores(model, tokenizer, texts, method=m) for m in MEMBERSHIP_METHODS}
     by_id = {r["id"]: r for r in report["items"]}
+    texts = [r.text for r in make_items(records)]  # the audit scored cfg.membership; the other one, for comparison
+    membership = {m: min_k_scores(model, tokenizer, texts, method=m) for m in MEMBERSHIP_METHODS if m != cfg.membership}
+    membership[cfg.membership] = [by_id[i["id"]]["scores"]["minkprob"] for i in items]
     rows = {}
     for n, item in enumerate(items):
         r = by_id[item["id"]]
