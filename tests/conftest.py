@@ -78,3 +78,26 @@ def tiny_model(planted):
     model = AutoModelForCausalLM.from_pretrained(planted.model_dir).eval()
     tok = AutoTokenizer.from_pretrained(planted.model_dir)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    """The planted corpus's texts (for the index tests, which need no model)."""
+    return planted_corpus()[2]
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory, texts) -> Path:
+    """A BPE tokenizer trained on the planted texts, saved in Hugging Face format."""
+    from hf_mirror.tiny_lm import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(texts, vocab_size=400).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tok_dir)

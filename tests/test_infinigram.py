@@ -24,25 +24,6 @@ def ig():
 
 
 @pytest.fixture(scope="module")
-def texts() -> list[str]:
-    return planted_corpus()[2]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, texts) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(texts, vocab_size=400).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_dir)
-
-
-@pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory, texts) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)))

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import planted_corpus
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.provenance import NgramIndex, ngram
-from hf_mirror.tiny_lm import train_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -33,26 +31,6 @@ for name, source, id_column in [("one_file", sys.argv[3], "id"), ("two_files", s
     NgramIndex.build(Corpus(source, id_column=id_column), tok, n=4, output_dir=f"{out}/{name}",
                      checkpoint_ngrams=100)
 """
-
-
-@pytest.fixture(scope="module")
-def texts() -> list[str]:
-    return planted_corpus()[2]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, texts) -> Path:
-    """A BPE tokenizer trained on the planted texts (no model needed to index a corpus)."""
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(texts, vocab_size=400).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -48,6 +48,7 @@ from hf_mirror.provenance.ngram import (
     _check_target,
     _jsonable_id,
     _process_group,
+    publish,
 )
 
 FORMAT = "hf_mirror.infinigram_index"
@@ -218,13 +219,7 @@ class InfiniGramIndex:
                 "eos_token_id": tokenizer.eos_token_id,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            old = None
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "index")
-            os.replace(tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

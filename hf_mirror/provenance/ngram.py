@@ -227,13 +227,7 @@ class NgramIndex:
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
             (tmp / "doc_ids.json").write_text(json.dumps(self.doc_ids))
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, default=str))
-            old = None
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, old / "index")
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -480,6 +474,18 @@ def _corpus_positions(corpus: Corpus, local_ids: list[list], world: int) -> list
             taken[d] = k + 1
         out.append(pos)
     return out
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move the finished index in ``tmp`` to ``target`` by renames, replacing an earlier index there: a reader
+    sees the old index or the new one, never a mix."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "index")
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable_id(doc_id: object) -> object:
