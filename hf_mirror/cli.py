@@ -56,6 +56,8 @@ def _add_attribute(sub) -> None:
     )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--include-prompt", action="store_true", help="count prompt tokens in the probe loss")
+    g.add_argument("--fit-batch", type=int, default=16,
+                   help="probes fitted together in one batch (same adapters as 1, faster; lower it to save memory)")
     g = p.add_argument_group("scan")
     g.add_argument("--max-length", type=int, default=None, help="tokens per window (default: model context, <=1024)")
     g.add_argument("--overlap", type=int, default=None, help="context tokens repeated between windows")
@@ -292,6 +294,7 @@ def _attribute(args) -> int:
         direction=args.direction,
         seed=args.seed,
         include_prompt=args.include_prompt,
+        fit_batch=args.fit_batch,
     )
     scan = ScanConfig(
         max_length=args.max_length,

@@ -9,11 +9,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from hf_mirror.errors import InputError, ScoreError
-from hf_mirror.probes import Probe, encode_probe
+from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
 from hf_mirror.progress import progress_bar
+from hf_mirror.stacked import StackedLora
 from hf_mirror.trunk import SharedTrunk
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class MirrorConfig:
     direction: str = "unlearn"
     seed: int = 0
     include_prompt: bool = False
+    fit_batch: int = 16  # probes fitted together (one mixed-adapter batch); gives the same adapters as 1
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -51,6 +54,8 @@ class MirrorConfig:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.steps < 0 or self.rank < 1 or self.lr <= 0:
             raise InputError("Mirror needs steps >= 0, rank >= 1 and lr > 0.")
+        if self.fit_batch < 1:
+            raise InputError("fit_batch (probes fitted together) must be at least 1.")
 
     @property
     def sign(self) -> float:
@@ -70,6 +75,10 @@ class MirrorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        """The settings that decide the fitted adapters (``fit_batch`` only changes how fast they are fitted)."""
+        return {k: v for k, v in asdict(self).items() if k != "fit_batch"}
 
 
 @dataclass
@@ -92,8 +101,27 @@ def _make_optimizer(cfg: MirrorConfig, params: list[torch.nn.Parameter]) -> torc
     return torch.optim.SGD(params, lr=cfg.lr)
 
 
-def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+def _stack(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Probe encodings as one right-padded batch (labels -100 on padding): causal attention keeps each row's
+    real tokens unaffected by the padding."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    out = {"input_ids": torch.full((len(batches), width), pad_id, dtype=torch.long),
+           "labels": torch.full((len(batches), width), IGNORE_INDEX, dtype=torch.long),
+           "attention_mask": torch.zeros((len(batches), width), dtype=torch.long)}
+    for i, b in enumerate(batches):
+        n = b["input_ids"].shape[1]
+        out["input_ids"][i, :n], out["labels"][i, :n] = b["input_ids"][0], b["labels"][0]
+        out["attention_mask"][i, :n] = 1
+    return out
+
+
+def _probe_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's mean token loss over its labelled tokens (what ``model(labels=...).loss`` gives one probe)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1)
 
 
 def fit_mirrors(
@@ -108,23 +136,38 @@ def fit_mirrors(
     """Attach one LoRA adapter per probe (named ``adapter_names[i]``) and fit it on that probe alone.
 
     Every adapter starts from the same seeded initialisation (B = 0, so it starts as the identity),
-    which makes a probe's mirror independent of the other probes and of their order. When ``cfg.layers``
-    leaves the lowest blocks unadapted, they run once per probe (a shared trunk) instead of once per step.
+    which makes a probe's mirror independent of the other probes and of their order. Up to ``cfg.fit_batch``
+    probes are fitted together in one batch, one row per probe through its own adapter (stacked LoRA weights and
+    batched matmuls); the sum of the rows' losses gives each adapter the gradient of its own probe alone and the
+    optimizers update elementwise, so the adapters are the ones fitted one at a time. When ``cfg.layers`` leaves
+    the lowest blocks unadapted, they run once per group of probes (a shared trunk) instead of once per step.
     """
     device = next(model.parameters()).device
     lora = cfg.lora_config()
     # encode every probe first: bad input fails before the model is touched
     batches = [{k: v.to(device) for k, v in encode_probe(tokenizer, p, cfg.include_prompt, max_length).items()}
                for p in probes]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is never attended to
     peft_model: PeftModel | None = None
     report = FitReport()
     bar = progress_bar(total=len(probes), desc="fitting mirrors", unit="probe", disable=not show_progress)
     try:
-        for probe, name, batch in zip(probes, adapter_names, batches, strict=True):
-            peft_model = _attach(model, peft_model, name, lora, cfg.seed)
-            _fit_one(peft_model, probe, name, batch, cfg, report, _trunk(peft_model, name, cfg))
-            bar.update(1)
-            bar.set_postfix(loss=f"{report.loss_before[probe.id]:.3f}->{report.loss_after[probe.id]:.3f}")
+        size = cfg.fit_batch
+        for lo in range(0, len(probes), size):
+            group, names = probes[lo : lo + size], adapter_names[lo : lo + size]
+            for name in names:
+                peft_model = _attach(model, peft_model, name, lora, cfg.seed)
+            if len(names) > 1 and not StackedLora.supports(peft_model, names[0]):
+                size = 1  # target modules the stacks do not implement: one probe at a time
+                group, names = group[:1], names[:1]
+                for extra in adapter_names[lo + 1 : lo + cfg.fit_batch]:
+                    peft_model.delete_adapter(extra)
+            batch = {k: v.to(device) for k, v in _stack(batches[lo : lo + size], pad_id).items()}
+            trunks = [_trunk(peft_model, name, cfg) for name in names]
+            _fit_group(peft_model, group, names, batch, cfg, report, trunks[0] if all(trunks) else None)
+            bar.update(len(group))
+            last = group[-1].id
+            bar.set_postfix(loss=f"{report.loss_before[last]:.3f}->{report.loss_after[last]:.3f}")
     except BaseException:
         if peft_model is not None:
             peft_model.unload()  # leave the caller's model as it was
@@ -164,38 +207,47 @@ def _trunk(peft_model: PeftModel, name: str, cfg: MirrorConfig) -> SharedTrunk |
     return trunk if all(id(p) in above for p in _adapter_params(peft_model, name)) else None
 
 
-def _fit_one(peft_model: PeftModel, probe: Probe, name: str, batch: dict, cfg: MirrorConfig, report: FitReport,
-             trunk: SharedTrunk | None = None):
-    """A few optimizer steps on one probe's loss, for its adapter only (the blocks under ``trunk`` run once)."""
-    peft_model.set_adapter(name)
+def _fit_group(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[str], batch: dict, cfg: MirrorConfig,
+               report: FitReport, trunk: SharedTrunk | None = None) -> None:
+    """A few optimizer steps on each probe's loss (row i of ``batch``), for its own adapter only (the blocks under
+    ``trunk`` run once)."""
     peft_model.eval()  # no dropout: the mirror is a deterministic function of the probe and seed
-    params = _adapter_params(peft_model, name)
+    stacked = StackedLora(peft_model, names, trainable=True) if len(names) > 1 else None
+    if stacked is None:
+        peft_model.set_adapter(names[0])
+        params, apply = _adapter_params(peft_model, names[0]), nullcontext
+    else:
+        params, apply = stacked.parameters(), stacked.applied
     for p in params:
         p.requires_grad_(True)
-    opt = _make_optimizer(cfg, params)
+    opt = _make_optimizer(cfg, params)  # elementwise updates: each adapter moves as if fitted alone
     reuse = nullcontext
     if trunk is not None:  # unadapted blocks: the same hidden states at every step
         with torch.no_grad(), trunk.capture(stop=True):
-            peft_model(input_ids=batch["input_ids"])
+            peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         reuse = trunk.reuse
     for step in range(cfg.steps + 1):
-        with reuse():
-            loss = _probe_loss(peft_model, batch)
-        if not torch.isfinite(loss):
+        with reuse(), apply():
+            losses = _probe_losses(peft_model, batch)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
             raise ScoreError(
-                f"Probe {probe.id!r}: non-finite probe loss ({loss.item()}) at mirror step {step}; "
+                f"Probe {probes[bad].id!r}: non-finite probe loss ({losses[bad].item()}) at mirror step {step}; "
                 "lower --lr or --steps, or check the model's dtype."
             )
         if step == 0:
-            report.loss_before[probe.id] = loss.item()
+            report.loss_before.update({p.id: v for p, v in zip(probes, losses.tolist(), strict=True)})
         if step == cfg.steps:
-            report.loss_after[probe.id] = loss.item()
+            report.loss_after.update({p.id: v for p, v in zip(probes, losses.tolist(), strict=True)})
             break
         opt.zero_grad(set_to_none=True)
-        (-cfg.sign * loss).backward()  # unlearn: ascend the probe loss; learn: descend it
+        (-cfg.sign * losses.sum()).backward()  # unlearn: ascend each probe's loss; learn: descend it
         opt.step()
     for p in params:
         p.requires_grad_(False)
+    if stacked is not None:
+        stacked.write_back()
 
 
 def save_mirrors(model: PeftModel, names: Sequence[str], directory: str | Path) -> None:

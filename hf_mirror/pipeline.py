@@ -58,13 +58,13 @@ class ScanConfig:
     probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
     explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling).
 
-    Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``);
-    ``shared_trunk`` runs the blocks below the mirror's lowest adapted layer once per batch when
-    ``MirrorConfig.layers`` is set; ``adapters_per_forward`` > 1 scores that many probes per forward pass
-    with PEFT mixed-adapter batches. ``precision`` ("bf16"/"fp16") autocasts on GPU. Checkpoints are written
-    every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads every batch to
-    ``max_length`` so that scores do not depend on how documents are batched or split over processes, down to
-    the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
+    Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``); ``shared_trunk``
+    runs the blocks below the mirror's lowest adapted layer once per batch when ``MirrorConfig.layers`` is set;
+    ``adapters_per_forward`` > 1 scores that many probes per forward pass (stacked LoRA weights and batched matmuls;
+    PEFT mixed-adapter batches for adapter types the stacks lack). ``precision`` ("bf16"/"fp16") autocasts on GPU.
+    Checkpoints are written every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads
+    every batch to ``max_length`` so that scores do not depend on how documents are batched or split over processes,
+    down to the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
     top-M BM25 documents (retrieve-then-rerank); other documents get no score. ``sort_batches`` pools that many
     batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
     """
@@ -197,14 +197,14 @@ def attribute(
     taken: set[str] = set()
     names = [adapter_name(p.id, taken) for p in pool]
     ids = [p.id for p in pool]
-    run_key = _run_key(str(model_name), corpus.describe(), mirror.to_dict(), [asdict(p) for p in pool],
+    run_key = _run_key(str(model_name), corpus.describe(), mirror.identity(), [asdict(p) for p in pool],
                        normalize, scan.top_k, max_length, overlap, world, scan.candidates, scan.aggregate)
     shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
     # before the (costly) fit: checks the scoring options, refuses another run's shard, or resumes this one's
     book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
                      scan.checkpoint_every, scan.checkpoint_seconds, scan.aggregate)
     # control probes' scores are cached like base losses: with a hit they are neither fitted nor scanned
-    control_cache = (BaseLossCache(cache.dir.parents[2], _run_key("control-scores-v1", cache.key, mirror.to_dict(),
+    control_cache = (BaseLossCache(cache.dir.parents[2], _run_key("control-scores-v1", cache.key, mirror.identity(),
                                                                    [asdict(c) for c in controls], scan.aggregate),
                                    rank, world, kind="control_scores")
                      if cache is not None and controls and normalize != "none" else None)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hf_mirror.corpus import Window, document_tokens, windows
 from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.progress import ScanProgress
+from hf_mirror.stacked import StackedLora
 from hf_mirror.trunk import SharedTrunk
 
 
@@ -67,6 +68,38 @@ def _collate(
     return ids.to(device), mask.to(device)
 
 
+class AdapterSwitch:
+    """Activates one adapter of a PEFT model by visiting only its adapter layers.
+
+    ``PeftModel.set_adapter`` walks every module of the model, and with T adapters attached there are O(T) modules
+    per adapted layer: switching for each of T probes on every batch costs O(T^2) per batch. This finds the
+    adapter layers once; a model with auxiliary adapter modules (``modules_to_save``) keeps PEFT's own switch.
+    """
+
+    def __init__(self, model) -> None:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self.model = model
+        modules = list(model.modules())
+        self.layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+        self.plain = any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules) or not isinstance(model, PeftModel)
+
+    def __call__(self, name: str) -> None:
+        if self.plain:
+            self.model.set_adapter(name)
+            return
+        for layer in self.layers:
+            if layer.merged:
+                raise ScoreError("Mirror adapters must not be merged into the model while scanning.")
+            if hasattr(layer, "_active_adapter"):  # the adapter weights are frozen already: only point the layer
+                layer._active_adapter = [name]
+            else:
+                layer.set_adapter(name, inference_mode=True)
+        self.model.active_adapter = self.model.base_model.active_adapter = name  # as PeftModel.set_adapter records
+
+
 class Scanner:
     """Streams documents through the base model and every mirror adapter, window batch by window batch.
 
@@ -109,6 +142,12 @@ class Scanner:
         # windows pooled before batching: sorted by length, they pad less (pointless at a fixed width)
         self.pool_size = batch_size * (1 if fixed_width else sort_batches)
         self.device = next(model.parameters()).device
+        self.switch = AdapterSwitch(model)
+        g = self.adapters_per_forward
+        groups = [self.adapter_names[lo : lo + g] for lo in range(0, len(self.adapter_names), g)] if g > 1 else []
+        stackable = bool(groups) and StackedLora.supports(model, groups[0][0])
+        # (first probe index, adapter names, their stacked weights or None for PEFT's mixed-adapter batch)
+        self.groups = [(i * g, grp, StackedLora(model, grp) if stackable else None) for i, grp in enumerate(groups)]
         self.skipped: list[Skipped] = []
         self.n_documents = 0
         self.n_tokens = 0
@@ -208,21 +247,20 @@ class Scanner:
                 self.model(input_ids=ids, attention_mask=mask)
         if self.adapters_per_forward == 1:
             for p, name in enumerate(self.adapter_names):
-                self.model.set_adapter(name)
+                self.switch(name)
                 with self.autocast(), reuse():
                     losses = token_losses(self.model, ids, mask).cpu().numpy()
                 self.forward_passes += 1
                 self._store(batch, pending, losses, p)
-        else:  # PEFT mixed-adapter batches: the window batch repeated once per adapter of the group
-            g = self.adapters_per_forward
-            for lo in range(0, len(self.adapter_names), g):
-                group = self.adapter_names[lo : lo + g]
-                rows = [name for name in group for _ in batch]
-                with self.autocast(), (self.trunk.reuse(len(group)) if self.trunk is not None else nullcontext()):
-                    losses = token_losses(self.model, ids.repeat(len(group), 1), mask.repeat(len(group), 1),
-                                          adapter_names=rows).cpu().numpy()
+        else:  # groups of adapters per forward: the window batch repeated once per adapter of the group
+            for lo, group, stack in self.groups:
+                n = len(group)
+                kwargs = {} if stack is not None else {"adapter_names": [name for name in group for _ in batch]}
+                with (self.autocast(), stack.applied() if stack is not None else nullcontext(),
+                      self.trunk.reuse(n) if self.trunk is not None else nullcontext()):
+                    losses = token_losses(self.model, ids.repeat(n, 1), mask.repeat(n, 1), **kwargs).cpu().numpy()
                 self.forward_passes += 1
-                for j in range(len(group)):
+                for j in range(n):
                     self._store(batch, pending, losses[j * len(batch) : (j + 1) * len(batch)], lo + j)
         for w in batch:
             pending[w.doc_seq].remaining -= 1

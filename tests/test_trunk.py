@@ -96,6 +96,19 @@ def test_length_sorted_batches_pad_less_and_score_the_same(tiny_model, planted, 
     assert np.abs(a["raw_score"]).max() > 1e-4
 
 
+def _lora_weights(peft_model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+def _fit(model, tok, probes, names, cfg):
+    from hf_mirror.mirror import fit_mirrors
+
+    peft_model, report = fit_mirrors(model, tok, probes, names, cfg, show_progress=False)
+    weights = _lora_weights(peft_model)
+    peft_model.unload()
+    return weights, report
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_fitting_top_layer_mirrors_runs_the_trunk_once_with_the_same_result(tiny_model, planted, arch, monkeypatch):
     from hf_mirror import mirror as mirror_mod
@@ -105,19 +118,79 @@ def test_fitting_top_layer_mirrors_runs_the_trunk_once_with_the_same_result(tiny
     model = _models(tok)[arch]
     probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
               for p, fact in zip(planted.probes()[:2], planted.facts[:2], strict=True)]
-    cfg = MirrorConfig(layers=[2, 3], steps=3, lr=1e-2)
+    cfg = MirrorConfig(layers=[2, 3], steps=3, lr=1e-2, fit_batch=1)
     calls = []
     first_block = find_blocks(model)[0]
     handle = first_block.register_forward_pre_hook(lambda *a: calls.append(1))
-    shared, _ = mirror_mod.fit_mirrors(model, tok, probes, ["a", "b"], cfg, show_progress=False)
-    weights = {n: p.detach().clone() for n, p in shared.named_parameters() if "lora_" in n}
-    shared.unload()
+    weights, _ = _fit(model, tok, probes, ["a", "b"], cfg)
     assert len(calls) == 2  # block 0 ran once per probe, not once per step
+    calls.clear()
+    _fit(model, tok, probes, ["a", "b"], MirrorConfig(layers=[2, 3], steps=3, lr=1e-2, fit_batch=2))
+    assert len(calls) == 1  # ... and once per group of probes fitted together
     handle.remove()
     monkeypatch.setattr(mirror_mod, "_trunk", lambda *a: None)  # the plain path: every step runs every block
-    plain, _ = mirror_mod.fit_mirrors(model, tok, probes, ["a", "b"], cfg, show_progress=False)
-    ref = {n: p.detach() for n, p in plain.named_parameters() if "lora_" in n}
-    plain.unload()
+    ref, _ = _fit(model, tok, probes, ["a", "b"], cfg)
     assert ref.keys() == weights.keys() and any(float(w.abs().max()) > 0 for n, w in ref.items() if "lora_B" in n)
     for n, w in ref.items():
         torch.testing.assert_close(weights[n], w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("layers", [None, [2, 3]])
+def test_fitting_probes_together_gives_the_adapters_of_fitting_them_one_by_one(tiny_model, planted, arch, layers):
+    """Probes of different lengths in one padded batch, each row through its own stacked adapter: the same
+    adapters and probe losses as fitting each probe alone, for ascent and descent, Adam and SGD."""
+    from hf_mirror.probes import Probe
+
+    _, tok = tiny_model
+    model = _models(tok)[arch]
+    probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :] + " and more" * i)
+              for i, (p, fact) in enumerate(zip(planted.probes()[:5], planted.facts[:5], strict=True))]
+    names = [f"m{i}" for i in range(5)]
+    for extra in ({}, {"direction": "learn", "optimizer": "sgd", "lr": 0.5}):
+        base = {"layers": layers, "steps": 3, "lr": 1e-2, "rank": 4, **extra}
+        one, report_one = _fit(model, tok, probes, names, MirrorConfig(fit_batch=1, **base))
+        together, report = _fit(model, tok, probes, names, MirrorConfig(fit_batch=3, **base))  # groups of 3 and 2
+        assert one.keys() == together.keys()
+        assert any(float(w.abs().max()) > 1e-3 for n, w in one.items() if "lora_B" in n)
+        for n, w in one.items():
+            torch.testing.assert_close(together[n], w, atol=1e-5, rtol=1e-4)
+        for p in probes:
+            assert report.loss_after[p.id] != pytest.approx(report.loss_before[p.id], abs=1e-4)
+            assert report.loss_before[p.id] == pytest.approx(report_one.loss_before[p.id], abs=1e-5)
+            assert report.loss_after[p.id] == pytest.approx(report_one.loss_after[p.id], abs=1e-5)
+
+
+def test_fitting_together_falls_back_to_one_by_one_for_layers_it_cannot_stack(tiny_model, planted):
+    """LoRA on the token embeddings is not a stacked linear layer: probes are then fitted one at a time."""
+    from hf_mirror.probes import Probe
+
+    _, tok = tiny_model
+    model = _models(tok)["gpt2"]
+    probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
+              for p, fact in zip(planted.probes()[:3], planted.facts[:3], strict=True)]
+    base = {"target_modules": ["wte", "c_attn"], "steps": 2, "lr": 1e-2, "rank": 4}
+    one, _ = _fit(model, tok, probes, ["a0", "a1", "a2"], MirrorConfig(fit_batch=1, **base))
+    together, _ = _fit(model, tok, probes, ["a0", "a1", "a2"], MirrorConfig(fit_batch=2, **base))
+    assert one.keys() == together.keys() and any("wte" in n for n in one)
+    for n, w in one.items():
+        torch.testing.assert_close(together[n], w, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_scan_falls_back_to_peft_mixed_batches_for_layers_it_cannot_stack(tiny_model, planted, tmp_path):
+    """With LoRA on the embeddings too, several probes per forward go through PEFT's mixed-adapter batches."""
+    _, tok = tiny_model
+    model = _models(tok)["gpt2"]
+    pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
+    probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
+    mirror = MirrorConfig(target_modules=["wte", "c_attn"], steps=2, lr=1e-2, rank=4)
+
+    def run(name, group):
+        scan = ScanConfig(normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
+                          adapters_per_forward=group)
+        return attribute(model, planted.texts[:10], probes, tokenizer=tok, output_dir=tmp_path / name,
+                         show_progress=False, mirror=mirror, scan=scan).scores().sort_values(["probe_id", "doc_id"])
+
+    plain, grouped = run("plain", 1), run("grouped", 2)
+    np.testing.assert_allclose(plain["raw_score"], grouped["raw_score"], atol=1e-5)
+    assert np.abs(plain["raw_score"]).max() > 1e-4

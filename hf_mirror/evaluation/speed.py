@@ -9,7 +9,7 @@ ways (:data:`VARIANTS`):
   cached       base losses from the cache                          -> about T
   trunk        mirrors on the top 2 blocks (1 of 2), base losses cached, lower blocks run once
                ("trunk+cache")                                     -> about T x 2 / n_layer + trunk
-  mixed        trunk+cache, scoring up to 8 probes per forward with PEFT mixed-adapter batches ("+mixed8")
+  mixed        trunk+cache, scoring up to 8 probes per forward (stacked LoRA, batched matmuls) ("+mixed8")
 
 The ``e2e`` part times whole calls, fitting included, of :func:`hf_mirror.attribute` (all-block mirrors; top-2-block
 mirrors with the shared trunk, first run and again with the base losses cached) and of
