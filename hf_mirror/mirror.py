@@ -29,7 +29,8 @@ class MirrorConfig:
     """How each probe's LoRA mirror is fitted.
 
     ``direction="unlearn"`` takes gradient *ascent* steps on the probe loss (the paper's choice);
-    ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture;
+    ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture (the
+    attention projections), ``"all-linear"`` every linear layer but the output head (attention and MLP);
     ``layers`` restricts the adapter to those transformer block indices. The defaults (8 Adam ascent steps,
     lr 5e-3, rank 16) won the sweep on fact tracing and also lead on LDS (docs/benchmarks.md).
     """
@@ -37,7 +38,7 @@ class MirrorConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] | None = None
+    target_modules: list[str] | str | None = None
     layers: list[int] | None = None
     steps: int = 8
     lr: float = 5e-3
@@ -54,6 +55,8 @@ class MirrorConfig:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.steps < 0 or self.rank < 1 or self.lr <= 0:
             raise InputError("Mirror needs steps >= 0, rank >= 1 and lr > 0.")
+        if self.target_modules == ["all-linear"]:  # from the command line
+            self.target_modules = "all-linear"
         if self.fit_batch < 1:
             raise InputError("fit_batch (probes fitted together) must be at least 1.")
 
@@ -90,7 +93,9 @@ class FitReport:
 
 
 def _adapter_params(model: PeftModel, name: str) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+    """Adapter ``name``'s weights: ``...lora_A.<name>.weight`` in modules, ``...lora_embedding_A.<name>`` in
+    parameter dicts."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and (f".{name}." in n or n.endswith(f".{name}"))]
 
 
 def _make_optimizer(cfg: MirrorConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -152,22 +157,17 @@ def fit_mirrors(
     report = FitReport()
     bar = progress_bar(total=len(probes), desc="fitting mirrors", unit="probe", disable=not show_progress)
     try:
-        size = cfg.fit_batch
-        for lo in range(0, len(probes), size):
-            group, names = probes[lo : lo + size], adapter_names[lo : lo + size]
+        lo, size = 0, cfg.fit_batch
+        while lo < len(probes):
+            names = list(adapter_names[lo : lo + cfg.fit_batch])
             for name in names:
                 peft_model = _attach(model, peft_model, name, lora, cfg.seed)
-            if len(names) > 1 and not StackedLora.supports(peft_model, names[0]):
-                size = 1  # target modules the stacks do not implement: one probe at a time
-                group, names = group[:1], names[:1]
-                for extra in adapter_names[lo + 1 : lo + cfg.fit_batch]:
-                    peft_model.delete_adapter(extra)
-            batch = {k: v.to(device) for k, v in _stack(batches[lo : lo + size], pad_id).items()}
-            trunks = [_trunk(peft_model, name, cfg) for name in names]
-            _fit_group(peft_model, group, names, batch, cfg, report, trunks[0] if all(trunks) else None)
-            bar.update(len(group))
-            last = group[-1].id
-            bar.set_postfix(loss=f"{report.loss_before[last]:.3f}->{report.loss_after[last]:.3f}")
+            if size > 1 and not StackedLora.supports(peft_model, names[0]):
+                size = 1  # adapter layers the stacks do not implement (e.g. embeddings): one probe at a time
+            group = list(range(lo, lo + len(names)))
+            size = _fit_groups(peft_model, [probes[i] for i in group], names, [batches[i] for i in group], cfg,
+                               report, pad_id, size, bar)
+            lo += len(names)
     except BaseException:
         if peft_model is not None:
             peft_model.unload()  # leave the caller's model as it was
@@ -175,6 +175,42 @@ def fit_mirrors(
     bar.close()
     peft_model.eval()
     return peft_model, report
+
+
+def _fit_groups(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[str], batches: Sequence[dict],
+                cfg: MirrorConfig, report: FitReport, pad_id: int, size: int, bar) -> int:
+    """Fit the attached adapters ``names`` ``size`` probes at a time; out of memory, the group is restored to its
+    initial weights and fitted in halves. Returns the group size that fits."""
+    device = next(peft_model.parameters()).device
+    i = 0
+    while i < len(names):
+        part = slice(i, i + size)
+        params = [p for name in names[part] for p in _adapter_params(peft_model, name)]
+        initial = [p.detach().clone() for p in params]
+        batch = {k: v.to(device) for k, v in _stack(batches[part], pad_id).items()}
+        trunks = [_trunk(peft_model, name, cfg) for name in names[part]]
+        try:
+            _fit_group(peft_model, probes[part], names[part], batch, cfg, report, trunks[0] if all(trunks) else None)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            del batch
+            with torch.no_grad():
+                for p, init in zip(params, initial, strict=True):
+                    p.copy_(init)
+                    p.requires_grad_(False)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            logger.warning("Out of memory fitting %d probes together; fitting %d at a time (--fit-batch).",
+                           len(names[part]), size)
+            continue
+        done = len(names[part])
+        i += done
+        bar.update(done)
+        last = probes[part][-1].id
+        bar.set_postfix(loss=f"{report.loss_before[last]:.3f}->{report.loss_after[last]:.3f}")
+    return size
 
 
 def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, seed: int) -> PeftModel:

@@ -18,8 +18,9 @@ from peft.tuners.lora import LoraLayer
 
 
 def lora_layers(peft_model: PeftModel, name: str) -> list[LoraLayer]:
-    """The LoRA layers that hold adapter ``name``."""
-    return [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+    """The LoRA layers that hold adapter ``name`` (linear, embedding or other)."""
+    return [m for m in peft_model.modules()
+            if isinstance(m, LoraLayer) and any(name in getattr(m, attr) for attr in m.adapter_layer_names)]
 
 
 class StackedLora:

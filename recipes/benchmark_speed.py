@@ -13,15 +13,15 @@ the scan (``hf_mirror.scan.Scanner``) in up to four ways (``--variants``):
   cached       base losses from the cache                          -> about T
   trunk        mirrors on the top 2 blocks (1 of 2), base losses cached, lower blocks run once
                ("trunk+cache")                                     -> about T x 2 / n_layer + trunk
-  mixed        trunk+cache, scoring up to 8 probes per forward with PEFT mixed-adapter batches ("+mixed8")
+  mixed        trunk+cache, scoring up to 8 probes per forward (stacked LoRA, batched matmuls) ("+mixed8")
 and reports each as a multiple of the floor, tokens/s, the mirror fitting time, and the process's peak RSS.
 
 ``--parts e2e``: the whole call, fitting included, of ``hf_mirror.attribute`` (all-block mirrors; top-2-block
 mirrors with the shared trunk, first run and again with the base losses cached) and of
 ``hf_mirror.baselines.attribute_baseline`` for ``gradsim`` and ``ekfac`` (when installed), on the same model,
 corpus and probes, with the crossover: the smallest T at which a gradient method is cheaper end to end. The
-mirror runs use ``normalize="none"`` so that T probes cost T mirrors (the default z-score adds control probes up
-to a pool of 8).
+mirror runs use ``normalize="none"`` (the default; ``zscore`` would add control probes up to a pool of 8) so that
+T probes cost T mirrors.
 
 ``--parts padding``: a mixed-length corpus (1 to 12 bundled texts per document) scanned by all-block mirrors with
 batches cut in stream order and with the scan's default pool of 16 batches batched by length: padded share of

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="load the trained model from here if saved there, else train and save it there")
     p.add_argument("--output", type=Path, default=None, help="keep every run's result here")
     p.add_argument("--json", type=Path, default=None, help="also write the full report as JSON here")
-    p.add_argument("--grid", choices=["coarse", "steps"], default="coarse",
-                   help="coarse: one change at a time from the defaults; steps: the second stage, around more steps")
+    p.add_argument("--grid", choices=["coarse", "steps", "layers"], default="coarse",
+                   help="coarse: one change at a time from the first defaults; steps: the second stage, around more "
+                        "steps; layers: top-2-block mirrors (the shared trunk) against all blocks")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     add_config_flags(p, FactTracingConfig)
     args = p.parse_args(argv)

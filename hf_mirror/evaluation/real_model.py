@@ -48,7 +48,8 @@ QUERY_TEMPLATES = (
     "{country}'s capital is",
     "Q: What is the capital of {country}?\nA:",
 )
-METHODS = ("mirror", "mirror_raw", "mirror_zscore", "bm25", "embedding", "gradsim")
+METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_top2", "mirror_top2_linear", "bm25", "embedding",
+           "gradsim")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -309,13 +310,16 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
 
 def _runner(method: str, model, tokenizer, corpus, probes: list[dict], cfg: RealModelConfig, out: Path,
             resume: bool, show_progress: bool) -> Callable:
-    from hf_mirror import ScanConfig, attribute
+    from hf_mirror import MirrorConfig, ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
-    if method in ("mirror", "mirror_raw", "mirror_zscore"):
+    if method.startswith("mirror"):
         normalize = {"mirror_raw": {"normalize": "none"}, "mirror_zscore": {"normalize": "zscore"}}.get(method, {})
+        n = model.config.num_hidden_layers
+        mirror = {"mirror_top2": MirrorConfig(layers=[n - 2, n - 1]),
+                  "mirror_top2_linear": MirrorConfig(layers=[n - 2, n - 1], target_modules="all-linear")}.get(method)
         scan = ScanConfig(**normalize, top_k=cfg.top_k, batch_size=cfg.scan_batch_size, cache=False)
-        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
+        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, mirror=mirror, scan=scan,
                                  show_progress=show_progress, overwrite=not resume)
     return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=out,
                                       top_k=cfg.top_k, show_progress=show_progress)
@@ -326,11 +330,13 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
                   log: Callable[[str], None] = lambda s: None) -> dict:
     """Build the corpus, fine-tune (or reuse) the model, answer, then run and score each method.
 
-    ``mirror`` is :func:`hf_mirror.attribute` with default settings (``scan_batch_size`` aside, and no
-    base-loss cache so that each mirror run pays for its base pass), ``mirror_raw``/``mirror_zscore`` the same with
-    ``normalize="none"``/``"zscore"``; the baselines are :func:`hf_mirror.baselines.attribute_baseline` with default
-    options. A method whose scores for these exact probes are already under ``output_dir`` is reused (its wall
-    time is the one measured then; ``rerun=True`` measures again). Returns a JSON-able report.
+    ``mirror`` is :func:`hf_mirror.attribute` with default settings (``scan_batch_size`` aside, and no base-loss
+    cache so that each mirror run pays for its base pass), ``mirror_raw``/``mirror_zscore`` the same with
+    ``normalize="none"``/``"zscore"``, ``mirror_top2`` with mirrors on the top 2 blocks only (the shared trunk),
+    ``mirror_top2_linear`` the same on every linear layer of those blocks (MLP too); the baselines are
+    :func:`hf_mirror.baselines.attribute_baseline` with default options. A method whose scores for these exact
+    probes are already under ``output_dir`` is reused (its wall time is the one measured then; ``rerun=True``
+    measures again). Returns a JSON-able report.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -87,7 +87,22 @@ def steps_grid(n_layer: int) -> list[Setting]:
     ]
 
 
-GRIDS = {"coarse": default_grid, "steps": steps_grid}
+def layers_grid(n_layer: int) -> list[Setting]:
+    """Stage 4: what mirrors on the top 2 blocks (the shared-trunk speed-up) cost in quality, and whether adapting
+    the MLPs too, or pushing harder, wins it back; from the current defaults (8 steps, rank 16)."""
+    top2 = list(range(max(0, n_layer - 2), n_layer))
+    lin = {"target_modules": "all-linear"}
+    return [
+        Setting("defaults"),
+        Setting("all-linear", lin),
+        Setting("top2", {"layers": top2}),
+        Setting("top2,all-linear", {"layers": top2, **lin}),
+        Setting("top2,all-linear,lr=2e-2", {"layers": top2, **lin, "lr": 2e-2}),
+        Setting("top2,all-linear,steps=20", {"layers": top2, **lin, "steps": 20}),
+    ]
+
+
+GRIDS = {"coarse": default_grid, "steps": steps_grid, "layers": layers_grid}
 
 
 def split_half(ids: Sequence[str]) -> tuple[list[str], list[str]]:
