@@ -2,7 +2,7 @@
 and end-to-end cost (fit + scan) of the mirror against gradient-based attribution (gradsim, EK-FAC).
 
     python recipes/benchmark_speed.py [--models tiny gpt2-small] [--probes 1 8 32] [--docs 300]
-                                      [--parts scan e2e padding] [--variants naive cached trunk mixed]
+                                      [--parts scan e2e padding fit] [--variants naive cached trunk mixed]
                                       [--device auto|cpu|cuda] [--precision no|bf16] [--json PATH]
 
 Models are built from config (random weights: speed does not depend on training) with a byte-level BPE
@@ -26,6 +26,9 @@ T probes cost T mirrors.
 ``--parts padding``: a mixed-length corpus (1 to 12 bundled texts per document) scanned by all-block mirrors with
 batches cut in stream order and with the scan's default pool of 16 batches batched by length: padded share of
 the batch cells, both times, and the largest score difference.
+
+``--parts fit``: T mirrors fitted one probe at a time and 16 at a time (``--fit-batch``'s default: one padded
+batch through stacked LoRA weights), all blocks and top 2 blocks: both times and the largest weight difference.
 
 ``--device auto`` (default) uses CUDA when available and the CPU otherwise; ``--precision bf16`` autocasts the
 scans on CUDA (fp32 on the CPU). Each row is printed as it is measured and, with ``--json``, saved at once (a run
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--parts", nargs="+", default=["scan", "e2e"], choices=PARTS,
                    help="scan: scan cost per variant; e2e: fit + scan against gradsim and EK-FAC; padding: "
-                   "batches in stream order vs by length on a mixed-length corpus (default: scan e2e)")
+                   "batches in stream order vs by length on a mixed-length corpus; fit: mirrors fitted one by one vs "
+                   "together (default: scan e2e)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="scan variants to time")
     p.add_argument("--methods", nargs="+", default=list(GRADIENT_METHODS), choices=GRADIENT_METHODS,
                    help="gradient methods timed end to end (those not installed are reported n/a)")

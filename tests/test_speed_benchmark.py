@@ -77,7 +77,7 @@ def test_speed_benchmark_scan_and_end_to_end_rows(recipe, tmp_path, capsys):
     assert "| mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base | gradsim | EK-FAC |" in printed
     assert "\nCrossover (smallest T at which the gradient method is cheaper end to end):\n" in printed
     report = json.loads(out.read_text())
-    assert list(report) == ["command", "device", "scan", "e2e", "crossovers", "padding"]
+    assert list(report) == ["command", "device", "scan", "e2e", "crossovers", "padding", "fit"]
     assert report["command"].startswith("benchmark_speed.py --models tiny") and report["device"] == "cpu"
     assert [r["probes"] for r in report["scan"]] == [2] and [r["probes"] for r in report["e2e"]] == [2]
     for r in report["scan"]:
@@ -99,7 +99,7 @@ def test_library_run_reports_rows_as_they_are_measured():
     updates, shown, notes = [], [], []
     report = run_speed_benchmark(cfg, on_update=lambda r: updates.append(len(r["scan"])), show=shown.append,
                                  log=notes.append)
-    assert set(report) == {"device", "scan", "e2e", "crossovers", "padding"} and report["device"] == "cpu"
+    assert set(report) == {"device", "scan", "e2e", "crossovers", "padding", "fit"} and report["device"] == "cpu"
     assert report["e2e"] == [] and report["crossovers"] == [] and updates == [1]
     (row,) = report["scan"]
     assert row["model"] == "tiny" and row["probes"] == 2 and row["documents"] == 4 and row["precision"] == "no"
@@ -120,6 +120,18 @@ def test_padding_part_sorts_windows_by_length_without_changing_scores():
     assert row["documents"] == 24 and row["sorted_padding"] < row["stream_padding"]
     assert row["max_abs_diff"] < 1e-4 and row["stream_s"] > 0 and row["sorted_s"] > 0
     assert "| tiny | 2 | 24 |" in speed.format_table(report)
+
+
+def test_fit_part_fits_together_with_the_same_adapters():
+    cfg = SpeedConfig.quick()
+    cfg.parts, cfg.probes = ["fit"], [3]
+    report = run_speed_benchmark(cfg)
+    (row,) = report["fit"]
+    assert row["probes"] == 3 and row["fit_batch"] == 16
+    for tag in ("all", "top2"):
+        assert row[f"{tag}_one_s"] > 0 and row[f"{tag}_together_s"] > 0 and row[f"{tag}_max_diff"] < 1e-4
+    table = speed.format_table(report)
+    assert "| tiny | 3 |" in table and "one by one vs 16 probes together" in table
 
 
 def test_gpu_check_without_cuda_exits_with_a_clear_message():

@@ -17,6 +17,10 @@ mirrors with the shared trunk, first run and again with the base losses cached) 
 the smallest T at which a gradient method is cheaper end to end. The mirror runs use ``normalize="none"`` so that
 T probes cost T mirrors.
 
+The ``fit`` part fits T mirrors one probe at a time and ``MirrorConfig().fit_batch`` probes at a time (one padded
+batch, stacked LoRA weights), all blocks and top 2 blocks, and reports both times and the largest difference
+between the adapters.
+
 The ``padding`` part scans a corpus of mixed lengths (1 to 12 bundled texts per document) with every batch cut
 in stream order (``sort_batches=1``) and with the default pool of 16 batches batched by length, and reports the
 padded share of the batch cells, both times and the largest score difference between the two.
@@ -51,7 +55,7 @@ MODELS = {
     # the pretrained SmolLM2-135M-Instruct (30 blocks x 576, 49k vocabulary) when its wheel is installed
     "smollm2": dict(n_layer=30, pretrained=True),
 }
-PARTS = ("scan", "e2e", "padding")
+PARTS = ("scan", "e2e", "padding", "fit")
 VARIANTS = ("naive", "cached", "trunk", "mixed")
 E2E_MIRRORS = ("mirror", "mirror_top2", "mirror_top2_warm")
 GRADIENT_METHODS = ("gradsim", "ekfac")
@@ -308,6 +312,40 @@ def bench_padding(name: str, spec: dict, texts: list[str], facts: list[dict], pr
     return rows
 
 
+def bench_fit(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
+              batch_size: int, max_length: int, device: torch.device | None = None, precision: str = "no",
+              on_row: OnRow | None = None) -> list[dict]:
+    """The fit rows: T mirrors fitted one probe at a time and ``MirrorConfig().fit_batch`` at a time (stacked LoRA),
+    all blocks and top 2 blocks, with the largest difference between the two sets of adapter weights."""
+    device = device or torch.device("cpu")
+    model, tok = build_model(spec, texts, max_length, device)
+    probes = [Probe(f["headword"], f["prompt"], f["completion"]) for f in facts[-max(probe_counts):]]
+    together = MirrorConfig().fit_batch
+    fit_mirrors(model, tok, probes[:2], ["w0", "w1"], MirrorConfig(fit_batch=2), max_length,
+                show_progress=False)[0].unload()  # warm-up
+    rows = []
+    for t in probe_counts:
+        row = {"model": name, "probes": t, "device": str(device), "fit_batch": together}
+        names = [f"p{i}" for i in range(t)]
+        for tag, layers in (("all", None), ("top2", top_blocks(spec["n_layer"]))):
+            weights = {}
+            for size in (1, together):
+                _sync(device)
+                t0 = time.perf_counter()
+                peft_model, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(layers=layers, fit_batch=size),
+                                            max_length, show_progress=False)
+                _sync(device)
+                row[f"{tag}_{'one' if size == 1 else 'together'}_s"] = time.perf_counter() - t0
+                weights[size] = {n: w.detach().float().cpu() for n, w in peft_model.named_parameters() if "lora_" in n}
+                peft_model.unload()
+            row[f"{tag}_speedup"] = row[f"{tag}_one_s"] / row[f"{tag}_together_s"]
+            row[f"{tag}_max_diff"] = max(float((weights[1][n] - weights[together][n]).abs().max()) for n in weights[1])
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
 def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
               batch_size: int, max_length: int, methods: dict[str, str | None] | None = None,
               device: torch.device | None = None, precision: str = "no", work: Path | None = None,
@@ -428,7 +466,7 @@ def run_speed_benchmark(cfg: SpeedConfig, on_update: Callable[[dict], None] | No
         + f", precision: {cfg.precision if device.type == 'cuda' else 'no (fp32 on the CPU)'}")
     facts = demo.load_facts()
     texts = [f["text"] for f in facts]
-    report: dict = {"device": str(device), "scan": [], "e2e": [], "crossovers": [], "padding": []}
+    report: dict = {"device": str(device), "scan": [], "e2e": [], "crossovers": [], "padding": [], "fit": []}
 
     def record(part: str) -> OnRow:  # one model's rows of one part
         shown = []
@@ -458,6 +496,9 @@ def run_speed_benchmark(cfg: SpeedConfig, on_update: Callable[[dict], None] | No
     if "padding" in cfg.parts:
         for name in cfg.models:
             bench_padding(name, MODELS[name], on_row=record("padding"), **common)
+    if "fit" in cfg.parts:
+        for name in cfg.models:
+            bench_fit(name, MODELS[name], on_row=record("fit"), **common)
     return report
 
 
@@ -526,7 +567,20 @@ def format_padding(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-FORMATS: dict[str, Callable[..., str]] = {"scan": format_scan, "e2e": format_e2e, "padding": format_padding}
+def format_fit(rows: list[dict], header: bool = True) -> str:
+    """The fit rows as a Markdown table."""
+    lines = ["| model | T | all blocks: one by one s | together s | speedup | max weight diff | top 2: one by one s "
+             "| together s | speedup | max weight diff |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    for r in rows:
+        cells = [f"{r[f'{tag}_one_s']:.2f} | {r[f'{tag}_together_s']:.2f} | {r[f'{tag}_speedup']:.2f}x | "
+                 f"{r[f'{tag}_max_diff']:.1e}" for tag in ("all", "top2")]
+        lines.append(f"| {r['model']} | {r['probes']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+FORMATS: dict[str, Callable[..., str]] = {"scan": format_scan, "e2e": format_e2e, "padding": format_padding,
+                                          "fit": format_fit}
 
 
 def format_table(report: dict) -> str:
@@ -543,4 +597,7 @@ def format_table(report: dict) -> str:
     if report.get("padding"):
         parts.append("\nPadding (mixed-length corpus; all-block mirrors, base pass computed):\n\n"
                      + format_padding(report["padding"]))
+    if report.get("fit"):
+        parts.append(f"\nFitting T mirrors one by one vs {report['fit'][0]['fit_batch']} probes together "
+                     "(stacked LoRA), seconds:\n\n" + format_fit(report["fit"]))
     return "\n".join(parts)
