@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the speed benchmark (scan cost and end to end against gradsim / EK-FAC) and a bf16 autocast + SDPA
+# GPU check: the speed benchmark (scan cost, fitting, end to end against gradsim / EK-FAC) and a bf16 autocast + SDPA
 # attribution checked against fp32, on one CUDA GPU, in under 5 minutes. Prints Markdown tables; writes JSON to
 # $OUT (default runs/gpu_check). Exits 3 without CUDA, 1 when a step fails or times out, 0 otherwise.
 #
@@ -45,13 +45,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, remember failur
     echo "($name: $((SECONDS - t0)) s)"
 }
 
-step "Scan cost, multiples of one plain forward pass (fp32)" 80 \
-    python recipes/benchmark_speed.py --device cuda --parts scan --models tiny gpt2-small --probes 1 8 32 64 \
+step "Scan cost, multiples of one plain forward pass (fp32)" 70 \
+    python recipes/benchmark_speed.py --device cuda --parts scan --models tiny gpt2-small --probes 1 8 64 \
         --docs 200 --json "$OUT/speed_scan.json"
-step "End to end (fit + scan) against gradsim and EK-FAC (fp32)" 160 \
+step "Fitting 64 mirrors one by one vs 16 together (stacked LoRA)" 35 \
+    python recipes/benchmark_speed.py --device cuda --parts fit --models gpt2-small --probes 64 \
+        --json "$OUT/speed_fit.json"
+step "End to end (fit + scan) against gradsim and EK-FAC (fp32)" 145 \
     python recipes/benchmark_speed.py --device cuda --parts e2e --models gpt2-small --probes 1 8 64 \
         --docs 200 --json "$OUT/speed_e2e.json"
-step "bf16 autocast + SDPA attribution against fp32" 45 \
+step "bf16 autocast + SDPA attribution against fp32" 40 \
     python scripts/gpu_precision_check.py --device cuda --docs 400 --probes 8 --output "$OUT/precision" \
         --json "$OUT/precision.json"
 
