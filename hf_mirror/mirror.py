@@ -16,7 +16,7 @@ from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
 from hf_mirror.progress import progress_bar
 from hf_mirror.stacked import StackedLora
-from hf_mirror.trunk import SharedTrunk
+from hf_mirror.trunk import SharedTrunk, find_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,19 @@ class MirrorConfig:
         """+1 when a supporting document's loss rises under the mirror (unlearn), -1 when it falls."""
         return 1.0 if self.direction == "unlearn" else -1.0
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self, model=None) -> LoraConfig:
+        """PEFT's LoRA config. ``"all-linear"`` with ``layers`` needs ``model``: PEFT takes layer indices only with
+        module names, so the names of the linear layers inside the transformer blocks are listed."""
+        targets = self.target_modules
+        if targets == "all-linear" and self.layers is not None:
+            if model is None:
+                raise InputError("target_modules='all-linear' with layers needs the model to list its linear layers.")
+            targets = linear_module_names(model)
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            target_modules=self.target_modules,
+            target_modules=targets,
             layers_to_transform=self.layers,
             bias="none",
             task_type="CAUSAL_LM",
@@ -82,6 +89,15 @@ class MirrorConfig:
     def identity(self) -> dict:
         """The settings that decide the fitted adapters (``fit_batch`` only changes how fast they are fitted)."""
         return {k: v for k, v in asdict(self).items() if k != "fit_batch"}
+
+
+def linear_module_names(model) -> list[str]:
+    """The names (last component) of the linear layers inside the model's transformer blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = find_blocks(model)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
 @dataclass
@@ -148,7 +164,7 @@ def fit_mirrors(
     the lowest blocks unadapted, they run once per group of probes (a shared trunk) instead of once per step.
     """
     device = next(model.parameters()).device
-    lora = cfg.lora_config()
+    lora = cfg.lora_config(model)
     # encode every probe first: bad input fails before the model is touched
     batches = [{k: v.to(device) for k, v in encode_probe(tokenizer, p, cfg.include_prompt, max_length).items()}
                for p in probes]
@@ -321,7 +337,7 @@ def attach_mirrors(model, names: Sequence[str], cfg: MirrorConfig, states: dict[
     """Recreate fitted mirrors on ``model`` from :func:`adapter_states` (on processes that did not fit them)."""
     from peft import set_peft_model_state_dict
 
-    lora = cfg.lora_config()
+    lora = cfg.lora_config(model)
     peft_model: PeftModel | None = None
     for name in names:
         if peft_model is None:

@@ -222,3 +222,24 @@ def test_fitting_together_halves_the_group_when_out_of_memory(tiny_model, plante
     assert sizes == [4, 2, 2, 1]  # 4 failed, then 2 + 2; the fifth probe keeps the size that fits
     for n, w in one.items():
         torch.testing.assert_close(halved[n], w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_all_linear_mirrors_on_the_top_blocks_adapt_attention_and_mlp_there_only(tiny_model, planted, arch):
+    from hf_mirror.probes import Probe
+
+    _, tok = tiny_model
+    model = _models(tok)[arch]
+    probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
+              for p, fact in zip(planted.probes()[:2], planted.facts[:2], strict=True)]
+    cfg = MirrorConfig(layers=[2, 3], target_modules=["all-linear"], steps=2, lr=1e-2)  # as the CLI passes it
+    calls = []
+    handle = find_blocks(model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    weights, _ = _fit(model, tok, probes, ["a", "b"], cfg)
+    handle.remove()
+    assert len(calls) == 1  # the trunk below block 2 ran once for the group
+    adapted = {n.split(".lora_")[0].split("base_model.model.")[-1] for n in weights}
+    mlp = {"gpt2": ("mlp.c_fc", "mlp.c_proj"), "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}[arch]
+    blocks = {"gpt2": "transformer.h", "llama": "model.layers"}[arch]
+    assert all(n.startswith((f"{blocks}.2.", f"{blocks}.3.")) for n in adapted)
+    assert all(f"{blocks}.{i}.{m}" in adapted for i in (2, 3) for m in mlp)

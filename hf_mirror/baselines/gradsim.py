@@ -49,7 +49,7 @@ class GradSimBaseline:
         torch.manual_seed(seed)
         self._base = model
         self._trainable = {n: p.requires_grad for n, p in model.named_parameters()}  # PEFT freezes them
-        self.model = get_peft_model(model, lora.lora_config())
+        self.model = get_peft_model(model, lora.lora_config(model))
         self.model.eval()
         self.device = next(model.parameters()).device
         self.params = [p for n, p in self.model.named_parameters() if "lora_" in n]
