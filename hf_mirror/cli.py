@@ -45,7 +45,8 @@ def _add_attribute(sub) -> None:
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--target-modules", nargs="+", default=None,
                    help="default: PEFT's mapping for the model (attention); all-linear: attention and MLP")
-    g.add_argument("--layers", nargs="+", type=int, default=None, help="block indices to adapt (default: all)")
+    g.add_argument("--layers", nargs="+", type=int, default=None,
+                   help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
     g.add_argument("--steps", type=int, default=8, help="optimizer steps per mirror (chosen by the sweep)")
     g.add_argument("--lr", type=float, default=5e-3)
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")

@@ -31,7 +31,8 @@ class MirrorConfig:
     ``direction="unlearn"`` takes gradient *ascent* steps on the probe loss (the paper's choice);
     ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture (the
     attention projections), ``"all-linear"`` every linear layer but the output head (attention and MLP);
-    ``layers`` restricts the adapter to those transformer block indices. The defaults (8 Adam ascent steps,
+    ``layers`` restricts the adapter to those transformer block indices (negative ones count from the top: ``[-2, -1]``
+    is the top 2 blocks of any model). The defaults (8 Adam ascent steps,
     lr 5e-3, rank 16) won the sweep on fact tracing and also lead on LDS (docs/benchmarks.md).
     """
 
@@ -60,6 +61,18 @@ class MirrorConfig:
         if self.fit_batch < 1:
             raise InputError("fit_batch (probes fitted together) must be at least 1.")
 
+    def block_indices(self, model=None) -> list[int] | None:
+        """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
+        if self.layers is None or all(i >= 0 for i in self.layers):
+            return self.layers
+        if model is None:
+            raise InputError("Negative --layers count from the top block: the model is needed to resolve them.")
+        n = len(find_blocks(model))
+        resolved = sorted({i + n if i < 0 else i for i in self.layers})
+        if not all(0 <= i < n for i in resolved):
+            raise InputError(f"--layers {self.layers} is out of range for a model with {n} blocks.")
+        return resolved
+
     @property
     def sign(self) -> float:
         """+1 when a supporting document's loss rises under the mirror (unlearn), -1 when it falls."""
@@ -78,7 +91,7 @@ class MirrorConfig:
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=targets,
-            layers_to_transform=self.layers,
+            layers_to_transform=self.block_indices(model),
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -248,7 +261,8 @@ def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, se
 def _trunk(peft_model: PeftModel, name: str, cfg: MirrorConfig) -> SharedTrunk | None:
     """The shared trunk under the lowest adapted block: when there is one, the blocks can be found, and every
     weight of adapter ``name`` sits in the blocks above it."""
-    first = min(cfg.layers) if cfg.layers else 0
+    layers = cfg.block_indices(peft_model)
+    first = min(layers) if layers else 0
     if first <= 0:
         return None
     try:

@@ -230,7 +230,8 @@ def attribute(
             peers = [out / "shards" / f"rank-{r:05d}-of-{world:05d}" / "progress.json" for r in range(1, world)]
             progress = ScanProgress(shard / "progress.json" if not main else None, peers if main else [],
                                     corpus.num_documents(), show_progress and main)
-            first = min(mirror.layers) if mirror.layers else 0
+            layers = mirror.block_indices(model)
+            first = min(layers) if layers else 0
             trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
             scanner = Scanner(peft_model, tokenizer, names[:n_fit], ids[:n_fit], max_length, overlap, scan.batch_size,
                               progress,

@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_mirror import AttributionResult
 from hf_mirror.cli import main
+from hf_mirror.errors import InputError
 
 
 def test_attribute_then_show(planted, tmp_path, capsys):
@@ -53,6 +55,23 @@ def test_attribute_then_show(planted, tmp_path, capsys):
     assert "probe fact-3" in shown and "doc d3" in shown and "[[" in shown and "\x1b[" not in shown
     assert main(["show", str(out), "--probe", "nope"]) == 2
     assert "Unknown probe 'nope'" in capsys.readouterr().err
+
+
+def test_mirror_flags_parse():
+    from hf_mirror.cli import build_parser
+    from hf_mirror.mirror import MirrorConfig
+
+    args = build_parser().parse_args(["attribute", "--model", "m", "--corpus", "c", "--probes", "p", "--output", "o",
+                                      "--layers", "-2", "-1", "--target-modules", "all-linear", "--fit-batch", "4"])
+    assert args.layers == [-2, -1] and args.fit_batch == 4
+    cfg = MirrorConfig(layers=args.layers, target_modules=args.target_modules)
+    assert cfg.target_modules == "all-linear"
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=4, n_head=2))
+    assert cfg.block_indices(model) == [2, 3]
+    with pytest.raises(InputError, match="model is needed"):
+        cfg.block_indices()
+    with pytest.raises(InputError, match="out of range for a model with 4 blocks"):
+        MirrorConfig(layers=[-5]).block_indices(model)
 
 
 def test_errors_are_reported_without_traceback(planted, tmp_path, capsys):

@@ -226,13 +226,14 @@ def test_fitting_together_halves_the_group_when_out_of_memory(tiny_model, plante
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_all_linear_mirrors_on_the_top_blocks_adapt_attention_and_mlp_there_only(tiny_model, planted, arch):
+    """``--layers -2 -1 --target-modules all-linear``: the top 2 blocks' attention and MLP, the trunk below once."""
     from hf_mirror.probes import Probe
 
     _, tok = tiny_model
     model = _models(tok)[arch]
     probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
               for p, fact in zip(planted.probes()[:2], planted.facts[:2], strict=True)]
-    cfg = MirrorConfig(layers=[2, 3], target_modules=["all-linear"], steps=2, lr=1e-2)  # as the CLI passes it
+    cfg = MirrorConfig(layers=[-2, -1], target_modules=["all-linear"], steps=2, lr=1e-2)  # as the CLI passes them
     calls = []
     handle = find_blocks(model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
     weights, _ = _fit(model, tok, probes, ["a", "b"], cfg)
