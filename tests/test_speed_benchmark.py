@@ -130,6 +130,7 @@ def test_fit_part_fits_together_with_the_same_adapters():
     assert row["probes"] == 3 and row["fit_batch"] == 16
     for tag in ("all", "top2"):
         assert row[f"{tag}_one_s"] > 0 and row[f"{tag}_together_s"] > 0 and row[f"{tag}_max_diff"] < 1e-4
+        assert row[f"{tag}_max_loss_diff"] < 1e-5
     table = speed.format_table(report)
     assert "| tiny | 3 |" in table and "one by one vs 16 probes together" in table
 
