@@ -48,10 +48,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, remember failur
 step "Scan cost, multiples of one plain forward pass (fp32)" 70 \
     python recipes/benchmark_speed.py --device cuda --parts scan --models tiny gpt2-small --probes 1 8 64 \
         --docs 200 --json "$OUT/speed_scan.json"
-step "Fitting 64 mirrors one by one vs 16 together (stacked LoRA)" 35 \
-    python recipes/benchmark_speed.py --device cuda --parts fit --models gpt2-small --probes 64 \
+step "Fitting 32 mirrors one by one vs 16 together (stacked LoRA)" 40 \
+    python recipes/benchmark_speed.py --device cuda --parts fit --models gpt2-small --probes 32 \
         --json "$OUT/speed_fit.json"
-step "End to end (fit + scan) against gradsim and EK-FAC (fp32)" 145 \
+step "End to end (fit + scan) against gradsim and EK-FAC (fp32)" 140 \
     python recipes/benchmark_speed.py --device cuda --parts e2e --models gpt2-small --probes 1 8 64 \
         --docs 200 --json "$OUT/speed_e2e.json"
 step "bf16 autocast + SDPA attribution against fp32" 40 \
