@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from hf_mirror.errors import InputError
+from hf_mirror.evaluation.variants import MIRROR_VARIANTS
 
-METHODS = ("mirror", "mirror_raw", "mirror_zscore", "bm25", "embedding", "gradsim", "ekfac")
+METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear", "bm25",
+           "embedding", "gradsim", "ekfac")
 
 
 @dataclass
@@ -279,21 +281,23 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
                   **options):
     """Run ``method`` (``mirror``/``mirror_raw`` or a baseline name) on the full model; its scores DataFrame.
 
-    ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw``/``mirror_zscore`` the same
-    with ``normalize="none"``/``"zscore"``; for them ``options`` go to ``MirrorConfig`` (e.g. ``steps=10``) and
-    ``scan`` to ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options`` go to its class.
+    ``mirror`` is :func:`hf_mirror.attribute` with default settings, the other ``mirror_*`` names the variants of
+    :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (e.g. ``mirror_zscore``: ``normalize="zscore"``,
+    ``mirror_top2_linear``: every linear layer of the top 2 blocks); for them ``options`` go to ``MirrorConfig``
+    (e.g. ``steps=10``) and ``scan`` to ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options``
+    go to its class.
     """
     from hf_mirror import MirrorConfig, ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
     probes = [{"id": p["id"], "prompt": p["prompt"], "completion": p["completion"]} for p in setup.probes]
     out = work / method
-    if method in ("mirror", "mirror_raw", "mirror_zscore"):
-        normalize = {"mirror_raw": {"normalize": "none"}, "mirror_zscore": {"normalize": "zscore"}}.get(method, {})
-        scan_config = ScanConfig(**{**normalize, "cache": False, "batch_size": 32, **(scan or {})})
+    if method in MIRROR_VARIANTS:
+        scan_overrides, mirror_overrides = MIRROR_VARIANTS[method]
+        scan_config = ScanConfig(**{**scan_overrides, "cache": False, "batch_size": 32, **(scan or {})})
         result = attribute(setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer, output_dir=out,
-                           mirror=MirrorConfig(**options), scan=scan_config, show_progress=show_progress,
-                           overwrite=True)
+                           mirror=MirrorConfig(**{**mirror_overrides, **options}), scan=scan_config,
+                           show_progress=show_progress, overwrite=True)
     else:
         if scan:
             raise InputError("scan options apply to the mirror methods only.")

