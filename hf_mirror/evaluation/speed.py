@@ -506,6 +506,11 @@ def run_speed_benchmark(cfg: SpeedConfig, on_update: Callable[[dict], None] | No
     return report
 
 
+def _head(columns: list[str], header: bool = True) -> list[str]:
+    """A Markdown table's header lines (none when ``header`` is false)."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] if header else []
+
+
 def _x(row: dict, key: str) -> str:
     v = row.get(f"{key}_x_floor")
     return "-" if v is None else f"{v:.1f}"
@@ -513,9 +518,8 @@ def _x(row: dict, key: str) -> str:
 
 def format_scan(rows: list[dict], header: bool = True) -> str:
     """The scan rows as a Markdown table (multiples of one plain forward pass; '-' = not measured)."""
-    lines = ["| model | T | docs | floor s | fit s | naive x | cached x | trunk+cache x | +mixed8 x | "
-             "naive / trunk+cache | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    lines = _head(["model", "T", "docs", "floor s", "fit s", "naive x", "cached x", "trunk+cache x", "+mixed8 x",
+                   "naive / trunk+cache", "peak RSS MB"], header)
     for r in rows:
         ratio = r.get("naive_over_trunk_cached")
         lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | "
@@ -534,9 +538,8 @@ def _cell(row: dict, key: str) -> str:
 
 def format_e2e(rows: list[dict], header: bool = True) -> str:
     """End-to-end rows as a Markdown table: seconds of each whole call (multiple of one forward pass)."""
-    lines = ["| model | T | docs | floor s | mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base "
-             "| gradsim | EK-FAC |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    lines = _head(["model", "T", "docs", "floor s", "mirror, all blocks", "mirror, top 2 + trunk",
+                   "top 2 + trunk, cached base", "gradsim", "EK-FAC"], header)
     for r in rows:
         lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | {_cell(r, 'mirror')} | "
                      f"{_cell(r, 'mirror_top2')} | {_cell(r, 'mirror_top2_warm')} | {_cell(r, 'gradsim')} | "
@@ -548,8 +551,8 @@ def format_crossovers(items: list[dict]) -> str:
     """The crossovers as a Markdown table."""
     names = {"mirror": "mirror, all blocks", "mirror_top2": "mirror, top 2 + trunk",
              "mirror_top2_warm": "top 2 + trunk, cached base"}
-    lines = ["| model | gradient method | vs | cheaper end to end from T = (measured) | linear-fit crossover T |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = _head(["model", "gradient method", "vs", "cheaper end to end from T = (measured)",
+                   "linear-fit crossover T"])
     for c in items:
         measured = f"{c['measured']}" if c["measured"] is not None else f"never up to {c['max_probes']}"
         estimate = ("never (mirror grows slower)" if c["estimate"] is None
@@ -560,9 +563,8 @@ def format_crossovers(items: list[dict]) -> str:
 
 def format_padding(rows: list[dict], header: bool = True) -> str:
     """The padding rows as a Markdown table."""
-    lines = ["| model | T | docs | padded, stream order | padded, by length | stream s (x) | by length s (x) | "
-             "speedup | max score diff |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    lines = _head(["model", "T", "docs", "padded, stream order", "padded, by length", "stream s (x)",
+                   "by length s (x)", "speedup", "max score diff"], header)
     for r in rows:
         lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['stream_padding']:.0%} | "
                      f"{r['sorted_padding']:.0%} | {r['stream_s']:.1f} ({r['stream_x_floor']:.1f}x) | "
@@ -573,9 +575,8 @@ def format_padding(rows: list[dict], header: bool = True) -> str:
 
 def format_fit(rows: list[dict], header: bool = True) -> str:
     """The fit rows as a Markdown table."""
-    lines = ["| model | T | all blocks: one by one s | together s | speedup | max weight / probe-loss diff | "
-             "top 2: one by one s | together s | speedup | max weight / probe-loss diff |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] if header else []
+    lines = _head(["model", "T", "all blocks: one by one s", "together s", "speedup", "max weight / probe-loss diff",
+                   "top 2: one by one s", "together s", "speedup", "max weight / probe-loss diff"], header)
     for r in rows:
         cells = [f"{r[f'{tag}_one_s']:.2f} | {r[f'{tag}_together_s']:.2f} | {r[f'{tag}_speedup']:.2f}x | "
                  f"{r[f'{tag}_max_diff']:.1e} / {r[f'{tag}_max_loss_diff']:.1e}" for tag in ("all", "top2")]
