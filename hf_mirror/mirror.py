@@ -47,7 +47,7 @@ class MirrorConfig:
     direction: str = "unlearn"
     seed: int = 0
     include_prompt: bool = False
-    fit_batch: int = 16  # probes fitted together (one mixed-adapter batch); gives the same adapters as 1
+    fit_batch: int = 16  # probes fitted together (one batch, stacked LoRA); gives the same adapters as 1
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -217,9 +217,8 @@ def _fit_groups(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[
         params = [p for name in names[part] for p in _adapter_params(peft_model, name)]
         initial = [p.detach().clone() for p in params]
         batch = {k: v.to(device) for k, v in _stack(batches[part], pad_id).items()}
-        trunks = [_trunk(peft_model, name, cfg) for name in names[part]]
         try:
-            _fit_group(peft_model, probes[part], names[part], batch, cfg, report, trunks[0] if all(trunks) else None)
+            _fit_group(peft_model, probes[part], names[part], batch, cfg, report, _trunk(peft_model, params, cfg))
         except torch.OutOfMemoryError:
             if size == 1:
                 raise
@@ -258,9 +257,9 @@ def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, se
         ) from e
 
 
-def _trunk(peft_model: PeftModel, name: str, cfg: MirrorConfig) -> SharedTrunk | None:
+def _trunk(peft_model: PeftModel, params: Sequence[torch.nn.Parameter], cfg: MirrorConfig) -> SharedTrunk | None:
     """The shared trunk under the lowest adapted block: when there is one, the blocks can be found, and every
-    weight of adapter ``name`` sits in the blocks above it."""
+    adapter weight in ``params`` sits in the blocks above it."""
     layers = cfg.block_indices(peft_model)
     first = min(layers) if layers else 0
     if first <= 0:
@@ -270,7 +269,7 @@ def _trunk(peft_model: PeftModel, name: str, cfg: MirrorConfig) -> SharedTrunk |
     except ValueError:
         return None
     above = {id(p) for block in list(trunk.blocks)[first:] for p in block.parameters()}
-    return trunk if all(id(p) in above for p in _adapter_params(peft_model, name)) else None
+    return trunk if all(id(p) in above for p in params) else None
 
 
 def _fit_group(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[str], batch: dict, cfg: MirrorConfig,

@@ -41,7 +41,7 @@ def test_shared_trunk_matches_full_forward(tiny_model, planted, tmp_path, arch):
     run("cached")
     cached = run("cached2")  # base losses from the cache: the trunk runs alone
     assert cached.config["stats"]["base_passes"] == 0
-    mixed = run("mixed", shared_trunk=False, cache=False, adapters_per_forward=2)  # PEFT mixed-adapter batches
+    mixed = run("mixed", shared_trunk=False, cache=False, adapters_per_forward=2)  # 2 probes per forward (stacked LoRA)
     mixed_trunk = run("mixed_trunk", adapters_per_forward=3)
     assert mixed.config["stats"]["forward_passes"] < plain.config["stats"]["forward_passes"]
     for other in (shared, cached, mixed, mixed_trunk):
