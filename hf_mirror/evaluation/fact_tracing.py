@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hf_mirror.errors import InputError
+from hf_mirror.evaluation.variants import MIRROR_VARIANTS
 from hf_mirror.probes import Probe, generate_completions
 
 # The first ``n_templates`` state each fact. Six wordings let a model trained from scratch answer most
@@ -53,8 +54,8 @@ COMENTION_TEMPLATES = (
     "The road from {capital} to {city} crosses much of {country}.",
 )
 LEGACY = {"n_templates": 3, "comentions": False}  # what models saved before these fields existed were trained on
-METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_loo", "mirror_rerank", "bm25", "embedding", "gradsim",
-           "ekfac")
+METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_loo", "mirror_rerank", "mirror_linear", "mirror_top2",
+           "mirror_top2_linear", "bm25", "embedding", "gradsim", "ekfac")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 MODEL_MARKER = "fact_tracing_model.json"  # next to a saved model: the configuration it was trained for
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
@@ -238,24 +239,23 @@ def retrieval_metrics(ranked: dict[str, list[str]], proponents: dict[str, list[s
 
 def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfig, work: Path,
              show_progress: bool) -> dict[str, Callable]:
-    from hf_mirror import ScanConfig, attribute
+    from hf_mirror import MirrorConfig, ScanConfig, attribute
     from hf_mirror.baselines import attribute_baseline
 
-    def mirror(normalize: str | None, candidates: int | None = None) -> Callable:  # None: the default
-        scan = ScanConfig(**({"normalize": normalize} if normalize else {}), top_k=cfg.top_k, batch_size=32,
-                          cache=False, candidates=candidates)
-        out = work / f"mirror-{normalize or 'default'}-{candidates}"
-        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
-                                 show_progress=show_progress, overwrite=True)
+    def mirror(variant: str, candidates: int | None = None) -> Callable:
+        scan_overrides, mirror_overrides = MIRROR_VARIANTS[variant]
+        scan = ScanConfig(**scan_overrides, top_k=cfg.top_k, batch_size=32, cache=False, candidates=candidates)
+        out = work / f"{variant}-{candidates}"
+        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out,
+                                 mirror=MirrorConfig(**mirror_overrides), scan=scan, show_progress=show_progress,
+                                 overwrite=True)
 
     def baseline(method: str) -> Callable:
         return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / method,
                                           top_k=cfg.top_k, show_progress=show_progress)
 
-    return {"mirror": mirror(None), "mirror_raw": mirror("none"), "mirror_zscore": mirror("zscore"),
-            "mirror_loo": mirror("loo"), "mirror_rerank": mirror(None, RERANK_M),
-            "bm25": baseline("bm25"),
-            "embedding": baseline("embedding"), "gradsim": baseline("gradsim"), "ekfac": baseline("ekfac")}
+    return {**{name: mirror(name) for name in MIRROR_VARIANTS}, "mirror_rerank": mirror("mirror", RERANK_M),
+            **{name: baseline(name) for name in ("bm25", "embedding", "gradsim", "ekfac")}}
 
 
 def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,
@@ -263,10 +263,12 @@ def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, outp
                   model_dir: str | Path | None = None) -> dict:
     """Build, train (or load from ``model_dir``), answer, then run and score each method; returns a JSON-able report.
 
-    ``mirror`` is :func:`hf_mirror.attribute` with default settings, ``mirror_raw``/``mirror_zscore``/``mirror_loo``
-    the same with that ``normalize``, ``mirror_rerank`` the default over each probe's top-``RERANK_M`` BM25
-    documents; the baselines are :func:`hf_mirror.baselines.attribute_baseline`. Each method's
-    wall time covers its whole call (fitting, scanning, writing results).
+    ``mirror`` is :func:`hf_mirror.attribute` with default settings, the other ``mirror_*`` names the variants of
+    :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (``mirror_raw``/``mirror_zscore``/``mirror_loo``: that
+    ``normalize``; ``mirror_top2``: the top 2 blocks; ``*_linear``: attention and MLP), ``mirror_rerank`` the
+    default over each probe's top-``RERANK_M`` BM25 documents; the baselines are
+    :func:`hf_mirror.baselines.attribute_baseline`. Each method's wall time covers its whole call (fitting,
+    scanning, writing results).
     """
     from hf_mirror.corpus import Corpus
 
