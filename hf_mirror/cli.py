@@ -8,9 +8,18 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hf_mirror.errors import InputError, ScoreError
+from hf_mirror.distributed import is_main_process, set_threads
+from hf_mirror.errors import HfMirrorError, InputError
 
 BASELINES = ("bm25", "embedding", "gradsim", "ekfac")  # hf_mirror.baselines.METHODS, without importing torch
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_attribute(sub) -> None:
@@ -264,11 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memorization(sub)
     _add_index(sub)
     _add_provenance(sub)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=positive_int, default=None,
+                             help="CPU threads per process (default: torch's choice; try 1 on a busy machine)")
     return parser
 
 
 def _attribute(args) -> int:
-    from accelerate import PartialState
 
     from hf_mirror.candidates import parse_candidates
     from hf_mirror.corpus import Corpus
@@ -327,7 +338,7 @@ def _attribute(args) -> int:
         result = attribute_baseline(args.method, args.model, corpus, args.probes, output_dir=args.output,
                                     top_k=args.top_k, show_progress=not args.no_progress, max_length=args.max_length,
                                     overlap=args.overlap, max_new_tokens=args.max_new_tokens, model_kwargs=kwargs)
-    if PartialState().is_main_process:
+    if is_main_process():
         print(format_result(result, k=min(3, args.top_k), color=sys.stdout.isatty()))
         print(f"\nwrote {result.directory}")
     return 0
@@ -373,8 +384,6 @@ def _open_or_build_index(args, corpus, tokenizer, index_dir):
 
 def _audit(args) -> int:
     from pathlib import Path
-
-    from accelerate import PartialState
 
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import load_model, load_tokenizer
@@ -423,7 +432,7 @@ def _audit(args) -> int:
                             else args.combined_threshold),
         show_progress=True, membership=args.membership,
     )
-    if not PartialState().is_main_process:  # under accelerate launch / torchrun: the main process reports
+    if not is_main_process():  # under accelerate launch / torchrun: the main process reports
         return 0
     out = write_report(report, args.output)
     print(f"{report['leaked']} of {len(records)} evaluation items leaked (contamination rate "
@@ -437,7 +446,6 @@ def _audit(args) -> int:
 
 
 def _index(args) -> int:
-    from accelerate import PartialState
 
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import load_tokenizer
@@ -453,15 +461,13 @@ def _index(args) -> int:
     else:
         index = NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=args.output,
                                  overwrite=args.overwrite, show_progress=True, resume=not args.restart)
-    if PartialState().is_main_process:
+    if is_main_process():
         print(f"{index!r}; wrote {args.output}")
     return 0
 
 
 def _provenance(args) -> int:
     from pathlib import Path
-
-    from accelerate import PartialState
 
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import resolve_model
@@ -476,7 +482,7 @@ def _provenance(args) -> int:
                                    threshold=args.threshold, use_mirror=not args.no_mirror,
                                    scan=ScanConfig(top_k=args.top_k), max_new_tokens=args.max_new_tokens,
                                    output_dir=args.output, top=args.top_k, show_progress=True)
-    if not PartialState().is_main_process:
+    if not is_main_process():
         return 0
     out = write_provenance(report, args.output)
     for r in report["items"]:
@@ -514,17 +520,30 @@ def _memorization(args) -> int:
     return 0
 
 
+LOCAL_INPUTS = ("model", "corpus", "probes", "eval_set")
+
+
+def _offline_when_local(args: argparse.Namespace) -> None:
+    """Every input on disk: keep the Hub libraries offline (they read these variables when first imported)."""
+    given = [getattr(args, name) for name in LOCAL_INPUTS if isinstance(getattr(args, name, None), str)]
+    if all(os.path.exists(path) for path in given):
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ.setdefault(key, "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _offline_when_local(args)
     try:
+        set_threads(args.threads)
         return {"attribute": _attribute, "show": _show, "demo": _demo, "audit": _audit,
                 "memorization": _memorization, "index": _index, "provenance": _provenance}[args.command](args)
-    except (InputError, ScoreError) as e:
+    except HfMirrorError as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
         print(f"hf-mirror: error{where}: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

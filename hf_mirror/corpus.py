@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,9 +172,11 @@ def _load_stream(src: str, fmt: str | None, split: str, name: str | None, extra:
         kwargs = dict(extra)
         if fmt == "csv" and path.suffix.lower() == ".tsv":
             kwargs.setdefault("delimiter", "\t")
-        return load_dataset(fmt, data_files={split: files}, split=split, streaming=True, **kwargs)
+        with _local_only():
+            return load_dataset(fmt, data_files={split: files}, split=split, streaming=True, **kwargs)
     if path.exists():
-        return load_dataset(str(path), name=name, split=split, streaming=True, **extra)
+        with _local_only():
+            return load_dataset(str(path), name=name, split=split, streaming=True, **extra)
     try:
         return load_dataset(src, name=name, split=split, streaming=True, **extra)
     except (FileNotFoundError, ConnectionError) as e:
@@ -217,3 +220,16 @@ def windows(seq: list[int], max_length: int, overlap: int) -> list[tuple[int, li
         out.append((lo - 1, seq[lo - ctx : hi], ctx))
         lo = hi
     return out
+
+
+@contextmanager
+def _local_only() -> Iterator[None]:
+    """Load local files without any network call (``datasets`` otherwise pings the Hub to count the load)."""
+    import datasets.config as cfg
+
+    saved = cfg.HF_HUB_OFFLINE, cfg.HF_UPDATE_DOWNLOAD_COUNTS
+    cfg.HF_HUB_OFFLINE, cfg.HF_UPDATE_DOWNLOAD_COUNTS = True, False
+    try:
+        yield
+    finally:
+        cfg.HF_HUB_OFFLINE, cfg.HF_UPDATE_DOWNLOAD_COUNTS = saved

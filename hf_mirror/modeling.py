@@ -40,10 +40,19 @@ def check_causal_lm(model) -> None:
         raise InputError(f"{type(model).__name__} {NOT_CAUSAL}")
 
 
+_CONFIG_KWARGS = ("gguf_file", "local_files_only")  # what AutoConfig needs of the model's loading options
+
+
+def _local(name_or_path: str, kwargs: dict) -> dict:
+    """A local model directory is loaded without any network call (``local_files_only``)."""
+    return {"local_files_only": True, **kwargs} if Path(str(name_or_path)).is_dir() else kwargs
+
+
 def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with a clear error for non-causal models."""
+    kwargs = _local(name_or_path, kwargs)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS})
     except (OSError, ValueError) as e:
         raise InputError(f"Cannot load a model config from {name_or_path!r}: {e}") from e
     if not _causal_config(config):
@@ -61,14 +70,14 @@ def prepare_tokenizer(tokenizer):
                 "The tokenizer has neither a pad token nor an EOS token; set one, e.g. "
                 "tokenizer.add_special_tokens({'pad_token': '<pad>'}) (and resize the model's embeddings)."
             )
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.warning("Tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked: nothing for the user to do (hence debug)
+        logger.debug("Tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
     tokenizer.padding_side = "right"
     return tokenizer
 
 
 def load_tokenizer(name_or_path: str, **kwargs):
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, **kwargs))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, **_local(name_or_path, kwargs)))
 
 
 def context_length(model, tokenizer=None, cap: int = 1024) -> int:
@@ -93,9 +102,20 @@ def resolve_model(model, tokenizer=None, model_kwargs: dict | None = None) -> tu
     if isinstance(model, (str, Path)):
         model = load_model(name, **(model_kwargs or {}))
         if tokenizer is None:
-            tokenizer = load_tokenizer(name, **{k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"})
+            tokenizer = load_tokenizer(name, **{k: v for k, v in (model_kwargs or {}).items() if k in _CONFIG_KWARGS})
     if tokenizer is None:
         raise InputError("Pass the tokenizer along with a loaded model (tokenizer=...).")
     check_causal_lm(model)
     prepare_tokenizer(tokenizer)
+    quiet_defaults(model, tokenizer)
     return model, tokenizer, name
+
+
+def quiet_defaults(model, tokenizer=None) -> None:
+    """Spell out what transformers would pick anyway, so it does not warn about it on every run: the causal-LM
+    loss (GPT-2 leaves ``loss_type`` unset) and the pad token of generation."""
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None and tokenizer is not None:
+        gen.pad_token_id = tokenizer.pad_token_id

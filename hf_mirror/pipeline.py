@@ -21,7 +21,7 @@ from datasets import Dataset, IterableDataset
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
 from hf_mirror.candidates import bm25_candidates
 from hf_mirror.corpus import Corpus
-from hf_mirror.errors import InputError, ScoreError
+from hf_mirror.errors import InputError, StateError
 from hf_mirror.mirror import (
     FitReport,
     MirrorConfig,
@@ -326,7 +326,7 @@ def _control_row(rows, doc) -> np.ndarray:
     """The cached control scores of ``doc`` (the cache holds the same documents in the same order)."""
     row = next(rows, None)
     if row is None or row[0] != doc.seq or row[1] != str(doc.doc_id):
-        raise ScoreError(f"The control-score cache does not match the corpus at document {doc.doc_id!r}; delete "
+        raise StateError(f"The control-score cache does not match the corpus at document {doc.doc_id!r}; delete "
                          "the cache directory (--cache-dir / $HF_MIRROR_CACHE) or run with --no-cache.")
     return row[2]
 

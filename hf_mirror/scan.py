@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_mirror.corpus import Window, document_tokens, windows
-from hf_mirror.errors import InputError, ScoreError
+from hf_mirror.errors import InputError, ScoreError, StateError
 from hf_mirror.progress import ScanProgress
 from hf_mirror.stacked import StackedLora
 from hf_mirror.trunk import SharedTrunk
@@ -223,7 +223,7 @@ class Scanner:
     def _cached(base_losses: Iterator, seq_no: int, doc_id: object, n: int) -> np.ndarray:
         row = next(base_losses, None)
         if row is None or row[0] != seq_no or row[1] != str(doc_id) or len(row[2]) != n:
-            raise RuntimeError(
+            raise StateError(
                 f"The base-loss cache does not match the corpus at document {doc_id!r}; delete the cache "
                 "directory (see --cache-dir) or pass --no-cache."
             )

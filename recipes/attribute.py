@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import yaml
-from accelerate import PartialState
 
 from hf_mirror import demo
 from hf_mirror.cli import main
+from hf_mirror.distributed import process_state
 
 
 def config_to_argv(config: dict) -> list[str]:
@@ -40,8 +40,9 @@ def resolve(config: dict) -> dict:
     """Expand the ``default`` model and ``bundled`` corpus shortcuts (the main process trains the model first)."""
     config = dict(config)
     if config.get("model") == "default":
-        with PartialState().main_process_first():
-            config["model"] = str(demo.train_default_model(show_progress=PartialState().is_main_process))
+        state = process_state()  # the same process group as the run (a plain PartialState() would not be)
+        with state.main_process_first():
+            config["model"] = str(demo.train_default_model(show_progress=state.is_main_process))
     if config.get("corpus") == "bundled":
         config["corpus"] = str(demo.corpus_path())
         config.setdefault("id_column", "id")

@@ -35,6 +35,7 @@ import numpy as np
 
 from hf_mirror.cache import tokenizer_fingerprint
 from hf_mirror.corpus import Corpus
+from hf_mirror.distributed import launched_world, process_state
 from hf_mirror.errors import InputError
 from hf_mirror.progress import progress_bar
 
@@ -335,18 +336,10 @@ class NgramIndex:
 
 def _process_group():
     """``(rank, world, PartialState or None)``: the accelerate/torchrun process group, if launched in one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world() <= 1:
         return 0, 1, None
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not _cuda())
+    state = process_state()
     return state.process_index, state.num_processes, state
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class _Part:
