@@ -1,7 +1,7 @@
 """hf_mirror: which training documents made the model say this? Forward-pass attribution with LoRA mirrors.
 
 The public names load on first use, so light submodules (``hf_mirror.errors``,
-``hf_mirror.evaluation.recipe_args``) import without torch or the Hugging Face libraries: those read their
+``hf_mirror.flags``) import without torch or the Hugging Face libraries: those read their
 offline settings from the environment when they are imported.
 """
 
@@ -11,10 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from hf_mirror.config import MirrorConfig, ScanConfig
     from hf_mirror.corpus import Corpus
     from hf_mirror.errors import InputError, ScoreError
-    from hf_mirror.mirror import MirrorConfig
-    from hf_mirror.pipeline import ScanConfig, attribute
+    from hf_mirror.pipeline import attribute
     from hf_mirror.probes import Probe, load_probes
     from hf_mirror.results import AttributionResult
 
@@ -22,9 +22,9 @@ _EXPORTS = {
     "AttributionResult": "hf_mirror.results",
     "Corpus": "hf_mirror.corpus",
     "InputError": "hf_mirror.errors",
-    "MirrorConfig": "hf_mirror.mirror",
+    "MirrorConfig": "hf_mirror.config",
     "Probe": "hf_mirror.probes",
-    "ScanConfig": "hf_mirror.pipeline",
+    "ScanConfig": "hf_mirror.config",
     "ScoreError": "hf_mirror.errors",
     "attribute": "hf_mirror.pipeline",
     "load_probes": "hf_mirror.probes",

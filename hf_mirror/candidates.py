@@ -6,18 +6,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from hf_mirror.config import parse_candidates  # noqa: F401 (re-exported)
 from hf_mirror.errors import InputError
 from hf_mirror.probes import Probe
-
-
-def parse_candidates(spec: str | int | None) -> int | None:
-    """``"bm25:200"`` (or ``200``) -> 200; None -> None (scan everything)."""
-    if spec is None or isinstance(spec, int):
-        return spec
-    method, _, m = str(spec).rpartition(":")
-    if method not in ("", "bm25") or not m.isdigit() or int(m) < 1:
-        raise InputError(f"--candidates takes bm25:M with M a positive number of documents, got {spec!r}.")
-    return int(m)
 
 
 def bm25_candidates(documents: Iterable[tuple[object, object]], probes: Sequence[Probe], m: int,

@@ -8,10 +8,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+from hf_mirror.config import CALIBRATED_STEPS, MirrorConfig, ScanConfig
 from hf_mirror.distributed import is_main_process, set_threads
 from hf_mirror.errors import HfMirrorError, InputError
+from hf_mirror.flags import add_config_flags, config_from_args
 
 BASELINES = ("bm25", "embedding", "gradsim", "ekfac")  # hf_mirror.baselines.METHODS, without importing torch
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None (its help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(text: str) -> int:
@@ -28,7 +37,7 @@ def _add_attribute(sub) -> None:
         help="attribute probe generations to corpus documents",
         description="Fit one LoRA mirror per probe and scan the corpus with forward passes; write the result to "
         "--output (topk.parquet, scores.parquet, evidence.parquet, probes.jsonl, config.json, adapters/).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="from_pretrained name or local path of a causal LM")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load (dequantised)")
@@ -48,62 +57,9 @@ def _add_attribute(sub) -> None:
     g.add_argument("--split", default="train")
     g.add_argument("--format", default=None, help="file format when the extension does not tell")
     g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
-    g = p.add_argument_group("mirror (one LoRA adapter per probe)")
-    g.add_argument("--rank", type=int, default=16)
-    g.add_argument("--alpha", type=float, default=16.0)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--target-modules", nargs="+", default=None,
-                   help="default: PEFT's mapping for the model (attention); all-linear: attention and MLP")
-    g.add_argument("--layers", nargs="+", type=int, default=None,
-                   help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
-    g.add_argument("--steps", type=int, default=8, help="optimizer steps per mirror (chosen by the sweep)")
-    g.add_argument("--lr", type=float, default=5e-3)
-    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
-    g.add_argument(
-        "--direction",
-        choices=["unlearn", "learn"],
-        default="unlearn",
-        help="unlearn = gradient ascent on the probe loss, learn = descent",
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--include-prompt", action="store_true", help="count prompt tokens in the probe loss")
-    g.add_argument("--fit-batch", type=int, default=16,
-                   help="probes fitted together in one batch (same adapters as 1, faster; lower it to save memory)")
-    g = p.add_argument_group("scan")
-    g.add_argument("--max-length", type=int, default=None, help="tokens per window (default: model context, <=1024)")
-    g.add_argument("--overlap", type=int, default=None, help="context tokens repeated between windows")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--top-k", type=int, default=10)
-    g.add_argument(
-        "--normalize",
-        choices=["none", "zscore", "loo"],
-        default="none",
-        help="none (default, chosen by the sweep): the mean token-loss delta; zscore: standardise each document's "
-        "scores across the probes (and controls); loo: against the other probes only",
-    )
-    g.add_argument("--aggregate", choices=["mean", "sum", "max"], default="mean",
-                   help="how a document's token-loss deltas make its score")
-    g.add_argument(
-        "--controls",
-        type=int,
-        default=None,
-        help="control probes from corpus snippets (default: enough to pool 8 probes under zscore)",
-    )
-    g.add_argument("--max-new-tokens", type=int, default=32, help="for probes without a completion")
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="documents between checkpoints")
-    g.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="autocast on GPU (fp32 on CPU)")
-    g.add_argument("--cache-dir", default=None, help="base-loss cache root (default: $HF_MIRROR_CACHE or ~/.cache)")
-    g.add_argument("--no-cache", action="store_true", help="do not read or write the base-loss cache")
-    g.add_argument("--adapters-per-forward", type=int, default=1,
-                   help="probes scored per forward pass (PEFT mixed-adapter batches)")
-    g.add_argument("--candidates", default=None, metavar="bm25:M",
-                   help="retrieve-then-rerank: scan only each probe's top-M BM25 documents")
-    g.add_argument("--fixed-width", action="store_true",
-                   help="pad every batch to --max-length: scores independent of batching and process count")
-    g.add_argument("--sort-batches", type=int, default=16,
-                   help="pool this many batches of windows and batch them by length (less padding; 1 = off)")
-    g.add_argument("--no-shared-trunk", action="store_true",
-                   help="recompute the blocks below --layers for every mirror")
+    add_config_flags(p.add_argument_group("mirror (one LoRA adapter per probe)"), MirrorConfig, hidden=False,
+                     defaults=True)
+    add_config_flags(p.add_argument_group("scan"), ScanConfig, hidden=False, defaults=True)
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
     p.add_argument("--no-progress", action="store_true")
 
@@ -113,7 +69,7 @@ def _add_show(sub) -> None:
         "show",
         help="print ranked documents of a result",
         description="Print each probe's generation and its top documents with the strongest tokens marked.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("directory", help="an output directory of `hf-mirror attribute`")
     p.add_argument("--probe", default=None, help="only this probe id")
@@ -129,7 +85,7 @@ def _add_demo(sub) -> None:
         description="Train (or reuse from the cache) a small GPT-2 on the bundled WordNet facts, let it complete "
         "a few bundled prompts, attribute each generation against all bundled documents, and write report.html. "
         "Set HF_MIRROR_DEMO_FAST=1 for a much smaller training budget.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--output", default="hf-mirror-demo", help="output directory (result files and report.html)")
     p.add_argument("--probes", type=int, default=5, help="number of bundled prompts to complete and attribute")
@@ -152,7 +108,7 @@ def _add_audit(sub) -> None:
         "document stands far above the rest (evidence: that document, its score and margin); minkprob = Min-K%% "
         "Prob membership score. With the mirror, the verdict is the combined detector: ngram OR (mirror AND "
         "minkprob). Writes report.json and report.html; --fail-above makes it a CI gate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="the model (its tokenizer tokenises; it scores Min-K%% and mirrors)")
     p.add_argument("--corpus", required=True, help="training corpus, as for `attribute`")
@@ -182,14 +138,10 @@ def _add_audit(sub) -> None:
                    help="the minkprob detector's score: Min-K%% Prob (mink) or Min-K%%++ (mink++)")
     p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
     g = p.add_argument_group("mirror detector (see `hf-mirror attribute --help`)")
-    g.add_argument("--steps", type=int, default=3, help="optimizer steps per mirror (the thresholds are calibrated "
-                   "for 3)")
-    g.add_argument("--lr", type=float, default=5e-3)
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--adapters-per-forward", type=int, default=1)
-    g.add_argument("--candidates", default=None, metavar="bm25:M",
-                   help="scan only each item's top-M BM25 documents (top z is then over those documents)")
+    add_config_flags(g, MirrorConfig, hidden=False, defaults=True, only=["steps", "lr", "rank"])
+    add_config_flags(g, ScanConfig, hidden=False, defaults=True,
+                     only=["batch_size", "adapters_per_forward", "candidates"])
+    p.set_defaults(steps=CALIBRATED_STEPS)  # the detector's thresholds were calibrated with 3-step mirrors
 
 
 def _add_index(sub) -> None:
@@ -199,7 +151,7 @@ def _add_index(sub) -> None:
         description="One streaming pass over the corpus; under accelerate launch / torchrun every process indexes "
         "its share and the main process merges them into the same index. Checkpointed: an interrupted build "
         "resumes when rerun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="model or tokenizer path/name (its tokenizer is used)")
     p.add_argument("--corpus", required=True)
@@ -223,7 +175,7 @@ def _add_provenance(sub) -> None:
         "with the corpus (n-gram index), the source document that covers most of it, the verdict (memorized when "
         "that document covers --threshold of its tokens), and the source's rank and score under mirror "
         "attribution. Writes provenance.json and provenance.html.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", required=True)
@@ -246,7 +198,7 @@ def _add_memorization(sub) -> None:
         help="extractable memorization rate of the corpus",
         description="Carlini et al. (2022) protocol: sample documents, prompt with their first P tokens, greedy-"
         "decode S tokens, count exact reproductions of the true next S tokens. Writes memorization.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", required=True)
@@ -281,53 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _attribute(args) -> int:
 
-    from hf_mirror.candidates import parse_candidates
     from hf_mirror.corpus import Corpus
-    from hf_mirror.mirror import MirrorConfig
-    from hf_mirror.pipeline import ScanConfig, attribute
+    from hf_mirror.pipeline import attribute
     from hf_mirror.render import format_result
 
-    corpus = Corpus(
-        args.corpus,
-        text_column=args.text_column,
-        id_column=args.id_column,
-        split=args.split,
-        format=args.format,
-        name=args.dataset_config,
-    )
-    mirror = MirrorConfig(
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        target_modules=args.target_modules,
-        layers=args.layers,
-        steps=args.steps,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        direction=args.direction,
-        seed=args.seed,
-        include_prompt=args.include_prompt,
-        fit_batch=args.fit_batch,
-    )
-    scan = ScanConfig(
-        max_length=args.max_length,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        top_k=args.top_k,
-        normalize=args.normalize,
-        aggregate=args.aggregate,
-        controls=args.controls,
-        max_new_tokens=args.max_new_tokens,
-        checkpoint_every=args.checkpoint_every,
-        precision=args.precision,
-        cache=not args.no_cache,
-        cache_dir=args.cache_dir,
-        adapters_per_forward=args.adapters_per_forward,
-        shared_trunk=not args.no_shared_trunk,
-        fixed_width=args.fixed_width,
-        sort_batches=args.sort_batches,
-        candidates=parse_candidates(args.candidates),
-    )
+    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split,
+                    format=args.format, name=args.dataset_config)
+    mirror, scan = config_from_args(MirrorConfig, args), config_from_args(ScanConfig, args)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
     if args.method == "mirror":
         result = attribute(args.model, corpus, args.probes, mirror=mirror, scan=scan, output_dir=args.output,
@@ -416,14 +328,8 @@ def _audit(args) -> int:
     model = load_model(args.model) if ("minkprob" in detectors or "mirror" in detectors) else None
     mirror = scan = None
     if "mirror" in detectors:
-        from hf_mirror.candidates import parse_candidates
-        from hf_mirror.mirror import MirrorConfig
-        from hf_mirror.pipeline import ScanConfig
-
-        mirror = MirrorConfig(steps=args.steps, lr=args.lr, rank=args.rank)
-        scan = ScanConfig(top_k=5, normalize="loo", batch_size=args.batch_size,
-                          adapters_per_forward=args.adapters_per_forward,
-                          candidates=parse_candidates(args.candidates))
+        mirror = config_from_args(MirrorConfig, args)
+        scan = config_from_args(ScanConfig, args, top_k=5, normalize="loo")
     report = audit_leakage(
         index, records, args.threshold, model, tokenizer, detectors=detectors, corpus=corpus, mirror=mirror,
         scan=scan, output_dir=Path(args.output) / "mirror" if "mirror" in detectors else None,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from hf_mirror.config import MirrorConfig
 from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
 from hf_mirror.progress import progress_bar
@@ -20,88 +22,22 @@ from hf_mirror.trunk import SharedTrunk, find_blocks
 
 logger = logging.getLogger(__name__)
 
-DIRECTIONS = ("unlearn", "learn")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-@dataclass
-class MirrorConfig:
-    """How each probe's LoRA mirror is fitted.
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Wrapping a model in PEFT reads transformers' deprecated ``is_gradient_checkpointing``: that FutureWarning is
+    PEFT's and transformers' business, not the user's, so it is ignored (only it, only here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
-    ``direction="unlearn"`` takes gradient *ascent* steps on the probe loss (the paper's choice);
-    ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture (the
-    attention projections), ``"all-linear"`` every linear layer but the output head (attention and MLP);
-    ``layers`` restricts the adapter to those transformer block indices (negative ones count from the top: ``[-2, -1]``
-    is the top 2 blocks of any model). The defaults (8 Adam ascent steps,
-    lr 5e-3, rank 16) won the sweep on fact tracing and also lead on LDS (docs/benchmarks.md).
-    """
 
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    layers: list[int] | None = None
-    steps: int = 8
-    lr: float = 5e-3
-    optimizer: str = "adam"
-    direction: str = "unlearn"
-    seed: int = 0
-    include_prompt: bool = False
-    fit_batch: int = 16  # probes fitted together (one batch, stacked LoRA); gives the same adapters as 1
+def uses_conv1d(model) -> bool:
+    """GPT-2-style models keep their projections in transformers' ``Conv1D`` (LoRA needs ``fan_in_fan_out``)."""
+    from transformers.pytorch_utils import Conv1D
 
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise InputError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.steps < 0 or self.rank < 1 or self.lr <= 0:
-            raise InputError("Mirror needs steps >= 0, rank >= 1 and lr > 0.")
-        if self.target_modules == ["all-linear"]:  # from the command line
-            self.target_modules = "all-linear"
-        if self.fit_batch < 1:
-            raise InputError("fit_batch (probes fitted together) must be at least 1.")
-
-    def block_indices(self, model=None) -> list[int] | None:
-        """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
-        if self.layers is None or all(i >= 0 for i in self.layers):
-            return self.layers
-        if model is None:
-            raise InputError("Negative --layers count from the top block: the model is needed to resolve them.")
-        n = len(find_blocks(model))
-        resolved = sorted({i + n if i < 0 else i for i in self.layers})
-        if not all(0 <= i < n for i in resolved):
-            raise InputError(f"--layers {self.layers} is out of range for a model with {n} blocks.")
-        return resolved
-
-    @property
-    def sign(self) -> float:
-        """+1 when a supporting document's loss rises under the mirror (unlearn), -1 when it falls."""
-        return 1.0 if self.direction == "unlearn" else -1.0
-
-    def lora_config(self, model=None) -> LoraConfig:
-        """PEFT's LoRA config. ``"all-linear"`` with ``layers`` needs ``model``: PEFT takes layer indices only with
-        module names, so the names of the linear layers inside the transformer blocks are listed."""
-        targets = self.target_modules
-        if targets == "all-linear" and self.layers is not None:
-            if model is None:
-                raise InputError("target_modules='all-linear' with layers needs the model to list its linear layers.")
-            targets = linear_module_names(model)
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=targets,
-            layers_to_transform=self.block_indices(model),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def identity(self) -> dict:
-        """The settings that decide the fitted adapters (``fit_batch`` only changes how fast they are fitted)."""
-        return {k: v for k, v in asdict(self).items() if k != "fit_batch"}
+    return model is not None and any(isinstance(m, Conv1D) for m in model.modules())
 
 
 def linear_module_names(model) -> list[str]:
@@ -245,7 +181,8 @@ def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, se
     torch.manual_seed(seed)
     try:
         if peft_model is None:
-            return get_peft_model(model, lora, adapter_name=name)
+            with quiet_peft():
+                return get_peft_model(model, lora, adapter_name=name)
         peft_model.add_adapter(name, lora)
         return peft_model
     except ValueError as e:
@@ -329,13 +266,46 @@ def load_mirrors(base_model, directory: str | Path, names: Sequence[str]) -> Pef
         if not (path / "adapter_config.json").exists():
             raise InputError(f"No adapter for {name!r} under {directory}; was it saved by hf-mirror?")
         if model is None:
-            model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name)
+            with quiet_peft():
+                model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name)
         else:
             model.load_adapter(str(path), adapter_name=name)
     if model is None:
         raise InputError("No adapter names given to load.")
     model.eval()
     return model
+
+
+def check_mirrors(directory: str | Path, names: Sequence[str], hashes: dict[str, str] | None = None) -> None:
+    """Raise ``ValueError`` unless each saved adapter's config and weights are intact.
+
+    ``hashes`` (path under ``directory`` -> sha256, as :func:`mirror_files` lists them) are checked when given;
+    every weight tensor is read either way, so a truncated file fails.
+    """
+    from safetensors import safe_open
+
+    from hf_mirror.integrity import check_hashes, expect, read_json
+
+    directory = Path(directory)
+    if hashes is not None:
+        expect(all(f"{n}/adapter_model.safetensors" in hashes for n in names), "a checksum for every adapter")
+        check_hashes(directory, hashes)
+    for name in names:
+        expect(isinstance(read_json(directory / name / "adapter_config.json"), dict), f"{name}/adapter_config.json")
+        weights = directory / name / "adapter_model.safetensors"
+        try:
+            with safe_open(str(weights), "pt") as f:
+                keys = list(f.keys())
+                expect(len(keys) > 0, "no tensors")
+                for key in keys:
+                    f.get_tensor(key)
+        except Exception as e:  # safetensors' own error type, or a missing file
+            raise ValueError(f"{weights}: {type(e).__name__}: {e}") from e
+
+
+def mirror_files(directory: str | Path, names: Sequence[str]) -> list[Path]:
+    """The files :func:`save_mirrors` wrote for ``names`` (one folder per adapter)."""
+    return sorted(p for n in names for p in (Path(directory) / n).glob("*") if p.is_file())
 
 
 def adapter_states(model: PeftModel, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -354,7 +324,8 @@ def attach_mirrors(model, names: Sequence[str], cfg: MirrorConfig, states: dict[
     peft_model: PeftModel | None = None
     for name in names:
         if peft_model is None:
-            peft_model = get_peft_model(model, lora, adapter_name=name)
+            with quiet_peft():
+                peft_model = get_peft_model(model, lora, adapter_name=name)
         else:
             peft_model.add_adapter(name, lora)
         set_peft_model_state_dict(peft_model, states[name], adapter_name=name)

@@ -7,7 +7,7 @@ import itertools
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -20,11 +20,11 @@ from datasets import Dataset, IterableDataset
 
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
 from hf_mirror.candidates import bm25_candidates
+from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError, StateError
 from hf_mirror.mirror import (
     FitReport,
-    MirrorConfig,
     adapter_states,
     attach_mirrors,
     fit_mirrors,
@@ -41,58 +41,7 @@ from hf_mirror.trunk import SharedTrunk
 
 logger = get_logger(__name__)  # accelerate's: logs once, from the main process, unless told otherwise
 
-PRECISIONS = ("no", "bf16", "fp16")
 PACKAGES = ("hf-mirror", "torch", "transformers", "datasets", "accelerate", "peft", "evaluate")
-
-
-@dataclass
-class ScanConfig:
-    """How the corpus is scanned and scored.
-
-    ``max_length``: tokens per window (default: the model's context, at most 1024); longer documents are
-    split into windows that repeat ``overlap`` tokens of context (default ``max_length // 8``).
-    ``normalize="none"`` (the default, chosen by the sweep in docs/benchmarks.md) reports the raw token-loss
-    delta, aggregated over the document's tokens by ``aggregate`` ("mean", "sum" or "max").
-    ``normalize="zscore"`` standardises each document's scores across the probes of the run, which removes
-    the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
-    probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
-    explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling).
-
-    Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``); ``shared_trunk``
-    runs the blocks below the mirror's lowest adapted layer once per batch when ``MirrorConfig.layers`` is set;
-    ``adapters_per_forward`` > 1 scores that many probes per forward pass (stacked LoRA weights and batched matmuls;
-    PEFT mixed-adapter batches for adapter types the stacks lack). ``precision`` ("bf16"/"fp16") autocasts on GPU.
-    Checkpoints are written every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads
-    every batch to ``max_length`` so that scores do not depend on how documents are batched or split over processes,
-    down to the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
-    top-M BM25 documents (retrieve-then-rerank); other documents get no score. ``sort_batches`` pools that many
-    batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
-    """
-
-    max_length: int | None = None
-    overlap: int | None = None
-    batch_size: int = 8
-    top_k: int = 10
-    normalize: str = "none"
-    controls: int | None = None
-    min_pool: int = 8
-    max_new_tokens: int = 32
-    checkpoint_every: int = 1000
-    checkpoint_seconds: float = 300.0
-    cache: bool = True
-    cache_dir: str | None = None
-    precision: str = "no"
-    shared_trunk: bool = True
-    adapters_per_forward: int = 1
-    fixed_width: bool = False
-    candidates: int | None = None
-    aggregate: str = "mean"
-    sort_batches: int = 16
-
-    def n_controls(self, n_probes: int) -> int:
-        if self.controls is not None:
-            return self.controls
-        return max(0, self.min_pool - n_probes) if self.normalize != "none" else 0
 
 
 def package_versions() -> dict[str, str | None]:
@@ -346,16 +295,37 @@ def _probes_from_disk(out: Path, probes) -> list[Probe] | None:
 
 
 def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path, run_key: str, show_progress):
-    """Fit the mirrors, or reload them when this output directory already holds this run's adapters."""
+    """Fit the mirrors, or reload them when this output directory already holds this run's intact adapters.
+
+    ``fit.json`` keeps each adapter file's checksum: damaged adapters (or a damaged ``fit.json``) are refitted.
+    """
+    from hf_mirror.integrity import atomic_write, damaged, expect, hash_files, read_json
+    from hf_mirror.mirror import check_mirrors, mirror_files
+
     adapters = out / "adapters"
     marker = adapters / "fit.json"
     if marker.exists():
-        fit = json.loads(marker.read_text())
-        if fit["run_key"] == run_key:
-            return load_mirrors(model, adapters, names), FitReport(fit["loss_before"], fit["loss_after"])
+        try:
+            fit = read_json(marker)
+            expect(isinstance(fit, dict) and isinstance(fit.get("run_key"), str), "fit.json: schema")
+            reuse = fit["run_key"] == run_key
+            if reuse:
+                ids = {p.id for p in pool}
+                expect(all(isinstance(fit.get(k), dict) and ids <= set(fit[k]) for k in ("loss_before", "loss_after")),
+                       "fit.json: probe losses")
+                check_mirrors(adapters, names, fit.get("sha256"))
+        except (ValueError, OSError) as e:
+            logger.warning("The mirrors in %s are damaged (%s); fitting them again.", adapters, e)
+            reuse = False
+        if reuse:
+            try:
+                return load_mirrors(model, adapters, names), FitReport(fit["loss_before"], fit["loss_after"])
+            except Exception as e:  # intact files that still do not load: refuse rather than guess
+                raise damaged(adapters, e) from e
     peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress)
     save_mirrors(peft_model, names, adapters)
     save_probes(pool, adapters / "probes.jsonl")
-    marker.write_text(json.dumps({"run_key": run_key, "loss_before": report.loss_before,
-                                  "loss_after": report.loss_after}))
+    fit = {"run_key": run_key, "loss_before": report.loss_before, "loss_after": report.loss_after,
+           "sha256": hash_files(adapters, mirror_files(adapters, names))}
+    atomic_write(marker, json.dumps(fit).encode())
     return peft_model, report

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
+from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 
 def main(argv: list[str] | None = None) -> int:

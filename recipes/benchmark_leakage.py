@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides, offline_defaults
+from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 offline_defaults()
 

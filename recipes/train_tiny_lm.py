@@ -21,7 +21,7 @@ from hf_mirror.demo import (
     load_facts,
     training_facts,
 )
-from hf_mirror.evaluation.recipe_args import add_config_flags, apply_overrides
+from hf_mirror.flags import add_config_flags, apply_overrides
 
 
 def main() -> None:

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_mirror.config import CALIBRATED_STEPS
 from hf_mirror.errors import InputError
 
 # top_z above which an item's best document is said to stand out, for the mirror's verdict on its own. Chosen on
 # the injection benchmark (recipes/benchmark_leakage.py): just above every clean item's top_z there (max 44; the
 # heavy tail comes from clean items whose best document is an unrelated one). The combined detector does better.
 DEFAULT_MIRROR_THRESHOLD = 45.0
-CALIBRATED_STEPS = 3  # the thresholds were chosen with 3-step mirrors (docs/benchmarks_leakage.md)
 _MAD_TO_STD = 1.4826
 
 

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from hf_mirror.evaluation.recipe_args import OFFLINE_ENV, add_config_flags, apply_overrides, offline_defaults
+from hf_mirror.flags import OFFLINE_ENV, add_config_flags, apply_overrides, offline_defaults
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -88,7 +88,7 @@ def test_hidden_and_visible_help():
     add_config_flags(shown, Toy, hidden=False)
     assert "--n-docs" not in hidden.format_help()
     text = shown.format_help()
-    assert "Toy.n_docs (default 10)" in text and "--comentions, --no-comentions" in text
+    assert "Toy.n_docs (default: 10)" in text and "--comentions, --no-comentions" in text
 
 
 def test_frozen_config_comes_back_replaced():
@@ -117,7 +117,7 @@ def test_offline_defaults_keep_explicit_values(monkeypatch):
 
 def test_importing_the_helper_loads_no_hugging_face_library():
     """The recipes import it before calling offline_defaults(): huggingface_hub and datasets read it at import."""
-    code = ("import sys, hf_mirror.evaluation.recipe_args\n"
+    code = ("import sys, hf_mirror.flags\n"
             "print(sorted({'torch', 'huggingface_hub', 'datasets', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

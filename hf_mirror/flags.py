@@ -1,10 +1,15 @@
-"""Command-line plumbing shared by the benchmark recipes: offline defaults and one flag per config field.
+"""One flag per config field: the dataclasses are the one source of every default and its help text.
 
     offline_defaults()                          # before torch / transformers / datasets are imported
     p = argparse.ArgumentParser()
     add_config_flags(p, FactTracingConfig)      # --n-countries N, --lr X, --comentions/--no-comentions, ...
     args = p.parse_args()
     cfg = apply_overrides(FactTracingConfig(), args)
+
+A field's ``metadata`` may carry ``help`` (shown by ``--help`` with the default), ``min`` (values below it
+are refused by the parser, naming the flag), ``flag`` (extra ``add_argument`` keywords, e.g. a ``type``
+that parses ``bm25:200``) and ``cli=False`` (no flag). :func:`option` builds that metadata. The ``hf-mirror``
+command and the benchmark recipes both build their flags here.
 
 Importing this module loads neither torch nor the Hugging Face libraries.
 """
@@ -19,7 +24,7 @@ import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["OFFLINE_ENV", "add_config_flags", "apply_overrides", "offline_defaults"]
+__all__ = ["OFFLINE_ENV", "add_config_flags", "apply_overrides", "config_from_args", "offline_defaults", "option"]
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -33,6 +38,25 @@ def offline_defaults() -> None:
     """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str = "", min: float | None = None,  # noqa: A002
+          flag: dict | None = None, cli: bool = True, **kwargs: Any) -> Any:
+    """``dataclasses.field`` with the help text, lower bound and flag options of its command-line flag."""
+    metadata = {"help": help, "min": min, "flag": flag or {}, "cli": cli}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _at_least(convert: Any, low: float) -> Any:
+    """An argparse type that converts with ``convert`` and refuses values below ``low``."""
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its messages
+    return parse
 
 
 class _StoreTuple(argparse.Action):
@@ -81,27 +105,43 @@ def _names(skip: Iterable[str]) -> set[str]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
-                     hidden: bool = True, skip: Iterable[str] = ()) -> None:
+                     hidden: bool = True, skip: Iterable[str] = (), defaults: bool = False,
+                     only: Iterable[str] | None = None) -> None:
     """Add ``--field-name`` for every init field of dataclass ``cls`` (dest: the field name, default None).
 
     bool fields get ``--x``/``--no-x``; ``int``/``float``/``str``/``Path`` their type; ``Optional[X]`` the flag
     of ``X``; ``Literal[...]`` choices; ``list[X]``/``tuple[X, ...]`` one or more values. ``hidden`` leaves
     them out of ``--help``; ``skip`` names fields (``model_dir`` or ``--model-dir``) the caller gives flags
-    of its own. Raises TypeError for a field type with no flag, and ValueError for a ``skip`` name that is
-    not a field.
+    of its own. ``defaults=True`` makes each flag's default the field's (the command line then holds a whole
+    config; :func:`config_from_args` builds it); else flags default to None and :func:`apply_overrides`
+    changes only what was given. ``only`` limits the flags to those fields. Raises TypeError for a field type
+    with no flag, and ValueError for a ``skip``/``only`` name that is not a field.
     """
-    skipped = _names(skip)
-    hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    if unknown := skipped - known:
-        raise ValueError(f"skip names no field of {cls.__name__}: {sorted(unknown)}")
+    skipped = _names(skip) | (known - _names(only) if only is not None else set())
+    hints = typing.get_type_hints(cls)
+    if unknown := (_names(skip) | _names(only or ())) - known:
+        raise ValueError(f"skip/only name no field of {cls.__name__}: {sorted(unknown)}")
     for f in dataclasses.fields(cls):
-        if not f.init or f.name in skipped:
+        if not f.init or f.name in skipped or not f.metadata.get("cli", True):
             continue
-        kwargs = _flag_kwargs(hints[f.name], f"{cls.__name__}.{f.name}")
+        meta = f.metadata
+        flag = meta.get("flag", {})  # a field with a flag type of its own is parsed by it alone
+        kwargs = {**({} if "type" in flag else _flag_kwargs(hints[f.name], f"{cls.__name__}.{f.name}")), **flag}
+        if meta.get("min") is not None:
+            kwargs["type"] = _at_least(kwargs.get("type", int), meta["min"])
         default = str(_field_default(f)).replace("%", "%%")
-        help_text = argparse.SUPPRESS if hidden else f"{cls.__name__}.{f.name} (default {default})"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=help_text, **kwargs)
+        text = meta.get("help", "").replace("%", "%%") or f"{cls.__name__}.{f.name}"
+        help_text = argparse.SUPPRESS if hidden else text if defaults else f"{text} (default: {default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, help=help_text,
+                            default=_field_default(f) if defaults else None, **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, **fixed: Any) -> C:
+    """``cls`` from the flags :func:`add_config_flags` added (with ``defaults=True``), plus ``fixed`` fields."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.init and f.metadata.get("cli", True) and hasattr(args, f.name)}
+    return cls(**{**values, **fixed})
 
 
 def apply_overrides(cfg: C, args: argparse.Namespace, skip: Iterable[str] = ()) -> C:

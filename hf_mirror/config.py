@@ -1,0 +1,181 @@
+"""The one source of every default: the mirror's and the scan's settings, with the help text of their flags.
+
+``hf-mirror attribute`` generates its flags from these dataclasses (:mod:`hf_mirror.flags`), so the command
+line and the Python call run the same mirror. This module imports neither torch nor the Hugging Face
+libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+from hf_mirror.errors import InputError
+from hf_mirror.flags import option
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+DIRECTIONS = ("unlearn", "learn")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("no", "bf16", "fp16")
+CALIBRATED_STEPS = 3  # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_leakage.md)
+
+
+def parse_candidates(spec: str | int | None) -> int | None:
+    """``"bm25:200"`` (or ``200``) -> 200; None -> None (scan everything)."""
+    if spec is None or isinstance(spec, int):
+        return spec
+    method, _, m = str(spec).rpartition(":")
+    if method not in ("", "bm25") or not m.isdigit() or int(m) < 1:
+        raise InputError(f"--candidates takes bm25:M with M a positive number of documents, got {spec!r}.")
+    return int(m)
+
+
+@dataclass
+class MirrorConfig:
+    """How each probe's LoRA mirror is fitted.
+
+    ``direction="unlearn"`` takes gradient *ascent* steps on the probe loss (the paper's choice);
+    ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture (the
+    attention projections), ``"all-linear"`` every linear layer but the output head (attention and MLP);
+    ``layers`` restricts the adapter to those transformer block indices (negative ones count from the top: ``[-2, -1]``
+    is the top 2 blocks of any model). The defaults (8 Adam ascent steps,
+    lr 5e-3, rank 16) won the sweep on fact tracing and also lead on LDS (docs/benchmarks.md).
+    """
+
+    rank: int = option(16, min=1, help="LoRA rank of each mirror")
+    alpha: float = option(16.0, help="LoRA alpha")
+    dropout: float = option(0.0, min=0, help="LoRA dropout")
+    target_modules: list[str] | str | None = option(
+        None, flag={"nargs": "+", "type": str},
+        help="modules to adapt (default: PEFT's mapping for the model, the attention; all-linear: attention and MLP)")
+    layers: list[int] | None = option(
+        None, help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
+    steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep)")
+    lr: float = option(5e-3, help="learning rate of the mirror's optimizer (> 0)")
+    optimizer: Literal["adam", "adamw", "sgd"] = option("adam", help="the mirror's optimizer")
+    direction: Literal["unlearn", "learn"] = option(
+        "unlearn", help="unlearn = gradient ascent on the probe loss, learn = descent")
+    seed: int = option(0, help="seed of the LoRA initialisation and of the control probes")
+    include_prompt: bool = option(False, help="count prompt tokens in the probe loss")
+    fit_batch: int = option(16, min=1, help="probes fitted together in one batch (same adapters as 1, faster; "
+                            "lower it to save memory)")
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise InputError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.steps < 0 or self.rank < 1 or self.lr <= 0:
+            raise InputError("Mirror needs steps >= 0, rank >= 1 and lr > 0.")
+        if self.target_modules == ["all-linear"]:  # from the command line
+            self.target_modules = "all-linear"
+        if self.fit_batch < 1:
+            raise InputError("fit_batch (probes fitted together) must be at least 1.")
+
+    def block_indices(self, model=None) -> list[int] | None:
+        """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
+        if self.layers is None or all(i >= 0 for i in self.layers):
+            return self.layers
+        if model is None:
+            raise InputError("Negative --layers count from the top block: the model is needed to resolve them.")
+        from hf_mirror.trunk import find_blocks
+
+        n = len(find_blocks(model))
+        resolved = sorted({i + n if i < 0 else i for i in self.layers})
+        if not all(0 <= i < n for i in resolved):
+            raise InputError(f"--layers {self.layers} is out of range for a model with {n} blocks.")
+        return resolved
+
+    @property
+    def sign(self) -> float:
+        """+1 when a supporting document's loss rises under the mirror (unlearn), -1 when it falls."""
+        return 1.0 if self.direction == "unlearn" else -1.0
+
+    def lora_config(self, model=None) -> LoraConfig:
+        """PEFT's LoRA config. ``"all-linear"`` with ``layers`` needs ``model``: PEFT takes layer indices only with
+        module names, so the names of the linear layers inside the transformer blocks are listed."""
+        from peft import LoraConfig
+
+        from hf_mirror.mirror import linear_module_names, uses_conv1d
+
+        targets = self.target_modules
+        if targets == "all-linear" and self.layers is not None:
+            if model is None:
+                raise InputError("target_modules='all-linear' with layers needs the model to list its linear layers.")
+            targets = linear_module_names(model)
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            layers_to_transform=self.block_indices(model),
+            fan_in_fan_out=uses_conv1d(model),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def identity(self) -> dict:
+        """The settings that decide the fitted adapters (``fit_batch`` only changes how fast they are fitted)."""
+        return {k: v for k, v in asdict(self).items() if k != "fit_batch"}
+
+
+
+@dataclass
+class ScanConfig:
+    """How the corpus is scanned and scored.
+
+    ``max_length``: tokens per window (default: the model's context, at most 1024); longer documents are
+    split into windows that repeat ``overlap`` tokens of context (default ``max_length // 8``).
+    ``normalize="none"`` (the default, chosen by the sweep in docs/benchmarks.md) reports the raw token-loss
+    delta, aggregated over the document's tokens by ``aggregate`` ("mean", "sum" or "max").
+    ``normalize="zscore"`` standardises each document's scores across the probes of the run, which removes
+    the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
+    probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
+    explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling).
+
+    Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``); ``shared_trunk``
+    runs the blocks below the mirror's lowest adapted layer once per batch when ``MirrorConfig.layers`` is set;
+    ``adapters_per_forward`` > 1 scores that many probes per forward pass (stacked LoRA weights and batched matmuls;
+    PEFT mixed-adapter batches for adapter types the stacks lack). ``precision`` ("bf16"/"fp16") autocasts on GPU.
+    Checkpoints are written every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads
+    every batch to ``max_length`` so that scores do not depend on how documents are batched or split over processes,
+    down to the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
+    top-M BM25 documents (retrieve-then-rerank); other documents get no score. ``sort_batches`` pools that many
+    batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
+    """
+
+    max_length: int | None = option(None, min=2, help="tokens per window (default: the model's context, <= 1024)")
+    overlap: int | None = option(None, min=1, help="context tokens repeated between windows (default: max_length // 8)")
+    batch_size: int = option(8, min=1, help="windows per forward pass")
+    top_k: int = option(10, min=1, help="documents kept per probe, with token evidence")
+    normalize: Literal["none", "zscore", "loo"] = option(
+        "none", help="none (chosen by the sweep): the mean token-loss delta; zscore: standardise each document's "
+        "scores across the probes (and controls); loo: against the other probes only")
+    controls: int | None = option(None, min=0, help="control probes from corpus snippets (default: enough to pool "
+                                  "min_pool probes under zscore/loo)")
+    min_pool: int = option(8, min=1, help="probes + controls a normalised run pools at least")
+    max_new_tokens: int = option(32, min=1, help="tokens generated for probes without a completion")
+    checkpoint_every: int = option(1000, min=1, help="documents between checkpoints")
+    checkpoint_seconds: float = option(300.0, min=1, help="seconds between checkpoints")
+    cache: bool = option(True, help="read and write the base-loss cache")
+    cache_dir: str | None = option(None, help="base-loss cache root (default: $HF_MIRROR_CACHE or ~/.cache/hf_mirror)")
+    precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast on GPU (the CPU scans in fp32)")
+    shared_trunk: bool = option(True, help="run the blocks below the mirrors' layers once per batch")
+    adapters_per_forward: int = option(1, min=1, help="probes scored per forward pass (stacked LoRA)")
+    fixed_width: bool = option(False, help="pad every batch to max_length: scores independent of batching and "
+                               "process count, down to the last bit")
+    candidates: int | None = option(None, min=1, flag={"type": parse_candidates, "metavar": "bm25:M"},
+                                    help="retrieve-then-rerank: scan only each probe's top-M BM25 documents")
+    aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score")
+    sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
+                               "(less padding; 1 = off)")
+
+    def n_controls(self, n_probes: int) -> int:
+        if self.controls is not None:
+            return self.controls
+        return max(0, self.min_pool - n_probes) if self.normalize != "none" else 0

@@ -1,0 +1,84 @@
+"""Helpers for the files a run writes and later reads back: atomic writes, checksums, checked reads.
+
+A reader validates before it uses: a file that fails is either repaired by its caller (fall back to an earlier
+checkpoint, refit, recompute) or reported with :class:`~hf_mirror.errors.StateError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from hf_mirror.errors import StateError
+
+T = TypeVar("T")
+OVERWRITE_HINT = "pass --overwrite (or a new output directory) to start the run afresh"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expect(ok: bool, what: str) -> None:
+    """Schema check: raise ``ValueError(what)`` unless ``ok`` (callers turn it into their own message)."""
+    if not ok:
+        raise ValueError(what)
+
+
+def read_json(path: Path) -> object:
+    """Parse a JSON file; raises ``ValueError``/``OSError`` on damage (callers decide whether to repair)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name} is not UTF-8 text") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path.name} is not valid JSON ({e})") from e
+
+
+def damaged(path: Path, error: BaseException, fix: str = OVERWRITE_HINT) -> StateError:
+    """The StateError for a file that is missing or damaged: names the file, what failed, and the fix."""
+    reason = "missing" if isinstance(error, FileNotFoundError) else f"damaged ({type(error).__name__}: {error})"
+    return StateError(f"{path} is {reason}; {fix}.")
+
+
+def checked(path: Path, reader: Callable[[Path], T], fix: str = OVERWRITE_HINT) -> T:
+    """``reader(path)``, with any failure (missing, truncated, corrupt) turned into a StateError naming the file."""
+    try:
+        return reader(path)
+    except Exception as e:
+        raise damaged(path, e, fix) from e
+
+
+def check_hashes(root: Path, hashes: dict[str, str]) -> None:
+    """Every file of ``hashes`` (paths relative to ``root``) exists with that sha256, else ``ValueError``."""
+    for name, digest in hashes.items():
+        path = root / name
+        expect(path.is_file(), f"{path} is missing")
+        expect(sha256_file(path) == digest, f"{path} does not match its checksum")
+
+
+def hash_files(root: Path, paths: Iterable[Path]) -> dict[str, str]:
+    """sha256 of each file, keyed by its path relative to ``root`` (for :func:`check_hashes`)."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths}

@@ -1,0 +1,58 @@
+"""The config dataclasses are the one source of every default: the CLI's flags are generated from them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hf_mirror.cli import build_parser, main
+from hf_mirror.config import CALIBRATED_STEPS, MirrorConfig, ScanConfig
+from hf_mirror.flags import config_from_args
+
+REQUIRED = ["attribute", "--model", "m", "--corpus", "c", "--probes", "p", "--output", "o"]
+
+
+def _subparser(name: str):
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize("cls", [MirrorConfig, ScanConfig])
+def test_every_attribute_default_is_the_library_default(cls):
+    parser = _subparser("attribute")
+    flags = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(cls):
+        assert f.name in flags, f"no --{f.name.replace('_', '-')} flag"
+        assert flags[f.name].default == getattr(cls(), f.name), f.name
+        assert flags[f.name].help, f"--{f.name} has no help text"
+    assert config_from_args(cls, build_parser().parse_args(REQUIRED)) == cls()
+
+
+def test_flags_reach_the_config():
+    args = build_parser().parse_args([*REQUIRED, "--steps", "3", "--layers", "-2", "-1", "--no-cache",
+                                      "--candidates", "bm25:50", "--target-modules", "all-linear"])
+    mirror, scan = config_from_args(MirrorConfig, args), config_from_args(ScanConfig, args)
+    assert mirror == MirrorConfig(steps=3, layers=[-2, -1], target_modules="all-linear")
+    assert scan == ScanConfig(cache=False, candidates=50)
+
+
+def test_audit_mirror_is_the_library_mirror_with_calibrated_steps():
+    args = build_parser().parse_args(["audit", "--model", "m", "--corpus", "c", "--eval-set", "e", "--output", "o"])
+    assert config_from_args(MirrorConfig, args) == MirrorConfig(steps=CALIBRATED_STEPS)
+
+
+def _int_flags(cls) -> list[tuple[str, str]]:
+    """(flag, out-of-range value) for every field with a lower bound."""
+    return [(f"--{f.name.replace('_', '-')}", str(int(f.metadata["min"]) - 1)) for f in dataclasses.fields(cls)
+            if f.metadata.get("min") is not None and f.name != "candidates"] + \
+           ([("--candidates", "bm25:0")] if cls is ScanConfig else [])
+
+
+@pytest.mark.parametrize("flag,value", [*_int_flags(MirrorConfig), *_int_flags(ScanConfig), ("--threads", "0"),
+                                        ("--steps", "many")])
+def test_out_of_range_flags_exit_2_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*REQUIRED, flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
