@@ -19,16 +19,22 @@ if TYPE_CHECKING:
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("no", "bf16", "fp16")
+AUTO_CANDIDATES = 100  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
+FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
 CALIBRATED_STEPS = 3  # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_leakage.md)
 
 
-def parse_candidates(spec: str | int | None) -> int | None:
-    """``"bm25:200"`` (or ``200``) -> 200; None -> None (scan everything)."""
-    if spec is None or isinstance(spec, int):
+def parse_candidates(spec: str | int | None) -> int | str | None:
+    """``"bm25:200"`` (or ``200``) -> 200; ``"all"`` (or None) -> None (scan everything); ``"auto"`` -> ``"auto"``."""
+    if spec is None or isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
         return spec
-    method, _, m = str(spec).rpartition(":")
+    text = str(spec).strip().lower()
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    method, _, m = text.rpartition(":")
     if method not in ("", "bm25") or not m.isdigit() or int(m) < 1:
-        raise InputError(f"--candidates takes bm25:M with M a positive number of documents, got {spec!r}.")
+        raise InputError(f"--candidates takes auto, all or bm25:M with M a positive number of documents, got "
+                         f"{spec!r}.")
     return int(m)
 
 
@@ -169,11 +175,27 @@ class ScanConfig:
     adapters_per_forward: int = option(1, min=1, help="probes scored per forward pass (stacked LoRA)")
     fixed_width: bool = option(False, help="pad every batch to max_length: scores independent of batching and "
                                "process count, down to the last bit")
-    candidates: int | None = option(None, min=1, flag={"type": parse_candidates, "metavar": "bm25:M"},
-                                    help="retrieve-then-rerank: scan only each probe's top-M BM25 documents")
+    candidates: int | str | None = option(
+        None, flag={"type": parse_candidates, "metavar": "auto|all|bm25:M"},
+        help=f"bm25:M: the mirror scans only each probe's top-M BM25 documents (retrieve-then-rerank); all: every "
+        f"document; auto: all up to {FULL_SCAN_MAX} documents, bm25:{AUTO_CANDIDATES} above")
     aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score")
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
+
+    def __post_init__(self) -> None:
+        self.candidates = parse_candidates(self.candidates)
+
+    @property
+    def n_candidates(self) -> int:
+        """BM25 candidates kept per probe: the rerank's M, else :data:`AUTO_CANDIDATES` (reported beside the mirror)."""
+        return self.candidates if isinstance(self.candidates, int) else AUTO_CANDIDATES
+
+    def candidates_only(self, n_documents: int) -> bool:
+        """Whether the mirror scans only the candidates of a corpus of ``n_documents`` (else every document)."""
+        if self.candidates == "auto":
+            return n_documents > FULL_SCAN_MAX
+        return self.candidates is not None
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:

@@ -19,7 +19,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
-from hf_mirror.candidates import bm25_candidates
+from hf_mirror.candidates import retrieve
 from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError, StateError
@@ -120,10 +120,7 @@ def attribute(
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
 
-    cache = (_base_cache(model, tokenizer, corpus, scan, max_length, overlap, precision, rank, world)
-             if scan.candidates is None else None)  # the cache holds whole-corpus base losses
-
-    # 1. probes (and controls): made once on the main process, shared with the others
+    # 1. probes, controls and each probe's BM25 candidates: made once on the main process, shared with the others
     if main:
         probe_list: list[Probe] = _probes_from_disk(out, probes) or load_probes(probes)
         probe_list = generate_completions(model, tokenizer, probe_list, scan.max_new_tokens)
@@ -131,12 +128,13 @@ def attribute(
         controls = (control_probes(corpus.documents(), tokenizer, n_controls, mirror.seed,
                                    span=min(16, (max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
-        keep = (bm25_candidates(corpus.documents(), probe_list, scan.candidates)[0]
-                if scan.candidates is not None else None)
-        shared = [probe_list, controls, keep]
+        shared = [probe_list, controls, retrieve(corpus.documents(), probe_list, scan.n_candidates)]
     else:
         shared = [None, None, None]
-    probe_list, controls, keep = broadcast_object_list(shared, from_process=0) if world > 1 else shared
+    probe_list, controls, retrieval = broadcast_object_list(shared, from_process=0) if world > 1 else shared
+    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents) else None  # None: every document
+    cache = (_base_cache(model, tokenizer, corpus, scan, max_length, overlap, precision, rank, world)
+             if keep is None else None)  # the cache holds whole-corpus base losses
     n_controls = len(controls)
     normalize = scan.normalize
     if normalize != "none" and scan.controls is None and len(probe_list) + n_controls < 3:
@@ -147,7 +145,8 @@ def attribute(
     names = [adapter_name(p.id, taken) for p in pool]
     ids = [p.id for p in pool]
     run_key = _run_key(str(model_name), corpus.describe(), mirror.identity(), [asdict(p) for p in pool],
-                       normalize, scan.top_k, max_length, overlap, world, scan.candidates, scan.aggregate)
+                       normalize, scan.top_k, max_length, overlap, world,
+                       None if keep is None else scan.n_candidates, scan.aggregate)
     shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
     # before the (costly) fit: checks the scoring options, refuses another run's shard, or resumes this one's
     book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
@@ -230,7 +229,7 @@ def attribute(
     # 4. merge on the main process
     if main:
         shards = sorted((out / "shards").glob(f"rank-*-of-{world:05d}"))
-        merged = merge_shards(shards, out, ids[: len(probe_list)], scan.top_k)
+        merged = merge_shards(shards, out, ids[: len(probe_list)], scan.top_k, retrieval.scores)
         records = [
             {**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
              "probe_loss_after": report.loss_after[p.id]}
@@ -245,6 +244,7 @@ def attribute(
                      "normalize": normalize},
             "control_probes": [asdict(c) for c in controls],
             "candidate_documents": None if keep is None else len(keep),
+            "retrieval": {"method": "bm25", "per_probe": scan.n_candidates, "documents": retrieval.n_documents},
             "device": str(accelerator.device),
             "num_processes": world,
             "run_key": run_key,

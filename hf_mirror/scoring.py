@@ -1,16 +1,21 @@
 """Scoring: per-document scores from token-loss deltas, streamed to parquet shards with checkpoints, merged.
 
 Each process owns a shard directory. Scores go to ``part-NNNNNN.parquet`` files, each written atomically at a
-checkpoint together with a state file (the top-k candidates) and ``checkpoint.json`` that names both; a
-killed run resumes from the last checkpoint without losing or double-counting a document.
+checkpoint together with a state file (``state-PARTS-SEQ.npz``: the top-k candidates, counts and the checksum of
+every part, no pickle) and ``checkpoint.json`` that names it; a killed run resumes from the last checkpoint
+without losing or double-counting a document. A resume validates the state (zip CRCs, schema) and the parts
+(sha256) and falls back to the previous intact checkpoint, or to the start, when something is damaged.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
-import pickle
+import re
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +25,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hf_mirror.errors import InputError, ScoreError
+from hf_mirror.errors import InputError, ScoreError, StateError
+from hf_mirror.integrity import (
+    OVERWRITE_HINT,
+    atomic_write,
+    check_hashes,
+    checked,
+    damaged,
+    expect,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
 from hf_mirror.scan import ScannedDoc, Skipped
+
+logger = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("none", "zscore", "loo")
 AGGREGATIONS = ("mean", "sum", "max")  # over a document's tokens
@@ -29,6 +47,9 @@ TOPK_COLUMNS = ["probe_id", "rank", "doc_id", "score", "raw_score", "n_tokens", 
 EVIDENCE_COLUMNS = ["probe_id", "doc_id", "position", "token", "base_loss", "mirror_loss", "delta"]
 SCORE_COLUMNS = ["probe_id", "doc_id", "score", "raw_score", "n_tokens"]
 CHECKPOINT = "checkpoint.json"
+STATE_FORMAT = 1
+_STATE_NAME = re.compile(r"state-(\d{6})-(\d+)\.npz")
+OUTPUTS = ("topk.parquet", "evidence.parquet")  # a finished shard's tables (their checksums are in its last state)
 
 
 def doc_sort_key(doc_id: object) -> tuple:
@@ -51,15 +72,6 @@ def normalize_scores(raw: np.ndarray, method: str) -> np.ndarray:
     mean = (raw.sum() - raw) / (n - 1)
     std = np.sqrt(np.maximum(((raw**2).sum() - raw**2) / (n - 1) - mean**2, 0.0))
     return np.divide(raw - mean, std, out=np.zeros_like(raw), where=std > 0)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -125,37 +137,110 @@ class ScoreBook:
         self.skipped: list[dict] = []
         self.n_documents = self.n_tokens = 0
         self.counters: dict[str, int] = {}  # extra per-process counts, summed over processes on merge
+        self._part_hashes: list[str] = []  # sha256 of each part, stored in every state
+        self._state_name: str | None = None  # the state of the last checkpoint
         self._resume()
 
     # ---- resume ---------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        ckpt = self.dir / CHECKPOINT
+        """Resume from the newest intact checkpoint of this run, else start afresh (warning when one was lost)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not ckpt.exists():
-            for stale in self.dir.glob("*"):  # an unfinished first checkpoint leaves nothing valid
-                stale.unlink()
+        pointer = self._read_pointer()
+        states = sorted((f.name for f in self.dir.iterdir() if _STATE_NAME.fullmatch(f.name)), key=_state_order,
+                        reverse=True)
+        hashes: dict[str, str] = {}  # checksums of the parts, each computed once
+        chosen = None
+        for name in states:
+            try:
+                meta, arrays = _read_state(self.dir / name, "resuming from the previous checkpoint")
+                if meta["run_key"] != self.run_key:
+                    raise self._other_run()
+                self._check_parts(meta, hashes)
+            except StateError as e:
+                logger.warning("%s (documents after that checkpoint are scanned again).", e)
+                continue
+            chosen = name
+            break
+        if chosen is None:
+            if pointer is not None and pointer["run_key"] != self.run_key:
+                raise self._other_run()
+            if states or (self.dir / CHECKPOINT).exists():
+                logger.warning("No intact checkpoint left in %s: scanning every document again.", self.dir)
+            for stale in self.dir.iterdir():  # an unfinished first checkpoint (or a damaged one) leaves nothing valid
+                if stale.is_file():
+                    stale.unlink()
             return
-        state = json.loads(ckpt.read_text())
-        if state["run_key"] != self.run_key:
-            raise InputError(
-                f"{self.dir} holds checkpoints of a different run (other model, corpus, probes, settings or "
-                "number of processes); use a new --output directory or pass --overwrite."
-            )
-        self.parts, self.next_seq, self.done = state["parts"], state["next_seq"], state["done"]
-        with open(self.dir / state["state"], "rb") as f:
-            saved = pickle.load(f)
-        self._top, self.skipped = saved["top"], saved["skipped"]
-        self.n_documents, self.n_tokens, self._id_type = saved["n_documents"], saved["n_tokens"], saved["id_type"]
-        self.counters = saved["counters"]
-        for p in range(len(self._top)):
-            self._prune(p)
-        keep = {self._part_name(i) for i in range(self.parts)} | {state["state"], CHECKPOINT}
-        keep |= {"topk.parquet", "evidence.parquet"} if self.done else set()
+        self._restore(meta, arrays)
+        keep = {self._part_name(i) for i in range(self.parts)} | {CHECKPOINT}
+        keep |= {n for n in states if _state_order(n) <= _state_order(chosen)}  # older ones: fallbacks
+        if self.done:
+            try:
+                check_hashes(self.dir, meta["outputs"])
+                keep |= set(meta["outputs"])
+            except (ValueError, OSError) as e:
+                logger.warning("%s; writing this shard's top-k tables again.", e)
+                self.done = False
         for f in self.dir.iterdir():  # parts and states written after the checkpoint are not counted
-            if f.name not in keep:
+            if f.name not in keep and f.is_file():
                 f.unlink()
+        self._state_name = chosen
+        if pointer is None or (pointer["state"], pointer["done"]) != (chosen, self.done):
+            self._write_pointer(chosen, self.next_seq, self.done)
         for i in range(self.parts):
             self._seen.update(pq.read_table(self.dir / self._part_name(i), columns=["doc_id"])["doc_id"].to_pylist())
+
+    def _other_run(self) -> InputError:
+        return InputError(
+            f"{self.dir} holds checkpoints of a different run (other model, corpus, probes, settings or "
+            "number of processes); use a new --output directory or pass --overwrite."
+        )
+
+    def _read_pointer(self) -> dict | None:
+        """``checkpoint.json`` when it is intact (it only names the newest state: each state is self-contained)."""
+        path = self.dir / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            pointer = read_json(path)
+            expect(isinstance(pointer, dict) and isinstance(pointer.get("run_key"), str)
+                   and isinstance(pointer.get("state"), str) and isinstance(pointer.get("done"), bool), "schema")
+        except (ValueError, OSError) as e:
+            logger.warning("%s; resuming from the newest intact state file instead.", damaged(path, e, "ignoring it"))
+            return None
+        return pointer
+
+    def _check_parts(self, meta: dict, hashes: dict[str, str]) -> None:
+        """Every part the state counts exists with its checksum (``hashes`` caches them across states)."""
+        expect_probes = len(self.probe_ids)
+        if any(c[0] >= expect_probes for c in meta["candidates"]):
+            raise StateError(f"{self.dir} holds a state for more probes than this run; {OVERWRITE_HINT}.")
+        for i, digest in enumerate(meta["part_sha256"]):
+            part = self.dir / self._part_name(i)
+            if part.name not in hashes:
+                hashes[part.name] = sha256_file(part) if part.is_file() else ""
+            if hashes[part.name] != digest:
+                what = "does not match its checksum" if hashes[part.name] else "is missing"
+                raise StateError(f"{part} {what}; resuming from an earlier checkpoint")
+
+    def _restore(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        self.parts, self.next_seq, self.done = meta["parts"], meta["next_seq"], meta["done"]
+        self._part_hashes = list(meta["part_sha256"])
+        self.skipped, self.counters = meta["skipped"], meta["counters"]
+        self.n_documents, self.n_tokens = meta["n_documents"], meta["n_tokens"]
+        self._id_type = {"int": int, "str": str, None: None}[meta["id_type"]]
+        docs, t, b = [], 0, 0
+        for doc_id, text, n_tok, n_base in meta["docs"]:
+            docs.append((doc_id, text, arrays["token_ids"][t : t + n_tok], arrays["base"][b : b + n_base]))
+            t, b = t + n_tok, b + n_base
+        m = 0
+        for p, d, score, raw, n_mirror in meta["candidates"]:
+            doc_id, text, token_ids, base = docs[d]
+            mirror = arrays["mirror"][m : m + n_mirror]
+            m += n_mirror
+            self._top[p].append(_Candidate(float(score), float(raw), doc_sort_key(doc_id), doc_id, text, token_ids,
+                                           base, mirror))
+        for p in range(len(self._top)):
+            self._prune(p)
 
     @staticmethod
     def _part_name(i: int) -> str:
@@ -234,7 +319,7 @@ class ScoreBook:
         if doc_id in self._seen:
             raise InputError(
                 f"Duplicate document id {doc_id!r}; ids must be unique. Pick a unique --id-column, "
-                "or leave it out to use each document's running index."
+                "or pass --id-column none to use each document's running index."
             )
         self._seen.add(doc_id)
         return doc_id
@@ -247,8 +332,12 @@ class ScoreBook:
             self._floor[p] = (-top[-1].score, top[-1].key)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
-    def checkpoint(self, next_seq: int, skipped: Sequence[Skipped] = (), done: bool = False) -> None:
-        """Persist everything up to stream position ``next_seq``: a new part, the top-k state, the pointer."""
+    def checkpoint(self, next_seq: int, skipped: Sequence[Skipped] = (), done: bool = False,
+                   outputs: dict[str, str] | None = None) -> None:
+        """Persist everything up to stream position ``next_seq``: a new part, the top-k state, the pointer.
+
+        ``outputs``: checksums of the shard's finished tables (with ``done``), verified on resume.
+        """
         for p in range(len(self._top)):
             self._prune(p)
         known = {s["seq"] for s in self.skipped}
@@ -260,32 +349,64 @@ class ScoreBook:
                                 ("raw_score", pa.float64()), ("n_tokens", pa.int64())])
             sink = pa.BufferOutputStream()
             pq.write_table(pa.table(self._rows, schema=schema), sink)
-            _atomic_write(self.dir / self._part_name(self.parts), sink.getvalue().to_pybytes())
+            data = sink.getvalue().to_pybytes()
+            atomic_write(self.dir / self._part_name(self.parts), data)
+            self._part_hashes.append(sha256_bytes(data))
             self.parts += 1
             for v in self._rows.values():
                 v.clear()
-        state_name = f"state-{self.parts:06d}-{next_seq}.pkl"
-        state = {"top": self._top, "skipped": self.skipped, "n_documents": self.n_documents,
-                 "n_tokens": self.n_tokens, "id_type": self._id_type, "counters": self.counters}
-        _atomic_write(self.dir / state_name, pickle.dumps(state))
-        old = self.dir / CHECKPOINT
-        previous = json.loads(old.read_text())["state"] if old.exists() else None
-        pointer = {"run_key": self.run_key, "parts": self.parts, "next_seq": next_seq, "state": state_name,
-                   "done": done}
-        _atomic_write(old, json.dumps(pointer).encode())
-        if previous and previous != state_name:
-            (self.dir / previous).unlink(missing_ok=True)
+        state_name = f"state-{self.parts:06d}-{next_seq}.npz"
+        atomic_write(self.dir / state_name, self._state_bytes(next_seq, done, outputs or {}))
+        self._write_pointer(state_name, next_seq, done)
+        for f in self.dir.glob("state-*.npz"):  # keep this state and the one before it (a fallback)
+            if f.name not in (state_name, self._state_name):
+                f.unlink(missing_ok=True)
+        self._state_name = state_name
         self.next_seq, self.done = next_seq, done
         self._since, self._last_time = 0, time.monotonic()
+
+    def _write_pointer(self, state_name: str, next_seq: int, done: bool) -> None:
+        pointer = {"run_key": self.run_key, "parts": self.parts, "next_seq": next_seq, "state": state_name,
+                   "done": done}
+        atomic_write(self.dir / CHECKPOINT, json.dumps(pointer).encode())
+
+    def _state_bytes(self, next_seq: int, done: bool, outputs: dict[str, str]) -> bytes:
+        """The state as an ``.npz`` (no pickle): a JSON ``meta`` plus the candidates' concatenated arrays.
+
+        Documents that are top-k of several probes are stored once; each candidate keeps its own mirror losses.
+        """
+        index: dict[object, int] = {}
+        docs, candidates, tokens, bases, mirrors = [], [], [], [], []
+        for p, top in enumerate(self._top):
+            for c in top:
+                if c.doc_id not in index:
+                    index[c.doc_id] = len(docs)
+                    docs.append([c.doc_id, c.text, len(c.token_ids), len(c.base)])
+                    tokens.append(np.asarray(c.token_ids, np.int64))
+                    bases.append(np.asarray(c.base, np.float32))
+                candidates.append([p, index[c.doc_id], c.score, c.raw, len(c.mirror)])
+                mirrors.append(np.asarray(c.mirror, np.float32))
+        meta = {"format": STATE_FORMAT, "run_key": self.run_key, "parts": self.parts, "next_seq": next_seq,
+                "done": done, "part_sha256": self._part_hashes, "outputs": outputs, "skipped": self.skipped,
+                "n_documents": self.n_documents, "n_tokens": self.n_tokens,
+                "id_type": None if self._id_type is None else self._id_type.__name__, "counters": self.counters,
+                "docs": docs, "candidates": candidates}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8),
+                 token_ids=_concat(tokens, np.int64), base=_concat(bases, np.float32),
+                 mirror=_concat(mirrors, np.float32))
+        return buf.getvalue()
 
     def finish(self, next_seq: int, skipped: Sequence[Skipped], tokenizer, counters: dict | None = None) -> None:
         """This shard's top-k and evidence tables, then the final checkpoint (with ``counters`` added)."""
         for k, v in (counters or {}).items():
             self.counters[k] = self.counters.get(k, 0) + v
-        topk, evidence = self.topk_frames(tokenizer)
-        topk.to_parquet(self.dir / "topk.parquet", index=False)
-        evidence.to_parquet(self.dir / "evidence.parquet", index=False)
-        self.checkpoint(next_seq, skipped, done=True)
+        outputs = {}
+        for name, frame in zip(OUTPUTS, self.topk_frames(tokenizer), strict=True):
+            data = frame.to_parquet(index=False)
+            atomic_write(self.dir / name, data)
+            outputs[name] = sha256_bytes(data)
+        self.checkpoint(next_seq, skipped, done=True, outputs=outputs)
 
     def topk_frames(self, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``topk`` (one row per probe and rank) and ``evidence`` (one row per token of each top document)."""
@@ -308,24 +429,89 @@ class ScoreBook:
         return pd.DataFrame(top_rows, columns=TOPK_COLUMNS), pd.DataFrame(ev_rows, columns=EVIDENCE_COLUMNS)
 
 
-def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int) -> dict:
+def _state_order(name: str) -> tuple[int, int]:
+    parts, seq = _STATE_NAME.fullmatch(name).groups()  # type: ignore[union-attr]
+    return int(parts), int(seq)
+
+
+def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
+def _read_state(path: Path, fix: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """A state file, validated (zip CRCs, array types, JSON schema); any damage raises StateError."""
+    try:
+        data = path.read_bytes()
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            bad = z.testzip()  # reads every member: checks its CRC
+            expect(bad is None, f"bad CRC in {bad}")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            expect(sorted(z.files) == ["base", "meta", "mirror", "token_ids"], f"members {sorted(z.files)}")
+            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+            arrays = {k: z[k] for k in ("token_ids", "base", "mirror")}
+        _check_meta(meta, arrays)
+    except Exception as e:  # whatever the damage (zip, npy header, JSON, schema): one clear error
+        raise damaged(path, e, fix) from e
+    return meta, arrays
+
+
+def _check_meta(meta: object, arrays: dict[str, np.ndarray]) -> None:
+    expect(isinstance(meta, dict) and meta.get("format") == STATE_FORMAT, "not an hf_mirror state")
+    assert isinstance(meta, dict)
+    fields = {"run_key": str, "parts": int, "next_seq": int, "done": bool, "part_sha256": list, "outputs": dict,
+              "skipped": list, "n_documents": int, "n_tokens": int, "counters": dict, "docs": list, "candidates": list}
+    for k, t in fields.items():
+        expect(isinstance(meta.get(k), t), f"field {k!r}")
+    expect(meta.get("id_type") in (None, "int", "str"), "field 'id_type'")
+    expect(len(meta["part_sha256"]) == meta["parts"], "one checksum per part")
+    expect(all(isinstance(s, dict) and {"doc_id", "reason", "seq"} <= set(s) for s in meta["skipped"]), "skipped")
+    for k, dtype in (("token_ids", np.int64), ("base", np.float32), ("mirror", np.float32)):
+        expect(arrays[k].dtype == dtype and arrays[k].ndim == 1, f"array {k!r}")
+    ok = all(isinstance(d, list) and len(d) == 4 and isinstance(d[1], str) for d in meta["docs"])
+    expect(ok and sum(d[2] for d in meta["docs"]) == len(arrays["token_ids"])
+           and sum(d[3] for d in meta["docs"]) == len(arrays["base"]), "documents")
+    ok = all(isinstance(c, list) and len(c) == 5 and c[0] >= 0 and 0 <= c[1] < len(meta["docs"])
+             for c in meta["candidates"])
+    expect(ok and sum(c[4] for c in meta["candidates"]) == len(arrays["mirror"]), "candidates")
+
+
+def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int,
+                 retrieval: dict[str, dict] | None = None) -> dict:
     """Merge every process's shard into ``scores.parquet`` and return the merged top-k, evidence and stats.
 
     The merged answer does not depend on how documents were split over processes: ranks are recomputed
-    over all shards with the same tie-break (score, then document id).
+    over all shards with the same tie-break (score, then document id). ``retrieval`` (probe id -> {doc id:
+    BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate).
     """
-    writer = None
+    lookup = {(p, str(d)): v for p, docs in (retrieval or {}).items() for d, v in docs.items()}
+
+    def with_bm25(probe: Sequence, doc: Sequence) -> np.ndarray:
+        return np.array([lookup.get((p, str(d)), np.nan) for p, d in zip(probe, doc, strict=True)], np.float64)
+
+    fix = f"rerun the same command to resume from the last intact checkpoint, or {OVERWRITE_HINT}"
+    states = []
     for d in shard_dirs:
-        for part in sorted(d.glob("part-*.parquet")):
-            table = pq.read_table(part)
+        pointer = checked(d / CHECKPOINT, read_json, fix)
+        name = pointer.get("state") if isinstance(pointer, dict) else None
+        if not isinstance(name, str):
+            raise damaged(d / CHECKPOINT, ValueError("no state named"), fix)
+        states.append(_read_state(d / name, fix)[0])
+    writer = None
+    for d, meta in zip(shard_dirs, states, strict=True):
+        for i in range(meta["parts"]):
+            table = checked(d / ScoreBook._part_name(i), pq.read_table, fix)
+            if retrieval is not None:
+                table = table.append_column("bm25", pa.array(with_bm25(table["probe_id"].to_pylist(),
+                                                                       table["doc_id"].to_pylist())))
             if writer is None:
-                writer = pq.ParquetWriter(str(out / "scores.parquet.tmp"), table.schema)
+                writer = pq.ParquetWriter(str(out / "scores.parquet.tmp"), table.schema, write_page_checksum=True)
             writer.write_table(table.cast(writer.schema))
     if writer is not None:
         writer.close()
         os.replace(out / "scores.parquet.tmp", out / "scores.parquet")
-    topk = pd.concat([pd.read_parquet(d / "topk.parquet") for d in shard_dirs], ignore_index=True)
-    evidence = pd.concat([pd.read_parquet(d / "evidence.parquet") for d in shard_dirs], ignore_index=True)
+    topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
+    evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
+                         ignore_index=True)
     topk = topk.dropna(axis=1, how="all") if topk.empty else topk
     order = {pid: i for i, pid in enumerate(probe_ids)}
     if not topk.empty:
@@ -340,10 +526,7 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
         evidence = evidence.merge(topk[["probe_id", "doc_id", "rank"]], on=["probe_id", "doc_id"])
         evidence = evidence.sort_values(["_p", "rank", "position"]).drop(columns=["_p", "rank"]).reset_index(drop=True)
     skipped, stats = [], {"documents": 0, "tokens": 0}
-    for d in shard_dirs:
-        state = json.loads((d / CHECKPOINT).read_text())
-        with open(d / state["state"], "rb") as f:
-            saved = pickle.load(f)
+    for saved in states:
         skipped += [{"doc_id": s["doc_id"], "reason": s["reason"]} for s in saved["skipped"]]
         stats["documents"] += saved["n_documents"]
         stats["tokens"] += saved["n_tokens"]
@@ -351,7 +534,11 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
             stats[k] = stats.get(k, 0) + v
     skipped.sort(key=lambda s: doc_sort_key(s["doc_id"]))
     stats["skipped"] = len(skipped)
-    return {"topk": topk[TOPK_COLUMNS] if not topk.empty else pd.DataFrame(columns=TOPK_COLUMNS),
+    columns = TOPK_COLUMNS
+    if retrieval is not None:
+        columns = [*TOPK_COLUMNS, "bm25"]
+        topk["bm25"] = with_bm25(topk["probe_id"], topk["doc_id"]) if not topk.empty else []
+    return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
             "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
             "skipped": skipped, "stats": stats}
 

@@ -11,6 +11,7 @@ from hf_mirror.candidates import parse_candidates
 
 def test_parse_candidates():
     assert parse_candidates("bm25:200") == 200 and parse_candidates("7") == 7 and parse_candidates(None) is None
+    assert parse_candidates("all") is None and parse_candidates("auto") == "auto"
     for bad in ("tfidf:5", "bm25:0", "bm25:x"):
         with pytest.raises(InputError, match="bm25:M"):
             parse_candidates(bad)
@@ -27,6 +28,8 @@ def test_rerank_scores_only_candidates_and_keeps_the_answer(tiny_model, planted,
     n_candidates = rerank.config["candidate_documents"]
     assert 8 <= n_candidates <= 24 and rerank.config["stats"]["documents"] == n_candidates
     assert rerank.config["stats"]["forward_passes"] < full.config["stats"]["forward_passes"] / 2
+    assert rerank.topk["bm25"].notna().all()  # the lexical answer beside the mirror's, for every candidate
+    assert full.scores()["bm25"].notna().all()  # 60 documents: all within the default 100 candidates
     for i, p in enumerate(probes):  # the planted source (document i) survives the BM25 cut and ranks first
         assert rerank.top(p["id"], 1)["doc_id"][0] == i
     a = full.scores().set_index(["probe_id", "doc_id"])["score"]
