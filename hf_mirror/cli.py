@@ -12,8 +12,7 @@ from hf_mirror.config import CALIBRATED_STEPS, MirrorConfig, ScanConfig
 from hf_mirror.distributed import is_main_process, set_threads
 from hf_mirror.errors import HfMirrorError, InputError
 from hf_mirror.flags import add_config_flags, config_from_args
-
-BASELINES = ("bm25", "embedding", "gradsim", "ekfac")  # hf_mirror.baselines.METHODS, without importing torch
+from hf_mirror.methods import REGISTRY
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -48,7 +47,7 @@ def _add_attribute(sub) -> None:
     )
     p.add_argument("--probes", required=True, help="JSON-lines file of {id, prompt, completion?}")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--method", choices=["mirror", *BASELINES], default="mirror",
+    p.add_argument("--method", choices=list(REGISTRY), default="mirror",
                    help="mirror (this toolkit's method) or a baseline; baselines ignore the mirror/scan-only options "
                    "(ekfac needs the optional extra: pip install 'hf-mirror[ekfac]')")
     g = p.add_argument_group("corpus")
@@ -241,15 +240,9 @@ def _attribute(args) -> int:
                     format=args.format, name=args.dataset_config)
     mirror, scan = config_from_args(MirrorConfig, args), config_from_args(ScanConfig, args)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else None
-    if args.method == "mirror":
-        result = attribute(args.model, corpus, args.probes, mirror=mirror, scan=scan, output_dir=args.output,
-                           model_kwargs=kwargs, show_progress=not args.no_progress, overwrite=args.overwrite)
-    else:
-        from hf_mirror.baselines import attribute_baseline
-
-        result = attribute_baseline(args.method, args.model, corpus, args.probes, output_dir=args.output,
-                                    top_k=args.top_k, show_progress=not args.no_progress, max_length=args.max_length,
-                                    overlap=args.overlap, max_new_tokens=args.max_new_tokens, model_kwargs=kwargs)
+    result = attribute(args.model, corpus, args.probes, mirror=mirror, scan=scan, output_dir=args.output,
+                       model_kwargs=kwargs, show_progress=not args.no_progress, overwrite=args.overwrite,
+                       method=args.method)
     if is_main_process():
         print(format_result(result, k=min(3, args.top_k), color=sys.stdout.isatty()))
         print(f"\nwrote {result.directory}")

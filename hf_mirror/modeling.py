@@ -43,14 +43,14 @@ def check_causal_lm(model) -> None:
 _CONFIG_KWARGS = ("gguf_file", "local_files_only")  # what AutoConfig needs of the model's loading options
 
 
-def _local(name_or_path: str, kwargs: dict) -> dict:
+def local_only(name_or_path: str, kwargs: dict) -> dict:
     """A local model directory is loaded without any network call (``local_files_only``)."""
     return {"local_files_only": True, **kwargs} if Path(str(name_or_path)).is_dir() else kwargs
 
 
 def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with a clear error for non-causal models."""
-    kwargs = _local(name_or_path, kwargs)
+    kwargs = local_only(name_or_path, kwargs)
     try:
         config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS})
     except (OSError, ValueError) as e:
@@ -77,7 +77,7 @@ def prepare_tokenizer(tokenizer):
 
 
 def load_tokenizer(name_or_path: str, **kwargs):
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, **_local(name_or_path, kwargs)))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, **local_only(name_or_path, kwargs)))
 
 
 def context_length(model, tokenizer=None, cap: int = 1024) -> int:

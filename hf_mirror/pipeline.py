@@ -78,6 +78,8 @@ def attribute(
     model_kwargs: dict | None = None,
     show_progress: bool = True,
     overwrite: bool = False,
+    method: str = "mirror",
+    **options,
 ) -> AttributionResult:
     """Attribute each probe's generation to the corpus documents it is most supported by.
 
@@ -89,7 +91,22 @@ def attribute(
     Under ``accelerate launch`` / ``torchrun`` each process scans its share of the corpus; the main process
     fits the mirrors once and merges the shards, so the answer does not depend on the number of processes.
     Rerunning on the same ``output_dir`` resumes from the last checkpoint (``overwrite=True`` starts afresh).
+
+    ``method`` picks another method of the registry (:mod:`hf_mirror.methods`: ``bm25``, ``embedding``,
+    ``gradsim``, ``ekfac``) on the same inputs, with ``scan``'s top_k/max_length/overlap/max_new_tokens and
+    ``options`` for its scorer; the result has the same form.
     """
+    if method != "mirror":
+        from hf_mirror.baselines import attribute_baseline
+
+        scan = scan or ScanConfig()
+        return attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=output_dir,
+                                  top_k=scan.top_k, show_progress=show_progress, max_length=scan.max_length,
+                                  overlap=scan.overlap, max_new_tokens=scan.max_new_tokens, model_kwargs=model_kwargs,
+                                  **options)
+    if options:
+        raise InputError(f"Unknown option(s) {sorted(options)} for the mirror: its settings are MirrorConfig and "
+                         "ScanConfig.")
     mirror = mirror or MirrorConfig()
     scan = scan or ScanConfig()
     corpus = _as_corpus(corpus)
@@ -322,6 +339,8 @@ def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path,
                 return load_mirrors(model, adapters, names), FitReport(fit["loss_before"], fit["loss_after"])
             except Exception as e:  # intact files that still do not load: refuse rather than guess
                 raise damaged(adapters, e) from e
+    elif any((adapters / n).exists() for n in names):
+        logger.warning("%s is missing (a damaged or interrupted fit); fitting the mirrors again.", marker)
     peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress)
     save_mirrors(peft_model, names, adapters)
     save_probes(pool, adapters / "probes.jsonl")

@@ -18,7 +18,7 @@ and reports each as a multiple of the floor, tokens/s, the mirror fitting time, 
 
 ``--parts e2e``: the whole call, fitting included, of ``hf_mirror.attribute`` (all-block mirrors; top-2-block
 mirrors with the shared trunk, first run and again with the base losses cached) and of
-``hf_mirror.baselines.attribute_baseline`` for ``gradsim`` and ``ekfac`` (when installed), on the same model,
+``hf_mirror.attribute(method=...)`` for ``gradsim`` and ``ekfac`` (when installed), on the same model,
 corpus and probes, with the crossover: the smallest T at which a gradient method is cheaper end to end. The
 mirror runs use ``normalize="none"`` (the default; ``zscore`` would add control probes up to a pool of 8) so that
 T probes cost T mirrors.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from hf_mirror import methods
 from hf_mirror.baselines._common import iter_documents
 from hf_mirror.baselines.bm25 import BM25Baseline
 from hf_mirror.baselines.ekfac import EKFACBaseline
@@ -33,7 +34,7 @@ from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Skipped
 from hf_mirror.scoring import ScoreBook, merge_shards
 
-METHODS = {"bm25": BM25Baseline, "embedding": EmbeddingBaseline, "gradsim": GradSimBaseline, "ekfac": EKFACBaseline}
+METHODS = {name: methods.load(name) for name in methods.BASELINES}  # the registry's scorers
 
 __all__ = ["METHODS", "BM25Baseline", "EKFACBaseline", "EmbeddingBaseline", "GradSimBaseline", "attribute_baseline"]
 
@@ -50,6 +51,20 @@ def _options(method: str, options: dict) -> dict:
     if unknown:
         raise InputError(f"Unknown option(s) {unknown} for baseline {method!r}; it accepts {sorted(allowed)}.")
     return options
+
+
+def _config_only(name: str, tokenizer, model_kwargs: dict | None):
+    """``(config holder, tokenizer, name)`` for a method that reads only the tokenizer and the context length."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from hf_mirror.modeling import load_tokenizer, local_only, prepare_tokenizer
+
+    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
+    config = AutoConfig.from_pretrained(name, **local_only(name, kwargs))
+    tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(name, **kwargs)
+    return SimpleNamespace(config=config), tokenizer, name
 
 
 def attribute_baseline(
@@ -88,20 +103,26 @@ def attribute_baseline(
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"hf_mirror_{method}_"))
     out.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
-    model.eval()
+    cls = METHODS[method]
+    given = load_probes(probes)
+    if not cls.needs_model and isinstance(model, (str, Path)) and all(p.completion is not None for p in given):
+        model, tokenizer, model_name = _config_only(str(model), tokenizer, model_kwargs)  # the weights are not used
+    else:
+        model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
+        model.eval()
     max_length = max_length or context_length(model, tokenizer)
     overlap = overlap if overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
 
-    probe_list = generate_completions(model, tokenizer, load_probes(probes), max_new_tokens)
+    probe_list = given if all(p.completion is not None for p in given) else \
+        generate_completions(model, tokenizer, given, max_new_tokens)
     ids = [p.id for p in probe_list]
     run_key = hashlib.sha256(json.dumps([method, str(model_name), corpus.describe(), [asdict(p) for p in probe_list],
                                          options, top_k, max_length, overlap], default=str).encode()).hexdigest()[:16]
 
-    scorer = (METHODS[method](probe_list, **options) if method == "bm25"
-              else METHODS[method](model, tokenizer, probe_list, max_length, overlap, **options))
+    scorer = (cls(model, tokenizer, probe_list, max_length, overlap, **options) if cls.needs_model
+              else cls(probe_list, **options))
     shard = out / "shards" / method
     if shard.exists():
         shutil.rmtree(shard)  # baselines do not resume: start this method's shard afresh
@@ -113,7 +134,7 @@ def attribute_baseline(
 
         bar = progress_bar(total=corpus.num_documents(), desc=method, unit="doc", disable=not show_progress)
         docs = iter_documents(corpus.documents(), tokenizer, max_length, overlap, skipped)
-        with torch.enable_grad() if method == "gradsim" or getattr(scorer, "needs_grad", False) else torch.no_grad():
+        with torch.enable_grad() if getattr(cls, "needs_grad", False) else torch.no_grad():
             for doc, scores in scorer.score(docs):
                 book.add_scores(doc.doc_id, doc.text, doc.token_ids, scores, doc.seq, skipped)
                 next_seq = doc.seq + 1
@@ -136,11 +157,11 @@ def attribute_baseline(
         "options": options,
         "scan": {"top_k": top_k, "max_length": max_length, "overlap": overlap, "normalize": "none",
                  "max_new_tokens": max_new_tokens},
-        "device": str(next(model.parameters()).device),
+        "device": str(next(model.parameters()).device) if cls.needs_model else None,
         "num_processes": 1,
         "run_key": run_key,
         "versions": package_versions(),
-        "torch_dtype": str(next(model.parameters()).dtype),
+        "torch_dtype": str(next(model.parameters()).dtype) if cls.needs_model else None,
         "stats": {**merged["stats"], "seconds": time.perf_counter() - t0},
     }
     AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(out)

@@ -18,7 +18,7 @@ from peft import get_peft_model
 
 from hf_mirror.baselines._common import Document, collate
 from hf_mirror.errors import InputError
-from hf_mirror.mirror import MirrorConfig
+from hf_mirror.mirror import MirrorConfig, quiet_peft
 from hf_mirror.probes import Probe, encode_probe
 
 SIMILARITIES = ("cosine", "dot")
@@ -34,6 +34,7 @@ class GradSimBaseline:
     """
 
     needs_model = True
+    needs_grad = True
 
     def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
                  similarity: str = "cosine", rank: int = 8, alpha: float = 16.0,
@@ -49,7 +50,8 @@ class GradSimBaseline:
         torch.manual_seed(seed)
         self._base = model
         self._trainable = {n: p.requires_grad for n, p in model.named_parameters()}  # PEFT freezes them
-        self.model = get_peft_model(model, lora.lora_config(model))
+        with quiet_peft():
+            self.model = get_peft_model(model, lora.lora_config(model))
         self.model.eval()
         self.device = next(model.parameters()).device
         self.params = [p for n, p in self.model.named_parameters() if "lora_" in n]

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hf_mirror.errors import InputError
-from hf_mirror.evaluation.variants import MIRROR_VARIANTS
+from hf_mirror.evaluation.variants import run_method
 from hf_mirror.probes import Probe, generate_completions
 
 # The first ``n_templates`` state each fact. Six wordings let a model trained from scratch answer most
@@ -239,23 +239,13 @@ def retrieval_metrics(ranked: dict[str, list[str]], proponents: dict[str, list[s
 
 def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfig, work: Path,
              show_progress: bool) -> dict[str, Callable]:
-    from hf_mirror import MirrorConfig, ScanConfig, attribute
-    from hf_mirror.baselines import attribute_baseline
+    def runner(name: str, method: str, **scan) -> Callable:
+        return lambda: run_method(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / name,
+                                  show_progress=show_progress,
+                                  scan={"top_k": cfg.top_k, "batch_size": 32, "cache": False, **scan})
 
-    def mirror(variant: str, candidates: int | None = None) -> Callable:
-        scan_overrides, mirror_overrides = MIRROR_VARIANTS[variant]
-        scan = ScanConfig(**scan_overrides, top_k=cfg.top_k, batch_size=32, cache=False, candidates=candidates)
-        out = work / f"{variant}-{candidates}"
-        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out,
-                                 mirror=MirrorConfig(**mirror_overrides), scan=scan, show_progress=show_progress,
-                                 overwrite=True)
-
-    def baseline(method: str) -> Callable:
-        return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / method,
-                                          top_k=cfg.top_k, show_progress=show_progress)
-
-    return {**{name: mirror(name) for name in MIRROR_VARIANTS}, "mirror_rerank": mirror("mirror", RERANK_M),
-            **{name: baseline(name) for name in ("bm25", "embedding", "gradsim", "ekfac")}}
+    return {**{name: runner(name, name) for name in METHODS if name != "mirror_rerank"},
+            "mirror_rerank": runner("mirror_rerank", "mirror", candidates=RERANK_M)}
 
 
 def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,
@@ -266,8 +256,8 @@ def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, outp
     ``mirror`` is :func:`hf_mirror.attribute` with default settings, the other ``mirror_*`` names the variants of
     :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (``mirror_raw``/``mirror_zscore``/``mirror_loo``: that
     ``normalize``; ``mirror_top2``: the top 2 blocks; ``*_linear``: attention and MLP), ``mirror_rerank`` the
-    default over each probe's top-``RERANK_M`` BM25 documents; the baselines are
-    :func:`hf_mirror.baselines.attribute_baseline`. Each method's wall time covers its whole call (fitting,
+    default over each probe's top-``RERANK_M`` BM25 documents; the others are methods of the registry, all through
+    :func:`hf_mirror.attribute`. Each method's wall time covers its whole call (fitting,
     scanning, writing results).
     """
     from hf_mirror.corpus import Corpus

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from hf_mirror.evaluation.fact_tracing import rankings, retrieval_metrics
+from hf_mirror.evaluation.variants import run_method
 
 RRF_K = 60
 RULES = ("mirror", "bm25", "rerank@20", "rerank@50", "rerank@100", "rrf", "rrf@20", "rrf@50", "rrf@100")
@@ -138,9 +139,6 @@ def _fact_tracing(cfg: HybridConfig, work: Path, log: Callable[[str], None]) -> 
 def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """Score every rule on every benchmark (BM25 and the default mirror each run once, full scan)."""
-    from hf_mirror import ScanConfig, attribute
-    from hf_mirror.baselines import attribute_baseline
-
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_hybrid_"))
     work.mkdir(parents=True, exist_ok=True)
     builders = {"wordnet": _wordnet, **({"fact_tracing": _fact_tracing} if cfg.fact_tracing else {})}
@@ -148,12 +146,12 @@ def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
     for name, build in builders.items():
         model, tokenizer, corpus, probes, answers = build(cfg, work, log)
         t0 = time.perf_counter()
-        mirror = attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=work / name / "mirror",
-                           scan=ScanConfig(top_k=cfg.top_k, batch_size=cfg.batch_size, cache=False),
-                           show_progress=False, overwrite=True).scores()
+        scan = {"top_k": cfg.top_k, "batch_size": cfg.batch_size, "cache": False, "candidates": "all"}
+        mirror = run_method("mirror", model, corpus, probes, tokenizer=tokenizer, output_dir=work / name / "mirror",
+                            scan=scan).scores()
         t1 = time.perf_counter()
-        bm25 = attribute_baseline("bm25", model, corpus, probes, tokenizer=tokenizer, output_dir=work / name / "bm25",
-                                  top_k=cfg.top_k, show_progress=False).scores()
+        bm25 = run_method("bm25", model, corpus, probes, tokenizer=tokenizer, output_dir=work / name / "bm25",
+                          scan={"top_k": cfg.top_k}).scores()
         t2 = time.perf_counter()
         rules = evaluate_rules(mirror, bm25, answers, cfg.top_k)
         report[name] = {"documents": int(mirror["doc_id"].nunique()), "probes": len(probes),

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from hf_mirror.errors import InputError
-from hf_mirror.evaluation.variants import MIRROR_VARIANTS
+from hf_mirror.evaluation.variants import MIRROR_VARIANTS, run_method
 
 METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear", "bm25",
            "embedding", "gradsim", "ekfac")
@@ -287,22 +287,15 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
     (e.g. ``steps=10``) and ``scan`` to ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options``
     go to its class.
     """
-    from hf_mirror import MirrorConfig, ScanConfig, attribute
-    from hf_mirror.baselines import attribute_baseline
-
     probes = [{"id": p["id"], "prompt": p["prompt"], "completion": p["completion"]} for p in setup.probes]
-    out = work / method
-    if method in MIRROR_VARIANTS:
-        scan_overrides, mirror_overrides = MIRROR_VARIANTS[method]
-        scan_config = ScanConfig(**{**scan_overrides, "cache": False, "batch_size": 32, **(scan or {})})
-        result = attribute(setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer, output_dir=out,
-                           mirror=MirrorConfig(**{**mirror_overrides, **options}), scan=scan_config,
-                           show_progress=show_progress, overwrite=True)
-    else:
+    if method not in MIRROR_VARIANTS:
         if scan:
             raise InputError("scan options apply to the mirror methods only.")
-        result = attribute_baseline(method, setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer,
-                                    output_dir=out, show_progress=show_progress, **options)
+        return run_method(method, setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer,
+                          output_dir=work / method, show_progress=show_progress, **options).scores()
+    result = run_method(method, setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer,
+                        output_dir=work / method, show_progress=show_progress,
+                        scan={"cache": False, "batch_size": 32, **(scan or {})}, mirror=options)
     return result.scores()
 
 

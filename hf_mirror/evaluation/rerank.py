@@ -143,7 +143,6 @@ def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,
     results).
     """
     from hf_mirror import ScanConfig, attribute
-    from hf_mirror.baselines import attribute_baseline
     from hf_mirror.corpus import Corpus
 
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_rerank_"))
@@ -188,8 +187,8 @@ def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,
         model, corpus, probes, output_dir=work / "rerank", **common,
         scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-rerank"),
                         candidates=cfg.candidates)))
-    timed("bm25", lambda: attribute_baseline("bm25", model, corpus, probes, tokenizer=tokenizer,
-                                             output_dir=work / "bm25", top_k=k, show_progress=show_progress))
+    timed("bm25", lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=work / "bm25",
+                                    scan=ScanConfig(top_k=k), show_progress=show_progress, method="bm25"))
     # the rerank scores each candidate as the full scan does; batches padded differently move raw losses by float
     # rounding, which the per-document z-score magnifies where a document's scores barely vary across probes
     a = full.scores().set_index(["probe_id", "doc_id"])

@@ -13,7 +13,7 @@ ways (:data:`VARIANTS`):
 
 The ``e2e`` part times whole calls, fitting included, of :func:`hf_mirror.attribute` (all-block mirrors; top-2-block
 mirrors with the shared trunk, first run and again with the base losses cached) and of
-:func:`hf_mirror.baselines.attribute_baseline` for ``gradsim`` and ``ekfac`` (when installed), and the crossover:
+:func:`hf_mirror.attribute` with ``method=`` ``gradsim`` and ``ekfac`` (when installed), and the crossover:
 the smallest T at which a gradient method is cheaper end to end. The mirror runs use ``normalize="none"`` so that
 T probes cost T mirrors.
 
@@ -359,7 +359,6 @@ def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
     ``methods`` maps each gradient method to None (run it) or the reason it cannot run (reported as n/a).
     """
     from hf_mirror import ScanConfig, attribute
-    from hf_mirror.baselines import attribute_baseline
     from hf_mirror.corpus import Corpus
 
     device = device or torch.device("cpu")
@@ -384,8 +383,8 @@ def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
                   scan=ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length, cache=False,
                                   precision=precision), overwrite=True)
         if methods.get("gradsim", "") is None:
-            attribute_baseline("gradsim", model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-gradsim",
-                               show_progress=False, max_length=max_length)
+            attribute(model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-gradsim", show_progress=False,
+                      scan=ScanConfig(max_length=max_length), method="gradsim")
         for t in probe_counts:
             row = _row(name, t, len(rows_docs), n_tokens, floor, device, precision)
 
@@ -407,8 +406,8 @@ def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
                     continue
                 t0 = time.perf_counter()
                 try:
-                    attribute_baseline(m, model, corpus, probes[:t], tokenizer=tok, output_dir=work / f"{m}-{t}",
-                                       show_progress=False, max_length=max_length)
+                    attribute(model, corpus, probes[:t], tokenizer=tok, output_dir=work / f"{m}-{t}",
+                              show_progress=False, scan=ScanConfig(max_length=max_length), method=m)
                     _sync(device)
                     row[f"{m}_s"] = time.perf_counter() - t0
                 except Exception as e:  # report it and go on: one failing baseline must not lose the table
