@@ -276,8 +276,8 @@ def demo_probes(config: DemoModelConfig, n: int = 5) -> list[dict]:
     return [{"id": f["headword"], "prompt": f["prompt"], "source": f["id"]} for f in picks]
 
 
-DEMO_MIRROR = MirrorConfig(steps=3, lr=5e-3, direction="unlearn")
-DEMO_SCAN = ScanConfig(batch_size=128, top_k=5, normalize="zscore", min_pool=8, max_new_tokens=48)
+DEMO_MIRROR = MirrorConfig()  # the library's defaults: raw mean token-loss delta, no normalisation
+DEMO_SCAN = ScanConfig(batch_size=128, top_k=5, max_new_tokens=48)
 
 
 @dataclass
@@ -291,27 +291,42 @@ class DemoReport:
     source_ranks: dict[str, int | None]
     timings: dict[str, float] = field(default_factory=dict)
     trained: bool = False
+    reused: bool = False  # the output directory already held this finished run: nothing was fitted or scanned
 
     @property
     def top1(self) -> int:
         return sum(r == 1 for r in self.source_ranks.values())
 
+    def margins(self) -> dict[str, tuple[float, float | None]]:
+        """Per probe whose source ranked first: its score and the best other document's (None if none)."""
+        out = {}
+        for pid, rank in self.source_ranks.items():
+            if rank == 1:
+                scores = self.result.top(pid)["score"].astype(float).tolist()
+                out[pid] = (scores[0], scores[1] if len(scores) > 1 else None)
+        return out
+
     def summary(self) -> str:
         acc = self.model_info.get("fact_accuracy", {})
         n_words = acc.get("n_words", 3)
         ranks = ", ".join(f"{p}: {r if r is not None else '>top-k'}" for p, r in self.source_ranks.items())
+        margins = ", ".join(f"{p} {a:+.3f} vs {'-' if b is None else f'{b:+.3f}'}"
+                            for p, (a, b) in self.margins().items())
         t = self.timings
-        return "\n".join(
-            [
-                f"model: {self.model_path} ({'trained now' if self.trained else 'cached'}; trained on "
-                f"{self.model_info.get('training_documents')} documents)",
-                f"fact completion on {acc.get('n')} training facts: {acc.get('exact')} exact, "
-                f"{acc.get(f'first_{n_words}_words')} with the first {n_words} words right",
-                f"source document ranked first for {self.top1}/{len(self.source_ranks)} probes ({ranks})",
-                f"time: model {t.get('model', 0):.1f}s, attribution {t.get('attribute', 0):.1f}s, "
-                f"total {t.get('total', 0):.1f}s",
-            ]
-        )
+        lines = [
+            f"model: {self.model_path} ({'trained now' if self.trained else 'cached'}; trained on "
+            f"{self.model_info.get('training_documents')} documents)",
+            f"fact completion on {acc.get('n')} training facts: {acc.get('exact')} exact, "
+            f"{acc.get(f'first_{n_words}_words')} with the first {n_words} words right",
+            f"source document ranked first for {self.top1}/{len(self.source_ranks)} probes ({ranks})",
+            *([f"score of the source vs the best other document: {margins}"] if margins else []),
+            f"time: model {t.get('model', 0):.1f}s, attribution {t.get('attribute', 0):.1f}s, "
+            f"total {t.get('total', 0):.1f}s",
+        ]
+        if self.reused:
+            lines.append(f"reused the finished run in {self.result.directory} (nothing refitted or rescanned); "
+                         "delete that folder or choose another output to run again")
+        return "\n".join(lines)
 
 
 def run_demo(
@@ -324,11 +339,14 @@ def run_demo(
     scan: ScanConfig | None = None,
     corpus_stride: int | None = None,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> DemoReport:
     """Build or load the default model, attribute its completions of ``n_probes`` bundled prompts against
     the bundled documents, and write the result plus ``report.html`` to ``output_dir``.
 
-    ``corpus_stride`` scans every n-th bundled document (default: all of them; every 5th in fast mode).
+    ``corpus_stride`` scans every n-th bundled document (default: all of them; every 5th in fast mode). A finished
+    run of the same settings in ``output_dir`` is reused (``report.reused``) unless ``overwrite`` or the model was
+    trained now.
     """
     from hf_mirror.html import write_html
 
@@ -345,6 +363,8 @@ def run_demo(
             "so that the scanned documents include the probes' sources."
         )
     sources = {p["id"]: p["source"] for p in probes}
+    overwrite = overwrite or trained  # a new model: an earlier run in output_dir is not its run
+    previous = None if overwrite else _finished_run_key(Path(output_dir))
     result = attribute(
         model,
         bundled_corpus(stride),
@@ -354,6 +374,7 @@ def run_demo(
         scan=scan or DEMO_SCAN,
         output_dir=output_dir,
         show_progress=show_progress,
+        overwrite=overwrite,
     )
     t2 = time.perf_counter()
     ranks: dict[str, int | None] = {}
@@ -369,6 +390,7 @@ def run_demo(
         ranks,
         {"model": t1 - t0, "attribute": t2 - t1, "total": t2 - t0},
         trained,
+        previous is not None and previous == result.config.get("run_key"),
     )
     write_html(
         result,
@@ -382,6 +404,7 @@ def run_demo(
             {
                 "model": str(report.model_path),
                 "trained": trained,
+                "reused": report.reused,
                 "fact_accuracy": info.get("fact_accuracy"),
                 "sources": sources,
                 "source_ranks": ranks,
@@ -393,6 +416,16 @@ def run_demo(
         + "\n"
     )
     return report
+
+
+def _finished_run_key(out: Path) -> str | None:
+    """The run key of a finished demo run in ``out`` (None when there is none, or it cannot be read)."""
+    try:
+        if (out / "demo.json").is_file():
+            return json.loads((out / "config.json").read_text()).get("run_key")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def _preamble_html(report: DemoReport) -> str:

@@ -10,6 +10,7 @@ import html
 from collections.abc import Mapping
 from pathlib import Path
 
+from hf_mirror.render import score_meaning
 from hf_mirror.results import AttributionResult
 
 # diverging colours: green = the token supports the probe, red = it works against it
@@ -68,14 +69,15 @@ def token_color(delta: float, scale: float) -> str:
     return f"rgba({r},{g},{b},{abs(t) * MAX_ALPHA:.3f})"
 
 
-def legend_html() -> str:
+def legend_html(config: Mapping | None = None) -> str:
+    """The colour ramp and one sentence on what the scores of a result with ``config`` mean."""
     return (
         '<div class="legend"><span>token loss delta:</span>'
         '<span>&minus; against the generation</span><span class="ramp"></span>'
         "<span>+ supports the generation</span>"
-        '<span class="note">green: under the mirror (fitted to unlearn the generation) the token\'s loss moved in '
-        "the probe's favour, i.e. the document supports the generation; red: it moved the other way. Shading is "
-        "scaled per probe; hover a token for its losses. Score = the document's (normalised) mean delta.</span>"
+        f'<span class="note"><b>{_esc(score_meaning(config or {}))}</b> Green: under the mirror (fitted to unlearn '
+        "the generation) the token's loss moved in the probe's favour, i.e. the document supports the generation; "
+        "red: it moved the other way. Shading is scaled per probe; hover a token for its losses.</span>"
         "</div>"
     )
 
@@ -101,6 +103,7 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
     evs = [result.token_deltas(probe_id, d) if result.has_token_evidence else None for d in top["doc_id"]]
     scale = max((float(ev["delta"].abs().max()) for ev in evs if ev is not None and len(ev)), default=0.0)
     max_score = max((abs(float(s)) for s in top["score"]), default=0.0) or 1.0
+    normalized = result.config.get("scan", {}).get("normalize", "none") != "none"  # else score == raw
     before, after = record.get("probe_loss_before"), record.get("probe_loss_after")
     loss = (
         f" &middot; probe loss {before:.3f} &rarr; {after:.3f} under the mirror"
@@ -112,12 +115,13 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
         is_source = source is not None and str(row.doc_id) == str(source)
         width = 100.0 * abs(float(row.score)) / max_score
         tag = '<span class="tag">source</span>' if is_source else ""
+        score = f"{float(row.score):+.3f}" if normalized else f"{float(row.score):+.4f}"
+        raw = f'<div class="note">raw {float(row.raw_score):+.4f}</div>' if normalized else ""
         rows.append(
             f'<tr class="{"source" if is_source else ""}"><td class="rank">{int(row.rank)}</td>'
             f'<td class="doc">{_esc(row.doc_id)}{tag}</td>'
-            f'<td class="score">{float(row.score):+.3f}'
-            f'<div class="bar {"pos" if row.score >= 0 else "neg"}" style="width:{width:.1f}%"></div>'
-            f'<div class="note">raw {float(row.raw_score):+.4f}</div></td>'
+            f'<td class="score">{score}'
+            f'<div class="bar {"pos" if row.score >= 0 else "neg"}" style="width:{width:.1f}%"></div>{raw}</td>'
             f'<td class="tokens">{_tokens_html(ev, scale) if ev is not None else _esc(row.text)}</td></tr>'
         )
     return (
@@ -151,7 +155,7 @@ def render_html(
     )
     head = f"<h2>{_esc(title)}</h2>" if title else ""
     body = "".join(probe_html(result, pid, k, (sources or {}).get(pid)) for pid in ids)
-    return f'<div class="hfm"><style>{CSS}</style>{head}<div class="meta">{meta}</div>{legend_html()}{body}</div>'
+    return f'<div class="hfm"><style>{CSS}</style>{head}<div class="meta">{meta}</div>{legend_html(cfg)}{body}</div>'
 
 
 def write_html(

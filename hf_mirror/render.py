@@ -1,20 +1,56 @@
-"""Text rendering of results for the terminal: ranked documents with their strongest tokens marked."""
+"""Text rendering of results for the terminal: ranked documents with their strongest tokens marked.
+
+Everything that comes from the user's data (document text, probe text, ids) passes through
+:func:`~hf_mirror.terminal.printable`, so only hf-mirror's own colour codes reach the terminal.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
 from hf_mirror.results import AttributionResult
+from hf_mirror.terminal import printable
 
 BOLD, GREEN, DIM, RESET = "\x1b[1m", "\x1b[42;30m", "\x1b[2m", "\x1b[0m"
 
+_RAW = {
+    "mean": "mean change in the document's token loss (nats/token)",
+    "sum": "summed change in the document's token loss (nats)",
+    "max": "largest change of one of the document's token losses (nats)",
+}
+
+
+def score_meaning(config: Mapping) -> str:
+    """One sentence on what a result's ``score`` (and ``raw``) means, from its saved config."""
+    scan, mirror = config.get("scan", {}), config.get("mirror", {})
+    raw = _RAW.get(scan.get("aggregate", "mean"), _RAW["mean"])
+    verb = "learns" if mirror.get("direction") == "learn" else "unlearns"
+    raw = f"{raw} when the model {verb} the generation" + (" (sign flipped)" if verb == "learns" else "")
+    normalize = scan.get("normalize", "none")
+    if normalize == "zscore":
+        return (f"score = raw standardised across the run's probes for that document (at most sqrt(probes - 1)); "
+                f"raw = {raw}; positive = the document supports the generation.")
+    if normalize == "loo":
+        return (f"score = raw compared with the other probes' raw scores for that document (in their standard "
+                f"deviations); raw = {raw}; positive = the document supports the generation.")
+    return f"score (raw) = {raw}; positive = the document supports the generation."
+
 
 def mark_tokens(tokens: list[str], deltas: np.ndarray, n_marked: int = 5, color: bool = False) -> str:
-    """The document text with its ``n_marked`` highest-delta tokens marked (``[[...]]`` or colour)."""
-    strongest = set(np.argsort(-deltas, kind="stable")[:n_marked].tolist()) if len(deltas) else set()
+    """The document text with its ``n_marked`` highest-delta tokens marked (``[[...]]`` or colour).
+
+    Whitespace-only tokens are never marked (they would show as empty markers); control characters are escaped.
+    """
+    deltas = np.asarray(deltas, dtype=float)
+    visible = np.array([bool(t.strip()) for t in tokens], dtype=bool)
+    order = np.argsort(-np.where(visible, deltas, -np.inf), kind="stable") if len(deltas) else np.array([], int)
+    strongest = {int(i) for i in order[:n_marked] if visible[i] and deltas[i] > 0}
     out = []
     for i, tok in enumerate(tokens):
-        if i not in strongest or deltas[i] <= 0:
+        tok = printable(tok)
+        if i not in strongest:
             out.append(tok)
             continue
         lead = tok[: len(tok) - len(tok.lstrip())]
@@ -27,28 +63,26 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
     """One probe's generation and its top-``k`` documents, strongest tokens marked."""
     probe = next(p for p in result.probes if p.id == str(probe_id))
     b, r = (BOLD, RESET) if color else ("", "")
-    lines = [f"{b}probe {probe.id}{r}: {probe.prompt!r} -> {probe.completion!r}"]
+    lines = [f"{b}probe {printable(probe.id, False)}{r}: {probe.prompt!r} -> {probe.completion!r}"]
     for row in result.top(probe.id, min(k, len(result.top(probe.id)))).itertuples():
         if result.has_token_evidence:
             ev = result.token_deltas(probe.id, row.doc_id)
             text = mark_tokens(ev["token"].tolist(), ev["delta"].to_numpy(), n_marked, color)
         else:
-            text = row.text
+            text = printable(row.text)
         text = text.replace("\n", " ")
-        lines.append(f"  {row.rank:>3}. doc {row.doc_id}  score {row.score:+.4f}  {text}")
+        lines.append(f"  {row.rank:>3}. doc {printable(row.doc_id, False)}  score {row.score:+.4f}  {text}")
     return "\n".join(lines)
 
 
 def format_result(
     result: AttributionResult, probe_id: str | None = None, k: int = 5, n_marked: int = 5, color: bool = False
 ) -> str:
+    """Every probe (or only ``probe_id``) with its top-``k`` documents, under a legend of what the marks mean."""
     ids = [str(probe_id)] if probe_id is not None else result.probe_ids
     for pid in ids:
         result._check_probe(pid)
-    legend = (
-        "marked: the tokens whose loss moved most in the probe's favour; score > 0 = the document "
-        "supports the generation"
-    )
+    legend = (f"{score_meaning(result.config)}\nmarked: the tokens whose loss moved most in the probe's favour.")
     body = "\n\n".join(format_probe(result, pid, k, n_marked, color) for pid in ids)
     skipped = f"\n\n{len(result.skipped)} document(s) skipped (see skipped.jsonl)" if result.skipped else ""
     return f"{DIM if color else ''}{legend}{RESET if color else ''}\n\n{body}{skipped}"

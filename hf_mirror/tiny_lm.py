@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from hf_mirror.modeling import quiet_defaults
 from hf_mirror.progress import progress_bar
 
 EOS = "<|endoftext|>"
@@ -108,6 +109,7 @@ def fit_lm(
     limit = config.n_positions - 2
     seqs = [[eos, *tokenizer(t, add_special_tokens=False)["input_ids"][:limit], eos] for t in texts]
     model = GPT2LMHeadModel(config)
+    quiet_defaults(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(n_kept / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)

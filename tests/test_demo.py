@@ -75,6 +75,19 @@ def test_demo_end_to_end(demo_run):
         assert f">{doc_id}<" in page
     assert page.count('class="tag">source<') == sum(r is not None for r in report.source_ranks.values())
     assert "source document ranked first" in page
+    # the library's defaults: raw mean delta, explained in one sentence; no z-score ceiling
+    assert result.config["scan"]["normalize"] == "none" and result.config["mirror"]["steps"] == 8
+    assert "mean change in the document&#x27;s token loss (nats/token)" in page
+    assert not report.reused and not saved["reused"]
+
+
+def test_demo_rerun_reuses_the_finished_run(demo_run):
+    first, cache, out = demo_run
+    again = demo.run_demo(out, n_probes=3, cache_dir=cache, config=DemoModelConfig.fast(), corpus_stride=5,
+                          show_progress=False)
+    assert again.reused and not again.trained and "reused the finished run" in again.summary()
+    assert again.result.topk.equals(first.result.topk)
+    assert json.loads((out / "demo.json").read_text())["reused"]
 
 
 def test_complete_batched_matches_one_by_one(demo_run):
@@ -158,6 +171,8 @@ def test_cli_demo_reuses_cached_model(demo_run, tmp_path, monkeypatch, capsys, c
     assert "source document ranked first for" in text and "(cached;" in text
     assert "probe " in text and (out / "report.html").exists()
     assert "\x1b[" not in text, "no colour codes when stdout is not a terminal"
+    assert "score (raw) = mean change in the document's token loss (nats/token)" in text
+    assert "[[]]" not in text
 
 
 # ---- HTML and plots on a synthetic result (exact control over ids, text and deltas) -----------------------

@@ -126,7 +126,7 @@ def test_tokenizer_without_pad_token_uses_eos(tiny_model, tmp_path, caplog):
     model, tok = tiny_model
     assert tok.pad_token is None or tok.pad_token == tok.eos_token
     tok.pad_token = None
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.DEBUG, logger="hf_mirror.modeling"):  # a debug note: nothing to act on
         result = _run(tiny_model, ["bedube keeps a white eagle at home."], PROBE, tmp_path)
     assert "no pad token" in caplog.text and tok.pad_token == tok.eos_token
     assert len(result.scores()) == 1

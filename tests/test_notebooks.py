@@ -70,5 +70,7 @@ def test_provenance_notebook_runs(tmp_path, monkeypatch):
     text = _text(outputs)
     assert "contamination rate 60%" in text  # the two copies and the edited copy, not the two clean sentences
     assert "('copy-a', True, 1.0" in text and "('clean-a', False, 0.0" in text
+    # the edited copy really differs from its source, and the n-gram spans around the edit still catch it
+    assert "('edited', True, " in text and "('edited', True, 1.0" not in text and "edited copy: leaked=True" in text
     assert any("image/png" in o.get("data", {}) for o in outputs), "the Min-K% histogram is displayed"
     assert any('class="hfm"' in o.get("data", {}).get("text/html", "") for o in outputs)

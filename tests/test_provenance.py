@@ -210,3 +210,80 @@ def test_min_k_plus_plus_standardises_against_the_models_distribution(tiny_model
     assert seen_pp.mean() > unseen_pp.mean() + 0.5 and (seen_pp > np.median(unseen_pp)).mean() > 0.9
     with pytest.raises(InputError, match="mink"):
         min_k_scores(model, tok, texts, method="zlib")
+
+
+# ---- per-generation provenance: generations shorter than n; memorization lengths checked first ---------------
+def test_short_generation_is_flagged_not_silently_clean(index, planted, tiny_model, tmp_path, caplog):
+    from hf_mirror.provenance.generation import TOO_SHORT, generation_provenance, write_provenance
+
+    model, tok = tiny_model
+    short = planted.facts[3][len(planted.names[3]):]  # " keeps a <colour> <animal> at home." found verbatim
+    short = tok.decode(ids(tok, short)[: N - 1])
+    probes = [{"id": "short", "prompt": planted.names[3], "completion": short},
+              {"id": "long", "prompt": planted.names[3], "completion": planted.facts[3][len(planted.names[3]):]}]
+    with caplog.at_level("WARNING", logger="hf_mirror.provenance.generation"):
+        report = generation_provenance(model, Corpus(planted.texts), probes, tokenizer=tok, index=index,
+                                       use_mirror=False)
+    by_id = {r["id"]: r for r in report["items"]}
+    assert by_id["short"]["verdict"] == TOO_SHORT and by_id["short"]["n_tokens"] == N - 1
+    assert f"fewer than the n-gram length {N}" in by_id["short"]["note"] and "--ngram" in by_id["short"]["note"]
+    assert "'short'" in caplog.text and "fewer than the n-gram length" in caplog.text
+    assert by_id["long"]["verdict"] == "memorized" and "note" not in by_id["long"]
+    assert report["too_short"] == 1 and report["memorized"] == 1
+    page = (write_provenance(report, tmp_path) / "provenance.html").read_text()
+    assert "1 too short to check" in page and "fewer than the n-gram length" in page and "mirror:" not in page
+
+
+def test_short_generation_with_infinigram_lowers_n(planted, tiny_model, tmp_path):
+    pytest.importorskip("infini_gram")
+    from hf_mirror.provenance import InfiniGramIndex
+    from hf_mirror.provenance.generation import generation_provenance
+
+    model, tok = tiny_model
+    rows = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(planted.texts)]
+    ig = InfiniGramIndex.build(Corpus(rows, id_column="id"), tok, tmp_path / "ig", n=8, cpus=1)
+    tail = planted.facts[5][len(planted.names[5]):]
+    short = tok.decode(ids(tok, tail)[:5])
+    report = generation_provenance(model, Corpus(rows, id_column="id"), [{"id": "s", "prompt": planted.names[5],
+                                   "completion": short}], tokenizer=tok, index=ig, use_mirror=False)
+    item = report["items"][0]
+    assert item["n"] == 5 and "checked with n=5" in item["note"]
+    assert item["verdict"] == "memorized" and item["copied_tokens"] == 5
+
+
+def test_provenance_html_has_no_stray_mirror_markup(tmp_path):
+    from hf_mirror.provenance.generation import write_provenance
+
+    base = {"prompt": "p", "generation": " g", "n_tokens": 1, "verdict": "not memorized", "source": None,
+            "copied_tokens": 0, "spans": []}
+    items = [{**base, "id": "a", "mirror": {"source_rank": None, "source_score": None,
+                                           "top": [{"rank": 1, "doc_id": "d<1>", "score": 0.5}]}},
+             {**base, "id": "b", "mirror": {"source_rank": None, "source_score": None, "top": []}},
+             {**base, "id": "c", "source": "d2", "verdict": "memorized", "copied_tokens": 1,
+              "mirror": {"source_rank": 2, "source_score": 0.1, "top": [{"rank": 1, "doc_id": "d3", "score": 0.9}]}}]
+    report = {"memorized": 1, "generations": 3, "threshold": 0.5, "n": 8, "items": items}
+    page = (write_provenance(report, tmp_path) / "provenance.html").read_text()
+    assert "mirror:;" not in page and "mirror:<" not in page and "top documents ;" not in page
+    assert "mirror: top documents d&lt;1&gt; (0.50)" in page
+    assert "mirror: source at rank 2; top documents d3 (0.90)" in page
+    assert page.count("mirror:") == 2
+
+
+def test_memorization_lengths_are_checked_before_the_model_runs(planted, tiny_model, monkeypatch):
+    from hf_mirror import modeling
+    from hf_mirror.provenance.memorization import extractable_memorization
+
+    model, tok = tiny_model
+    short_docs = Corpus(["a short one.", "another short one."])
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the lengths were checked")
+
+    monkeypatch.setattr(modeling, "load_model", no_load)
+    with pytest.raises(InputError, match=r"No document has 64 tokens .*the longest has \d+.*--prefix-tokens"):
+        extractable_memorization(str(planted.model_dir), None, short_docs)
+    with pytest.raises(InputError, match=r"exceeds the model's context of 128 tokens.*--prefix-tokens/--suffix-tokens"):
+        extractable_memorization(str(planted.model_dir), None, short_docs, prefix_tokens=100, suffix_tokens=100)
+    monkeypatch.setattr(model, "generate", no_load)
+    with pytest.raises(InputError, match="context of 128 tokens"):
+        extractable_memorization(model, tok, short_docs, prefix_tokens=64, suffix_tokens=64)

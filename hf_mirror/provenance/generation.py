@@ -10,18 +10,27 @@ checks meet:
 - the **mirror** (:func:`hf_mirror.attribute`) ranks every document by how much unlearning the generation
   raises its loss: the report gives the source document's rank and score there, and the mirror's own top
   documents (for a generation with no verbatim source, the mirror's top document is the best guess).
+
+A generation shorter than the index's n-gram length cannot contain one of its n-grams: an infini-gram index
+checks it with n lowered to its length (the whole generation verbatim); a hashed n-gram index cannot, so the
+generation gets the verdict ``"too short to check"`` and a warning instead of a silent "not memorized".
 """
 
 from __future__ import annotations
 
 import html
+import inspect
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.provenance.ngram import NgramIndex
+
+logger = logging.getLogger(__name__)
+TOO_SHORT = "too short to check"
 
 
 def _char_ranges(tokenizer, text: str, spans) -> list[tuple[int, int]]:
@@ -35,6 +44,17 @@ def _char_ranges(tokenizer, text: str, spans) -> list[tuple[int, int]]:
             i = text.find(s.text)
             out.append((i, i + len(s.text)) if i >= 0 else (-1, -1))
     return out
+
+
+def _find(index, text: str) -> tuple[object, int, str | None]:
+    """``(match, n used, note)``: n lowered to a short generation's length when the index answers any n."""
+    match = index.find(text)
+    if not 0 < match.n_tokens < index.n:
+        return match, index.n, None
+    short = f"{match.n_tokens} tokens, fewer than the n-gram length {index.n}"
+    if "n" in inspect.signature(index.find).parameters:  # infini-gram: a suffix array answers any n
+        return index.find(text, n=match.n_tokens), match.n_tokens, f"{short}: checked with n={match.n_tokens}"
+    return match, index.n, f"{short}: a verbatim copy cannot be found (rebuild the index with a smaller --ngram)"
 
 
 def generation_provenance(
@@ -88,7 +108,7 @@ def generation_provenance(
     reports = []
     for p in probe_list:
         text = p.completion or ""
-        match = index.find(text)
+        match, n_used, note = _find(index, text)
         per_doc: dict[object, set[int]] = {}
         for span in match.spans:
             for occ in span.occurrences:
@@ -103,10 +123,14 @@ def generation_provenance(
         spans = [{"text": s.text, "tokens": [s.start, s.end], "chars": list(c),
                   "source_offset": next(o.offset for o in s.occurrences if o.doc_id == source)}
                  for s, c in zip(src_spans, chars, strict=True)]
-        entry = {"id": p.id, "prompt": p.prompt, "generation": text, "n_tokens": match.n_tokens,
-                 "verdict": "memorized" if source is not None and fraction >= threshold else "not memorized",
-                 "source": source, "copied_tokens": copied, "copied_fraction": fraction, "spans": spans,
-                 "coverage": match.coverage}
+        verdict = "memorized" if source is not None and fraction >= threshold else "not memorized"
+        if verdict != "memorized" and n_used > match.n_tokens > 0:
+            verdict = TOO_SHORT
+        if note:
+            logger.warning("Generation %r: %s.", p.id, note)
+        entry = {"id": p.id, "prompt": p.prompt, "generation": text, "n_tokens": match.n_tokens, "n": n_used,
+                 "verdict": verdict, "source": source, "copied_tokens": copied, "copied_fraction": fraction,
+                 "spans": spans, "coverage": match.coverage, **({"note": note} if note else {})}
         if use_mirror:
             order = ranking.get(p.id, [])
             entry["mirror"] = {
@@ -119,7 +143,7 @@ def generation_provenance(
         reports.append(entry)
     memorized = sum(r["verdict"] == "memorized" for r in reports)
     return {"memorized": memorized, "generations": len(reports), "threshold": threshold, "n": index.n,
-            "mirror": use_mirror, "items": reports}
+            "too_short": sum(r["verdict"] == TOO_SHORT for r in reports), "mirror": use_mirror, "items": reports}
 
 
 def write_provenance(report: dict, directory: str | Path) -> Path:
@@ -142,12 +166,17 @@ def write_provenance(report: dict, directory: str | Path) -> Path:
         if r["source"] is not None:
             head += (f" from document <b>{html.escape(str(r['source']))}</b> ({r['copied_tokens']} of "
                      f"{r['n_tokens']} tokens copied verbatim)")
-        m = r.get("mirror")
-        if m:
-            rank = "not scored" if m["source_rank"] is None else f"rank {m['source_rank']}"
-            top = ", ".join(f"{html.escape(str(t['doc_id']))} ({t['score']:.2f})" for t in m["top"][:3])
-            head += (f"<br>mirror: source at {rank}" if r["source"] is not None else "<br>mirror:")
-            head += f"; top documents {top}"
+        if r.get("note"):
+            head += f"<br><i>{html.escape(r['note'])}</i>"
+        m = r.get("mirror") or {}
+        parts = []
+        if m and r["source"] is not None:
+            parts.append("source not scored" if m["source_rank"] is None else f"source at rank {m['source_rank']}")
+        if m.get("top"):
+            parts.append("top documents " + ", ".join(f"{html.escape(str(t['doc_id']))} ({t['score']:.2f})"
+                                                      for t in m["top"][:3]))
+        if parts:
+            head += "<br>mirror: " + "; ".join(parts)
         blocks.append(f"<div class=gen><p>{head}</p><pre><i>{html.escape(r['prompt'])}</i>{''.join(marked)}</pre>"
                       "</div>")
     page = ("<!doctype html><meta charset=utf-8><title>hf-mirror provenance</title><style>body{font:14px sans-serif;"
@@ -155,7 +184,9 @@ def write_provenance(report: dict, directory: str | Path) -> Path:
             ".mem{color:#b00;font-weight:bold}</style>"
             f"<h1>Memorization provenance</h1><p>{report['memorized']} of {report['generations']} generations "
             f"memorized (a single document holds at least {report['threshold']:.0%} of their tokens in "
-            f"{report['n']}-gram spans; highlighted).</p>" + "".join(blocks))
+            f"{report['n']}-gram spans; highlighted)."
+            + (f" {report['too_short']} too short to check." if report.get("too_short") else "")
+            + "</p>" + "".join(blocks))
     (out / "provenance.html").write_text(page)
     return out
 
