@@ -7,21 +7,21 @@ import itertools
 import json
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
-from hf_mirror.candidates import retrieve
+from hf_mirror.candidates import Candidates, retrieve
 from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
+from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
 from hf_mirror.mirror import (
     FitReport,
@@ -66,6 +66,77 @@ def _run_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass
+class _Run:
+    """What the stages of one run share: the process group, the output directory, the model and the windowing."""
+
+    accelerator: Accelerator
+    out: Path
+    model: object
+    tokenizer: object
+    model_name: str
+    corpus: Corpus
+    mirror: MirrorConfig
+    scan: ScanConfig
+    max_length: int
+    overlap: int
+    precision: str
+    show_progress: bool
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def shard(self) -> Path:
+        return self.out / "shards" / f"rank-{self.rank:05d}-of-{self.world:05d}"
+
+    def share(self, values: list) -> list:
+        """``values`` of the main process, on every process."""
+        return broadcast_object_list(values, from_process=0) if self.world > 1 else values
+
+
+@dataclass
+class _Pool:
+    """The probes, the control probes that pool with them, and each probe's BM25 candidates."""
+
+    probes: list[Probe]
+    controls: list[Probe]
+    retrieval: Candidates
+    keep: set | None  # the documents the mirrors scan (None: every document)
+    normalize: str
+    names: list[str] = field(default_factory=list)  # adapter names
+
+    def __post_init__(self) -> None:
+        taken: set[str] = set()
+        self.names = [adapter_name(p.id, taken) for p in self.all]
+
+    @property
+    def all(self) -> list[Probe]:
+        return self.probes + self.controls
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.all]
+
+
+@dataclass
+class _Caches:
+    """The base-loss cache and the control-score cache of this run (None where the run cannot use them)."""
+
+    base: BaseLossCache | None
+    controls: BaseLossCache | None
+    controls_cached: bool  # every process has the control probes' scores: they are neither fitted nor scanned
+
+
 def attribute(
     model,
     corpus,
@@ -97,181 +168,210 @@ def attribute(
     ``options`` for its scorer; the result has the same form.
     """
     if method != "mirror":
-        from hf_mirror.baselines import attribute_baseline
-
-        scan = scan or ScanConfig()
-        return attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=output_dir,
-                                  top_k=scan.top_k, show_progress=show_progress, max_length=scan.max_length,
-                                  overlap=scan.overlap, max_new_tokens=scan.max_new_tokens, model_kwargs=model_kwargs,
-                                  **options)
+        return _other_method(method, model, corpus, probes, tokenizer, scan or ScanConfig(), output_dir,
+                             model_kwargs, show_progress, options)
     if options:
         raise InputError(f"Unknown option(s) {sorted(options)} for the mirror: its settings are MirrorConfig and "
                          "ScanConfig.")
-    mirror = mirror or MirrorConfig()
-    scan = scan or ScanConfig()
+    run = _start(model, corpus, tokenizer, mirror or MirrorConfig(), scan or ScanConfig(), output_dir, model_kwargs,
+                 show_progress, overwrite)
+    trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}  # PEFT freezes them
+    pool = _probes_and_candidates(run, probes)  # 1. probes, controls, BM25 candidates
+    caches = _caches(run, pool)
+    book = _score_book(run, pool)  # before the costly fit: refuses another run's shard, or resumes this one's
+    n_fit = len(pool.probes) if caches.controls_cached else len(pool.all)
+    peft_model, report = _mirrors(run, pool, n_fit)  # 2. fit or reload on the main process, shared
+    try:
+        if not book.done:
+            _scan(run, pool, caches, book, peft_model, n_fit)  # 3. scan this process's shard
+    finally:
+        peft_model.unload()  # give the caller back their model without LoRA layers, as trainable as it was
+        for name, p in run.model.named_parameters():
+            p.requires_grad_(trainable.get(name, p.requires_grad))
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        _merge_and_record(run, pool, report, book.run_key, model_kwargs)  # 4. merge, 5. record
+    run.accelerator.wait_for_everyone()
+    return AttributionResult.load(run.out)
+
+
+def _other_method(method: str, model, corpus, probes, tokenizer, scan: ScanConfig, output_dir, model_kwargs,
+                  show_progress: bool, options: dict) -> AttributionResult:
+    """A registry method other than the mirror, on the same inputs."""
+    from hf_mirror.baselines import attribute_baseline
+
+    return attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=output_dir,
+                              top_k=scan.top_k, show_progress=show_progress, max_length=scan.max_length,
+                              overlap=scan.overlap, max_new_tokens=scan.max_new_tokens, model_kwargs=model_kwargs,
+                              **options)
+
+
+def _start(model, corpus, tokenizer, mirror: MirrorConfig, scan: ScanConfig, output_dir, model_kwargs,
+           show_progress: bool, overwrite: bool) -> _Run:
+    """The process group, the output directory, the model on its device and the windowing."""
     corpus = _as_corpus(corpus)
     if scan.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {scan.precision!r}.")
-    on_gpu = torch.cuda.is_available()
-    precision = scan.precision if on_gpu else "no"
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
-    if scan.precision != "no" and not on_gpu:
+    gpu = on_gpu()
+    precision = scan.precision if gpu else "no"
+    accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)  # the process state of distributed.py
+    if scan.precision != "no" and not gpu:
         logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.precision)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if output_dir is None:
-        if world > 1:
+        if accelerator.num_processes > 1:
             raise InputError("Pass an output directory when running on several processes.")
         output_dir = tempfile.mkdtemp(prefix="hf_mirror_")
     out = Path(output_dir)
-    if main:
+    if accelerator.is_main_process:
         if overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-
     model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
     model.to(accelerator.device).eval()
-    trainable = {name: p.requires_grad for name, p in model.named_parameters()}  # PEFT freezes them: restored
-
     max_length = scan.max_length or context_length(model, tokenizer)
     overlap = scan.overlap if scan.overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
+    return _Run(accelerator, out, model, tokenizer, str(model_name), corpus, mirror, scan, max_length, overlap,
+                precision, show_progress)
 
-    # 1. probes, controls and each probe's BM25 candidates: made once on the main process, shared with the others
-    if main:
-        probe_list: list[Probe] = _probes_from_disk(out, probes) or load_probes(probes)
-        probe_list = generate_completions(model, tokenizer, probe_list, scan.max_new_tokens)
+
+def _probes_and_candidates(run: _Run, probes) -> _Pool:
+    """Probes (completions generated where missing), control probes and BM25 candidates, made on the main process."""
+    scan = run.scan
+    shared = [None, None, None]
+    if run.main:
+        probe_list: list[Probe] = _probes_from_disk(run.out, probes) or load_probes(probes)
+        probe_list = generate_completions(run.model, run.tokenizer, probe_list, scan.max_new_tokens)
         n_controls = scan.n_controls(len(probe_list))
-        controls = (control_probes(corpus.documents(), tokenizer, n_controls, mirror.seed,
-                                   span=min(16, (max_length - 1) // 2), strict=scan.controls is not None)
+        controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
+                                   span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
-        shared = [probe_list, controls, retrieve(corpus.documents(), probe_list, scan.n_candidates)]
-    else:
-        shared = [None, None, None]
-    probe_list, controls, retrieval = broadcast_object_list(shared, from_process=0) if world > 1 else shared
-    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents) else None  # None: every document
-    cache = (_base_cache(model, tokenizer, corpus, scan, max_length, overlap, precision, rank, world)
-             if keep is None else None)  # the cache holds whole-corpus base losses
-    n_controls = len(controls)
+        shared = [probe_list, controls, retrieve(run.corpus.documents(), probe_list, scan.n_candidates)]
+    probe_list, controls, retrieval = run.share(shared)
     normalize = scan.normalize
-    if normalize != "none" and scan.controls is None and len(probe_list) + n_controls < 3:
+    if normalize != "none" and scan.controls is None and len(probe_list) + len(controls) < 3:
         logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")
         normalize = "none"
-    pool = probe_list + controls
-    taken: set[str] = set()
-    names = [adapter_name(p.id, taken) for p in pool]
-    ids = [p.id for p in pool]
-    run_key = _run_key(str(model_name), corpus.describe(), mirror.identity(), [asdict(p) for p in pool],
-                       normalize, scan.top_k, max_length, overlap, world,
-                       None if keep is None else scan.n_candidates, scan.aggregate)
-    shard = out / "shards" / f"rank-{rank:05d}-of-{world:05d}"
-    # before the (costly) fit: checks the scoring options, refuses another run's shard, or resumes this one's
-    book = ScoreBook(ids, mirror.sign, normalize, scan.top_k, shard, n_controls, run_key,
+    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents) else None
+    return _Pool(probe_list, controls, retrieval, keep, normalize)
+
+
+def _caches(run: _Run, pool: _Pool) -> _Caches:
+    """The base-loss cache (whole-corpus scans only) and, for normalised runs, the control probes' score cache."""
+    base = (_base_cache(run.model, run.tokenizer, run.corpus, run.scan, run.max_length, run.overlap, run.precision,
+                        run.rank, run.world) if pool.keep is None else None)
+    controls = None
+    if base is not None and pool.controls and pool.normalize != "none":
+        key = _run_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
+                       run.scan.aggregate)
+        controls = BaseLossCache(base.dir.parents[2], key, run.rank, run.world, kind="control_scores")
+    cached = controls is not None and controls.complete
+    if run.world > 1:  # every process must scan the same adapters
+        cached = all(gather_object([cached]))
+    return _Caches(base, controls, cached)
+
+
+def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
+    """This process's score book, keyed by everything that decides the scores (a resume continues it)."""
+    scan = run.scan
+    run_key = _run_key(run.model_name, run.corpus.describe(), run.mirror.identity(), [asdict(p) for p in pool.all],
+                       pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
+                       None if pool.keep is None else scan.n_candidates, scan.aggregate)
+    return ScoreBook(pool.ids, run.mirror.sign, pool.normalize, scan.top_k, run.shard, len(pool.controls), run_key,
                      scan.checkpoint_every, scan.checkpoint_seconds, scan.aggregate)
-    # control probes' scores are cached like base losses: with a hit they are neither fitted nor scanned
-    control_cache = (BaseLossCache(cache.dir.parents[2], _run_key("control-scores-v1", cache.key, mirror.identity(),
-                                                                   [asdict(c) for c in controls], scan.aggregate),
-                                   rank, world, kind="control_scores")
-                     if cache is not None and controls and normalize != "none" else None)
-    controls_cached = control_cache is not None and control_cache.complete
-    if world > 1:  # every process must scan the same adapters
-        controls_cached = all(gather_object([controls_cached]))
-    n_fit = len(probe_list) if controls_cached else len(pool)
 
-    # 2. mirrors: fitted (or reloaded) once on the main process, broadcast to the others
-    if main:
-        peft_model, report = _fit_or_reload(model, tokenizer, pool[:n_fit], names[:n_fit], mirror, max_length, out,
-                                            f"{run_key}-{n_fit}", show_progress)
-        shared = [adapter_states(peft_model, names[:n_fit]) if world > 1 else None, report]
-    else:
-        shared = [None, None]
-    states, report = broadcast_object_list(shared, from_process=0) if world > 1 else shared
-    if not main:
-        peft_model = attach_mirrors(model, names[:n_fit], mirror, states)
 
-    # 3. scan this process's shard, checkpointing as it goes
+def _mirrors(run: _Run, pool: _Pool, n_fit: int):
+    """The first ``n_fit`` mirrors of the pool, fitted (or reloaded) on the main process and attached everywhere."""
+    names = pool.names[:n_fit]
+    # the fit key holds only what decides the adapters: the model, the mirror settings, the probes, the windowing
+    fit_key = _run_key(run.model_name, run.mirror.identity(), [asdict(p) for p in pool.all[:n_fit]], run.max_length)
+    shared = [None, None]
+    if run.main:
+        peft_model, report = _fit_or_reload(run.model, run.tokenizer, pool.all[:n_fit], names, run.mirror,
+                                            run.max_length, run.out, fit_key, run.show_progress)
+        shared = [adapter_states(peft_model, names) if run.world > 1 else None, report]
+    states, report = run.share(shared)
+    if not run.main:
+        peft_model = attach_mirrors(run.model, names, run.mirror, states)
+    return peft_model, report
+
+
+def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, n_fit: int) -> None:
+    """Scan this process's share of the corpus (or of the candidates), checkpointing as it goes."""
+    scan, main, world = run.scan, run.main, run.world
+    peers = [run.out / "shards" / f"rank-{r:05d}-of-{world:05d}" / "progress.json" for r in range(1, world)]
+    progress = ScanProgress(run.shard / "progress.json" if not main else None, peers if main else [],
+                            run.corpus.num_documents(), run.show_progress and main)
+    layers = run.mirror.block_indices(run.model)
+    first = min(layers) if layers else 0
+    trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
+    scanner = Scanner(peft_model, run.tokenizer, pool.names[:n_fit], pool.ids[:n_fit], run.max_length, run.overlap,
+                      scan.batch_size, progress, autocast=run.accelerator.autocast, trunk=trunk,
+                      adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width,
+                      sort_batches=scan.sort_batches)
+    docs = run.corpus.documents(run.rank, world)
+    if pool.keep is not None:  # retrieve-then-rerank: only the candidates
+        docs = (d for d in docs if d[0] in pool.keep)
+    docs = itertools.islice(docs, book.next_seq, None)
+    base, controls, controls_cached = caches.base, caches.controls, caches.controls_cached
+    cached = base.read(book.next_seq) if base is not None and base.complete else None
+    fill_base = base is not None and cached is None and book.next_seq == 0
+    control_rows = controls.read(book.next_seq) if controls_cached else None
+    fill_controls = controls is not None and not controls_cached and book.next_seq == 0
     try:
-        if not book.done:
-            peers = [out / "shards" / f"rank-{r:05d}-of-{world:05d}" / "progress.json" for r in range(1, world)]
-            progress = ScanProgress(shard / "progress.json" if not main else None, peers if main else [],
-                                    corpus.num_documents(), show_progress and main)
-            layers = mirror.block_indices(model)
-            first = min(layers) if layers else 0
-            trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
-            scanner = Scanner(peft_model, tokenizer, names[:n_fit], ids[:n_fit], max_length, overlap, scan.batch_size,
-                              progress,
-                              autocast=accelerator.autocast, trunk=trunk,
-                              adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width,
-                              sort_batches=scan.sort_batches)
-            docs = corpus.documents(rank, world)
-            if keep is not None:  # retrieve-then-rerank: only the candidates
-                docs = (d for d in docs if d[0] in keep)
-            docs = itertools.islice(docs, book.next_seq, None)
-            cached = cache.read(book.next_seq) if cache is not None and cache.complete else None
-            fill_cache = cache is not None and cached is None and book.next_seq == 0
-            control_rows = control_cache.read(book.next_seq) if controls_cached else None
-            fill_controls = control_cache is not None and not controls_cached and book.next_seq == 0
-            try:
-                for doc in scanner(docs, start=book.next_seq, base_losses=cached):
-                    if fill_cache:
-                        cache.add(doc.seq, doc.doc_id, doc.base)
-                    raw = book.add(doc, scanner.skipped, _control_row(control_rows, doc) if controls_cached else None)
-                    if fill_controls:
-                        control_cache.add(doc.seq, doc.doc_id, raw[len(probe_list):])
-            except Exception:
-                logger.error("Process %d of %d failed while scanning document %r (#%d of its shard); finished "
-                             "work is checkpointed in %s: rerun the same command to resume.",
-                             rank, world, scanner.current_doc_id, scanner.next_seq - 1, shard, main_process_only=False)
-                for c in (cache if fill_cache else None, control_cache if fill_controls else None):
-                    if c is not None:
-                        c.discard()
-                raise
-            if fill_cache:
-                cache.commit(scanner.n_documents)
+        for doc in scanner(docs, start=book.next_seq, base_losses=cached):
+            if fill_base:
+                base.add(doc.seq, doc.doc_id, doc.base)
+            raw = book.add(doc, scanner.skipped, _control_row(control_rows, doc) if controls_cached else None)
             if fill_controls:
-                control_cache.commit(scanner.n_documents)
-            book.finish(scanner.next_seq, scanner.skipped, tokenizer,
-                        {"base_passes": scanner.base_passes, "base_cache_hits": int(cached is not None),
-                         "control_cache_hits": int(controls_cached), "forward_passes": scanner.forward_passes,
-                         "window_tokens": scanner.window_tokens, "padded_tokens": scanner.padded_tokens})
-            logger.info("Process %d: %d documents, %d base-model passes (%s).", rank, scanner.n_documents,
-                        scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit",
-                        main_process_only=False)
-    finally:
-        peft_model.unload()  # give the caller back their model without LoRA layers, as trainable as it was
-        for name, p in model.named_parameters():
-            p.requires_grad_(trainable.get(name, p.requires_grad))
-    accelerator.wait_for_everyone()
+                controls.add(doc.seq, doc.doc_id, raw[len(pool.probes):])
+    except Exception:
+        logger.error("Process %d of %d failed while scanning document %r (#%d of its shard); finished work is "
+                     "checkpointed in %s: rerun the same command to resume.", run.rank, world,
+                     scanner.current_doc_id, scanner.next_seq - 1, run.shard, main_process_only=False)
+        for c in (base if fill_base else None, controls if fill_controls else None):
+            if c is not None:
+                c.discard()
+        raise
+    for c in (base if fill_base else None, controls if fill_controls else None):
+        if c is not None:
+            c.commit(scanner.n_documents)
+    book.finish(scanner.next_seq, scanner.skipped, run.tokenizer,
+                {"base_passes": scanner.base_passes, "base_cache_hits": int(cached is not None),
+                 "control_cache_hits": int(controls_cached), "forward_passes": scanner.forward_passes,
+                 "window_tokens": scanner.window_tokens, "padded_tokens": scanner.padded_tokens})
+    logger.info("Process %d: %d documents, %d base-model passes (%s).", run.rank, scanner.n_documents,
+                scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit",
+                main_process_only=False)
 
-    # 4. merge on the main process
-    if main:
-        shards = sorted((out / "shards").glob(f"rank-*-of-{world:05d}"))
-        merged = merge_shards(shards, out, ids[: len(probe_list)], scan.top_k, retrieval.scores)
-        records = [
-            {**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
-             "probe_loss_after": report.loss_after[p.id]}
-            for p, n in zip(probe_list, names, strict=False)
-        ]
-        config = {
-            "model": str(model_name),
-            "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
-            "corpus": corpus.describe(),
-            "mirror": mirror.to_dict(),
-            "scan": {**asdict(scan), "max_length": max_length, "overlap": overlap, "controls": n_controls,
-                     "normalize": normalize},
-            "control_probes": [asdict(c) for c in controls],
-            "candidate_documents": None if keep is None else len(keep),
-            "retrieval": {"method": "bm25", "per_probe": scan.n_candidates, "documents": retrieval.n_documents},
-            "device": str(accelerator.device),
-            "num_processes": world,
-            "run_key": run_key,
-            "versions": package_versions(),
-            "torch_dtype": str(next(model.parameters()).dtype),
-            "stats": merged["stats"],
-        }
-        AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(out)
-    accelerator.wait_for_everyone()
-    return AttributionResult.load(out)
+
+def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, model_kwargs: dict | None) -> None:
+    """Merge every process's shard and write the result with the record of how it was made (main process)."""
+    scan = run.scan
+    shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
+    merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores)
+    records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
+                "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
+    config = {
+        "model": run.model_name,
+        "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
+        "corpus": run.corpus.describe(),
+        "mirror": run.mirror.to_dict(),
+        "scan": {**asdict(scan), "max_length": run.max_length, "overlap": run.overlap,
+                 "controls": len(pool.controls), "normalize": pool.normalize},
+        "control_probes": [asdict(c) for c in pool.controls],
+        "candidate_documents": None if pool.keep is None else len(pool.keep),
+        "retrieval": {"method": "bm25", "per_probe": scan.n_candidates, "documents": pool.retrieval.n_documents},
+        "device": str(run.accelerator.device),
+        "num_processes": run.world,
+        "run_key": run_key,
+        "versions": package_versions(),
+        "torch_dtype": str(next(run.model.parameters()).dtype),
+        "stats": merged["stats"],
+    }
+    AttributionResult(run.out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(run.out)
 
 
 def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: int, overlap: int,
