@@ -48,6 +48,9 @@ class MirrorConfig:
     ``layers`` restricts the adapter to those transformer block indices (negative ones count from the top: ``[-2, -1]``
     is the top 2 blocks of any model). The defaults (8 Adam ascent steps,
     lr 5e-3, rank 16) won the sweep on fact tracing and also lead on LDS (docs/benchmarks.md).
+    ``target_rise`` makes the strength of the perturbation the same for every probe instead of its step count:
+    each mirror is fitted until its probe loss has risen (unlearn) or fallen (learn) by that many nats, at most
+    ``steps`` steps (docs/benchmarks_lds_real_text.md).
     """
 
     rank: int = option(16, min=1, help="LoRA rank of each mirror")
@@ -58,7 +61,12 @@ class MirrorConfig:
         help="modules to adapt (default: PEFT's mapping for the model, the attention; all-linear: attention and MLP)")
     layers: list[int] | None = option(
         None, help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
-    steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep)")
+    steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep); with --target-rise, "
+                        "the most steps a mirror may take")
+    target_rise: float | None = option(
+        None, help="fit each mirror until its probe loss has moved this many nats in the fitting direction (rises "
+        "for unlearn, falls for learn), at most --steps steps; a probe that reached it stops moving while the "
+        "others go on (default: off, every mirror takes --steps steps)")
     lr: float = option(5e-3, help="learning rate of the mirror's optimizer (> 0)")
     optimizer: Literal["adam", "adamw", "sgd"] = option("adam", help="the mirror's optimizer")
     direction: Literal["unlearn", "learn"] = option(
@@ -79,6 +87,8 @@ class MirrorConfig:
             self.target_modules = "all-linear"
         if self.fit_batch < 1:
             raise InputError("fit_batch (probes fitted together) must be at least 1.")
+        if self.target_rise is not None and not self.target_rise > 0:
+            raise InputError(f"target_rise must be a positive number of nats, got {self.target_rise}.")
 
     def block_indices(self, model=None) -> list[int] | None:
         """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
@@ -126,8 +136,11 @@ class MirrorConfig:
         return asdict(self)
 
     def identity(self) -> dict:
-        """The settings that decide the fitted adapters (``fit_batch`` only changes how fast they are fitted)."""
-        return {k: v for k, v in asdict(self).items() if k != "fit_batch"}
+        """The settings that decide the fitted adapters (``fit_batch`` only changes how fast they are fitted).
+
+        ``target_rise`` is left out while it is off (None), so runs recorded before it existed keep their keys."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "fit_batch" and not (k == "target_rise" and v is None)}
 
 
 

@@ -51,10 +51,12 @@ def linear_module_names(model) -> list[str]:
 
 @dataclass
 class FitReport:
-    """Probe loss before and after fitting each mirror."""
+    """Probe loss before and after fitting each mirror, and the optimizer steps each mirror took (fewer than
+    ``MirrorConfig.steps`` when it reached its ``target_rise`` sooner)."""
 
     loss_before: dict[str, float] = field(default_factory=dict)
     loss_after: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
 
 
 def _adapter_params(model: PeftModel, name: str) -> list[torch.nn.Parameter]:
@@ -212,7 +214,13 @@ def _trunk(peft_model: PeftModel, params: Sequence[torch.nn.Parameter], cfg: Mir
 def _fit_group(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[str], batch: dict, cfg: MirrorConfig,
                report: FitReport, trunk: SharedTrunk | None = None) -> None:
     """A few optimizer steps on each probe's loss (row i of ``batch``), for its own adapter only (the blocks under
-    ``trunk`` run once)."""
+    ``trunk`` run once).
+
+    With ``cfg.target_rise``, a probe whose loss has moved that far (in the fitting direction) stops: its rows of
+    the stacked weights are put back after every later optimizer step (Adam's momentum would move them even with
+    a zero gradient), so its adapter is the one it would have been fitted alone; the group stops when every probe
+    has stopped or after ``cfg.steps`` steps.
+    """
     peft_model.eval()  # no dropout: the mirror is a deterministic function of the probe and seed
     stacked = StackedLora(peft_model, names, trainable=True) if len(names) > 1 else None
     if stacked is None:
@@ -228,6 +236,8 @@ def _fit_group(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[s
         with torch.no_grad(), trunk.capture(stop=True):
             peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         reuse = trunk.reuse
+    stopped = torch.zeros(len(names), dtype=torch.bool)
+    before: torch.Tensor | None = None
     for step in range(cfg.steps + 1):
         with reuse(), apply():
             losses = _probe_losses(peft_model, batch)
@@ -238,14 +248,32 @@ def _fit_group(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[s
                 f"Probe {probes[bad].id!r}: non-finite probe loss ({losses[bad].item()}) at mirror step {step}; "
                 "lower --lr or --steps, or check the model's dtype."
             )
+        values = losses.detach().cpu()
         if step == 0:
-            report.loss_before.update({p.id: v for p, v in zip(probes, losses.tolist(), strict=True)})
-        if step == cfg.steps:
-            report.loss_after.update({p.id: v for p, v in zip(probes, losses.tolist(), strict=True)})
+            before = values
+            report.loss_before.update({p.id: v for p, v in zip(probes, values.tolist(), strict=True)})
+        reached = torch.zeros_like(stopped)
+        if cfg.target_rise is not None:
+            reached = ~stopped & (cfg.sign * (values - before) >= cfg.target_rise)
+        ending = reached | ~stopped if step == cfg.steps else reached
+        for i in ending.nonzero().flatten().tolist():  # each probe's loss when its mirror stops
+            report.loss_after[probes[i].id] = values[i].item()
+            report.steps[probes[i].id] = step
+        stopped |= ending
+        if bool(stopped.all()):
             break
         opt.zero_grad(set_to_none=True)
-        (-cfg.sign * losses.sum()).backward()  # unlearn: ascend each probe's loss; learn: descend it
-        opt.step()
+        moving = (~stopped).to(losses.device)
+        (-cfg.sign * losses[moving].sum()).backward()  # unlearn: ascend each probe's loss; learn: descend it
+        if bool(stopped.any()):  # only stacked groups get here: a single probe that stopped has ended the loop
+            rows = stopped.nonzero().flatten().to(losses.device)
+            kept = [p.detach()[rows].clone() for p in params]
+            opt.step()
+            with torch.no_grad():
+                for p, k in zip(params, kept, strict=True):
+                    p[rows] = k
+        else:
+            opt.step()
     for p in params:
         p.requires_grad_(False)
     if stacked is not None:

@@ -1,0 +1,99 @@
+"""Mirrors fitted to a target rise of the probe loss (``MirrorConfig.target_rise``) instead of a fixed step count."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_mirror import InputError, MirrorConfig
+from hf_mirror.flags import add_config_flags, apply_overrides
+from hf_mirror.probes import Probe
+
+TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "birds sing", "rain falls on the old roof again"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_and_probes(tok):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    probes = [Probe(f"p{i}", t.split()[0], " " + " ".join(t.split()[1:])) for i, t in enumerate(TEXTS)]
+    return model, probes
+
+
+def _fit(model, tok, probes, cfg):
+    from hf_mirror.mirror import fit_mirrors
+
+    names = [f"m{i}" for i in range(len(probes))]
+    peft_model, report = fit_mirrors(model, tok, probes, names, cfg, show_progress=False)
+    weights = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    peft_model.unload()
+    return weights, report
+
+
+def _adapter(weights: dict, name: str) -> dict:
+    return {k.replace(f".{name}.", ".*."): v for k, v in weights.items() if f".{name}." in k}
+
+
+def test_config_validates_and_keys_the_target():
+    assert MirrorConfig().target_rise is None
+    assert "target_rise" not in MirrorConfig().identity()  # off: the keys of earlier runs are unchanged
+    assert MirrorConfig(target_rise=1.0).identity()["target_rise"] == 1.0
+    assert MirrorConfig(target_rise=1.0).identity() != MirrorConfig(target_rise=2.0).identity()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="target_rise"):
+            MirrorConfig(target_rise=bad)
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, MirrorConfig)
+    assert apply_overrides(MirrorConfig(), parser.parse_args(["--target-rise", "0.5"])).target_rise == 0.5
+
+
+@pytest.mark.parametrize("direction", ["unlearn", "learn"])
+def test_each_probe_stops_at_its_target_and_fitting_together_gives_the_same_adapters(tok, model_and_probes,
+                                                                                      direction):
+    model, probes = model_and_probes
+    target, cap = 0.3, 20
+    base = {"steps": cap, "lr": 2e-2, "rank": 4, "target_rise": target, "direction": direction}
+    sign = 1.0 if direction == "unlearn" else -1.0
+    one, report_one = _fit(model, tok, probes, MirrorConfig(fit_batch=1, **base))
+    together, report = _fit(model, tok, probes, MirrorConfig(fit_batch=4, **base))
+    steps = [report.steps[p.id] for p in probes]
+    assert steps == [report_one.steps[p.id] for p in probes]
+    assert len(set(steps)) > 1 and min(steps) >= 1 and max(steps) <= cap  # probes stop at different steps
+    for p in probes:  # stopped at the first step whose loss reached the target (or at the cap)
+        rise = sign * (report.loss_after[p.id] - report.loss_before[p.id])
+        assert rise >= target or report.steps[p.id] == cap
+        assert report.loss_after[p.id] == pytest.approx(report_one.loss_after[p.id], abs=1e-5)
+    for n, w in one.items():  # the probes that stopped early did not move while the others went on
+        torch.testing.assert_close(together[n], w, atol=5e-5, rtol=1e-3)  # up to 20 Adam steps
+    # a probe that stopped after k steps has the adapter of a plain k-step fit; k - 1 steps fell short
+    for i, p in enumerate(probes):
+        k = report.steps[p.id]
+        plain_cfg = {**base, "target_rise": None}
+        exact, plain = _fit(model, tok, [p], MirrorConfig(**{**plain_cfg, "steps": k}))
+        for n, w in _adapter(exact, "m0").items():
+            torch.testing.assert_close(_adapter(together, f"m{i}")[n], w, atol=5e-5, rtol=1e-3)
+        _, short = _fit(model, tok, [p], MirrorConfig(**{**plain_cfg, "steps": k - 1}))
+        assert sign * (short.loss_after[p.id] - short.loss_before[p.id]) < target
+        assert plain.steps[p.id] == k
+
+
+def test_without_a_target_every_mirror_takes_every_step(tok, model_and_probes):
+    model, probes = model_and_probes
+    _, report = _fit(model, tok, probes, MirrorConfig(steps=3, lr=2e-2, rank=4, fit_batch=4))
+    assert report.steps == {p.id: 3 for p in probes}
+    huge, _ = _fit(model, tok, probes[:2], MirrorConfig(steps=3, lr=2e-2, rank=4, fit_batch=2, target_rise=1e6))
+    plain, _ = _fit(model, tok, probes[:2], MirrorConfig(steps=3, lr=2e-2, rank=4, fit_batch=2))
+    for n, w in plain.items():  # a target never reached: the plain fit
+        torch.testing.assert_close(huge[n], w)
