@@ -1,9 +1,14 @@
 """Linear datamodeling score (LDS): do a method's scores predict what retraining on data subsets does?
 
-    python recipes/benchmark_lds.py [--quick] [--methods mirror,mirror_raw,bm25,...] [--json runs/lds.json]
-        [--cache-dir DIR] [--n-subsets 24] [--n-countries 40] ...
+    python recipes/benchmark_lds.py [--corpus capitals|wordnet] [--quick] [--methods mirror,mirror_raw,bm25,...]
+        [--json runs/lds.json] [--cache-dir DIR] [--n-subsets 24] [--n-countries 40] [--n-entries 400] ...
 
-Trains a small GPT-2 on the fact-tracing corpus, retrains it from scratch on random halves of the corpus (same
+    # mirror settings per row: METHOD:FIELD=VALUE[:FIELD=VALUE...] (MirrorConfig fields)
+    python recipes/benchmark_lds.py --corpus wordnet --methods mirror,mirror:steps=3,mirror:target_rise=1:steps=32
+
+Trains a small GPT-2 on a corpus (``--corpus capitals``, the default: the templated fact-tracing corpus;
+``--corpus wordnet``: 400 real WordNet entries that the model memorises, probes = 40 headword prompts with the
+model's own continuation), retrains it from scratch on random halves of the corpus (same
 tokenizer, hyperparameters, seed and data order), and correlates each method's predicted effect of a subset
 (the sum of its scores over the subset's documents) with the retrained model's negative probe loss (Spearman,
 per probe, averaged over probes); see ``hf_mirror.evaluation.lds``. The retrains' losses are cached under
@@ -29,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests (well under a minute)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}; a mirror method may carry MirrorConfig "
+                   "settings: mirror:steps=10, mirror:target_rise=1:steps=32")
     p.add_argument("--json", type=Path, default=None, help="also write the full report as JSON here")
     p.add_argument("--output", type=Path, default=None, help="keep every method's result directory here")
     p.add_argument("--cache-dir", type=Path, default=None, help="where the full model and retrains are cached")
@@ -38,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(p, LDSConfig, hidden=False)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = apply_overrides(LDSConfig.quick() if args.quick else LDSConfig(), args)
+    cfg = apply_overrides(LDSConfig.for_corpus(args.corpus or "capitals", quick=args.quick), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = run_lds(cfg, methods, args.cache_dir, args.output, args.progress,
                      log=lambda s: print(s, file=sys.stderr))
     report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     report["threads"] = args.threads
-    print(f"{report['documents']} documents, {report['probes']} probes ({report['correct']} answered correctly), "
+    print(f"{cfg.corpus}: {report['documents']} documents, {report['probes']} probes ({report['correct']} answered "
+          f"correctly), "
           f"{cfg.n_subsets} retrained subsets of {report['subset_documents']} documents "
           f"({report['retrain_seconds']:.0f} s retraining in this run)")
     print(format_table(report))

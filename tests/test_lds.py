@@ -12,7 +12,17 @@ import pytest
 import torch
 
 from hf_mirror import InputError
-from hf_mirror.evaluation.lds import Retrains, Setup, draw_subsets, lds_from_scores, train_subset
+from hf_mirror.evaluation.lds import (
+    LDSConfig,
+    Retrains,
+    Setup,
+    draw_subsets,
+    first_sentence,
+    lds_from_scores,
+    parse_method,
+    train_subset,
+    wordnet_entries,
+)
 from hf_mirror.evaluation.loo import LeaveOneOut, loo_correlation, pick_documents
 from hf_mirror.tiny_lm import train_tiny_lm
 
@@ -149,3 +159,39 @@ def test_loo_recipe_runs(cache, tmp_path, capsys):
     report = json.loads((tmp_path / "loo.json").read_text())
     assert len(report["left_out"]) == 2 and report["effect"]["proponent_pairs"] >= 1
     assert report["methods"]["mirror_raw"]["pairs"] == 2 * report["probes"]
+
+
+def test_wordnet_entries_and_method_specs():
+    entries, picks = wordnet_entries(400, 40)
+    assert len(entries) == 400 and len({e["id"] for e in entries}) == 400
+    assert len(picks) == 40 and {p["id"] for p in picks} <= {e["id"] for e in entries}
+    assert all(p["prompt"] == p["headword"] + ":" for p in picks)
+    with pytest.raises(InputError, match="n_queries"):
+        wordnet_entries(10, 11)
+    assert first_sentence(" a seat. A kind of seat.") == " a seat." and first_sentence(" no stop") == " no stop"
+    assert LDSConfig.for_corpus("wordnet").n_entries == 400 and LDSConfig.for_corpus("capitals") == LDSConfig()
+    with pytest.raises(InputError, match="corpus"):
+        LDSConfig(corpus="news")
+    assert parse_method("bm25") == ("bm25", {})
+    assert parse_method("mirror:target_rise=1:steps=32") == ("mirror", {"target_rise": 1, "steps": 32})
+    for bad, match in (("nope", "Unknown method"), ("bm25:steps=3", "mirror methods only"),
+                       ("mirror:stepz=3", "MirrorConfig fields"), ("mirror:target_rise=0", "target_rise")):
+        with pytest.raises(InputError, match=match):
+            parse_method(bad)
+
+
+def test_lds_recipe_on_real_wordnet_text(cache, tmp_path, capsys):
+    """The real-text corpus (``--corpus wordnet``): WordNet entries, headword probes, mirror settings per row."""
+    lds = recipe("benchmark_lds")
+    assert lds.main(["--corpus", "wordnet", "--quick", "--n-subsets", "3", "--cache-dir", str(cache),
+                     "--methods", "mirror_raw:steps=2,mirror_raw:target_rise=0.5:steps=8,bm25",
+                     "--json", str(tmp_path / "wn.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("wordnet: 40 documents") and "| mirror_raw:target_rise=0.5:steps=8 |" in printed
+    report = json.loads((tmp_path / "wn.json").read_text())
+    assert report["corpus"] == "wordnet" and report["documents"] == 40 and report["probes"] >= 2
+    assert set(report["methods"]) == {"mirror_raw:steps=2", "mirror_raw:target_rise=0.5:steps=8", "bm25"}
+    target = report["methods"]["mirror_raw:target_rise=0.5:steps=8"]
+    assert target["mirror"] == {"target_rise": 0.5, "steps": 8} and target["probe_rise"] >= 0.5
+    assert report["methods"]["bm25"]["probe_rise"] is None
+    assert all(-1 <= row["lds"] <= 1 for row in report["methods"].values() if row["n_probes"])

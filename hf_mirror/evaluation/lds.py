@@ -1,7 +1,11 @@
 """Linear datamodeling score (LDS; Park et al., TRAK, 2023): do attribution scores predict retraining?
 
-Protocol. A small GPT-2 is trained on the fact-tracing corpus (:mod:`hf_mirror.evaluation.fact_tracing`, a
-small size); its greedy answers to the held-out queries are the probes. Then ``n_subsets`` models are
+Protocol. A small GPT-2 is trained from scratch on a corpus: ``corpus="capitals"`` (the default) is the templated
+fact-tracing corpus (:mod:`hf_mirror.evaluation.fact_tracing`, a small size), whose probes are the model's greedy
+answers to held-out queries; ``corpus="wordnet"`` is real dictionary text, ``n_entries`` evenly spaced entries of the
+bundled WordNet corpus (:func:`hf_mirror.demo.load_facts`) that the model memorises, whose probes are
+``n_queries`` of those entries' headword prompts (``"bench:"``) with the model's own greedy continuation (its first
+sentence). Then ``n_subsets`` models are
 retrained from scratch, each on a random ``fraction`` of the documents, with the full model's tokenizer,
 architecture, hyperparameters, initialisation seed and data order (each epoch's shuffle of the full corpus,
 restricted to the subset). The *actual* output of subset ``S`` on probe ``p`` is the retrained model's probe
@@ -25,8 +29,9 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -35,14 +40,21 @@ from hf_mirror.evaluation.variants import MIRROR_VARIANTS, run_method
 
 METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear", "bm25",
            "embedding", "gradsim", "ekfac")
+CORPORA = ("capitals", "wordnet")
 
 
 @dataclass
 class LDSConfig:
-    """Corpus, model and retraining sizes (model fields as in :class:`FactTracingConfig`)."""
+    """Corpus, model and retraining sizes (model fields as in :class:`FactTracingConfig`).
 
-    n_countries: int = 40  # fact-tracing corpus size (about 7 documents per country)
-    n_queries: int = 20  # probes: the full model's answers to this many held-out queries
+    ``corpus="capitals"`` uses ``n_countries`` and ``n_templates``; ``corpus="wordnet"`` uses ``n_entries`` (start
+    from :meth:`wordnet`: its model fields fit real text).
+    """
+
+    corpus: Literal["capitals", "wordnet"] = "capitals"  # templated capital facts, or real WordNet entries
+    n_countries: int = 40  # capitals: fact-tracing corpus size (about 7 documents per country)
+    n_entries: int = 400  # wordnet: bundled entries in the corpus (evenly spaced over the 3000)
+    n_queries: int = 20  # probes: the full model's answers to this many held-out queries (wordnet: headwords)
     n_subsets: int = 24  # retrained models
     fraction: float = 0.5  # share of the documents in each subset
     subset_seed: int = 1  # draws the subsets
@@ -62,6 +74,29 @@ class LDSConfig:
     def quick(cls) -> LDSConfig:
         """A size for tests: a few seconds per retrain on one CPU thread."""
         return cls(n_countries=8, n_queries=8, n_subsets=6, vocab_size=300, n_layer=2, n_embd=64, epochs=30)
+
+    @classmethod
+    def wordnet(cls, quick: bool = False) -> LDSConfig:
+        """The real-text benchmark: 400 WordNet entries (up to 62 tokens each), a 3-layer GPT-2 with a 1000-token
+        BPE that memorises them in 60 epochs, 40 probes; ``quick``: 40 entries, 8 probes, a 2-layer model (tests)."""
+        if quick:
+            return cls(corpus="wordnet", n_entries=40, n_queries=8, n_subsets=6, vocab_size=300, n_layer=2,
+                       n_embd=64, n_positions=64, epochs=30, max_new_tokens=16)
+        return cls(corpus="wordnet", n_entries=400, n_queries=40, vocab_size=1000, n_positions=96,
+                   max_new_tokens=24)
+
+    @classmethod
+    def for_corpus(cls, corpus: str = "capitals", quick: bool = False) -> LDSConfig:
+        """The default (or ``quick``) configuration of ``corpus``."""
+        if corpus not in CORPORA:
+            raise InputError(f"Unknown LDS corpus {corpus!r}; choose from {list(CORPORA)}.")
+        if corpus == "wordnet":
+            return cls.wordnet(quick)
+        return cls.quick() if quick else cls()
+
+    def __post_init__(self) -> None:
+        if self.corpus not in CORPORA:
+            raise InputError(f"Unknown LDS corpus {self.corpus!r}; choose from {list(CORPORA)}.")
 
     def fact_tracing(self):
         from hf_mirror.evaluation.fact_tracing import FactTracingConfig
@@ -139,7 +174,7 @@ class Setup:
 
     model: object
     tokenizer: object
-    documents: list[dict]  # id, text, country, relation
+    documents: list[dict]  # id, text and country, relation (capitals) or headword (wordnet)
     probes: list[dict]  # id, prompt, completion, correct, answer
     proponents: dict[str, list[str]]
     directory: Path
@@ -154,39 +189,100 @@ class Setup:
         return [d["text"] for d in self.documents]
 
 
-def full_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> Setup:
-    """Build the corpus, train (or load from the cache) the full model and answer the queries.
+def _train_fields(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_embd", "n_head", "n_positions", "epochs",
+                                         "batch_size", "lr", "seed")}
 
-    ``cfg`` is an :class:`LDSConfig` or :class:`~hf_mirror.evaluation.loo.LOOConfig` (anything with a
-    ``fact_tracing()`` method). The full model is the fact-tracing benchmark's
-    (:func:`hf_mirror.tiny_lm.train_tiny_lm`); retrains reuse its tokenizer and configuration.
-    """
+
+def _full_model(texts: list[str], train: dict, cache_dir, log: Callable[[str], None]) -> tuple[object, object, Path]:
+    """A GPT-2 trained from scratch on ``texts`` (:func:`hf_mirror.tiny_lm.train_tiny_lm` with ``train``), or the
+    one cached under the key of the texts and settings; model, tokenizer and its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_mirror.evaluation.fact_tracing import answer_queries, build_benchmark, train_model
+    from hf_mirror.tiny_lm import train_tiny_lm
 
-    ft = cfg.fact_tracing()
-    bench = build_benchmark(ft)
-    train = {k: getattr(ft, k) for k in ("vocab_size", "n_layer", "n_embd", "n_head", "n_positions", "epochs",
-                                          "batch_size", "lr", "seed")}
-    texts = [d["text"] for d in bench.documents]
     directory = cache_root(cache_dir) / f"full-{_key({'texts': texts, 'train': train})}"
     if (directory / "COMPLETE").exists():
         model = AutoModelForCausalLM.from_pretrained(directory).eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
         log(f"full model loaded from {directory}")
-    else:
-        t0 = time.perf_counter()
-        directory.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = train_model(bench, ft)
-        tokenizer.save_pretrained(directory)
-        model.save_pretrained(directory)
-        (directory / "COMPLETE").write_text("")  # written last: marks a complete model
-        log(f"full model trained in {time.perf_counter() - t0:.0f} s ({len(texts)} documents)")
+        return model, tokenizer, directory
+    t0 = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = train_tiny_lm(texts, **train)
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    (directory / "COMPLETE").write_text("")  # written last: marks a complete model
+    log(f"full model trained in {time.perf_counter() - t0:.0f} s ({len(texts)} documents)")
+    return model, tokenizer, directory
+
+
+def full_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> Setup:
+    """Build the corpus, train (or load from the cache) the full model and answer the queries.
+
+    ``cfg`` is an :class:`LDSConfig` or :class:`~hf_mirror.evaluation.loo.LOOConfig` (anything with a
+    ``fact_tracing()`` method; ``cfg.corpus="wordnet"`` builds the WordNet setup, :func:`wordnet_setup`). The full
+    model of the capitals corpus is the fact-tracing benchmark's (:func:`hf_mirror.tiny_lm.train_tiny_lm`);
+    retrains reuse its tokenizer and configuration.
+    """
+    from hf_mirror.evaluation.fact_tracing import answer_queries, build_benchmark
+
+    if getattr(cfg, "corpus", "capitals") == "wordnet":
+        return wordnet_setup(cfg, cache_dir, log)
+    ft = cfg.fact_tracing()
+    bench = build_benchmark(ft)
+    texts = [d["text"] for d in bench.documents]
+    model, tokenizer, directory = _full_model(texts, _train_fields(ft), cache_dir, log)
     answers = answer_queries(model, tokenizer, bench, ft.max_new_tokens)
     probes = [{"id": a["id"], "prompt": a["prompt"], "completion": a["completion"], "correct": a["correct"],
                "answer": a["answer"]} for a in answers if a["completion"].strip()]
     return Setup(model, tokenizer, bench.documents, probes, bench.proponents, directory)
+
+
+def wordnet_entries(n_entries: int, n_queries: int) -> tuple[list[dict], list[dict]]:
+    """``n_entries`` evenly spaced bundled WordNet entries (corpus order) and ``n_queries`` of them, evenly spaced
+    among those (the probes' entries)."""
+    from hf_mirror.demo import load_facts
+
+    facts = load_facts()
+    if not 2 <= n_entries <= len(facts):
+        raise InputError(f"n_entries must be between 2 and {len(facts)} (the bundled entries), got {n_entries}.")
+    if not 1 <= n_queries <= n_entries:
+        raise InputError(f"Need 1 <= n_queries <= n_entries, got {n_queries} and {n_entries}.")
+    entries = [facts[i * len(facts) // n_entries] for i in range(n_entries)]
+    picks = [entries[(2 * i + 1) * n_entries // (2 * n_queries)] for i in range(n_queries)]
+    return entries, picks
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to and including its first full stop (all of it when there is none)."""
+    cut = text.find(".")
+    return text[: cut + 1] if cut >= 0 else text
+
+
+def wordnet_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> Setup:
+    """The real-text setup: a GPT-2 trained from scratch on ``cfg.n_entries`` WordNet entries; the probes are
+    ``cfg.n_queries`` entries' headword prompts (``"bench:"``) with the model's greedy continuation
+    (``cfg.max_new_tokens`` tokens cut after the first sentence: the gloss). A probe is ``correct`` when its
+    completion starts the entry's own text (memorised); its proponent is its entry."""
+    from hf_mirror.modeling import prepare_tokenizer
+    from hf_mirror.probes import Probe, generate_completions
+
+    entries, picks = wordnet_entries(cfg.n_entries, cfg.n_queries)
+    documents = [{"id": e["id"], "text": e["text"], "headword": e["headword"]} for e in entries]
+    model, tokenizer, directory = _full_model([d["text"] for d in documents], _train_fields(cfg), cache_dir, log)
+    prepare_tokenizer(tokenizer)
+    queries = [Probe(f"{e['id']}-probe", e["prompt"]) for e in picks]
+    generated = generate_completions(model, tokenizer, queries, cfg.max_new_tokens)
+    probes, proponents = [], {}
+    for e, g in zip(picks, generated, strict=True):
+        completion = first_sentence(g.completion or "")
+        if not completion.strip():
+            continue
+        probes.append({"id": g.id, "prompt": g.prompt, "completion": completion,
+                       "correct": e["completion"].startswith(completion), "answer": e["completion"]})
+        proponents[g.id] = [e["id"]]
+    return Setup(model, tokenizer, documents, probes, proponents, directory)
 
 
 # --- retrained subsets and their cached losses ----------------------------------------------------------------
@@ -299,45 +395,101 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
     return result.scores()
 
 
+def _value(text: str):
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"mirror"`` -> ("mirror", {}); ``"mirror:steps=32:target_rise=1"`` -> ("mirror", {"steps": 32,
+    "target_rise": 1}): a method of :data:`METHODS` and, for the mirror methods, ``MirrorConfig`` overrides."""
+    from hf_mirror.mirror import MirrorConfig
+
+    name, *parts = spec.strip().split(":")
+    if name not in METHODS:
+        raise InputError(f"Unknown method {name!r}; choose from {list(METHODS)}.")
+    options = {}
+    known = {f.name for f in fields(MirrorConfig)}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in known:
+            raise InputError(f"{spec!r}: options are MirrorConfig fields as key=value ({', '.join(sorted(known))}).")
+        options[key] = _value(value)
+    if options and name not in MIRROR_VARIANTS:
+        raise InputError(f"{spec!r}: mirror settings apply to the mirror methods only.")
+    MirrorConfig(**{**MIRROR_VARIANTS.get(name, ({}, {}))[1], **options})  # refuses bad values before any training
+    return name, options
+
+
+def _probe_rise(directory: Path) -> float | None:
+    """The mean rise of the probe loss under the mirrors of the run saved in ``directory`` (None without)."""
+    from hf_mirror.results import AttributionResult
+
+    try:
+        records = AttributionResult.load(directory).probe_records
+    except Exception:  # a baseline's result, or a layout without the fit record
+        return None
+    rises = [r["probe_loss_after"] - r["probe_loss_before"] for r in records
+             if r.get("probe_loss_after") is not None and r.get("probe_loss_before") is not None]
+    return float(np.mean(rises)) if rises else None
+
+
 def run_lds(cfg: LDSConfig, methods: Sequence[str] = METHODS, cache_dir: str | Path | None = None,
             output_dir: str | Path | None = None, show_progress: bool = False,
             log: Callable[[str], None] = lambda s: None) -> dict:
-    """Train (or load) the full model and the retrained subsets, then score each method; a JSON-able report."""
+    """Train (or load) the full model and the retrained subsets, then score each method; a JSON-able report.
+
+    A method is a name of :data:`METHODS`, optionally with mirror settings (:func:`parse_method`:
+    ``"mirror:steps=10"``, ``"mirror:target_rise=1:steps=32"``); each becomes a row keyed by its spec.
+    """
     from hf_mirror.mirror import MirrorConfig
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise InputError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    specs = {spec: parse_method(spec) for spec in methods}  # unknown names and bad settings fail before training
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_lds_"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup, retrains = load_or_train(cfg, cache_dir=cache_dir, log=log)
     spread = retrains.losses.std(axis=0)
-    report = {"config": asdict(cfg), "documents": len(setup.documents), "probes": len(setup.probes),
-              "correct": sum(p["correct"] for p in setup.probes), "subset_documents": int(retrains.masks[0].sum()),
-              "retrain_seconds": retrains.seconds, "setup_seconds": time.perf_counter() - t0,
-              "cache": retrains.config["cache"], "loss_spread": float(spread.mean()),
-              "mirror_config": asdict(MirrorConfig()), "methods": {}}
-    log(f"{len(setup.documents)} documents, {len(setup.probes)} probes, {cfg.n_subsets} subsets; mean std of a "
-        f"probe's loss across subsets {spread.mean():.3f}")
-    for method in methods:
+    report = {"config": asdict(cfg), "corpus": cfg.corpus, "documents": len(setup.documents),
+              "probes": len(setup.probes), "correct": sum(p["correct"] for p in setup.probes),
+              "subset_documents": int(retrains.masks[0].sum()), "retrain_seconds": retrains.seconds,
+              "setup_seconds": time.perf_counter() - t0, "cache": retrains.config["cache"],
+              "loss_spread": float(spread.mean()), "mirror_config": asdict(MirrorConfig()), "methods": {}}
+    log(f"{cfg.corpus}: {len(setup.documents)} documents, {len(setup.probes)} probes, {cfg.n_subsets} subsets; mean "
+        f"std of a probe's loss across subsets {spread.mean():.3f}")
+    for spec, (method, options) in specs.items():
         t1 = time.perf_counter()
-        scores = method_scores(method, setup, work, show_progress)
+        where = work / "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
+        scores = method_scores(method, setup, where, show_progress, **options)
         seconds = time.perf_counter() - t1
         row = lds_from_scores(scores, retrains)
         right = [row["per_probe"][p["id"]] for p in setup.probes if p["correct"]]
         right = [v for v in right if np.isfinite(v)]
         row["lds_correct"] = float(np.mean(right)) if right else float("nan")  # probes answered correctly
-        report["methods"][method] = {**row, "seconds": seconds}
-        log(f"{method}: LDS {row['lds']:.3f} +- {row['stderr']:.3f} over {row['n_probes']} probes ({seconds:.0f} s)")
+        report["methods"][spec] = {**row, "seconds": seconds, "method": method, "mirror": options,
+                                   "probe_rise": _probe_rise(where / method) if method in MIRROR_VARIANTS else None}
+        log(f"{spec}: LDS {row['lds']:.3f} +- {row['stderr']:.3f} over {row['n_probes']} probes ({seconds:.0f} s)")
     return report
 
 
 def format_table(report: dict) -> str:
     """The report's methods as a Markdown table."""
-    lines = ["| method | LDS (mean over probes) | std. error | probes | LDS, correct answers only | wall time (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | LDS (mean over probes) | std. error | probes | LDS, correct answers only | wall time (s) | "
+             "mean probe-loss rise (nats) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, row in report["methods"].items():
+        rise = row.get("probe_rise")
         lines.append(f"| {method} | {row['lds']:.3f} | {row['stderr']:.3f} | {row['n_probes']} | "
-                     f"{row.get('lds_correct', float('nan')):.3f} | {row['seconds']:.1f} |")
+                     f"{row.get('lds_correct', float('nan')):.3f} | {row['seconds']:.1f} | "
+                     f"{'' if rise is None else f'{rise:.2f}'} |")
     return "\n".join(lines)
