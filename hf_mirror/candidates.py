@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe]
     import bm25s
 
     from hf_mirror.baselines.bm25 import words
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # its per-index notes are not the user's business
 
     ids, texts = [], []
     for doc_id, text in documents:

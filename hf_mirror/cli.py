@@ -13,6 +13,7 @@ from hf_mirror.distributed import is_main_process, set_threads
 from hf_mirror.errors import HfMirrorError, InputError
 from hf_mirror.flags import add_config_flags, config_from_args
 from hf_mirror.methods import REGISTRY
+from hf_mirror.terminal import escape_log_output, printable
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -89,6 +90,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--output", default="hf-mirror-demo", help="output directory (result files and report.html)")
     p.add_argument("--probes", type=int, default=5, help="number of bundled prompts to complete and attribute")
     p.add_argument("--retrain", action="store_true", help="train the default model again even if cached")
+    p.add_argument("--overwrite", action="store_true", help="attribute again instead of reusing a finished run")
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -264,7 +266,8 @@ def _demo(args) -> int:
     from hf_mirror.render import format_result
 
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    report = run_demo(args.output, args.probes, args.cache_dir, args.retrain, show_progress=not args.no_progress)
+    report = run_demo(args.output, args.probes, args.cache_dir, args.retrain, show_progress=not args.no_progress,
+                      overwrite=args.overwrite)
     print(format_result(report.result, k=3, color=color))
     print()
     print(report.summary())
@@ -385,11 +388,11 @@ def _provenance(args) -> int:
         return 0
     out = write_provenance(report, args.output)
     for r in report["items"]:
-        line = f"{r['id']}: {r['verdict']}"
+        line = f"{printable(r['id'], False)}: {r['verdict']}"
         if r["source"] is not None:
-            line += f" from {r['source']} ({r['copied_tokens']}/{r['n_tokens']} tokens verbatim)"
+            line += f" from {printable(r['source'], False)} ({r['copied_tokens']}/{r['n_tokens']} tokens verbatim)"
         if r.get("mirror") and r["mirror"]["top"]:
-            line += f"; mirror top document {r['mirror']['top'][0]['doc_id']}"
+            line += f"; mirror top document {printable(r['mirror']['top'][0]['doc_id'], False)}"
             if r["source"] is not None:
                 line += f", source at rank {r['mirror']['source_rank']}"
         print(line)
@@ -403,12 +406,11 @@ def _memorization(args) -> int:
     from pathlib import Path
 
     from hf_mirror.corpus import Corpus
-    from hf_mirror.modeling import resolve_model
     from hf_mirror.provenance.memorization import extractable_memorization
 
-    model, tokenizer, _ = resolve_model(args.model)
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
-    report = extractable_memorization(model, tokenizer, corpus, args.prefix_tokens, args.suffix_tokens, args.samples,
+    # the model as a path: the lengths are checked against its config and the corpus before the weights load
+    report = extractable_memorization(args.model, None, corpus, args.prefix_tokens, args.suffix_tokens, args.samples,
                                       args.seed, show_progress=True)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -433,6 +435,7 @@ def _offline_when_local(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    escape_log_output()  # control characters in documents, probes and ids never reach the terminal raw
     _offline_when_local(args)
     try:
         set_threads(args.threads)
@@ -441,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HfMirrorError as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
-        print(f"hf-mirror: error{where}: {e}", file=sys.stderr)
+        print(f"hf-mirror: error{where}: {printable(e)}", file=sys.stderr)
         return e.exit_code
 
 

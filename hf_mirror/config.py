@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("no", "bf16", "fp16")
-AUTO_CANDIDATES = 100  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
+AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
 FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
 CALIBRATED_STEPS = 3  # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_leakage.md)
 
@@ -189,10 +189,16 @@ class ScanConfig:
     fixed_width: bool = option(False, help="pad every batch to max_length: scores independent of batching and "
                                "process count, down to the last bit")
     candidates: int | str | None = option(
-        None, flag={"type": parse_candidates, "metavar": "auto|all|bm25:M"},
+        "auto", flag={"type": parse_candidates, "metavar": "auto|all|bm25:M"},
         help=f"bm25:M: the mirror scans only each probe's top-M BM25 documents (retrieve-then-rerank); all: every "
         f"document; auto: all up to {FULL_SCAN_MAX} documents, bm25:{AUTO_CANDIDATES} above")
     aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score")
+    rank_by: Literal["hybrid", "mirror"] = option(
+        "hybrid", help="hybrid (chosen by the hybrid benchmark): each probe's BM25 candidates, ranked by BM25 with the "
+        "mirror's influence as a bounded correction (hf_mirror.fusion); mirror: every scanned document by the mirror "
+        "alone")
+    mirror_weight: float = option(0.1, min=0, help="hybrid: weight of the mirror's z-scored influence against the "
+                                  "BM25 score scaled to [0, 1]")
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
 

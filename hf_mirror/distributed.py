@@ -45,6 +45,6 @@ def set_threads(threads: int | None) -> None:
     cores = os.cpu_count() or 1
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     wanted = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if not on_gpu() and cores > 1 and busy + wanted > 1.5 * cores:
+    if not on_gpu() and torch.get_num_threads() > 1 and busy + wanted > 1.5 * cores:
         logger.warning("This machine is busy (load %.1f on %d cores) and this run wants %d threads: threads that "
                        "spin against each other can be several times slower; try --threads 1.", busy, cores, wanted)

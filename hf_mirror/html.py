@@ -104,6 +104,7 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
     scale = max((float(ev["delta"].abs().max()) for ev in evs if ev is not None and len(ev)), default=0.0)
     max_score = max((abs(float(s)) for s in top["score"]), default=0.0) or 1.0
     normalized = result.config.get("scan", {}).get("normalize", "none") != "none"  # else score == raw
+    hybrid = result.config.get("scan", {}).get("rank_by") == "hybrid" and "bm25" in top
     before, after = record.get("probe_loss_before"), record.get("probe_loss_after")
     loss = (
         f" &middot; probe loss {before:.3f} &rarr; {after:.3f} under the mirror"
@@ -117,6 +118,9 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
         tag = '<span class="tag">source</span>' if is_source else ""
         score = f"{float(row.score):+.3f}" if normalized else f"{float(row.score):+.4f}"
         raw = f'<div class="note">raw {float(row.raw_score):+.4f}</div>' if normalized else ""
+        if hybrid:
+            bm25 = "not a candidate" if row.bm25 != row.bm25 else f"{float(row.bm25):.2f}"
+            raw = f'<div class="note">bm25 {bm25} &middot; influence {float(row.raw_score):+.4f}</div>'
         rows.append(
             f'<tr class="{"source" if is_source else ""}"><td class="rank">{int(row.rank)}</td>'
             f'<td class="doc">{_esc(row.doc_id)}{tag}</td>'
@@ -130,8 +134,15 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
         f'<div class="gen"><span class="prompt">{_esc(record["prompt"])}</span>'
         f'<span class="completion">{_esc(record.get("completion") or "")}</span></div></div>'
         "<table><tr><th>#</th><th>document</th><th>score</th><th>text, shaded by token loss delta</th></tr>"
-        f"{''.join(rows)}</table></div>"
+        f"{''.join(rows)}</table>{_moved_html(result, probe_id) if hybrid else ''}</div>"
     )
+
+
+def _moved_html(result: AttributionResult, probe_id: str, k: int = 5) -> str:
+    """The documents that moved the model most (the mirror's influence alone, every scanned document)."""
+    moved = result.moved(probe_id, k)
+    items = ", ".join(f"{_esc(d)} ({float(v):+.4f})" for d, v in zip(moved["doc_id"], moved["raw_score"], strict=True))
+    return f'<div class="note">documents that moved the model most (influence alone): {items}</div>'
 
 
 def render_html(

@@ -275,11 +275,15 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
 def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
     """This process's score book, keyed by everything that decides the scores (a resume continues it)."""
     scan = run.scan
+    hybrid = scan.rank_by == "hybrid"
     run_key = _run_key(run.model_name, run.corpus.describe(), run.mirror.identity(), [asdict(p) for p in pool.all],
                        pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
-                       None if pool.keep is None else scan.n_candidates, scan.aggregate)
-    return ScoreBook(pool.ids, run.mirror.sign, pool.normalize, scan.top_k, run.shard, len(pool.controls), run_key,
-                     scan.checkpoint_every, scan.checkpoint_seconds, scan.aggregate)
+                       None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by)
+    # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
+    eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
+    return ScoreBook(pool.ids, run.mirror.sign, pool.normalize, max(scan.top_k, scan.n_candidates) if hybrid
+                     else scan.top_k, run.shard, len(pool.controls), run_key, scan.checkpoint_every,
+                     scan.checkpoint_seconds, scan.aggregate, eligible)
 
 
 def _mirrors(run: _Run, pool: _Pool, n_fit: int):
@@ -351,7 +355,8 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     """Merge every process's shard and write the result with the record of how it was made (main process)."""
     scan = run.scan
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
-    merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores)
+    merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores,
+                          scan.mirror_weight if scan.rank_by == "hybrid" else None)
     records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
                 "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
     config = {

@@ -29,6 +29,11 @@ def score_meaning(config: Mapping) -> str:
     verb = "learns" if mirror.get("direction") == "learn" else "unlearns"
     raw = f"{raw} when the model {verb} the generation" + (" (sign flipped)" if verb == "learns" else "")
     normalize = scan.get("normalize", "none")
+    if scan.get("rank_by") == "hybrid":
+        return (f"score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents that "
+                f"state it) + {scan.get('mirror_weight', 0.1):g} x the mirror's influence, standardised over the "
+                f"probe's {config.get('retrieval', {}).get('per_probe', 20)} BM25 candidates (documents that moved "
+                f"the model); raw = influence = {raw}; positive = the document supports the generation.")
     if normalize == "zscore":
         return (f"score = raw standardised across the run's probes for that document (at most sqrt(probes - 1)); "
                 f"raw = {raw}; positive = the document supports the generation.")
@@ -71,7 +76,13 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
         else:
             text = printable(row.text)
         text = text.replace("\n", " ")
-        lines.append(f"  {row.rank:>3}. doc {printable(row.doc_id, False)}  score {row.score:+.4f}  {text}")
+        both = (f"  bm25 {row.bm25:5.2f}  influence {row.raw_score:+.4f}"
+                if "bm25" in row._fields and row.bm25 == row.bm25 else "")
+        lines.append(f"  {row.rank:>3}. doc {printable(row.doc_id, False)}  score {row.score:+.4f}{both}  {text}")
+    if result.config.get("scan", {}).get("rank_by") == "hybrid":
+        moved = result.moved(probe.id, 3)
+        lines.append("       moved the model most: " + ", ".join(
+            f"doc {printable(d, False)} ({v:+.4f})" for d, v in zip(moved["doc_id"], moved["raw_score"], strict=True)))
     return "\n".join(lines)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from hf_mirror.errors import InputError
+from hf_mirror.errors import InputError, StateError
+from hf_mirror.integrity import atomic_write, checked, expect, read_json
 from hf_mirror.probes import Probe
 
 FILES = {
@@ -18,6 +20,9 @@ FILES = {
     "skipped": "skipped.jsonl",
     "config": "config.json",
 }
+REQUIRED = {FILES["topk"]: {"probe_id", "rank", "doc_id", "score", "text"},
+            FILES["evidence"]: {"probe_id", "doc_id", "position", "token"}}
+REWRITE = "rerun the attribution with the same command to write it again (or pass --overwrite to start over)"
 
 
 class AttributionResult:
@@ -96,8 +101,24 @@ class AttributionResult:
         """Every probe x document score as a pandas DataFrame (read from ``scores.parquet``)."""
         path = self.directory / FILES["scores"]
         if not path.exists():
+            if self.config.get("stats", {}).get("documents"):
+                raise StateError(f"{path} is missing; {REWRITE}.")
             return pd.DataFrame(columns=["probe_id", "doc_id", "score", "raw_score", "n_tokens"])
-        return pd.read_parquet(path)
+        return checked(path, lambda p: pd.read_parquet(p, page_checksum_verification=True), REWRITE)
+
+    def moved(self, probe_id: str, k: int = 5) -> pd.DataFrame:
+        """The documents that moved the model most for this probe: every scanned document ranked by the mirror's
+        influence (``raw_score``) alone, whatever ``score`` ranks by. ``doc_id``, ``raw_score``, ``bm25`` (NaN: not
+        one of the probe's BM25 candidates)."""
+        probe_id = self._check_probe(probe_id)
+        path = self.directory / FILES["scores"]
+        if not path.exists():
+            return pd.DataFrame(columns=["doc_id", "raw_score", "bm25"])
+        rows = pd.read_parquet(path, filters=[("probe_id", "==", probe_id)])
+        if "bm25" not in rows:
+            rows["bm25"] = np.nan
+        rows = rows.assign(_neg=-rows["raw_score"]).sort_values(["_neg", "doc_id"], kind="stable").head(k)
+        return rows[["doc_id", "raw_score", "bm25"]].reset_index(drop=True)
 
     def scores_dataset(self):
         """Every probe x document score as a `datasets.Dataset` (memory-mapped, not loaded in RAM)."""
@@ -146,11 +167,11 @@ class AttributionResult:
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.topk.to_parquet(out / FILES["topk"], index=False)
-        self.evidence.to_parquet(out / FILES["evidence"], index=False)
+        for key, frame in (("topk", self.topk), ("evidence", self.evidence)):  # page CRCs: corruption is detected
+            atomic_write(out / FILES[key], frame.to_parquet(index=False, write_page_checksum=True))
         _write_jsonl(out / FILES["probes"], self.probe_records)
         _write_jsonl(out / FILES["skipped"], self.skipped)
-        (out / FILES["config"]).write_text(json.dumps(self.config, indent=2, default=str) + "\n")
+        atomic_write(out / FILES["config"], (json.dumps(self.config, indent=2, default=str) + "\n").encode())
         src = self.directory / FILES["scores"]
         if src.exists() and src.resolve() != (out / FILES["scores"]).resolve():
             shutil.copyfile(src, out / FILES["scores"])
@@ -162,23 +183,36 @@ class AttributionResult:
         d = Path(directory)
         missing = [f for k, f in FILES.items() if k != "scores" and not (d / f).exists()]
         if missing:
-            raise InputError(f"{d} is not a complete hf-mirror result (missing {missing}); rerun the attribution.")
-        return cls(
-            d,
-            pd.read_parquet(d / FILES["topk"]),
-            pd.read_parquet(d / FILES["evidence"]),
-            _read_jsonl(d / FILES["probes"]),
-            _read_jsonl(d / FILES["skipped"]),
-            json.loads((d / FILES["config"]).read_text()),
-        )
+            raise StateError(f"{d} is not a complete hf-mirror result (missing {missing}); {REWRITE}.")
+        topk, evidence = (checked(d / FILES[k], _read_table, REWRITE) for k in ("topk", "evidence"))
+        probes, skipped = (checked(d / FILES[k], _read_jsonl, REWRITE) for k in ("probes", "skipped"))
+        ids = {r.get("id") for r in probes}
+        if not all({"id", "prompt"} <= set(r) for r in probes) or not set(topk["probe_id"]) <= ids:
+            raise StateError(f"{d / FILES['probes']} is damaged (probes missing); {REWRITE}.")
+        config = checked(d / FILES["config"], _read_config, REWRITE)
+        if len(skipped) != config.get("stats", {}).get("skipped", len(skipped)):
+            raise StateError(f"{d / FILES['skipped']} is damaged (documents missing); {REWRITE}.")
+        return cls(d, topk, evidence, probes, skipped, config)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    table = pd.read_parquet(path, page_checksum_verification=True)
+    expect(REQUIRED[path.name] <= set(table.columns), f"columns {sorted(table.columns)}")
+    return table
+
+
+def _read_config(path: Path) -> dict:
+    config = read_json(path)
+    expect(isinstance(config, dict), "not a JSON object")
+    return config  # type: ignore[return-value]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode())
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    expect(all(isinstance(r, dict) for r in rows), "a line is not a JSON object")
+    return rows

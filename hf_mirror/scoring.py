@@ -93,6 +93,7 @@ class ScoreBook:
 
     ``probe_ids`` ends with ``n_controls`` control probes: they take part in normalisation, never reported.
     Construct with an existing ``shard_dir`` of the same ``run_key`` to resume from its last checkpoint.
+    ``eligible`` (probe id -> document ids) limits which documents may enter each probe's top-k.
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class ScoreBook:
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 300.0,
         aggregate: str = "mean",
+        eligible: dict[str, set[str]] | None = None,
     ) -> None:
         if aggregate not in AGGREGATIONS:
             raise InputError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}.")
@@ -129,6 +131,8 @@ class ScoreBook:
         self._id_type: type | None = None
         self._seen: set = set()
         self._top: list[list[_Candidate]] = [[] for _ in self.probe_ids]
+        # the documents that may enter each probe's top-k (str ids; None: every document)
+        self._eligible = None if eligible is None else [eligible.get(p, set()) for p in self.probe_ids]
         self._floor: list[tuple | None] = [None] * len(self.probe_ids)
         self._since, self._last_time = 0, time.monotonic()
         self.parts = 0
@@ -138,7 +142,6 @@ class ScoreBook:
         self.n_documents = self.n_tokens = 0
         self.counters: dict[str, int] = {}  # extra per-process counts, summed over processes on merge
         self._part_hashes: list[str] = []  # sha256 of each part, stored in every state
-        self._state_name: str | None = None  # the state of the last checkpoint
         self._resume()
 
     # ---- resume ---------------------------------------------------------------------------------------
@@ -170,6 +173,9 @@ class ScoreBook:
                 if stale.is_file():
                     stale.unlink()
             return
+        if pointer is not None and pointer["state"] not in states:
+            logger.warning("%s names %s, which is missing; resuming from %s (documents after it are scanned again).",
+                           self.dir / CHECKPOINT, pointer["state"], chosen)
         self._restore(meta, arrays)
         keep = {self._part_name(i) for i in range(self.parts)} | {CHECKPOINT}
         keep |= {n for n in states if _state_order(n) <= _state_order(chosen)}  # older ones: fallbacks
@@ -183,7 +189,6 @@ class ScoreBook:
         for f in self.dir.iterdir():  # parts and states written after the checkpoint are not counted
             if f.name not in keep and f.is_file():
                 f.unlink()
-        self._state_name = chosen
         if pointer is None or (pointer["state"], pointer["done"]) != (chosen, self.done):
             self._write_pointer(chosen, self.next_seq, self.done)
         for i in range(self.parts):
@@ -293,6 +298,8 @@ class ScoreBook:
         empty = np.empty(0, np.float32)
         for p, s in enumerate(score.tolist()):
             floor = self._floor[p]
+            if self._eligible is not None and str(doc_id) not in self._eligible[p]:
+                continue  # not one of this probe's candidates
             if floor is not None and (-s, key) > floor:
                 continue  # worse than the k-th best so far: cannot enter this probe's top-k
             evidence = (base, mirror[p].copy()) if base is not None and mirror is not None else (empty, empty)
@@ -358,10 +365,9 @@ class ScoreBook:
         state_name = f"state-{self.parts:06d}-{next_seq}.npz"
         atomic_write(self.dir / state_name, self._state_bytes(next_seq, done, outputs or {}))
         self._write_pointer(state_name, next_seq, done)
-        for f in self.dir.glob("state-*.npz"):  # keep this state and the one before it (a fallback)
-            if f.name not in (state_name, self._state_name):
-                f.unlink(missing_ok=True)
-        self._state_name = state_name
+        states = sorted((f.name for f in self.dir.iterdir() if _STATE_NAME.fullmatch(f.name)), key=_state_order)
+        for name in states[:-2]:  # keep this state and the one before it (a fallback)
+            (self.dir / name).unlink(missing_ok=True)
         self.next_seq, self.done = next_seq, done
         self._since, self._last_time = 0, time.monotonic()
 
@@ -476,12 +482,14 @@ def _check_meta(meta: object, arrays: dict[str, np.ndarray]) -> None:
 
 
 def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int,
-                 retrieval: dict[str, dict] | None = None) -> dict:
+                 retrieval: dict[str, dict] | None = None, fusion_weight: float | None = None) -> dict:
     """Merge every process's shard into ``scores.parquet`` and return the merged top-k, evidence and stats.
 
     The merged answer does not depend on how documents were split over processes: ranks are recomputed
     over all shards with the same tie-break (score, then document id). ``retrieval`` (probe id -> {doc id:
     BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate).
+    With ``fusion_weight`` the final ``score`` is :func:`hf_mirror.fusion.fuse` of BM25 and the mirror's score
+    (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
     """
     lookup = {(p, str(d)): v for p, docs in (retrieval or {}).items() for d, v in docs.items()}
 
@@ -496,20 +504,33 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
         if not isinstance(name, str):
             raise damaged(d / CHECKPOINT, ValueError("no state named"), fix)
         states.append(_read_state(d / name, fix)[0])
+    topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
+    final: dict = {}
+    if fusion_weight is not None and not topk.empty:
+        from hf_mirror.fusion import fuse
+
+        topk["bm25"] = with_bm25(topk["probe_id"], topk["doc_id"])
+        topk["mirror"] = topk["score"]
+        topk["score"] = fuse(topk, fusion_weight)
+        topk = topk[topk["score"].notna()]
+        final = {(p, str(d)): v for p, d, v in zip(topk["probe_id"], topk["doc_id"], topk["score"], strict=True)}
     writer = None
     for d, meta in zip(shard_dirs, states, strict=True):
         for i in range(meta["parts"]):
             table = checked(d / ScoreBook._part_name(i), pq.read_table, fix)
             if retrieval is not None:
-                table = table.append_column("bm25", pa.array(with_bm25(table["probe_id"].to_pylist(),
-                                                                       table["doc_id"].to_pylist())))
+                keys = table["probe_id"].to_pylist(), table["doc_id"].to_pylist()
+                table = table.append_column("bm25", pa.array(with_bm25(*keys)))
+                if fusion_weight is not None:
+                    fused = [final.get((p, str(doc)), np.nan) for p, doc in zip(*keys, strict=True)]
+                    table = table.append_column("mirror", table["score"]).set_column(
+                        table.schema.get_field_index("score"), "score", pa.array(fused, pa.float64()))
             if writer is None:
                 writer = pq.ParquetWriter(str(out / "scores.parquet.tmp"), table.schema, write_page_checksum=True)
             writer.write_table(table.cast(writer.schema))
     if writer is not None:
         writer.close()
         os.replace(out / "scores.parquet.tmp", out / "scores.parquet")
-    topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
     evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
                          ignore_index=True)
     topk = topk.dropna(axis=1, how="all") if topk.empty else topk
@@ -534,9 +555,9 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
             stats[k] = stats.get(k, 0) + v
     skipped.sort(key=lambda s: doc_sort_key(s["doc_id"]))
     stats["skipped"] = len(skipped)
-    columns = TOPK_COLUMNS
-    if retrieval is not None:
-        columns = [*TOPK_COLUMNS, "bm25"]
+    columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []),
+               *(["mirror"] if fusion_weight is not None else [])]
+    if retrieval is not None and fusion_weight is None:
         topk["bm25"] = with_bm25(topk["probe_id"], topk["doc_id"]) if not topk.empty else []
     return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
             "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),

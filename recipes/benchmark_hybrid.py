@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = apply_overrides(HybridConfig(), args)
     report = run_hybrid(cfg, args.output, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report["benchmarks"], cfg.top_k))
-    print(f"best mean tune MRR + recall@{cfg.top_k}: {report['chosen']}")
+    print(f"chosen on the tune halves (best mean MRR + recall@{cfg.top_k}; ties: the most mirror): {report['chosen']}")
     return 0
 
 

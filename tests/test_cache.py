@@ -11,7 +11,7 @@ from hf_mirror.cache import model_fingerprint
 
 def _run(model, tok, corpus, probes, out, cache_dir, **scan):
     return attribute(model, corpus, probes, tokenizer=tok, output_dir=out, show_progress=False,
-                     scan=ScanConfig(cache_dir=str(cache_dir), normalize="none", **scan))
+                     scan=ScanConfig(rank_by="mirror", cache_dir=str(cache_dir), normalize="none", **scan))
 
 
 def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_path):
@@ -25,7 +25,7 @@ def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_pat
     # per batch: base + 2 mirrors the first time, 3 mirrors and no base the second time
     assert second.config["stats"]["forward_passes"] == first.config["stats"]["forward_passes"]
     uncached = attribute(model, corpus, planted.probes()[2:5], tokenizer=tok, output_dir=tmp_path / "c",
-                         show_progress=False, scan=ScanConfig(cache=False, normalize="none"))
+                         show_progress=False, scan=ScanConfig(rank_by="mirror", cache=False, normalize="none"))
     assert uncached.config["stats"]["base_passes"] > 0
     a = second.scores().sort_values(["probe_id", "doc_id"])
     b = uncached.scores().sort_values(["probe_id", "doc_id"])
@@ -80,7 +80,7 @@ def test_single_probe_reuses_cached_control_scores(tiny_model, planted, tmp_path
     assert stats["forward_passes"] * 9 == first.config["stats"]["forward_passes"]  # 1 mirror vs base + 1 + 7 controls
     assert len(list((tmp_path / "b" / "adapters").glob("*/adapter_config.json"))) == 1  # controls not fitted
     uncached = attribute(model, corpus, planted.probes()[1:2], tokenizer=tok, output_dir=tmp_path / "c",
-                         show_progress=False, scan=ScanConfig(cache=False, normalize="zscore"))
+                         show_progress=False, scan=ScanConfig(rank_by="mirror", cache=False, normalize="zscore"))
     assert uncached.config["control_probes"] == second.config["control_probes"]
     a = second.scores().sort_values("doc_id")
     b = uncached.scores().sort_values("doc_id")

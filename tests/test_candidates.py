@@ -22,16 +22,63 @@ def test_rerank_scores_only_candidates_and_keeps_the_answer(tiny_model, planted,
     probes = planted.probes()[:8]
     kw = dict(tokenizer=tok, show_progress=False)
     full = attribute(model, planted.texts, probes, output_dir=tmp_path / "full",
-                     scan=ScanConfig(normalize="none", cache=False), **kw)
+                     scan=ScanConfig(rank_by="mirror", normalize="none", cache=False), **kw)
     rerank = attribute(model, planted.texts, probes, output_dir=tmp_path / "rerank",
-                       scan=ScanConfig(normalize="none", candidates=3), **kw)
+                       scan=ScanConfig(rank_by="mirror", normalize="none", candidates=3), **kw)
     n_candidates = rerank.config["candidate_documents"]
     assert 8 <= n_candidates <= 24 and rerank.config["stats"]["documents"] == n_candidates
     assert rerank.config["stats"]["forward_passes"] < full.config["stats"]["forward_passes"] / 2
-    assert full.scores()["bm25"].notna().all()  # 60 documents: all within the default 100 candidates
+    assert full.scores()["bm25"].notna().sum() == 8 * 20  # each probe's 20 candidates (the default M)
     for i, p in enumerate(probes):  # the planted source (document i) survives the BM25 cut and ranks first
         assert rerank.top(p["id"], 1)["doc_id"][0] == i
         assert rerank.top(p["id"], 1)["bm25"][0] > 0  # the lexical answer beside the mirror's: it is a candidate
     a = full.scores().set_index(["probe_id", "doc_id"])["score"]
     b = rerank.scores().set_index(["probe_id", "doc_id"])["score"]
     np.testing.assert_allclose(b, a.loc[b.index], atol=1e-5)
+
+
+def test_hybrid_keeps_clear_lexical_answers_and_lets_the_mirror_break_near_ties():
+    import pandas as pd
+
+    from hf_mirror.fusion import fuse
+
+    frame = pd.DataFrame({"probe_id": ["p"] * 4, "doc_id": ["a", "b", "c", "d"], "bm25": [10.0, 5.0, 4.9, None],
+                          "mirror": [0.0, -1.0, 3.0, 9.0]})
+    score = fuse(frame, weight=0.1)
+    assert score.isna().tolist() == [False, False, False, True]  # d is not a candidate: no final score
+    order = frame.assign(score=score).dropna(subset=["score"]).sort_values("score", ascending=False)["doc_id"]
+    assert order.tolist() == ["a", "c", "b"]  # a stays first; c overtakes b (lexical near-tie, mirror far ahead)
+
+
+def test_default_run_ranks_candidates_by_the_hybrid_with_both_answers(tiny_model, planted, tmp_path):
+    model, tok = tiny_model
+    probes = planted.probes()[:4]
+    result = attribute(model, planted.texts, probes, tokenizer=tok, output_dir=tmp_path / "hybrid",
+                       show_progress=False)
+    assert result.config["scan"]["rank_by"] == "hybrid" and result.config["candidate_documents"] is None
+    scores = result.scores()
+    assert scores["raw_score"].notna().all() and len(scores) == 4 * len(planted.texts)  # full influence column
+    for i, p in enumerate(probes):
+        top = result.top(p["id"])
+        assert top["doc_id"][0] == i and top[["bm25", "mirror", "raw_score"]].notna().all().all()
+        assert len(result.token_deltas(p["id"], top["doc_id"][0])) > 0  # evidence for the final top documents
+        mine = scores[scores["probe_id"] == p["id"]]
+        assert mine["score"].notna().sum() == 20  # the probe's 20 BM25 candidates get a final score
+
+
+def test_the_hybrid_rule_is_chosen_on_tune_halves_and_ties_go_to_the_mirror():
+    import pandas as pd
+
+    from hf_mirror.evaluation.hybrid import choose, evaluate_rules
+
+    docs = [f"d{i}" for i in range(6)]
+    # probe p0's answer d1 is BM25's second (a near-tie) and the mirror's first; p1's answer d0 wins both
+    bm25 = pd.DataFrame({"probe_id": ["p0"] * 6 + ["p1"] * 6, "doc_id": docs * 2,
+                         "score": [5.0, 4.9, 1, 1, 0, 0, 6.0, 2, 1, 1, 0, 0]})
+    mirror = pd.DataFrame({"probe_id": ["p0"] * 6 + ["p1"] * 6, "doc_id": docs * 2,
+                           "raw_score": [0.0, 0.9, 0, 0, 0.1, 0, 0.8, 0, 0, 0, 0, 0.9]})
+    rules = evaluate_rules(mirror, bm25, {"p0": ["d1"], "p1": ["d0"]}, k=2, rules=("bm25", "hybrid@20:0.1", "mirror"))
+    assert rules["bm25"]["tune"]["mrr"] == 0.5 and rules["hybrid@20:0.1"]["tune"]["mrr"] == 1.0
+    assert rules["mirror"]["held_out"]["mrr"] == 0.5 and rules["hybrid@20:0.1"]["held_out"]["mrr"] == 1.0
+    report = {"b": {"rules": {r: {"tune": {"mrr": 1.0, "recall@10": 1.0}} for r in ("bm25", "hybrid@20:0.1")}}}
+    assert choose(report) == "hybrid@20:0.1"

@@ -105,7 +105,7 @@ def test_sigkill_mid_scan_then_resume(planted, tmp_path):
 def test_resume_after_an_exception_keeps_finished_work(tiny_model, planted, tmp_path):
     model, tok = tiny_model
     kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(steps=2),
-              scan=ScanConfig(checkpoint_every=3, batch_size=2, sort_batches=4, normalize="none"))
+              scan=ScanConfig(rank_by="mirror", checkpoint_every=3, batch_size=2, sort_batches=4, normalize="none"))
     texts = planted.texts
 
     def failing(n):
@@ -140,8 +140,9 @@ def test_a_different_run_in_the_same_directory_is_refused(tiny_model, planted, t
     from hf_mirror import InputError
 
     with pytest.raises(InputError, match="different run"):
-        attribute(model, planted.texts[:6], planted.probes()[:3], scan=ScanConfig(top_k=3), **kw)
-    again = attribute(model, planted.texts[:6], planted.probes()[:3], scan=ScanConfig(top_k=3), overwrite=True, **kw)
+        attribute(model, planted.texts[:6], planted.probes()[:3], scan=ScanConfig(rank_by="mirror", top_k=3), **kw)
+    again = attribute(model, planted.texts[:6], planted.probes()[:3], scan=ScanConfig(rank_by="mirror", top_k=3),
+                      overwrite=True, **kw)
     assert again.config["scan"]["top_k"] == 3
 
 

@@ -52,6 +52,26 @@ def test_unreachable_corpus_and_model_are_clear_errors(tmp_path):
         attribute("no-such-org/no-such-model", ["x"], PROBE, output_dir=tmp_path, show_progress=False)
 
 
+def test_ids_come_from_the_id_field_unless_told_otherwise(caplog):
+    rows = [{"id": f"doc-{i}", "key": f"k{i}", "text": d["text"]} for i, d in enumerate(DOCS)]
+    texts = [d["text"] for d in DOCS]
+    with caplog.at_level(logging.WARNING, logger="hf_mirror.corpus"):
+        assert list(Corpus(rows).documents()) == [(f"doc-{i}", t) for i, t in enumerate(texts)]
+        assert list(Corpus(rows, id_column="key").documents()) == [(f"k{i}", t) for i, t in enumerate(texts)]
+        assert not caplog.text
+        forced = Corpus(rows, id_column="none")
+        assert list(forced.documents()) == list(enumerate(texts)) == list(forced.documents())
+        assert caplog.text.count("running positions") == 1 and "id_column='none'" in caplog.text
+        caplog.clear()
+        plain = Corpus(texts)  # no id field: positions, said once per corpus
+        assert list(plain.documents()) == list(enumerate(texts))
+        assert list(plain.documents(1, 2)) == [(1, texts[1]), (3, texts[3])]
+        assert caplog.text.count("no 'id' column") == 1
+    # under several processes the `id` field is read like positions (every world_size-th document)
+    parts = [list(Corpus(rows).documents(r, 2)) for r in range(2)]
+    assert parts == [[("doc-0", texts[0]), ("doc-2", texts[2])], [("doc-1", texts[1]), ("doc-3", texts[3])]]
+
+
 def test_sharding_splits_documents_without_overlap(corpus_files):
     for id_column in (None, "key"):
         corpus = Corpus(corpus_files / "c.jsonl", id_column=id_column)
@@ -80,7 +100,7 @@ def _run(tiny_model, corpus, probes, tmp_path, **scan):
         tokenizer=tok,
         output_dir=tmp_path,
         show_progress=False,
-        scan=ScanConfig(normalize="none", **scan),
+        scan=ScanConfig(rank_by="mirror", normalize="none", **scan),
     )
 
 

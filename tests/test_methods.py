@@ -21,12 +21,18 @@ def test_the_registry_is_the_one_list_of_methods():
         methods.load("tracin")
 
 
+def _with_completions(planted, n: int) -> list[dict]:
+    return [{**p, "completion": " " + f.split(" keeps a ")[1]}
+            for p, f in zip(planted.probes()[:n], planted.facts[:n], strict=True)]
+
+
 def test_attribute_dispatches_by_method(tiny_model, planted, tmp_path):
     model, tok = tiny_model
-    probes = [{**p, "completion": " " + f.split(" keeps a ")[1]} for p, f in zip(planted.probes()[:4], planted.facts)]
+    probes = _with_completions(planted, 4)
     result = attribute(model, planted.texts, probes, tokenizer=tok, output_dir=tmp_path / "bm25", method="bm25",
                        scan=ScanConfig(top_k=3), show_progress=False)
-    assert result.config["method"] == "bm25" and list(result.topk.columns[:4]) == ["probe_id", "rank", "doc_id", "score"]
+    assert result.config["method"] == "bm25"
+    assert list(result.topk.columns[:4]) == ["probe_id", "rank", "doc_id", "score"]
     for i, p in enumerate(probes):
         assert result.top(p["id"], 1)["doc_id"][0] == i
     with pytest.raises(InputError, match="Unknown option"):
@@ -39,7 +45,7 @@ def test_a_method_without_a_model_never_loads_the_weights(planted, tmp_path):
     shutil.copytree(planted.model_dir, light)
     for f in light.glob("*.safetensors"):
         f.unlink()
-    probes = [{**p, "completion": " " + f.split(" keeps a ")[1]} for p, f in zip(planted.probes()[:2], planted.facts)]
+    probes = _with_completions(planted, 2)
     result = attribute(str(light), planted.texts, probes, output_dir=tmp_path / "out", method="bm25",
                        show_progress=False)
     assert result.top(probes[0]["id"], 1)["doc_id"][0] == 0 and result.config["device"] is None

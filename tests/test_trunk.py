@@ -34,7 +34,8 @@ def test_shared_trunk_matches_full_forward(tiny_model, planted, tmp_path, arch):
 
     def run(name, **scan):
         return attribute(model, corpus, probes, output_dir=tmp_path / name,
-                         scan=ScanConfig(normalize="none", max_length=24, overlap=4, batch_size=4, **scan), **kw)
+                         scan=ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4,
+                                         **scan), **kw)
 
     plain = run("plain", shared_trunk=False, cache=False)
     shared = run("shared", cache=False)
@@ -80,7 +81,8 @@ def test_length_sorted_batches_pad_less_and_score_the_same(tiny_model, planted, 
     probes = planted.probes()[:2]
 
     def run(name, sort_batches):
-        scan = ScanConfig(normalize="none", max_length=48, overlap=8, batch_size=4, sort_batches=sort_batches,
+        scan = ScanConfig(rank_by="mirror", normalize="none", max_length=48, overlap=8, batch_size=4,
+                          sort_batches=sort_batches,
                           cache=False, checkpoint_every=3)
         return attribute(model, corpus, probes, tokenizer=tok, output_dir=tmp_path / name, show_progress=False,
                          mirror=MirrorConfig(steps=2), scan=scan)
@@ -187,7 +189,7 @@ def test_grouped_scan_falls_back_to_peft_mixed_batches_for_layers_it_cannot_stac
     mirror = MirrorConfig(target_modules=["wte", "c_attn"], steps=2, lr=1e-2, rank=4)
 
     def run(name, group):
-        scan = ScanConfig(normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
+        scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
                           adapters_per_forward=group)
         return attribute(model, planted.texts[:10], probes, tokenizer=tok, output_dir=tmp_path / name,
                          show_progress=False, mirror=mirror, scan=scan).scores().sort_values(["probe_id", "doc_id"])

@@ -54,8 +54,8 @@ COMENTION_TEMPLATES = (
     "The road from {capital} to {city} crosses much of {country}.",
 )
 LEGACY = {"n_templates": 3, "comentions": False}  # what models saved before these fields existed were trained on
-METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_loo", "mirror_rerank", "mirror_linear", "mirror_top2",
-           "mirror_top2_linear", "bm25", "embedding", "gradsim", "ekfac")
+METHODS = ("mirror", "mirror_only", "mirror_raw", "mirror_zscore", "mirror_loo", "mirror_rerank", "mirror_linear",
+           "mirror_top2", "mirror_top2_linear", "bm25", "embedding", "gradsim", "ekfac")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 MODEL_MARKER = "fact_tracing_model.json"  # next to a saved model: the configuration it was trained for
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
@@ -245,7 +245,7 @@ def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfi
                                   scan={"top_k": cfg.top_k, "batch_size": 32, "cache": False, **scan})
 
     return {**{name: runner(name, name) for name in METHODS if name != "mirror_rerank"},
-            "mirror_rerank": runner("mirror_rerank", "mirror", candidates=RERANK_M)}
+            "mirror_rerank": runner("mirror_rerank", "mirror_only", candidates=RERANK_M)}
 
 
 def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,

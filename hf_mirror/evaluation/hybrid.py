@@ -9,7 +9,9 @@ ones, in probe order) and reports it on the *held-out* half (the odd ones):
 - ``rerank@M``: the mirror's order within each probe's BM25 top-M, the rest after them in BM25 order (what
   ``--candidates bm25:M`` scores);
 - ``rrf``: reciprocal rank fusion, 1/(60 + BM25 rank) + 1/(60 + mirror rank) (Cormack et al., 2009);
-- ``rrf@M``: the same within BM25's top-M (the candidates), the rest after them in BM25 order.
+- ``rrf@M``: the same within BM25's top-M (the candidates), the rest after them in BM25 order;
+- ``hybrid@M:w``: :func:`hf_mirror.fusion.fuse` over BM25's top-M, BM25 scaled to [0, 1] plus ``w`` times the
+  mirror's z-score among the candidates (what ``attribute`` ranks by, ``rank_by="hybrid"``).
 
 Benchmarks: ``wordnet`` (real dictionary text that the default model memorised; probes = a headword prompt
 and the model's own continuation; the source entry is the answer) and ``fact_tracing`` (templated facts,
@@ -32,7 +34,9 @@ from hf_mirror.evaluation.fact_tracing import rankings, retrieval_metrics
 from hf_mirror.evaluation.variants import run_method
 
 RRF_K = 60
-RULES = ("mirror", "bm25", "rerank@20", "rerank@50", "rerank@100", "rrf", "rrf@20", "rrf@50", "rrf@100")
+RULES = ("mirror", "bm25", "rerank@20", "rerank@50", "rerank@100", "rrf", "rrf@20", "rrf@50", "rrf@100",
+         "hybrid@20:0.05", "hybrid@20:0.1", "hybrid@20:0.2", "hybrid@20:0.5", "hybrid@50:0.05", "hybrid@50:0.1",
+         "hybrid@50:0.2", "hybrid@100:0.1")
 
 
 def _ranks(table: pd.DataFrame, column: str) -> pd.Series:
@@ -52,6 +56,12 @@ def fuse(mirror: pd.DataFrame, bm25: pd.DataFrame, rule: str) -> pd.DataFrame:
         score = both["raw_score"].to_numpy(float)
     elif name == "bm25":
         score = both["bm25"].to_numpy(float)
+    elif name == "hybrid":
+        from hf_mirror.fusion import fuse as hybrid
+
+        m, _, weight = m.partition(":")
+        candidates = both.assign(bm25=both["bm25"].where(r_bm25 <= int(m)), mirror=both["raw_score"])
+        score = hybrid(candidates, float(weight)).fillna(-1.0 / (1.0 + r_bm25)).to_numpy(float)  # the rest: BM25
     elif name in ("rerank", "rrf"):
         inside = (r_bm25 <= int(m)) if m else pd.Series(True, index=both.index)
         within = both[inside]
@@ -83,11 +93,18 @@ def evaluate_rules(mirror: pd.DataFrame, bm25: pd.DataFrame, answers: dict[str, 
 
 
 def choose(report: dict, k: int = 10) -> str:
-    """The rule with the best tune-half MRR + recall@k, averaged over the benchmarks (ties: the earlier rule)."""
-    rules = next(iter(report.values()))["rules"]
+    """The rule with the best tune-half MRR + recall@k, averaged over the benchmarks. Among rules tied on that, the
+    one that gives the mirror the most say (the mirror alone, then the largest hybrid weight, then BM25 last)."""
+    rules = list(next(iter(report.values()))["rules"])
     means = {r: float(np.mean([b["rules"][r]["tune"]["mrr"] + b["rules"][r]["tune"][f"recall@{k}"]
                                for b in report.values()])) for r in rules}
-    return max(means, key=lambda r: (means[r], -list(rules).index(r)))
+    best = max(means.values())
+    return max((r for r in rules if means[r] >= best - 1e-12), key=_mirror_say)
+
+
+def _mirror_say(rule: str) -> float:
+    name, _, arg = rule.partition("@")
+    return {"mirror": 3.0, "rerank": 2.0, "rrf": 1.0, "bm25": 0.0}.get(name, float(arg.partition(":")[2] or 0))
 
 
 @dataclass
@@ -99,6 +116,7 @@ class HybridConfig:
     quick: bool = False  # small models and corpora (tests)
     top_k: int = 10
     batch_size: int = 32
+    reuse: bool = True  # read back the score tables of an earlier run in the same output directory
 
 
 def _wordnet(cfg: HybridConfig, work: Path, log: Callable[[str], None]) -> tuple:
@@ -136,6 +154,20 @@ def _fact_tracing(cfg: HybridConfig, work: Path, log: Callable[[str], None]) -> 
     return model, tokenizer, corpus, probes, {p["id"]: bench.proponents[p["id"]] for p in probes}
 
 
+def _scores(out: Path, method: str, inputs: tuple, scan: dict, reuse: bool) -> tuple[pd.DataFrame, float | None]:
+    """A method's scores and wall time: read back from ``out`` when it holds a finished run of these probes."""
+    from hf_mirror.results import AttributionResult
+
+    model, corpus, probes, tokenizer = inputs
+    if reuse and (out / "config.json").exists():
+        done = AttributionResult.load(out)
+        if [(p.id, p.completion) for p in done.probes] == [(p["id"], p["completion"]) for p in probes]:
+            return done.scores(), done.config.get("stats", {}).get("seconds")
+    t0 = time.perf_counter()
+    scores = run_method(method, model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan).scores()
+    return scores, time.perf_counter() - t0
+
+
 def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """Score every rule on every benchmark (BM25 and the default mirror each run once, full scan)."""
@@ -145,17 +177,13 @@ def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
     report = {}
     for name, build in builders.items():
         model, tokenizer, corpus, probes, answers = build(cfg, work, log)
-        t0 = time.perf_counter()
-        scan = {"top_k": cfg.top_k, "batch_size": cfg.batch_size, "cache": False, "candidates": "all"}
-        mirror = run_method("mirror", model, corpus, probes, tokenizer=tokenizer, output_dir=work / name / "mirror",
-                            scan=scan).scores()
-        t1 = time.perf_counter()
-        bm25 = run_method("bm25", model, corpus, probes, tokenizer=tokenizer, output_dir=work / name / "bm25",
-                          scan={"top_k": cfg.top_k}).scores()
-        t2 = time.perf_counter()
+        inputs = (model, corpus, probes, tokenizer)
+        full = {"top_k": cfg.top_k, "batch_size": cfg.batch_size, "cache": False, "candidates": "all"}
+        mirror, t_mirror = _scores(work / name / "mirror", "mirror_only", inputs, full, cfg.reuse)
+        bm25, t_bm25 = _scores(work / name / "bm25", "bm25", inputs, {"top_k": cfg.top_k}, cfg.reuse)
         rules = evaluate_rules(mirror, bm25, answers, cfg.top_k)
         report[name] = {"documents": int(mirror["doc_id"].nunique()), "probes": len(probes),
-                        "seconds": {"mirror": t1 - t0, "bm25": t2 - t1}, "rules": rules}
+                        "seconds": {"mirror": t_mirror, "bm25": t_bm25}, "rules": rules}
         log(format_table({name: report[name]}, cfg.top_k))
     report_json = {"config": asdict(cfg), "benchmarks": report, "chosen": choose(report, cfg.top_k)}
     (work / "hybrid.json").write_text(json.dumps(report_json, indent=2))

@@ -391,8 +391,10 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
                           output_dir=work / method, show_progress=show_progress, **options).scores()
     result = run_method(method, setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer,
                         output_dir=work / method, show_progress=show_progress,
-                        scan={"cache": False, "batch_size": 32, **(scan or {})}, mirror=options)
-    return result.scores()
+                        scan={"cache": False, "batch_size": 32, "candidates": "all", **(scan or {})}, mirror=options)
+    scores = result.scores()
+    # the hybrid's final score ranks candidates only; its influence column is the mirror's score of every document
+    return scores.assign(score=scores["mirror"]) if "mirror" in scores else scores
 
 
 def _value(text: str):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 MIRROR_VARIANTS: dict[str, tuple[dict, dict]] = {
-    "mirror": ({}, {}),  # the library defaults
-    "mirror_raw": ({"normalize": "none"}, {}),
-    "mirror_zscore": ({"normalize": "zscore"}, {}),
-    "mirror_loo": ({"normalize": "loo"}, {}),
-    "mirror_linear": ({}, {"target_modules": "all-linear"}),  # attention and MLP of every block
-    "mirror_top2": ({}, {"layers": [-2, -1]}),  # the top 2 blocks (shared trunk below)
-    "mirror_top2_linear": ({}, {"layers": [-2, -1], "target_modules": "all-linear"}),
+    "mirror": ({}, {}),  # the library defaults: the hybrid ranking (BM25 candidates, the mirror as a correction)
+    "mirror_only": ({"rank_by": "mirror"}, {}),  # the default mirror ranking every document alone
+    "mirror_raw": ({"normalize": "none", "rank_by": "mirror"}, {}),
+    "mirror_zscore": ({"normalize": "zscore", "rank_by": "mirror"}, {}),
+    "mirror_loo": ({"normalize": "loo", "rank_by": "mirror"}, {}),
+    "mirror_linear": ({"rank_by": "mirror"}, {"target_modules": "all-linear"}),  # attention and MLP of every block
+    "mirror_top2": ({"rank_by": "mirror"}, {"layers": [-2, -1]}),  # the top 2 blocks (shared trunk below)
+    "mirror_top2_linear": ({"rank_by": "mirror"}, {"layers": [-2, -1], "target_modules": "all-linear"}),
 }
 
 

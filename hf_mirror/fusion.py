@@ -1,0 +1,33 @@
+"""The final ranking: BM25's answer, with the mirror's influence as a bounded correction among the candidates.
+
+For each probe, over its BM25 candidates: ``score = bm25 / max(bm25) + weight * z(mirror)``, where ``z`` is the
+mirror score standardised over those candidates. The lexical term is in [0, 1], so the mirror reorders
+documents whose lexical match is close and leaves clear lexical answers first. The rule and its weight were
+chosen on the tune halves of the hybrid benchmark and confirmed on its held-out halves
+(docs/benchmarks_hybrid.md); ``rank_by="mirror"`` ranks by the mirror alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def hybrid_scores(bm25: np.ndarray, mirror: np.ndarray, weight: float) -> np.ndarray:
+    """One probe's final scores over its candidates (``bm25`` and ``mirror`` aligned, no NaN)."""
+    bm25, mirror = np.asarray(bm25, np.float64), np.asarray(mirror, np.float64)
+    top = bm25.max() if len(bm25) else 0.0
+    lexical = bm25 / top if top > 0 else np.zeros_like(bm25)
+    spread = mirror.std() if len(mirror) > 1 else 0.0
+    z = (mirror - mirror.mean()) / spread if spread > 0 else np.zeros_like(mirror)
+    return lexical + weight * z
+
+
+def fuse(frame: pd.DataFrame, weight: float, mirror: str = "mirror") -> pd.Series:
+    """The final score of every row of ``frame`` (``probe_id``, ``bm25``, ``mirror``): NaN where ``bm25`` is NaN
+    (not one of the probe's candidates)."""
+    out = pd.Series(np.nan, index=frame.index, dtype=np.float64)
+    candidates = frame[frame["bm25"].notna()]
+    for _, rows in candidates.groupby("probe_id", sort=False):
+        out.loc[rows.index] = hybrid_scores(rows["bm25"].to_numpy(), rows[mirror].to_numpy(), weight)
+    return out
