@@ -3,12 +3,14 @@
 The key covers everything the losses depend on: the model's weights, the tokenizer, the corpus, the windowing,
 the precision and the process split. A cache becomes visible only when complete (written to a temporary
 directory, then renamed), so an interrupted scan never leaves a partial cache that would be read as valid.
+``complete.json`` holds the checksum of every part: a damaged cache is discarded (with a warning), a miss.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,6 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from hf_mirror.integrity import atomic_write, check_hashes, damaged, expect, read_json, sha256_bytes
+
+logger = logging.getLogger(__name__)
 ROWS_PER_PART = 4096
 
 
@@ -59,16 +64,50 @@ class BaseLossCache:
         self.dir = Path(root) / kind / key / f"rank-{rank:05d}-of-{world:05d}"
         self._tmp = self.dir.with_name(f"{self.dir.name}.tmp-{os.getpid()}")
         self._rows: dict[str, list] = {"seq": [], "doc_id": [], "losses": []}
-        self._parts = 0
+        self._parts: dict[str, str] = {}  # part name -> sha256, of the parts written so far
+        self._valid: bool | None = None
 
     @property
     def complete(self) -> bool:
-        return (self.dir / "complete.json").exists()
+        """Whether a complete, intact cache exists (checked once: a damaged one is discarded with a warning)."""
+        if self._valid is None:
+            if (self.dir / "complete.json").exists():
+                self._valid = self._check()
+            else:  # commit renames a finished cache into place: a folder without its marker is damaged
+                if self.dir.exists():
+                    logger.warning("The cache in %s has no complete.json; discarding it and computing it again.",
+                                   self.dir)
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                self._valid = False
+        return self._valid
+
+    def _check(self) -> bool:
+        marker = self.dir / "complete.json"
+        try:
+            done = read_json(marker)
+            expect(isinstance(done, dict) and isinstance(done.get("documents"), int), f"{marker.name}: schema")
+            parts = sorted(p.name for p in self.dir.glob("part-*.parquet"))
+            if "parts" in done:  # a checksum per part
+                expect(isinstance(done["parts"], dict) and sorted(done["parts"]) == parts, "part list")
+                check_hashes(self.dir, done["parts"])
+            else:  # a cache written before checksums: the parts' footers and row counts
+                rows = sum(pq.read_metadata(self.dir / p).num_rows for p in parts)
+                expect(rows == done["documents"], f"{rows} rows for {done['documents']} documents")
+        except Exception as e:  # whatever the damage, the cache is only an optimisation: recompute it
+            logger.warning("The cache in %s is damaged (%s: %s); discarding it and computing it again.", self.dir,
+                           type(e).__name__, e)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return False
+        return True
 
     def read(self, start: int = 0) -> Iterator[tuple[int, str, np.ndarray]]:
         """Cached rows from stream position ``start`` on."""
         for part in sorted(self.dir.glob("part-*.parquet")):
-            table = pq.read_table(part)
+            try:
+                table = pq.read_table(part)
+            except Exception as e:
+                raise damaged(part, e, "delete the cache directory (--cache-dir / $HF_MIRROR_CACHE) or pass "
+                                       "--no-cache") from e
             for seq, doc_id, losses in zip(*(table[c].to_pylist() for c in ("seq", "doc_id", "losses")), strict=True):
                 if seq >= start:
                     yield seq, doc_id, np.asarray(losses, np.float32)
@@ -87,8 +126,12 @@ class BaseLossCache:
         table = pa.table({"seq": pa.array(self._rows["seq"], pa.int64()),
                           "doc_id": pa.array(self._rows["doc_id"], pa.string()),
                           "losses": pa.array([r.tolist() for r in self._rows["losses"]], pa.list_(pa.float32()))})
-        pq.write_table(table, self._tmp / f"part-{self._parts:06d}.parquet")
-        self._parts += 1
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        name = f"part-{len(self._parts):06d}.parquet"
+        atomic_write(self._tmp / name, data)
+        self._parts[name] = sha256_bytes(data)
         for v in self._rows.values():
             v.clear()
 
@@ -96,11 +139,12 @@ class BaseLossCache:
         """Make the written rows visible as a complete cache."""
         self._flush()
         self._tmp.mkdir(parents=True, exist_ok=True)
-        (self._tmp / "complete.json").write_text(json.dumps({"documents": n_documents}))
+        atomic_write(self._tmp / "complete.json", json.dumps({"documents": n_documents, "parts": self._parts}).encode())
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, self.dir)
+        self._valid = True
 
     def discard(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)

@@ -18,6 +18,8 @@ from hf_mirror.errors import InputError
 from hf_mirror.probes import start_token_id
 
 logger = logging.getLogger(__name__)
+NO_IDS = "none"  # id_column value that forces running indexes as document ids
+DEFAULT_ID = "id"  # the field used for ids when no id_column is given
 
 # file extension -> `datasets` builder name
 FORMATS = {
@@ -37,7 +39,9 @@ class Corpus:
 
     ``source`` is a Hub dataset name, a local file / glob / directory of files, a directory written by
     ``Dataset.save_to_disk``, a ``Dataset`` / ``IterableDataset``, or an in-memory list of strings or dicts.
-    Without ``id_column`` a document's id is its running index in the stream (0, 1, ...), stable for a corpus.
+    Document ids come from ``id_column``; without one, from the records' ``id`` field when they have one, else
+    a document's id is its running index in the stream (0, 1, ...), stable for a corpus (with a warning).
+    ``id_column="none"`` forces running indexes.
     """
 
     source: str | Path | Dataset | IterableDataset | list
@@ -47,6 +51,7 @@ class Corpus:
     format: str | None = None
     name: str | None = None  # a Hub dataset's configuration
     extra: dict = field(default_factory=dict)  # more keyword arguments for `load_dataset`
+    _warned: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.source, (list, tuple)):
@@ -112,12 +117,12 @@ class Corpus:
     def documents(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[object, object]]:
         """Yield ``(doc_id, text)`` for this process's share of the corpus.
 
-        With an ``id_column`` the stream is split with ``split_dataset_by_node``; the running-index default
-        needs the global position, so every process reads the stream and keeps every ``world_size``-th
-        document (reading is cheap next to the forward passes).
+        With an ``id_column`` the stream is split with ``split_dataset_by_node``; otherwise (the ``id`` field or
+        the running index) every process reads the stream and keeps every ``world_size``-th document, so that
+        running indexes are global positions (reading is cheap next to the forward passes).
         """
         ds = self.stream()
-        if self.id_column is not None and world_size > 1:
+        if self.id_column not in (None, NO_IDS) and world_size > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
             rows: Iterator = iter(ds)
             indexed: Iterator = ((None, r) for r in rows)
@@ -125,16 +130,38 @@ class Corpus:
             indexed = enumerate(iter(ds))
             if world_size > 1:
                 indexed = itertools.islice(indexed, rank, None, world_size)
+        column: str | None = None
         checked = False
         for index, row in indexed:
             if not checked:
-                self._check_columns(row)
+                column = self._id_field(row)
                 checked = True
-            doc_id = index if self.id_column is None else row[self.id_column]
+            doc_id = index if column is None else row[column]
             yield doc_id, row[self.text_column]
 
+    def _id_field(self, row: dict) -> str | None:
+        """The field that holds document ids (None: running indexes), after checking the columns exist."""
+        self._check_columns(row)
+        if self.id_column == NO_IDS:
+            self._warn_once("id_column='none': document ids are running positions in the corpus (0, 1, ...), "
+                            "not the corpus's own ids.")
+            return None
+        if self.id_column is not None:
+            return self.id_column
+        if DEFAULT_ID in row and self.text_column != DEFAULT_ID:
+            return DEFAULT_ID
+        self._warn_once(f"The corpus has no {DEFAULT_ID!r} column: document ids are running positions (0, 1, ...); "
+                        f"pass --id-column to name documents by a column (columns: {sorted(row)}).")
+        return None
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            logger.warning(message)
+            self._warned = True
+
     def _check_columns(self, row: dict) -> None:
-        for col, flag in ((self.text_column, "--text-column"), (self.id_column, "--id-column")):
+        id_column = None if self.id_column == NO_IDS else self.id_column
+        for col, flag in ((self.text_column, "--text-column"), (id_column, "--id-column")):
             if col is not None and col not in row:
                 raise InputError(
                     f"Corpus has no column {col!r}; columns present: {sorted(row)}. Pass the right one with {flag}."
