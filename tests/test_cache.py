@@ -68,7 +68,7 @@ def test_single_probe_reuses_cached_control_scores(tiny_model, planted, tmp_path
     """A single probe z-scored against controls: the second run fits and scans only the probe itself."""
     model, tok = tiny_model
     corpus = Corpus(planted.texts)
-    scan = dict(cache_dir=str(tmp_path / "cache"), normalize="zscore")
+    scan = dict(cache_dir=str(tmp_path / "cache"), normalize="zscore", rank_by="mirror")
     run = lambda probes, out, **kw: attribute(  # noqa: E731
         model, corpus, probes, tokenizer=tok, output_dir=tmp_path / out, show_progress=False,
         scan=ScanConfig(**scan, **kw))

@@ -182,11 +182,12 @@ def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,
     common = dict(tokenizer=tokenizer, show_progress=show_progress, overwrite=True)
     full = timed("full", lambda: attribute(
         model, corpus, probes, output_dir=work / "full", **common,
-        scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-full"))))
+        scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-full"), candidates="all",
+                        rank_by="mirror")))
     rerank = timed("rerank", lambda: attribute(
         model, corpus, probes, output_dir=work / "rerank", **common,
         scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-rerank"),
-                        candidates=cfg.candidates)))
+                        candidates=cfg.candidates, rank_by="mirror")))
     timed("bm25", lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=work / "bm25",
                                     scan=ScanConfig(top_k=k), show_progress=show_progress, method="bm25"))
     # the rerank scores each candidate as the full scan does; batches padded differently move raw losses by float
