@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,7 @@ class HybridConfig:
 
     wordnet_probes: int = 40  # training entries of the default model used as probes (evenly spaced)
     fact_tracing: bool = True
+    comentions: bool = True  # also the fact-tracing variant with co-mention distractors
     quick: bool = False  # small models and corpora (tests)
     top_k: int = 10
     batch_size: int = 32
@@ -140,13 +142,15 @@ def _wordnet(cfg: HybridConfig, work: Path, log: Callable[[str], None]) -> tuple
     return model, tokenizer, corpus, probes, {p["id"]: [p["id"]] for p in probes}
 
 
-def _fact_tracing(cfg: HybridConfig, work: Path, log: Callable[[str], None]) -> tuple:
+def _fact_tracing(cfg: HybridConfig, work: Path, log: Callable[[str], None], comentions: bool = False) -> tuple:
     from hf_mirror.corpus import Corpus
     from hf_mirror.evaluation import fact_tracing as ft
 
     fcfg = ft.FactTracingConfig.quick() if cfg.quick else ft.FactTracingConfig()
+    fcfg.comentions = comentions
     bench = ft.build_benchmark(fcfg)
-    model, tokenizer, _ = ft.load_or_train(bench, fcfg, work / "fact_tracing_model", log)
+    name = "fact_tracing_comentions_model" if comentions else "fact_tracing_model"
+    model, tokenizer, _ = ft.load_or_train(bench, fcfg, work / name, log)
     answers = [a for a in ft.answer_queries(model, tokenizer, bench, fcfg.max_new_tokens) if a["correct"]]
     probes = [{"id": a["id"], "prompt": a["prompt"], "completion": a["completion"]} for a in answers]
     log(f"fact tracing: {len(bench.documents)} documents, {len(probes)} correctly answered probes")
@@ -173,7 +177,8 @@ def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
     """Score every rule on every benchmark (BM25 and the default mirror each run once, full scan)."""
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_hybrid_"))
     work.mkdir(parents=True, exist_ok=True)
-    builders = {"wordnet": _wordnet, **({"fact_tracing": _fact_tracing} if cfg.fact_tracing else {})}
+    builders = {"wordnet": _wordnet, **({"fact_tracing": _fact_tracing} if cfg.fact_tracing else {}),
+                **({"fact_tracing_comentions": partial(_fact_tracing, comentions=True)} if cfg.comentions else {})}
     report = {}
     for name, build in builders.items():
         model, tokenizer, corpus, probes, answers = build(cfg, work, log)

@@ -16,7 +16,7 @@ absolute scale across models, so each is turned into a robust z-score across the
 1.4826 x MAD; this assumes that most items are clean, and needs at least ``MIN_ITEMS_TO_CALIBRATE`` items);
 their AND is the smaller of the two z-scores: both must stand out. (A Stouffer sum ranked paraphrases a little
 better on the injection benchmark, AUROC 0.80 vs 0.67, but let the mirror alone flag clean items whose best
-document is an unrelated one: 3% false positives; docs/benchmarks_leakage.md.) The single score is
+document is an unrelated one: 3% false positives; docs/benchmarks_details.md, "Benchmark leakage".) The single score is
 ``combined = max(combined_threshold * coverage / threshold, min(z_mirror, z_minkprob))``, so that ``combined >=
 combined_threshold`` is exactly the verdict (n-gram coverage at its threshold counts as a hit).
 """
@@ -39,7 +39,7 @@ from hf_mirror.provenance.mirror_leakage import DEFAULT_MIRROR_THRESHOLD, EvalIt
 from hf_mirror.provenance.ngram import NgramIndex
 
 DETECTORS = ("ngram", "mirror", "minkprob")
-# robust-z units; on the injection benchmark clean items reach 0.36 (docs/benchmarks_leakage.md)
+# robust-z units; on the injection benchmark clean items reach 0.36 (docs/benchmarks_details.md, "Benchmark leakage")
 DEFAULT_COMBINED_THRESHOLD = 2.0
 MIN_ITEMS_TO_CALIBRATE = 8
 _MAD_TO_STD = 1.4826

@@ -12,7 +12,7 @@ that it matches the standard deviation of a normal distribution); and the ``marg
 between the best two documents. ``top_z`` is the detector's score (it still fires when a text was injected
 twice, where the margin collapses; on the benchmark it also separated injected from clean items better than the
 margin); the margin is reported as evidence. The threshold is chosen on data: see
-``DEFAULT_MIRROR_THRESHOLD`` and docs/benchmarks_leakage.md.
+``DEFAULT_MIRROR_THRESHOLD`` and docs/benchmarks_details.md, "Benchmark leakage".
 """
 
 from __future__ import annotations
