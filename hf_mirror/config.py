@@ -21,7 +21,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("no", "bf16", "fp16")
 AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
 FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
-CALIBRATED_STEPS = 3  # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_details.md, "Benchmark leakage")
+# the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_details.md, "Benchmark leakage")
+CALIBRATED_STEPS = 3
 
 
 def parse_candidates(spec: str | int | None) -> int | str | None:
