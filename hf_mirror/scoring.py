@@ -491,61 +491,99 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
     With ``fusion_weight`` the final ``score`` is :func:`hf_mirror.fusion.fuse` of BM25 and the mirror's score
     (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
     """
-    lookup = {(p, str(d)): v for p, docs in (retrieval or {}).items() for d, v in docs.items()}
-
-    def with_bm25(probe: Sequence, doc: Sequence) -> np.ndarray:
-        return np.array([lookup.get((p, str(d)), np.nan) for p, d in zip(probe, doc, strict=True)], np.float64)
-
     fix = f"rerun the same command to resume from the last intact checkpoint, or {OVERWRITE_HINT}"
-    states = []
-    for d in shard_dirs:
-        pointer = checked(d / CHECKPOINT, read_json, fix)
-        name = pointer.get("state") if isinstance(pointer, dict) else None
-        if not isinstance(name, str):
-            raise damaged(d / CHECKPOINT, ValueError("no state named"), fix)
-        states.append(_read_state(d / name, fix)[0])
+    states = [_final_state(d, fix) for d in shard_dirs]
+    bm25 = _Lookup(retrieval)
     topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
-    final: dict = {}
+    if retrieval is not None and not topk.empty:
+        topk["bm25"] = bm25(topk["probe_id"], topk["doc_id"])
     if fusion_weight is not None and not topk.empty:
         from hf_mirror.fusion import fuse
 
-        topk["bm25"] = with_bm25(topk["probe_id"], topk["doc_id"])
         topk["mirror"] = topk["score"]
         topk["score"] = fuse(topk, fusion_weight)
         topk = topk[topk["score"].notna()]
-        final = {(p, str(d)): v for p, d, v in zip(topk["probe_id"], topk["doc_id"], topk["score"], strict=True)}
+    final = _Lookup({}) if fusion_weight is None else _Lookup.of(topk)
+    _write_scores(shard_dirs, states, out, bm25 if retrieval is not None else None,
+                  final if fusion_weight is not None else None, fix)
+    evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
+                         ignore_index=True)
+    topk, evidence = _ranked(topk, evidence, probe_ids, top_k)
+    columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []),
+               *(["mirror"] if fusion_weight is not None else [])]
+    return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
+            "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
+            **_totals(states)}
+
+
+class _Lookup:
+    """A (probe id, document id) -> value table, read by columns (NaN where absent)."""
+
+    def __init__(self, values: dict[str, dict] | None) -> None:
+        self.values = {(p, str(d)): v for p, docs in (values or {}).items() for d, v in docs.items()}
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, column: str = "score") -> _Lookup:
+        out = cls({})
+        out.values = {(p, str(d)): v for p, d, v in zip(frame["probe_id"], frame["doc_id"], frame[column],
+                                                         strict=True)}
+        return out
+
+    def __call__(self, probes: Sequence, docs: Sequence) -> np.ndarray:
+        return np.array([self.values.get((p, str(d)), np.nan) for p, d in zip(probes, docs, strict=True)],
+                        np.float64)
+
+
+def _final_state(shard: Path, fix: str) -> dict:
+    """The metadata of a finished shard's last state."""
+    pointer = checked(shard / CHECKPOINT, read_json, fix)
+    name = pointer.get("state") if isinstance(pointer, dict) else None
+    if not isinstance(name, str):
+        raise damaged(shard / CHECKPOINT, ValueError("no state named"), fix)
+    return _read_state(shard / name, fix)[0]
+
+
+def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm25: _Lookup | None,
+                  final: _Lookup | None, fix: str) -> None:
+    """Every shard's score parts into one ``scores.parquet`` (with ``bm25``; with the fusion, ``mirror`` and the
+    final ``score``), written atomically."""
     writer = None
     for d, meta in zip(shard_dirs, states, strict=True):
         for i in range(meta["parts"]):
             table = checked(d / ScoreBook._part_name(i), pq.read_table, fix)
-            if retrieval is not None:
-                keys = table["probe_id"].to_pylist(), table["doc_id"].to_pylist()
-                table = table.append_column("bm25", pa.array(with_bm25(*keys)))
-                if fusion_weight is not None:
-                    fused = [final.get((p, str(doc)), np.nan) for p, doc in zip(*keys, strict=True)]
-                    table = table.append_column("mirror", table["score"]).set_column(
-                        table.schema.get_field_index("score"), "score", pa.array(fused, pa.float64()))
+            keys = table["probe_id"].to_pylist(), table["doc_id"].to_pylist()
+            if bm25 is not None:
+                table = table.append_column("bm25", pa.array(bm25(*keys)))
+            if final is not None:
+                table = table.append_column("mirror", table["score"]).set_column(
+                    table.schema.get_field_index("score"), "score", pa.array(final(*keys), pa.float64()))
             if writer is None:
                 writer = pq.ParquetWriter(str(out / "scores.parquet.tmp"), table.schema, write_page_checksum=True)
             writer.write_table(table.cast(writer.schema))
     if writer is not None:
         writer.close()
         os.replace(out / "scores.parquet.tmp", out / "scores.parquet")
-    evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
-                         ignore_index=True)
-    topk = topk.dropna(axis=1, how="all") if topk.empty else topk
+
+
+def _ranked(topk: pd.DataFrame, evidence: pd.DataFrame, probe_ids: Sequence[str],
+            top_k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each probe's best ``top_k`` rows over all shards, ranked (score, then document id), and their evidence."""
+    if topk.empty:
+        return topk.dropna(axis=1, how="all"), evidence
     order = {pid: i for i, pid in enumerate(probe_ids)}
-    if not topk.empty:
-        topk["_p"] = topk["probe_id"].map(order)
-        topk["_neg"] = -topk["score"]
-        topk = topk.sort_values(["_p", "_neg", "doc_id"], kind="stable").groupby("_p", sort=False).head(top_k)
-        topk["rank"] = topk.groupby("_p").cumcount() + 1
-        topk = topk.drop(columns=["_p", "_neg"]).reset_index(drop=True)
-        keep = topk[["probe_id", "doc_id"]]
-        evidence = evidence.merge(keep, on=["probe_id", "doc_id"], how="inner")
-        evidence["_p"] = evidence["probe_id"].map(order)
-        evidence = evidence.merge(topk[["probe_id", "doc_id", "rank"]], on=["probe_id", "doc_id"])
-        evidence = evidence.sort_values(["_p", "rank", "position"]).drop(columns=["_p", "rank"]).reset_index(drop=True)
+    topk["_p"] = topk["probe_id"].map(order)
+    topk["_neg"] = -topk["score"]
+    topk = topk.sort_values(["_p", "_neg", "doc_id"], kind="stable").groupby("_p", sort=False).head(top_k)
+    topk["rank"] = topk.groupby("_p").cumcount() + 1
+    topk = topk.drop(columns=["_p", "_neg"]).reset_index(drop=True)
+    evidence = evidence.merge(topk[["probe_id", "doc_id", "rank"]], on=["probe_id", "doc_id"], how="inner")
+    evidence["_p"] = evidence["probe_id"].map(order)
+    evidence = evidence.sort_values(["_p", "rank", "position"]).drop(columns=["_p", "rank"]).reset_index(drop=True)
+    return topk, evidence
+
+
+def _totals(states: list[dict]) -> dict:
+    """The skipped documents and the summed counts of every shard."""
     skipped, stats = [], {"documents": 0, "tokens": 0}
     for saved in states:
         skipped += [{"doc_id": s["doc_id"], "reason": s["reason"]} for s in saved["skipped"]]
@@ -555,13 +593,7 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
             stats[k] = stats.get(k, 0) + v
     skipped.sort(key=lambda s: doc_sort_key(s["doc_id"]))
     stats["skipped"] = len(skipped)
-    columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []),
-               *(["mirror"] if fusion_weight is not None else [])]
-    if retrieval is not None and fusion_weight is None:
-        topk["bm25"] = with_bm25(topk["probe_id"], topk["doc_id"]) if not topk.empty else []
-    return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
-            "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
-            "skipped": skipped, "stats": stats}
+    return {"skipped": skipped, "stats": stats}
 
 
 def token_pieces(tokenizer, text: str, token_ids: np.ndarray) -> list[str]:
