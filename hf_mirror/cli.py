@@ -31,6 +31,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a share between 0 and 1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _add_attribute(sub) -> None:
     p = sub.add_parser(
         "attribute",
@@ -60,7 +76,9 @@ def _add_attribute(sub) -> None:
     add_config_flags(p.add_argument_group("mirror (one LoRA adapter per probe)"), MirrorConfig, hidden=False,
                      defaults=True)
     add_config_flags(p.add_argument_group("scan"), ScanConfig, hidden=False, defaults=True)
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --output instead of resuming (the new result is built beside it and "
+                   "swapped in when finished; only files listed in its hf_mirror.json are removed)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -73,8 +91,8 @@ def _add_show(sub) -> None:
     )
     p.add_argument("directory", help="an output directory of `hf-mirror attribute`")
     p.add_argument("--probe", default=None, help="only this probe id")
-    p.add_argument("-k", type=int, default=5, help="documents per probe")
-    p.add_argument("--tokens", type=int, default=5, help="tokens to mark per document")
+    p.add_argument("-k", type=positive_int, default=5, help="documents per probe")
+    p.add_argument("--tokens", type=positive_int, default=5, help="tokens to mark per document")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
 
 
@@ -88,7 +106,7 @@ def _add_demo(sub) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--output", default="hf-mirror-demo", help="output directory (result files and report.html)")
-    p.add_argument("--probes", type=int, default=5, help="number of bundled prompts to complete and attribute")
+    p.add_argument("--probes", type=positive_int, default=5, help="number of bundled prompts to complete and attribute")
     p.add_argument("--retrain", action="store_true", help="train the default model again even if cached")
     p.add_argument("--overwrite", action="store_true", help="attribute again instead of reusing a finished run")
     p.add_argument(
@@ -127,17 +145,17 @@ def _add_audit(sub) -> None:
     p.add_argument("--detectors", default="ngram,minkprob",
                    help="comma-separated among ngram, mirror, minkprob, or 'all' (= ngram,mirror,minkprob: the "
                    "combined detector; costs one mirror scan of the corpus per item)")
-    p.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens")
-    p.add_argument("--threshold", type=float, default=0.5, help="ngram: leaked when this share of tokens is copied")
-    p.add_argument("--combined-threshold", type=float, default=None,
+    p.add_argument("--ngram", type=positive_int, default=13, help="n-gram length in tokens")
+    p.add_argument("--threshold", type=fraction, default=0.5, help="ngram: leaked when this share of tokens is copied")
+    p.add_argument("--combined-threshold", type=finite, default=None,
                    help="combined: leaked at this score (robust z units; default: the calibrated one)")
-    p.add_argument("--mirror-threshold", type=float, default=None,
+    p.add_argument("--mirror-threshold", type=finite, default=None,
                    help="mirror alone: the item's top document stands out at this top z (default: calibrated)")
     p.add_argument("--index", default=None, help="n-gram index directory: reused if built, else built there")
     p.add_argument("--no-membership", action="store_true", help="same as leaving minkprob out of --detectors")
     p.add_argument("--membership", choices=["mink", "mink++"], default="mink",
                    help="the minkprob detector's score: Min-K%% Prob (mink) or Min-K%%++ (mink++)")
-    p.add_argument("--fail-above", type=float, default=None, help="exit 1 when the contamination rate is above")
+    p.add_argument("--fail-above", type=fraction, default=None, help="exit 1 when the contamination rate is above")
     g = p.add_argument_group("mirror detector (see `hf-mirror attribute --help`)")
     add_config_flags(g, MirrorConfig, hidden=False, defaults=True, only=["steps", "lr", "rank"])
     add_config_flags(g, ScanConfig, hidden=False, defaults=True,
@@ -160,7 +178,7 @@ def _add_index(sub) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None)
     p.add_argument("--split", default="train")
-    p.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens")
+    p.add_argument("--ngram", type=positive_int, default=13, help="n-gram length in tokens")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint of an interrupted build")
     p.add_argument("--backend", choices=["ngram", "infini-gram"], default="ngram",
@@ -185,11 +203,11 @@ def _add_provenance(sub) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None)
     p.add_argument("--split", default="train")
-    p.add_argument("--ngram", type=int, default=8, help="n-gram length in tokens")
-    p.add_argument("--threshold", type=float, default=0.5, help="memorized when one document holds this share")
+    p.add_argument("--ngram", type=positive_int, default=8, help="n-gram length in tokens")
+    p.add_argument("--threshold", type=fraction, default=0.5, help="memorized when one document holds this share")
     p.add_argument("--index", default=None, help="n-gram index directory: reused if built, else built there")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="for probes without a completion")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="for probes without a completion")
+    p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--no-mirror", action="store_true", help="verbatim spans only (no mirror attribution)")
 
 
@@ -207,9 +225,9 @@ def _add_memorization(sub) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None)
     p.add_argument("--split", default="train")
-    p.add_argument("--prefix-tokens", type=int, default=32, help="P")
-    p.add_argument("--suffix-tokens", type=int, default=32, help="S")
-    p.add_argument("--samples", type=int, default=100, help="documents sampled (seeded reservoir)")
+    p.add_argument("--prefix-tokens", type=positive_int, default=32, help="P")
+    p.add_argument("--suffix-tokens", type=positive_int, default=32, help="S")
+    p.add_argument("--samples", type=positive_int, default=100, help="documents sampled (seeded reservoir)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -286,6 +304,11 @@ def _open_or_build_index(args, corpus, tokenizer, index_dir):
         if index.n != args.ngram or index.manifest.get("corpus") != corpus.describe():
             raise InputError(f"The index in {index_dir} was built for another corpus or n-gram length "
                              f"(n={index.n}); pass a new --index directory or delete it.")
+        built, now = index.manifest.get("corpus_fingerprint"), corpus.fingerprint()
+        if built != now:
+            raise InputError(f"The index in {index_dir} was built from other corpus content (the corpus changed since, "
+                             f"or its content cannot be verified: fingerprint {built} -> {now}); pass a new --index "
+                             "directory or delete it.")
         return index
     return NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=True)
 

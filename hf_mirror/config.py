@@ -205,6 +205,8 @@ class ScanConfig:
 
     def __post_init__(self) -> None:
         self.candidates = parse_candidates(self.candidates)
+        if self.max_length is not None and self.overlap is not None and self.overlap >= self.max_length:
+            raise InputError(f"--overlap ({self.overlap}) must be smaller than --max-length ({self.max_length}).")
 
     @property
     def n_candidates(self) -> int:

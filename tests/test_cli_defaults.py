@@ -56,3 +56,52 @@ def test_out_of_range_flags_exit_2_naming_the_flag(flag, value, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
+
+
+def _required_args(name: str) -> list[str]:
+    """The smallest argument list the subcommand parses: dummy values for required options and positionals."""
+    parser = _subparser(name)
+    out = [name]
+    for a in parser._actions:
+        if a.required and a.option_strings:
+            out += [a.option_strings[0], "x"]
+        elif not a.option_strings and a.dest != "help":
+            out.append("x")
+    return out
+
+
+def _typed_flags() -> list[tuple[str, str, str]]:
+    """(subcommand, flag, value) for every typed flag of every subcommand and every value its type refuses."""
+    cases = []
+    for name in build_parser()._subparsers._group_actions[0].choices:
+        for a in _subparser(name)._actions:
+            if not a.option_strings or a.type is None or a.type is str:
+                continue
+            for value in ("-5", "abc", "nan", "0"):
+                try:
+                    a.type(value)
+                except Exception:  # argparse reports what its type raises
+                    cases.append((name, a.option_strings[-1], value))
+    return cases
+
+
+def test_every_bounded_flag_refuses_out_of_range_values():
+    refused = {(name, flag) for name, flag, value in _typed_flags() if value == "-5"}
+    for name, flag in [("attribute", "--max-new-tokens"), ("attribute", "--controls"), ("attribute", "--top-k"),
+                       ("attribute", "--steps"), ("provenance", "--max-new-tokens"), ("provenance", "--ngram"),
+                       ("audit", "--threshold"), ("memorization", "--samples"), ("show", "-k"), ("demo", "--threads")]:
+        assert (name, flag) in refused, f"{name} {flag} accepts -5"
+
+
+@pytest.mark.parametrize("name,flag,value", _typed_flags())
+def test_every_subcommand_flag_walk_exits_2_naming_the_flag(name, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*_required_args(name), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag in err and "Traceback" not in err
+
+
+def test_overlap_must_be_smaller_than_the_window(capsys):
+    assert main([*REQUIRED, "--max-length", "16", "--overlap", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--overlap" in err and "--max-length" in err and "Traceback" not in err
