@@ -62,7 +62,7 @@ class StackedLora:
             def add(module, args, kwargs, out):
                 x = args[0] if args else kwargs["x"]
                 if x.shape[0] % g:
-                    raise RuntimeError(f"A batch for {g} stacked adapters needs a multiple of {g} rows, got "
+                    raise AssertionError(f"A batch for {g} stacked adapters needs a multiple of {g} rows, got "
                                        f"{x.shape[0]}.")
                 rows = x.to(a.dtype).reshape(g, -1, x.shape[-1])  # [G, k x length, in]
                 delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scaling

@@ -79,7 +79,7 @@ class SharedTrunk:
         ``repeat`` > 1 for a batch that stacks the recorded batch that many times (mixed-adapter batches).
         """
         if self.hidden is None:
-            raise RuntimeError("No trunk recorded for this batch.")
+            raise AssertionError("No trunk recorded for this batch.")  # a bug in hf_mirror, not bad input
         hidden = self.hidden if repeat == 1 else self.hidden.repeat(repeat, *([1] * (self.hidden.dim() - 1)))
         saved = [self.blocks[i] for i in range(self.first)]
         skip = _Skip()

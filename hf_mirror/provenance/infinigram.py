@@ -37,7 +37,7 @@ import numpy as np
 
 from hf_mirror.cache import tokenizer_fingerprint
 from hf_mirror.corpus import Corpus
-from hf_mirror.errors import InputError
+from hf_mirror.errors import InputError, RunError
 from hf_mirror.progress import progress_bar
 from hf_mirror.provenance.ngram import (
     MANIFEST,
@@ -423,7 +423,7 @@ def _check_step(step: str, returncode: int, stderr: bytes, width: int = 2) -> No
     if returncode != 0:
         tail = stderr.decode(errors="replace").strip()[-2000:]
         hint = " (with 32-bit tokens its make-part allocates 32 GiB whatever the corpus size)" if width == 4 else ""
-        raise RuntimeError(f"infini-gram's rust_indexing {step} failed (exit {returncode}); out of disk space or "
+        raise RunError(f"infini-gram's rust_indexing {step} failed (exit {returncode}); out of disk space or "
                            f"memory{hint}? {tail}")
 
 
