@@ -39,6 +39,20 @@ def parse_candidates(spec: str | int | None) -> int | str | None:
     return int(m)
 
 
+def positive_nats(text: str) -> float:
+    """An argparse type for ``--target-rise``: a finite number of nats above 0."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of nats, got {text}")
+    return value
+
+
 @dataclass
 class MirrorConfig:
     """How each probe's LoRA mirror is fitted.
@@ -65,9 +79,10 @@ class MirrorConfig:
     steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep); with --target-rise, "
                         "the most steps a mirror may take")
     target_rise: float | None = option(
-        None, help="fit each mirror until its probe loss has moved this many nats in the fitting direction (rises "
-        "for unlearn, falls for learn), at most --steps steps; a probe that reached it stops moving while the "
-        "others go on (default: off, every mirror takes --steps steps)")
+        None, flag={"type": positive_nats},
+        help="fit each mirror until its probe loss has moved this many nats in the fitting direction (rises for "
+        "unlearn, falls for learn), at most --steps steps; a probe that reached it stops moving while the others "
+        "go on (default: off, every mirror takes --steps steps)")
     lr: float = option(5e-3, help="learning rate of the mirror's optimizer (> 0)")
     optimizer: Literal["adam", "adamw", "sgd"] = option("adam", help="the mirror's optimizer")
     direction: Literal["unlearn", "learn"] = option(
