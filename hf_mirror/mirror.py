@@ -231,11 +231,7 @@ def _fit_group(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[s
     for p in params:
         p.requires_grad_(True)
     opt = _make_optimizer(cfg, params)  # elementwise updates: each adapter moves as if fitted alone
-    reuse = nullcontext
-    if trunk is not None:  # unadapted blocks: the same hidden states at every step
-        with torch.no_grad(), trunk.capture(stop=True):
-            peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        reuse = trunk.reuse
+    reuse = _reuse_trunk(peft_model, trunk, batch)
     stopped = torch.zeros(len(names), dtype=torch.bool)
     before: torch.Tensor | None = None
     for step in range(cfg.steps + 1):
@@ -262,22 +258,37 @@ def _fit_group(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[s
         stopped |= ending
         if bool(stopped.all()):
             break
-        opt.zero_grad(set_to_none=True)
-        moving = (~stopped).to(losses.device)
-        (-cfg.sign * losses[moving].sum()).backward()  # unlearn: ascend each probe's loss; learn: descend it
-        if bool(stopped.any()):  # only stacked groups get here: a single probe that stopped has ended the loop
-            rows = stopped.nonzero().flatten().to(losses.device)
-            kept = [p.detach()[rows].clone() for p in params]
-            opt.step()
-            with torch.no_grad():
-                for p, k in zip(params, kept, strict=True):
-                    p[rows] = k
-        else:
-            opt.step()
+        _step(opt, params, losses, stopped, cfg.sign)
     for p in params:
         p.requires_grad_(False)
     if stacked is not None:
         stacked.write_back()
+
+
+def _reuse_trunk(peft_model: PeftModel, trunk: SharedTrunk | None, batch: dict):
+    """Run the unadapted blocks under ``trunk`` once; the context that reuses their hidden states at every step."""
+    if trunk is None:
+        return nullcontext
+    with torch.no_grad(), trunk.capture(stop=True):
+        peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return trunk.reuse
+
+
+def _step(opt, params: Sequence[torch.nn.Parameter], losses: torch.Tensor, stopped: torch.Tensor,
+          sign: float) -> None:
+    """One optimizer step on the probes still moving; the stacked rows of stopped probes are put back after it."""
+    opt.zero_grad(set_to_none=True)
+    moving = (~stopped).to(losses.device)
+    (-sign * losses[moving].sum()).backward()  # unlearn: ascend each probe's loss; learn: descend it
+    if not bool(stopped.any()):
+        opt.step()
+        return
+    rows = stopped.nonzero().flatten().to(losses.device)  # only stacked groups get here
+    kept = [p.detach()[rows].clone() for p in params]
+    opt.step()
+    with torch.no_grad():
+        for p, k in zip(params, kept, strict=True):
+            p[rows] = k
 
 
 def save_mirrors(model: PeftModel, names: Sequence[str], directory: str | Path) -> None:
