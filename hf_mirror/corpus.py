@@ -52,6 +52,7 @@ class Corpus:
     name: str | None = None  # a Hub dataset's configuration
     extra: dict = field(default_factory=dict)  # more keyword arguments for `load_dataset`
     _warned: bool = field(default=False, init=False, repr=False, compare=False)
+    _samples: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # file stats -> fingerprint
 
     def __post_init__(self) -> None:
         if isinstance(self.source, (list, tuple)):
@@ -80,18 +81,50 @@ class Corpus:
             return f"dataset:{src._fingerprint}"
         if isinstance(src, IterableDataset):
             return None
-        path = Path(str(src))
-        if any(ch in str(src) for ch in "*?["):
-            files = sorted(Path(p) for p in glob.glob(str(src), recursive=True))
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-        else:
-            files = [path] if path.exists() else []
-        if files:
-            stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-            return "files:" + hashlib.sha256(repr(stats).encode()).hexdigest()[:20]
+        files = self._files()
+        if files:  # path, size, mtime and a content sample of each file (read once per stat): edits change it
+            stats = repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+            if stats not in self._samples:
+                samples = [_sample_hash(p) for p in files]
+                self._samples[stats] = "files:" + hashlib.sha256((stats + repr(samples)).encode()).hexdigest()[:20]
+            return self._samples[stats]
         revision = self.extra.get("revision")
         return None if revision is None else f"hub:{src}:{self.name}:{self.split}:{revision}"
+
+    def _files(self) -> list[Path]:
+        """The local files of a path/glob/directory source ([] for other sources)."""
+        src = self.source
+        if isinstance(src, (Dataset, IterableDataset, DatasetDict, IterableDatasetDict)):
+            return []
+        path = Path(str(src))
+        if any(ch in str(src) for ch in "*?["):
+            return sorted(Path(p) for p in glob.glob(str(src), recursive=True) if Path(p).is_file())
+        if path.is_dir():
+            return sorted(p for p in path.rglob("*") if p.is_file())
+        return [path] if path.is_file() else []
+
+    def check(self) -> None:
+        """Validate before any fitting: text files are UTF-8 (naming the line), the columns exist, and the corpus
+        has a document. Reads each local text file once."""
+        files = self._files()
+        for path in files:
+            suffixes = [x.lower() for x in path.suffixes]
+            if (self.format or FORMATS.get(suffixes[-1] if suffixes else "")) in ("json", "text", "csv"):
+                _check_utf8(path)
+        empty = InputError(f"The corpus {self.describe()['source']} has no documents; pass a corpus with at least "
+                           "one (check --split and the file).")
+        if self.num_documents() == 0 or files and not any(p.stat().st_size for p in files):
+            raise empty
+        try:
+            first = next(iter(self.documents()), None)
+        except InputError:
+            raise
+        except Exception as e:
+            if isinstance(e.__cause__, StopIteration):  # how `datasets` streams a file without records
+                raise empty from e
+            raise InputError(f"Cannot read the corpus {self.describe()['source']} ({type(e).__name__}: {e}).") from e
+        if first is None:
+            raise empty
 
     def num_documents(self) -> int | None:
         """The corpus length when it is known without reading it (in-memory datasets, Hub metadata)."""
@@ -211,6 +244,34 @@ def _load_stream(src: str, fmt: str | None, split: str, name: str | None, extra:
             f"Corpus {src!r} is neither a local file or directory nor a reachable Hub dataset ({e}); "
             "check the path, or the dataset name and your connection (HF_DATASETS_OFFLINE)."
         ) from e
+
+
+def _sample_hash(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's first and last MiB (all of it when smaller)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        h.update(f.read(block))
+        size = f.seek(0, 2)
+        if size > 2 * block:
+            f.seek(size - block)
+            h.update(f.read(block))
+        elif size > block:
+            f.seek(block)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _check_utf8(path: Path) -> None:
+    """InputError naming the first line of ``path`` that is not UTF-8 (compressed files are left to the reader)."""
+    if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst"):
+        return
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno} is not UTF-8 text (byte {e.start + 1} of the line); re-encode the "
+                                 "file as UTF-8.") from None
 
 
 @dataclass

@@ -23,6 +23,7 @@ from hf_mirror.cache import default_cache_dir
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig
+from hf_mirror.ownership import claim
 from hf_mirror.pipeline import ScanConfig, attribute
 from hf_mirror.probes import start_token_id
 from hf_mirror.results import AttributionResult
@@ -392,6 +393,7 @@ def run_demo(
         trained,
         previous is not None and previous == result.config.get("run_key"),
     )
+    claim(output_dir, ["report.html", "demo.json"])  # hf-mirror's files: --overwrite may replace them
     write_html(
         result,
         Path(output_dir) / "report.html",

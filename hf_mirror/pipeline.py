@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -32,6 +31,7 @@ from hf_mirror.mirror import (
     save_mirrors,
 )
 from hf_mirror.modeling import context_length, resolve_model
+from hf_mirror.ownership import Output, check_output_path, digest
 from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes, save_probes
 from hf_mirror.progress import ScanProgress
 from hf_mirror.results import AttributionResult
@@ -68,13 +68,19 @@ def _run_key(*parts) -> str:
 
 @dataclass
 class _Run:
-    """What the stages of one run share: the process group, the output directory, the model and the windowing."""
+    """What the stages of one run share: the process group, the output directory, the model and the windowing.
+
+    ``out`` is where the run writes (``output.work`` on the main process: a staging directory under overwrite);
+    ``final`` where its result lands. ``probes`` are the given probes, validated (main process only).
+    """
 
     accelerator: Accelerator
     out: Path
+    final: Path
     model: object
     tokenizer: object
     model_name: str
+    model_fingerprint: str
     corpus: Corpus
     mirror: MirrorConfig
     scan: ScanConfig
@@ -82,6 +88,8 @@ class _Run:
     overlap: int
     precision: str
     show_progress: bool
+    probes: list[Probe] | None
+    output: Output | None  # the main process's lock and manifest
 
     @property
     def rank(self) -> int:
@@ -161,7 +169,11 @@ def attribute(
 
     Under ``accelerate launch`` / ``torchrun`` each process scans its share of the corpus; the main process
     fits the mirrors once and merges the shards, so the answer does not depend on the number of processes.
-    Rerunning on the same ``output_dir`` resumes from the last checkpoint (``overwrite=True`` starts afresh).
+    Rerunning on the same ``output_dir`` resumes from the last checkpoint. Every input is validated before
+    anything is fitted or written. ``output_dir`` must be empty or hold hf-mirror's own files (its manifest
+    ``hf_mirror.json`` names them); another run there (other method, model weights, corpus content, probes,
+    process layout or settings) is refused unless ``overwrite=True``, which builds the new result beside the old
+    one and swaps it in when finished, removing only the files the manifest names (:mod:`hf_mirror.ownership`).
 
     ``method`` picks another method of the registry (:mod:`hf_mirror.methods`: ``bm25``, ``embedding``,
     ``gradsim``, ``ekfac``) on the same inputs, with ``scan``'s top_k/max_length/overlap/max_new_tokens and
@@ -169,46 +181,51 @@ def attribute(
     """
     if method != "mirror":
         return _other_method(method, model, corpus, probes, tokenizer, scan or ScanConfig(), output_dir,
-                             model_kwargs, show_progress, options)
+                             model_kwargs, show_progress, overwrite, options)
     if options:
         raise InputError(f"Unknown option(s) {sorted(options)} for the mirror: its settings are MirrorConfig and "
                          "ScanConfig.")
-    run = _start(model, corpus, tokenizer, mirror or MirrorConfig(), scan or ScanConfig(), output_dir, model_kwargs,
-                 show_progress, overwrite)
-    trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}  # PEFT freezes them
-    pool = _probes_and_candidates(run, probes)  # 1. probes, controls, BM25 candidates
-    caches = _caches(run, pool)
-    book = _score_book(run, pool)  # before the costly fit: refuses another run's shard, or resumes this one's
-    n_fit = len(pool.probes) if caches.controls_cached else len(pool.all)
-    peft_model, report = _mirrors(run, pool, n_fit)  # 2. fit or reload on the main process, shared
+    run = _start(model, corpus, probes, tokenizer, mirror or MirrorConfig(), scan or ScanConfig(), output_dir,
+                 model_kwargs, show_progress, overwrite)
     try:
-        if not book.done:
-            _scan(run, pool, caches, book, peft_model, n_fit)  # 3. scan this process's shard
+        trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}  # PEFT freezes them
+        pool = _probes_and_candidates(run)  # 1. probes, controls, BM25 candidates
+        caches = _caches(run, pool)
+        book = _score_book(run, pool)  # before the costly fit: refuses another run's shard, or resumes this one's
+        n_fit = len(pool.probes) if caches.controls_cached else len(pool.all)
+        peft_model, report = _mirrors(run, pool, n_fit)  # 2. fit or reload on the main process, shared
+        try:
+            if not book.done:
+                _scan(run, pool, caches, book, peft_model, n_fit)  # 3. scan this process's shard
+        finally:
+            peft_model.unload()  # give the caller back their model without LoRA layers, as trainable as it was
+            for name, p in run.model.named_parameters():
+                p.requires_grad_(trainable.get(name, p.requires_grad))
+        run.accelerator.wait_for_everyone()
+        if run.main:
+            _merge_and_record(run, pool, report, book.run_key, model_kwargs)  # 4. merge, 5. record
+            run.output.finish()  # under overwrite: swapped in for the previous result
+        run.accelerator.wait_for_everyone()
     finally:
-        peft_model.unload()  # give the caller back their model without LoRA layers, as trainable as it was
-        for name, p in run.model.named_parameters():
-            p.requires_grad_(trainable.get(name, p.requires_grad))
-    run.accelerator.wait_for_everyone()
-    if run.main:
-        _merge_and_record(run, pool, report, book.run_key, model_kwargs)  # 4. merge, 5. record
-    run.accelerator.wait_for_everyone()
-    return AttributionResult.load(run.out)
+        if run.output is not None:
+            run.output.release()  # the lock
+    return AttributionResult.load(run.final)
 
 
 def _other_method(method: str, model, corpus, probes, tokenizer, scan: ScanConfig, output_dir, model_kwargs,
-                  show_progress: bool, options: dict) -> AttributionResult:
+                  show_progress: bool, overwrite: bool, options: dict) -> AttributionResult:
     """A registry method other than the mirror, on the same inputs."""
     from hf_mirror.baselines import attribute_baseline
 
     return attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=output_dir,
                               top_k=scan.top_k, show_progress=show_progress, max_length=scan.max_length,
                               overlap=scan.overlap, max_new_tokens=scan.max_new_tokens, model_kwargs=model_kwargs,
-                              **options)
+                              overwrite=overwrite, **options)
 
 
-def _start(model, corpus, tokenizer, mirror: MirrorConfig, scan: ScanConfig, output_dir, model_kwargs,
+def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanConfig, output_dir, model_kwargs,
            show_progress: bool, overwrite: bool) -> _Run:
-    """The process group, the output directory, the model on its device and the windowing."""
+    """The process group, the validated inputs, the model on its device, the windowing and the owned output."""
     corpus = _as_corpus(corpus)
     if scan.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {scan.precision!r}.")
@@ -221,27 +238,69 @@ def _start(model, corpus, tokenizer, mirror: MirrorConfig, scan: ScanConfig, out
         if accelerator.num_processes > 1:
             raise InputError("Pass an output directory when running on several processes.")
         output_dir = tempfile.mkdtemp(prefix="hf_mirror_")
-    out = Path(output_dir)
-    if accelerator.is_main_process:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+    final = Path(output_dir)
+    main = accelerator.is_main_process
+    if main:
+        check_output_path(final)
+    given = load_probes(probes) if main else None
     model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
     model.to(accelerator.device).eval()
-    max_length = scan.max_length or context_length(model, tokenizer)
+    max_length = _check_max_length(model, scan.max_length) or context_length(model, tokenizer)
     overlap = scan.overlap if scan.overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
-    return _Run(accelerator, out, model, tokenizer, str(model_name), corpus, mirror, scan, max_length, overlap,
-                precision, show_progress)
+    if mirror.steps == 0:
+        logger.warning("--steps 0: the mirrors are not fitted, so every mirror score is 0.")
+    fingerprint = model_fingerprint(model)
+    output = None
+    if main:
+        corpus.check()  # readable, UTF-8, columns, not empty: before anything is fitted or written
+        settings = {**mirror.identity(), **{k: getattr(scan, k) for k in RESULT_SETTINGS},
+                    "max_length": max_length, "overlap": overlap}
+        identity = run_identity("mirror", model_name, fingerprint, tokenizer, corpus, given,
+                                accelerator.num_processes, settings)
+        output = Output.open(final, identity, overwrite)
+    work = [output.work if output is not None else None]
+    try:
+        if accelerator.num_processes > 1:  # every process writes where the main process chose
+            work = broadcast_object_list(work, from_process=0)
+    except BaseException:
+        if output is not None:
+            output.release()
+        raise
+    return _Run(accelerator, Path(work[0]), final, model, tokenizer, str(model_name), fingerprint, corpus, mirror, scan,
+                max_length, overlap, precision, show_progress, given, output)
 
 
-def _probes_and_candidates(run: _Run, probes) -> _Pool:
+# the scan settings that change a result (the others only change how fast it is made)
+RESULT_SETTINGS = ("top_k", "normalize", "controls", "min_pool", "candidates", "aggregate", "rank_by", "mirror_weight",
+                   "max_new_tokens")
+
+
+def _check_max_length(model, max_length: int | None) -> int | None:
+    """``max_length``, refused when it is above the model's context window."""
+    limit = context_length(model, None, cap=1 << 62)
+    if max_length is not None and max_length > limit:
+        raise InputError(f"--max-length {max_length} is above the model's context window ({limit} tokens); pass at "
+                         f"most {limit}.")
+    return max_length
+
+
+def run_identity(method: str, model_name: object, weights: str | None, tokenizer, corpus: Corpus,
+                 probes: list[Probe], processes: int, settings: dict) -> dict:
+    """Everything that decides a run's answer, as recorded in its output directory's manifest."""
+    return {"method": method, "model": str(model_name), "model weights": weights,
+            "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus.describe(),
+            "corpus content": corpus.fingerprint(), "probes": digest([asdict(p) for p in probes]),
+            "processes": processes, "settings": json.loads(json.dumps(settings, default=str))}
+
+
+def _probes_and_candidates(run: _Run) -> _Pool:
     """Probes (completions generated where missing), control probes and BM25 candidates, made on the main process."""
     scan = run.scan
     shared = [None, None, None]
     if run.main:
-        probe_list: list[Probe] = _probes_from_disk(run.out, probes) or load_probes(probes)
+        probe_list: list[Probe] = _probes_from_disk(run.out, run.probes) or run.probes
         probe_list = generate_completions(run.model, run.tokenizer, probe_list, scan.max_new_tokens)
         n_controls = scan.n_controls(len(probe_list))
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
@@ -260,7 +319,7 @@ def _probes_and_candidates(run: _Run, probes) -> _Pool:
 def _caches(run: _Run, pool: _Pool) -> _Caches:
     """The base-loss cache (whole-corpus scans only) and, for normalised runs, the control probes' score cache."""
     base = (_base_cache(run.model, run.tokenizer, run.corpus, run.scan, run.max_length, run.overlap, run.precision,
-                        run.rank, run.world) if pool.keep is None else None)
+                        run.rank, run.world, run.model_fingerprint) if pool.keep is None else None)
     controls = None
     if base is not None and pool.controls and pool.normalize != "none":
         key = _run_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
@@ -276,7 +335,8 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
     """This process's score book, keyed by everything that decides the scores (a resume continues it)."""
     scan = run.scan
     hybrid = scan.rank_by == "hybrid"
-    run_key = _run_key(run.model_name, run.corpus.describe(), run.mirror.identity(), [asdict(p) for p in pool.all],
+    run_key = _run_key(run.model_name, run.model_fingerprint, run.corpus.describe(), run.corpus.fingerprint(),
+                       run.mirror.identity(), [asdict(p) for p in pool.all],
                        pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
                        None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by)
     # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
@@ -290,7 +350,8 @@ def _mirrors(run: _Run, pool: _Pool, n_fit: int):
     """The first ``n_fit`` mirrors of the pool, fitted (or reloaded) on the main process and attached everywhere."""
     names = pool.names[:n_fit]
     # the fit key holds only what decides the adapters: the model, the mirror settings, the probes, the windowing
-    fit_key = _run_key(run.model_name, run.mirror.identity(), [asdict(p) for p in pool.all[:n_fit]], run.max_length)
+    fit_key = _run_key(run.model_name, run.model_fingerprint, run.mirror.identity(),
+                       [asdict(p) for p in pool.all[:n_fit]], run.max_length)
     shared = [None, None]
     if run.main:
         peft_model, report = _fit_or_reload(run.model, run.tokenizer, pool.all[:n_fit], names, run.mirror,
@@ -380,14 +441,14 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
 
 
 def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: int, overlap: int,
-                precision: str, rank: int, world: int) -> BaseLossCache | None:
+                precision: str, rank: int, world: int, weights: str | None = None) -> BaseLossCache | None:
     """The base-loss cache for this model, tokenizer, corpus and windowing (None when it cannot be keyed)."""
     fingerprint = corpus.fingerprint() if scan.cache else None
     if fingerprint is None:
         if scan.cache:
             logger.info("Corpus has no stable fingerprint (a generator?): base losses are not cached.")
         return None
-    key = _run_key("base-losses-v1", model_fingerprint(model), tokenizer_fingerprint(tokenizer), fingerprint,
+    key = _run_key("base-losses-v1", weights or model_fingerprint(model), tokenizer_fingerprint(tokenizer), fingerprint,
                    corpus.text_column, corpus.id_column, max_length, overlap, precision, scan.fixed_width,
                    str(next(model.parameters()).dtype))
     return BaseLossCache(scan.cache_dir or default_cache_dir(), key, rank, world)
@@ -402,13 +463,12 @@ def _control_row(rows, doc) -> np.ndarray:
     return row[2]
 
 
-def _probes_from_disk(out: Path, probes) -> list[Probe] | None:
+def _probes_from_disk(out: Path, given: list[Probe]) -> list[Probe] | None:
     """On resume, reuse the probes (with their generated completions) that the interrupted run fitted."""
     path = out / "adapters" / "probes.jsonl"
     if not path.exists():
         return None
     saved = load_probes(path)
-    given = load_probes(probes)
     if [(p.id, p.prompt) for p in given] != [(p.id, p.prompt) for p in saved] or any(
         g.completion is not None and g.completion != s.completion for g, s in zip(given, saved, strict=True)
     ):

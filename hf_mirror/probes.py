@@ -59,8 +59,15 @@ def load_probes(source: str | Path | Iterable[Probe | Mapping | str]) -> list[Pr
         if not path.exists():
             raise InputError(f"Probe file {path} does not exist; pass a JSON-lines file with id/prompt fields.")
         records: list = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        if path.is_dir():
+            raise InputError(f"Probe file {path} is a directory; pass a JSON-lines file with id/prompt fields.")
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}:{lineno} is not UTF-8 text (byte {e.start + 1} of the line); re-encode "
+                                     "the file as UTF-8.") from None
                 if not line.strip():
                     continue
                 try:

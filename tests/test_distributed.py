@@ -109,14 +109,14 @@ def test_resume_after_an_exception_keeps_finished_work(tiny_model, planted, tmp_
     texts = planted.texts
 
     def failing(n):
-        passes = [0]  # the candidate stage reads the corpus once before the scan: the disk goes away in the scan
+        full = [0]  # the candidate stage reads the whole corpus before the scan: the disk goes away in the scan
 
         def gen():
-            passes[0] += 1
             for i, t in enumerate(texts):
-                if i == n and passes[0] > 1:
+                if i == n and full[0]:
                     raise OSError("disk went away")
                 yield {"text": t}
+            full[0] += 1
         return gen
 
     from datasets import IterableDataset

@@ -26,9 +26,11 @@ from hf_mirror.baselines.bm25 import BM25Baseline
 from hf_mirror.baselines.ekfac import EKFACBaseline
 from hf_mirror.baselines.embedding import EmbeddingBaseline
 from hf_mirror.baselines.gradsim import GradSimBaseline
+from hf_mirror.cache import model_fingerprint
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.modeling import context_length, resolve_model
+from hf_mirror.ownership import Output, check_output_path
 from hf_mirror.probes import generate_completions, load_probes
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Skipped
@@ -81,6 +83,7 @@ def attribute_baseline(
     overlap: int | None = None,
     max_new_tokens: int = 32,
     model_kwargs: dict | None = None,
+    overwrite: bool = False,
     **options,
 ) -> AttributionResult:
     """Rank the corpus documents for each probe with a baseline ``method`` (one of :data:`METHODS`).
@@ -89,9 +92,10 @@ def attribute_baseline(
     ``tokenizer``), ``corpus`` a :class:`Corpus`/path/Dataset/list, ``probes`` a JSON-lines path or a list;
     probes without a completion get the model's greedy generation. ``options`` go to the method's class
     (e.g. ``k1=``/``b=`` for bm25, ``similarity="dot"`` for gradsim, ``batch_size=`` for embedding,
-    ``damping=``/``strategy=`` for ekfac, which needs the optional ``kronfluence``).
+    ``damping=``/``strategy=`` for ekfac, which needs the optional ``kronfluence``). ``output_dir`` is owned like
+    :func:`hf_mirror.attribute`'s: another run there is refused unless ``overwrite``.
     """
-    from hf_mirror.pipeline import package_versions  # pipeline imports accelerate: only when running
+    from hf_mirror.pipeline import _check_max_length, run_identity  # pipeline imports accelerate
 
     if method not in METHODS:
         raise InputError(f"Unknown baseline {method!r}; choose one of {sorted(METHODS)}.")
@@ -100,21 +104,39 @@ def attribute_baseline(
         raise InputError("top_k must be at least 1.")
     t0 = time.perf_counter()
     corpus = _as_corpus(corpus)
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"hf_mirror_{method}_"))
-    out.mkdir(parents=True, exist_ok=True)
-
+    final = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"hf_mirror_{method}_"))
+    check_output_path(final)
     cls = METHODS[method]
     given = load_probes(probes)
+    corpus.check()
     if not cls.needs_model and isinstance(model, (str, Path)) and all(p.completion is not None for p in given):
         model, tokenizer, model_name = _config_only(str(model), tokenizer, model_kwargs)  # the weights are not used
     else:
         model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
         model.eval()
-    max_length = max_length or context_length(model, tokenizer)
+    max_length = _check_max_length(model, max_length) or context_length(model, tokenizer)
     overlap = overlap if overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
 
+    settings = {"options": options, "top_k": top_k, "max_length": max_length, "overlap": overlap,
+                "max_new_tokens": max_new_tokens}
+    weights = model_fingerprint(model) if hasattr(model, "state_dict") else None  # None: the weights are not read
+    identity = run_identity(method, model_name, weights, tokenizer, corpus, given, 1, settings)
+    with Output.open(final, identity, overwrite) as output:
+        _score(output.work, method, cls, model, tokenizer, str(model_name), corpus, given, options, settings,
+               show_progress, model_kwargs, t0)
+        output.finish()
+    return AttributionResult.load(final)
+
+
+def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpus: Corpus, given: list,
+           options: dict, settings: dict, show_progress: bool, model_kwargs: dict | None, t0: float) -> None:
+    """Score the corpus with the method's class ``cls`` and write the result to ``out``."""
+    from hf_mirror.pipeline import package_versions  # imports accelerate: only when running
+
+    top_k, max_length, overlap, max_new_tokens = (settings[k] for k in ("top_k", "max_length", "overlap",
+                                                                          "max_new_tokens"))
     probe_list = given if all(p.completion is not None for p in given) else \
         generate_completions(model, tokenizer, given, max_new_tokens)
     ids = [p.id for p in probe_list]
@@ -165,4 +187,3 @@ def attribute_baseline(
         "stats": {**merged["stats"], "seconds": time.perf_counter() - t0},
     }
     AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(out)
-    return AttributionResult.load(out)

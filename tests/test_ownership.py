@@ -1,0 +1,179 @@
+"""Never lose or silently replace a result (issue #17): owned output directories, --overwrite that swaps a finished
+run in, reuse keyed by content, inputs validated before anything is fitted or written, and a lock."""
+
+from __future__ import annotations
+
+import json
+import logging
+from argparse import Namespace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from hf_mirror import AttributionResult, MirrorConfig, ScanConfig, attribute
+from hf_mirror.cli import _open_or_build_index, main
+from hf_mirror.corpus import Corpus
+from hf_mirror.errors import InputError
+from hf_mirror.ownership import MANIFEST, STAGING, Output
+
+MIRROR = MirrorConfig(steps=1)
+
+
+def _run(tiny_model, planted, out, corpus=None, probes=None, **kw) -> AttributionResult:
+    model, tok = tiny_model
+    kw.setdefault("scan", ScanConfig(top_k=3))
+    return attribute(model, corpus if corpus is not None else planted.texts[:8],
+                     probes if probes is not None else planted.probes()[:2], tokenizer=tok, output_dir=out,
+                     show_progress=False, mirror=kw.pop("mirror", MIRROR), **kw)
+
+
+def _listing(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_directory_with_other_files_is_refused_and_left_alone(tiny_model, planted, tmp_path):
+    out = tmp_path / "x"
+    (out / "sub").mkdir(parents=True)
+    (out / "a.txt").write_text("keep")
+    (out / "sub" / "b.txt").write_text("keep too")
+    before = _listing(out)
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match=r"files hf-mirror did not write \(a.txt, sub\)"):
+            _run(tiny_model, planted, out, overwrite=overwrite)
+    assert _listing(out) == before
+
+
+def test_failed_overwrite_keeps_the_previous_result(tiny_model, planted, tmp_path, monkeypatch):
+    out = tmp_path / "good"
+    first = _run(tiny_model, planted, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["done"] and {"topk.parquet", "shards", "adapters"} <= set(manifest["entries"])
+    before = _listing(out)
+    with pytest.raises(InputError, match="does not exist"):  # a typo: refused before anything is touched
+        _run(tiny_model, planted, out, probes=str(tmp_path / "typo.jsonl"), overwrite=True)
+    assert _listing(out) == before
+
+    import hf_mirror.pipeline as pipeline
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during the merge")
+
+    with monkeypatch.context() as mp, pytest.raises(RuntimeError, match="killed"):
+        mp.setattr(pipeline, "_merge_and_record", crash)
+        _run(tiny_model, planted, out, scan=ScanConfig(top_k=2), overwrite=True)
+    assert (out / STAGING).is_dir()  # the new run was built beside the old one
+    assert {k: v for k, v in _listing(out).items() if not k.startswith(STAGING)} == before
+    pd.testing.assert_frame_equal(AttributionResult.load(out).topk, first.topk)
+
+    again = _run(tiny_model, planted, out, scan=ScanConfig(top_k=2), overwrite=True)  # resumes the staged run
+    assert again.config["scan"]["top_k"] == 2 and again.directory == out
+    assert not (out / STAGING).exists() and not (out / ".hf_mirror-old").exists()
+    names = {p.name for p in out.iterdir()}
+    assert names <= set(json.loads((out / MANIFEST).read_text())["entries"]) | {MANIFEST, "hf_mirror.lock"}
+
+
+def test_an_edited_corpus_or_changed_weights_are_refused(tiny_model, planted, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(planted.texts[:8])]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    _run(tiny_model, planted, out, corpus=Corpus(corpus))
+    _run(tiny_model, planted, out, corpus=Corpus(corpus))  # the same inputs: reused
+    rows[3]["text"] = rows[3]["text"].replace(" at home", " at hoem")  # same size
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match="different run.*corpus content changed"):
+        _run(tiny_model, planted, out, corpus=Corpus(corpus))
+    _run(tiny_model, planted, tmp_path / "other", corpus=Corpus(corpus))
+    model, _ = tiny_model
+    w = model.transformer.h[0].mlp.c_fc.weight
+    with torch.no_grad():
+        w[0, 0] += 1e-3
+    try:
+        with pytest.raises(InputError, match=r"different run \(finished\): model weights changed;"):
+            _run(tiny_model, planted, tmp_path / "other", corpus=Corpus(corpus))
+    finally:
+        with torch.no_grad():
+            w[0, 0] -= 1e-3
+
+
+def test_another_method_or_probe_set_is_refused_unless_overwrite(tiny_model, planted, tmp_path):
+    out = tmp_path / "out"
+    _run(tiny_model, planted, out)
+    with pytest.raises(InputError, match=r"method \(mirror -> bm25\)"):
+        _run(tiny_model, planted, out, method="bm25")
+    with pytest.raises(InputError, match="probes changed"):
+        _run(tiny_model, planted, out, probes=planted.probes()[2:4])
+    bm25 = _run(tiny_model, planted, out, method="bm25", overwrite=True)
+    assert bm25.config["method"] == "bm25" and json.loads((out / MANIFEST).read_text())["run"]["method"] == "bm25"
+
+
+def test_another_process_layout_is_refused(tmp_path):
+    identity = {"method": "mirror", "processes": 1, "settings": {"top_k": 10}}
+    with Output.open(tmp_path, identity) as output:
+        (output.work / "config.json").write_text("{}")  # a result
+        output.finish()
+    with pytest.raises(InputError, match=r"processes \(1 -> 2\); settings \(top_k: 10 -> 3\)"):
+        Output.open(tmp_path, {**identity, "processes": 2, "settings": {"top_k": 3}})
+    Output.open(tmp_path, identity).release()  # the same run: resumed
+
+
+def test_cli_exits_2_on_another_method(planted, tmp_path, capsys):
+    probes = tmp_path / "p.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in planted.probes()[:2]))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted.texts[:8]))
+    out = tmp_path / "out"
+    attribute(str(planted.model_dir), Corpus(corpus), str(probes), output_dir=out, show_progress=False, mirror=MIRROR)
+    before = _listing(out)
+    code = main(["attribute", "--model", str(planted.model_dir), "--corpus", str(corpus), "--probes", str(probes),
+                 "--output", str(out), "--method", "bm25", "--no-progress"])
+    assert code == 2 and "method (mirror -> bm25)" in capsys.readouterr().err
+    assert _listing(out) == before
+
+
+def test_inputs_are_validated_before_anything_is_written(tiny_model, planted, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "out"
+    (tmp_path / "empty.jsonl").write_text("")
+    for empty in ([], Corpus(tmp_path / "empty.jsonl")):
+        with pytest.raises(InputError, match="has no documents"):
+            _run(tiny_model, planted, out, corpus=empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:3 is not UTF-8"):
+        _run(tiny_model, planted, out, corpus=Corpus(bad))
+    with pytest.raises(InputError, match=r"bad.jsonl:3 is not UTF-8"):
+        _run(tiny_model, planted, out, probes=str(bad))
+    with pytest.raises(InputError, match=r"--max-length 100000 is above the model's context window"):
+        _run(tiny_model, planted, out, scan=ScanConfig(max_length=100_000))
+    assert not out.exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        _run(tiny_model, planted, a_file)
+    import hf_mirror.ownership as ownership
+
+    with monkeypatch.context() as mp, pytest.raises(InputError, match="read-only"):
+        mp.setattr(ownership.os, "access", lambda path, mode: False)
+        _run(tiny_model, planted, out)
+    with caplog.at_level(logging.WARNING):
+        _run(tiny_model, planted, out, mirror=MirrorConfig(steps=0))
+    assert "--steps 0" in caplog.text
+
+
+def test_a_second_run_on_the_same_directory_is_locked_out(tiny_model, planted, tmp_path):
+    with Output.open(tmp_path, {"method": "mirror"}), pytest.raises(InputError, match="Another hf-mirror run"):
+        _run(tiny_model, planted, tmp_path)
+    _run(tiny_model, planted, tmp_path)  # released
+
+
+def test_a_stale_index_is_refused(tok, texts, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args = Namespace(ngram=8)
+    _open_or_build_index(args, Corpus(corpus), tok, tmp_path / "index")
+    _open_or_build_index(args, Corpus(corpus), tok, tmp_path / "index")  # reused
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:5]))
+    with pytest.raises(InputError, match="other corpus content"):
+        _open_or_build_index(args, Corpus(corpus), tok, tmp_path / "index")
