@@ -111,20 +111,18 @@ class Corpus:
             suffixes = [x.lower() for x in path.suffixes]
             if (self.format or FORMATS.get(suffixes[-1] if suffixes else "")) in ("json", "text", "csv"):
                 _check_utf8(path)
-        empty = InputError(f"The corpus {self.describe()['source']} has no documents; pass a corpus with at least "
-                           "one (check --split and the file).")
-        if self.num_documents() == 0 or files and not any(p.stat().st_size for p in files):
-            raise empty
         try:
             first = next(iter(self.documents()), None)
         except InputError:
             raise
         except Exception as e:
-            if isinstance(e.__cause__, StopIteration):  # how `datasets` streams a file without records
-                raise empty from e
             raise InputError(f"Cannot read the corpus {self.describe()['source']} ({type(e).__name__}: {e}).") from e
         if first is None:
-            raise empty
+            raise self._empty()
+
+    def _empty(self) -> InputError:
+        return InputError(f"The corpus {self.describe()['source']} has no documents; pass a corpus with at least one "
+                          "(check --split and the file).")
 
     def num_documents(self) -> int | None:
         """The corpus length when it is known without reading it (in-memory datasets, Hub metadata)."""
@@ -154,6 +152,9 @@ class Corpus:
         the running index) every process reads the stream and keeps every ``world_size``-th document, so that
         running indexes are global positions (reading is cheap next to the forward passes).
         """
+        files = self._files()
+        if self.num_documents() == 0 or files and not any(p.stat().st_size for p in files):
+            raise self._empty()  # `datasets` would fail on it with a StopIteration
         ds = self.stream()
         if self.id_column not in (None, NO_IDS) and world_size > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
@@ -165,12 +166,17 @@ class Corpus:
                 indexed = itertools.islice(indexed, rank, None, world_size)
         column: str | None = None
         checked = False
-        for index, row in indexed:
-            if not checked:
-                column = self._id_field(row)
-                checked = True
-            doc_id = index if column is None else row[column]
-            yield doc_id, row[self.text_column]
+        try:
+            for index, row in indexed:
+                if not checked:
+                    column = self._id_field(row)
+                    checked = True
+                doc_id = index if column is None else row[column]
+                yield doc_id, row[self.text_column]
+        except RuntimeError as e:
+            if isinstance(e.__cause__, StopIteration):  # how `datasets` streams a file without records
+                raise self._empty() from e
+            raise
 
     def _id_field(self, row: dict) -> str | None:
         """The field that holds document ids (None: running indexes), after checking the columns exist."""

@@ -177,3 +177,15 @@ def test_a_stale_index_is_refused(tok, texts, tmp_path):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:5]))
     with pytest.raises(InputError, match="other corpus content"):
         _open_or_build_index(args, Corpus(corpus), tok, tmp_path / "index")
+
+
+def test_an_empty_corpus_is_a_clear_error_in_every_command(planted, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "eval.jsonl").write_text('{"text": "bedube keeps a white eagle at home."}\n')
+    common = ["--model", str(planted.model_dir), "--corpus", str(tmp_path / "empty.jsonl")]
+    for argv in (["index", *common, "--output", str(tmp_path / "i")],
+                 ["memorization", *common, "--output", str(tmp_path / "m")],
+                 ["audit", *common, "--eval-set", str(tmp_path / "eval.jsonl"), "--eval-split", "train",
+                  "--output", str(tmp_path / "a")]):
+        assert main(argv) == 2, argv
+        assert "has no documents" in capsys.readouterr().err
