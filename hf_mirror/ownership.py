@@ -107,13 +107,21 @@ def changes(old: dict, new: dict) -> list[str]:
     return out
 
 
+def _existing(path: Path) -> Path:
+    return next(p for p in (path, *path.absolute().parents) if p.exists())
+
+
+def writable(path: Path) -> bool:
+    """Whether ``path`` (or, while it does not exist, the directory it would be created in) can be written."""
+    return os.access(_existing(path), os.W_OK | os.X_OK)
+
+
 def check_output_path(out: Path) -> None:
     """Refuse an output that is a file or cannot be written (before anything is loaded)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out} is a file; pass a directory (it is created if missing).")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"Cannot write to {existing} (read-only); choose a writable --output directory.")
+    if not writable(out):
+        raise InputError(f"Cannot write to {_existing(out)} (read-only); choose a writable --output directory.")
 
 
 def _lock(out: Path) -> IO | None:

@@ -31,7 +31,7 @@ from hf_mirror.mirror import (
     save_mirrors,
 )
 from hf_mirror.modeling import context_length, resolve_model
-from hf_mirror.ownership import Output, check_output_path, digest
+from hf_mirror.ownership import Output, check_output_path, digest, writable
 from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes, save_probes
 from hf_mirror.progress import ScanProgress
 from hf_mirror.results import AttributionResult
@@ -328,6 +328,8 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
     cached = controls is not None and controls.complete
     if run.world > 1:  # every process must scan the same adapters
         cached = all(gather_object([cached]))
+    if controls is not None and not cached and not writable(base.dir.parents[2]):
+        controls = None  # read-only: the control scores are computed, not stored
     return _Caches(base, controls, cached)
 
 
@@ -451,7 +453,13 @@ def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: 
     key = _run_key("base-losses-v1", weights or model_fingerprint(model), tokenizer_fingerprint(tokenizer), fingerprint,
                    corpus.text_column, corpus.id_column, max_length, overlap, precision, scan.fixed_width,
                    str(next(model.parameters()).dtype))
-    return BaseLossCache(scan.cache_dir or default_cache_dir(), key, rank, world)
+    root = Path(scan.cache_dir or default_cache_dir())
+    cache = BaseLossCache(root, key, rank, world)
+    if not writable(root) and not cache.complete:  # a read-only cache is still read
+        logger.warning("The cache directory %s is not writable: base losses are not cached (pass --cache-dir or "
+                       "--no-cache).", root)
+        return None
+    return cache
 
 
 def _control_row(rows, doc) -> np.ndarray:

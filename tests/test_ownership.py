@@ -157,9 +157,14 @@ def test_inputs_are_validated_before_anything_is_written(tiny_model, planted, tm
     with monkeypatch.context() as mp, pytest.raises(InputError, match="read-only"):
         mp.setattr(ownership.os, "access", lambda path, mode: False)
         _run(tiny_model, planted, out)
-    with caplog.at_level(logging.WARNING):
-        _run(tiny_model, planted, out, mirror=MirrorConfig(steps=0))
-    assert "--steps 0" in caplog.text
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    access = ownership.os.access
+    with monkeypatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(ownership.os, "access", lambda path, mode: not Path(path).is_relative_to(ro) and access(path, mode))
+        _run(tiny_model, planted, out, mirror=MirrorConfig(steps=0), scan=ScanConfig(cache_dir=str(ro / "cache")))
+    assert "--steps 0" in caplog.text and f"The cache directory {ro / 'cache'} is not writable" in caplog.text
+    assert not any(ro.iterdir())
 
 
 def test_a_second_run_on_the_same_directory_is_locked_out(tiny_model, planted, tmp_path):
