@@ -194,3 +194,27 @@ def test_an_empty_corpus_is_a_clear_error_in_every_command(planted, tmp_path, ca
                   "--output", str(tmp_path / "a")]):
         assert main(argv) == 2, argv
         assert "has no documents" in capsys.readouterr().err
+
+
+def test_two_processes_into_a_one_process_result_are_refused(planted, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    probes = tmp_path / "p.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in planted.probes()[:2]))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(planted.texts[:8])))
+    out = tmp_path / "out"
+    args = ["-m", "hf_mirror.cli", "attribute", "--model", str(planted.model_dir), "--corpus", str(corpus),
+            "--probes", str(probes), "--output", str(out), "--steps", "1", "--no-progress"]
+    assert main(args[2:]) == 0
+    before = _listing(out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "processes (1 -> 2)" in proc.stderr, proc.stderr[-2000:]
+    after = _listing(out)
+    assert {k: v for k, v in after.items() if k != "hf_mirror.lock"} == \
+        {k: v for k, v in before.items() if k != "hf_mirror.lock"}
