@@ -213,7 +213,7 @@ class ScanConfig:
         "hybrid", help="hybrid (chosen by the hybrid benchmark): each probe's BM25 candidates, ranked by BM25 with the "
         "mirror's influence as a bounded correction (hf_mirror.fusion); mirror: every scanned document by the mirror "
         "alone")
-    mirror_weight: float = option(0.1, min=0, help="hybrid: weight of the mirror's z-scored influence against the "
+    mirror_weight: float = option(0.05, min=0, help="hybrid: weight of the mirror's z-scored influence against the "
                                   "BM25 score scaled to [0, 1]")
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
