@@ -62,6 +62,15 @@ def planted_corpus(seed: int = 0, n_facts: int = 40) -> tuple[list[str], list[st
     return names, facts, facts + distractors
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from two threads, and lose a lot when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory) -> Planted:
     names, facts, texts = planted_corpus()

@@ -17,13 +17,7 @@ MIN_TOP1 = {"bm25": 0.95, "embedding": 0.8, "gradsim": 0.7}
 BASELINES = [m for m in METHODS if m != "ekfac"]  # ekfac (optional extra): tests/test_ekfac.py
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from two threads, and lose a lot when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

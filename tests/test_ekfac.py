@@ -23,12 +23,7 @@ needs_kronfluence = pytest.mark.skipif(not HAS_KRONFLUENCE,
                                        reason="kronfluence is not installed (pip install 'hf-mirror[ekfac]')")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fact_probes(planted) -> list[dict]:

@@ -15,12 +15,7 @@ from hf_mirror.probes import Probe
 TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "birds sing", "rain falls on the old roof again"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
