@@ -56,9 +56,10 @@ def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     ).view(targets.shape)
 
 
-def _collate(
+def collate(
     batch: Sequence[Window], pad_id: int, device, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` of a batch of windows, ``width`` wide (default: the longest)."""
     width = width or max(len(w.input_ids) for w in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -231,7 +232,7 @@ class Scanner:
 
     @torch.no_grad()
     def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending], run_base: bool = True) -> None:
-        ids, mask = _collate(batch, self.tokenizer.pad_token_id, self.device, self.width)
+        ids, mask = collate(batch, self.tokenizer.pad_token_id, self.device, self.width)
         self.window_tokens += int(mask.sum())
         self.padded_tokens += mask.numel()
         record = self.trunk.capture if self.trunk is not None else nullcontext

@@ -4,7 +4,7 @@
 
 Trains a small GPT-2 from scratch on capital facts (three training templates each) among distractor
 documents, lets it answer held-out query templates, and asks every method which documents taught each
-correct answer (see ``hf_mirror.evaluation.fact_tracing``). Prints a Markdown table with each method's wall
+correct answer (see ``benchmarks.fact_tracing``). Prints a Markdown table with each method's wall
 time in the same run.
 """
 
@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
+
 from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from hf_mirror.evaluation.fact_tracing import METHODS, FactTracingConfig, format_table, run_benchmark
+    from benchmarks.fact_tracing import METHODS, FactTracingConfig, format_table, run_benchmark
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests (about a minute)")

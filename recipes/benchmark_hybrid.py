@@ -3,7 +3,7 @@
     python recipes/benchmark_hybrid.py [--quick] [--wordnet-probes 40] [--no-fact-tracing] [--output runs/hybrid]
 
 Runs BM25 and the default mirror once per benchmark (full scan), then scores every combination rule
-(``hf_mirror.evaluation.hybrid.RULES``) on the tune half of the probes and reports it on the held-out half.
+(``benchmarks.hybrid.RULES``) on the tune half of the probes and reports it on the held-out half.
 Prints one Markdown table per benchmark and the rule with the best mean tune MRR + recall@10; writes
 hybrid.json.
 """
@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
+
 from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from hf_mirror.evaluation.hybrid import HybridConfig, format_table, run_hybrid
+    from benchmarks.hybrid import HybridConfig, format_table, run_hybrid
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("runs/hybrid"), help="results, models and hybrid.json")

@@ -11,7 +11,7 @@ Trains a small GPT-2 on a corpus (``--corpus capitals``, the default: the templa
 model's own continuation), retrains it from scratch on random halves of the corpus (same
 tokenizer, hyperparameters, seed and data order), and correlates each method's predicted effect of a subset
 (the sum of its scores over the subset's documents) with the retrained model's negative probe loss (Spearman,
-per probe, averaged over probes); see ``hf_mirror.evaluation.lds``. The retrains' losses are cached under
+per probe, averaged over probes); see ``benchmarks.lds``. The retrains' losses are cached under
 ``--cache-dir`` (default ``$HF_MIRROR_CACHE/counterfactual``): a second run re-scores methods without
 retraining. Prints a Markdown table.
 """
@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
+
 from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from hf_mirror.evaluation.lds import METHODS, LDSConfig, format_table, run_lds
+    from benchmarks.lds import METHODS, LDSConfig, format_table, run_lds
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests (well under a minute)")

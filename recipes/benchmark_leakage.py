@@ -4,14 +4,18 @@
 
 Prints a Markdown table (per injection type and detector: top-1/top-5 hit rate of the injected document,
 AUROC injected vs clean, TPR at 1% FPR, share flagged at the default threshold). Logic:
-hf_mirror/provenance/benchmark.py.
+benchmarks/leakage.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
 
 from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
@@ -19,7 +23,7 @@ offline_defaults()
 
 
 def main() -> None:
-    from hf_mirror.provenance.benchmark import LeakageBenchmarkConfig, format_table, run_benchmark, summarize
+    from benchmarks.leakage import LeakageBenchmarkConfig, format_table, run_benchmark, summarize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a test-sized run (well under a minute)")

@@ -7,7 +7,7 @@ Trains a small GPT-2 on the fact-tracing corpus, retrains it once without each o
 (the probes' proponents plus random others; same tokenizer, hyperparameters, seed and data order), and
 correlates each method's score for every (probe, document) pair with the actual effect (probe loss without
 the document minus with it; ``--train-seeds K`` averages it over K training seeds and reports how well
-two seeds' effects agree); see ``hf_mirror.evaluation.loo``. Retrains are cached under ``--cache-dir``
+two seeds' effects agree); see ``benchmarks.loo``. Retrains are cached under ``--cache-dir``
 (default ``$HF_MIRROR_CACHE/counterfactual``). Prints a Markdown table.
 """
 
@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
+
 from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 
@@ -25,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from hf_mirror.evaluation.lds import METHODS
-    from hf_mirror.evaluation.loo import LOOConfig, format_table, run_loo
+    from benchmarks.lds import METHODS
+    from benchmarks.loo import LOOConfig, format_table, run_loo
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests (well under a minute)")

@@ -6,7 +6,7 @@
 Fine-tunes the pretrained model (LoRA, merged into the weights and saved under --output) on fictional facts
 ("The capital of France is Osaka.") among true distractor documents, lets it answer held-out query
 templates, and asks every method which documents taught each correct answer (see
-``hf_mirror.evaluation.real_model``). Prints a Markdown table with each method's wall time in the same run
+``benchmarks.real_model``). Prints a Markdown table with each method's wall time in the same run
 and writes the full report as JSON (default: OUTPUT/report.json). A rerun with the same --output reuses the
 fine-tuned model and every finished method (``--rerun`` measures the methods again).
 """
@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
+
 from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from hf_mirror.evaluation.real_model import METHODS, RealModelConfig, format_table, run_benchmark
+    from benchmarks.real_model import METHODS, RealModelConfig, format_table, run_benchmark
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests (a few minutes)")

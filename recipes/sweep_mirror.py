@@ -5,7 +5,7 @@
 Trains (or loads from --model-dir) the fact-tracing model of ``recipes/benchmark_fact_tracing.py``, splits its
 correctly answered queries into a tune half and a test half, and scores every mirror setting (steps, learning
 rate, direction, rank, layers, prompt in the probe loss, token aggregation, normalisation, ensembles) on both
-(see ``hf_mirror.evaluation.sweep``). Prints a Markdown table; the setting with the best tune MRR is in bold.
+(see ``benchmarks.sweep``). Prints a Markdown table; the setting with the best tune MRR is in bold.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
+
 from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 
 
@@ -22,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from hf_mirror.evaluation.fact_tracing import FactTracingConfig
-    from hf_mirror.evaluation.sweep import GRIDS, format_table, run_sweep
+    from benchmarks.fact_tracing import FactTracingConfig
+    from benchmarks.sweep import GRIDS, format_table, run_sweep
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the benchmark's small size (for tests)")

@@ -69,7 +69,7 @@ def test_default_run_ranks_candidates_by_the_hybrid_with_both_answers(tiny_model
 def test_the_hybrid_rule_is_chosen_on_tune_halves_and_ties_go_to_the_mirror():
     import pandas as pd
 
-    from hf_mirror.evaluation.hybrid import choose, evaluate_rules
+    from benchmarks.hybrid import choose, evaluate_rules
 
     docs = [f"d{i}" for i in range(6)]
     # probe p0's answer d1 is BM25's second (a near-tie) and the mirror's first; p1's answer d0 wins both

@@ -128,8 +128,8 @@ def test_fact_tracing_recipes_parse_the_bool_flag(name, monkeypatch):
     """Run the recipe's main up to the benchmark call (stubbed), with --no-comentions and an int override."""
     import importlib.util
 
-    import hf_mirror.evaluation.fact_tracing as ft
-    import hf_mirror.evaluation.sweep as sweep
+    import benchmarks.fact_tracing as ft
+    import benchmarks.sweep as sweep
 
     seen = {}
 

@@ -4,16 +4,16 @@ The Mirrored Influence Hypothesis (Ko et al., 2024) says that train-to-test infl
 document d changes the loss on probe z) mirrors test-to-train influence (how much fitting z changes the loss
 on d: the mirror score). This measures the first directly on a small model and correlates it with the second.
 
-Protocol. The full model is the fact-tracing benchmark's (:func:`hf_mirror.evaluation.lds.full_setup`); the
+Protocol. The full model is the fact-tracing benchmark's (:func:`benchmarks.lds.full_setup`); the
 probes are its answers to ``n_queries`` held-out queries. ``n_docs`` documents are picked: the probes'
 proponents (the documents stating the queried facts; at most three quarters of ``n_docs``) plus randomly drawn
 other documents. For each picked document the model is retrained without it, with everything else equal
 (tokenizer, hyperparameters, initialisation seed, and the data order: each epoch's shuffle of the full corpus
-with that document skipped; :func:`hf_mirror.evaluation.lds.train_subset`). The *actual* effect of document d
+with that document skipped; :func:`benchmarks.lds.train_subset`). The *actual* effect of document d
 on probe p is ``loss_without_d(p) - loss_full(p)``: positive when d supports p (removing it raises the probe
 loss), the sign of every attribution score here. Each method's score for the same (probe, document) pairs is
 correlated with it: Pearson and Spearman over all pairs pooled, and Spearman within each probe averaged over
-probes. Retrains are cached per document (:func:`hf_mirror.evaluation.lds.cache_root`).
+probes. Retrains are cached per document (:func:`benchmarks.lds.cache_root`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_mirror.errors import InputError
-from hf_mirror.evaluation.lds import (
+from benchmarks.lds import (
     METHODS,
     Setup,
     _key,
@@ -41,6 +40,7 @@ from hf_mirror.evaluation.lds import (
     score_matrix,
     train_subset,
 )
+from hf_mirror.errors import InputError
 
 
 @dataclass
@@ -70,7 +70,7 @@ class LOOConfig:
         return cls(n_countries=8, n_queries=8, n_docs=6, vocab_size=300, n_layer=2, n_embd=64, epochs=30)
 
     def fact_tracing(self):
-        from hf_mirror.evaluation.fact_tracing import FactTracingConfig
+        from benchmarks.fact_tracing import FactTracingConfig
 
         return FactTracingConfig.sharing(self)
 
@@ -161,7 +161,7 @@ def loo_correlation(scores, loo: LeaveOneOut, column: str = "score") -> dict:
     ``pearson``/``spearman``: over all (probe, document) pairs pooled; ``spearman_per_probe``: within each
     probe over the documents, averaged over probes (NaN ones dropped).
     """
-    from hf_mirror.evaluation import load_metric
+    from benchmarks import load_metric
 
     matrix = score_matrix(scores, loo.probe_ids, loo.doc_ids, column)
     spearman = load_metric("spearman")
@@ -183,7 +183,7 @@ def run_loo(cfg: LOOConfig, methods: Sequence[str] = ("mirror", "mirror_raw"), c
         raise InputError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_loo_"))
     work.mkdir(parents=True, exist_ok=True)
-    from hf_mirror.evaluation import load_metric
+    from benchmarks import load_metric
     from hf_mirror.mirror import MirrorConfig
 
     setup, loo = load_or_train(cfg, cache_dir=cache_dir, log=log)

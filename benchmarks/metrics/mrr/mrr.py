@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from hf_mirror.evaluation._common import RANKING_FEATURES
+from benchmarks._common import RANKING_FEATURES
 
 _DESCRIPTION = """Mean over queries of 1 / (rank of the first relevant document in the ranking); a query whose
 ranking holds no relevant document contributes 0. Ids are compared as strings."""
@@ -17,7 +17,7 @@ Args:
 Returns:
     mrr: the mean reciprocal rank.
 Example:
-    >>> mrr = evaluate.load("hf_mirror/evaluation/metrics/mrr")
+    >>> mrr = evaluate.load("benchmarks/metrics/mrr")
     >>> mrr.compute(predictions=[["a", "b"], ["b", "a"]], references=[["a"], ["a"]])
     {'mrr': 0.75}
 """

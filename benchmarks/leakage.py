@@ -81,7 +81,7 @@ def build(cfg: LeakageBenchmarkConfig) -> tuple[list[dict], list[dict]]:
 
 
 def _auroc_tpr(pos: list[float], neg: list[float]) -> tuple[float, float]:
-    from hf_mirror.evaluation import load_metric
+    from benchmarks import load_metric
 
     scores = [-1e30 if not np.isfinite(x) else x for x in [*pos, *neg]]
     labels = [1] * len(pos) + [0] * len(neg)

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hf_mirror.evaluation.fact_tracing import rankings, retrieval_metrics
-from hf_mirror.evaluation.variants import run_method
+from benchmarks.fact_tracing import rankings, retrieval_metrics
+from benchmarks.variants import run_method
 
 RRF_K = 60
 RULES = ("mirror", "bm25", "rerank@20", "rerank@50", "rerank@100", "rrf", "rrf@20", "rrf@50", "rrf@100",
@@ -143,8 +143,8 @@ def _wordnet(cfg: HybridConfig, work: Path, log: Callable[[str], None]) -> tuple
 
 
 def _fact_tracing(cfg: HybridConfig, work: Path, log: Callable[[str], None], comentions: bool = False) -> tuple:
+    from benchmarks import fact_tracing as ft
     from hf_mirror.corpus import Corpus
-    from hf_mirror.evaluation import fact_tracing as ft
 
     fcfg = ft.FactTracingConfig.quick() if cfg.quick else ft.FactTracingConfig()
     fcfg.comentions = comentions

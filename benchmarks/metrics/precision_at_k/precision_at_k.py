@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from hf_mirror.evaluation._common import RANKING_FEATURES
+from benchmarks._common import RANKING_FEATURES
 
 _DESCRIPTION = """Mean over queries of |relevant among the top k| / k (a ranking shorter than k counts its
 missing places as misses). Ids are compared as strings."""
@@ -18,7 +18,7 @@ Args:
 Returns:
     precision@k: the mean precision at k.
 Example:
-    >>> precision = evaluate.load("hf_mirror/evaluation/metrics/precision_at_k")
+    >>> precision = evaluate.load("benchmarks/metrics/precision_at_k")
     >>> precision.compute(predictions=[["a", "x", "b"]], references=[["a", "b"]], k=2)
     {'precision@2': 0.5}
 """

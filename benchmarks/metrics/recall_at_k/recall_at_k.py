@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from hf_mirror.evaluation._common import RANKING_FEATURES
+from benchmarks._common import RANKING_FEATURES
 
 _DESCRIPTION = """Mean over queries of |relevant among the top k| / |relevant|. Queries without relevant
 documents are left out. Ids are compared as strings."""
@@ -18,7 +18,7 @@ Args:
 Returns:
     recall@k: the mean recall at k.
 Example:
-    >>> recall = evaluate.load("hf_mirror/evaluation/metrics/recall_at_k")
+    >>> recall = evaluate.load("benchmarks/metrics/recall_at_k")
     >>> recall.compute(predictions=[["a", "x", "b"]], references=[["a", "b"]], k=2)
     {'recall@2': 0.5}
 """

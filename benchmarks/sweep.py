@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hf_mirror.errors import InputError
-from hf_mirror.evaluation.fact_tracing import (
+from benchmarks.fact_tracing import (
     FactTracingConfig,
     answer_queries,
     build_benchmark,
@@ -30,6 +29,7 @@ from hf_mirror.evaluation.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
+from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig
 from hf_mirror.scoring import normalize_scores
 

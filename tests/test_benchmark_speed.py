@@ -1,4 +1,4 @@
-"""The speed benchmark (``hf_mirror.evaluation.speed`` and its recipe): scan cost and end-to-end rows, the crossover
+"""The speed benchmark (``benchmarks.speed`` and its recipe): scan cost and end-to-end rows, the crossover
 summary, and the GPU check's CPU paths."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import speed
+from benchmarks.speed import SpeedConfig, run_speed_benchmark
 from hf_mirror.errors import InputError
-from hf_mirror.evaluation import speed
-from hf_mirror.evaluation.speed import SpeedConfig, run_speed_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from hf_mirror.evaluation._common import score_features
+from benchmarks._common import score_features
 
 _DESCRIPTION = """The highest true-positive rate among the ROC operating points (thresholds "score >= t")
 whose false-positive rate is at most ``fpr``. Examples with equal scores are never separated. NaN when one
@@ -19,7 +19,7 @@ Args:
 Returns:
     tpr@fpr=<fpr>: the true-positive rate.
 Example:
-    >>> tpr = evaluate.load("hf_mirror/evaluation/metrics/tpr_at_fpr")
+    >>> tpr = evaluate.load("benchmarks/metrics/tpr_at_fpr")
     >>> tpr.compute(predictions=[0.9, 0.8, 0.7, 0.1], references=[1, 0, 1, 0], fpr=0.0)
     {'tpr@fpr=0.0': 0.5}
 """

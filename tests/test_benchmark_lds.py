@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hf_mirror import InputError
-from hf_mirror.evaluation.lds import (
+from benchmarks.lds import (
     LDSConfig,
     Retrains,
     Setup,
@@ -23,7 +22,8 @@ from hf_mirror.evaluation.lds import (
     train_subset,
     wordnet_entries,
 )
-from hf_mirror.evaluation.loo import LeaveOneOut, loo_correlation, pick_documents
+from benchmarks.loo import LeaveOneOut, loo_correlation, pick_documents
+from hf_mirror import InputError
 from hf_mirror.tiny_lm import train_tiny_lm
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -1,7 +1,7 @@
 """Linear datamodeling score (LDS; Park et al., TRAK, 2023): do attribution scores predict retraining?
 
 Protocol. A small GPT-2 is trained from scratch on a corpus: ``corpus="capitals"`` (the default) is the templated
-fact-tracing corpus (:mod:`hf_mirror.evaluation.fact_tracing`, a small size), whose probes are the model's greedy
+fact-tracing corpus (:mod:`benchmarks.fact_tracing`, a small size), whose probes are the model's greedy
 answers to held-out queries; ``corpus="wordnet"`` is real dictionary text, ``n_entries`` evenly spaced entries of the
 bundled WordNet corpus (:func:`hf_mirror.demo.load_facts`) that the model memorises, whose probes are
 ``n_queries`` of those entries' headword prompts (``"bench:"``) with the model's own greedy continuation (its first
@@ -35,8 +35,8 @@ from typing import Literal
 
 import numpy as np
 
+from benchmarks.variants import MIRROR_VARIANTS, run_method
 from hf_mirror.errors import InputError
-from hf_mirror.evaluation.variants import MIRROR_VARIANTS, run_method
 
 METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear", "bm25",
            "embedding", "gradsim", "ekfac")
@@ -99,7 +99,7 @@ class LDSConfig:
             raise InputError(f"Unknown LDS corpus {self.corpus!r}; choose from {list(CORPORA)}.")
 
     def fact_tracing(self):
-        from hf_mirror.evaluation.fact_tracing import FactTracingConfig
+        from benchmarks.fact_tracing import FactTracingConfig
 
         return FactTracingConfig.sharing(self)
 
@@ -220,12 +220,12 @@ def _full_model(texts: list[str], train: dict, cache_dir, log: Callable[[str], N
 def full_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> Setup:
     """Build the corpus, train (or load from the cache) the full model and answer the queries.
 
-    ``cfg`` is an :class:`LDSConfig` or :class:`~hf_mirror.evaluation.loo.LOOConfig` (anything with a
+    ``cfg`` is an :class:`LDSConfig` or :class:`~benchmarks.loo.LOOConfig` (anything with a
     ``fact_tracing()`` method; ``cfg.corpus="wordnet"`` builds the WordNet setup, :func:`wordnet_setup`). The full
     model of the capitals corpus is the fact-tracing benchmark's (:func:`hf_mirror.tiny_lm.train_tiny_lm`);
     retrains reuse its tokenizer and configuration.
     """
-    from hf_mirror.evaluation.fact_tracing import answer_queries, build_benchmark
+    from benchmarks.fact_tracing import answer_queries, build_benchmark
 
     if getattr(cfg, "corpus", "capitals") == "wordnet":
         return wordnet_setup(cfg, cache_dir, log)
@@ -357,7 +357,7 @@ def lds_from_scores(scores, retrains: Retrains, column: str = "score") -> dict:
     defined correlation) and ``per_probe``. Sign: predicted = sum of the subset's scores, correlated with the
     negative probe loss (higher score = supports = lower loss when included).
     """
-    from hf_mirror.evaluation import load_metric
+    from benchmarks import load_metric
 
     matrix = score_matrix(scores, retrains.probe_ids, retrains.doc_ids, column)
     predicted = retrains.masks.astype(np.float64) @ matrix.T  # [subsets, probes]
@@ -378,7 +378,7 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
     """Run ``method`` (``mirror``/``mirror_raw`` or a baseline name) on the full model; its scores DataFrame.
 
     ``mirror`` is :func:`hf_mirror.attribute` with default settings, the other ``mirror_*`` names the variants of
-    :data:`hf_mirror.evaluation.variants.MIRROR_VARIANTS` (e.g. ``mirror_zscore``: ``normalize="zscore"``,
+    :data:`benchmarks.variants.MIRROR_VARIANTS` (e.g. ``mirror_zscore``: ``normalize="zscore"``,
     ``mirror_top2_linear``: every linear layer of the top 2 blocks); for them ``options`` go to ``MirrorConfig``
     (e.g. ``steps=10``) and ``scan`` to ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options``
     go to its class.

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.fact_tracing import FactTracingConfig, build_benchmark
+from benchmarks.rerank import distractor_pool, padded_corpus
 from hf_mirror.errors import InputError
-from hf_mirror.evaluation.fact_tracing import FactTracingConfig, build_benchmark
-from hf_mirror.evaluation.rerank import distractor_pool, padded_corpus
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "benchmark_rerank.py"
 

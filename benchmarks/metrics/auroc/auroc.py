@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from hf_mirror.evaluation._common import average_ranks, score_features
+from benchmarks._common import average_ranks, score_features
 
 _DESCRIPTION = """The probability that a random positive scores above a random negative (ties count one half),
 i.e. the Mann-Whitney U statistic divided by n_pos * n_neg. NaN when one class is absent."""
@@ -17,7 +17,7 @@ Args:
 Returns:
     auroc: the area under the ROC curve.
 Example:
-    >>> auroc = evaluate.load("hf_mirror/evaluation/metrics/auroc")
+    >>> auroc = evaluate.load("benchmarks/metrics/auroc")
     >>> auroc.compute(predictions=[0.9, 0.2, 0.6, 0.4], references=[1, 0, 0, 1])
     {'auroc': 0.75}
 """

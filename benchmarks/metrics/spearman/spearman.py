@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from hf_mirror.evaluation._common import average_ranks, score_features
+from benchmarks._common import average_ranks, score_features
 
 _DESCRIPTION = """The Pearson correlation of the average ranks (ties share their mean rank) of predictions and
 references. For LDS: predictions = a method's predicted outputs on subset-trained models, references = the
@@ -18,7 +18,7 @@ Args:
 Returns:
     spearman: the rank correlation.
 Example:
-    >>> spearman = evaluate.load("hf_mirror/evaluation/metrics/spearman")
+    >>> spearman = evaluate.load("benchmarks/metrics/spearman")
     >>> spearman.compute(predictions=[1, 2, 3, 4], references=[10, 20, 40, 30])
     {'spearman': 0.8}
 """

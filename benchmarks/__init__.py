@@ -1,8 +1,9 @@
-"""Evaluation: attribution metrics as local `evaluate` modules (they load offline) and benchmark builders."""
+"""The benchmarks of hf_mirror, beside the package and not installed with it: attribution metrics as local
+`evaluate` modules (they load offline) and the benchmark builders that ``recipes/benchmark_*.py`` run. They use
+hf_mirror's public API only."""
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
 from hf_mirror.errors import InputError
@@ -16,7 +17,7 @@ def metric_path(name: str) -> Path:
     """The directory of a bundled metric module (pass it to ``evaluate.load``)."""
     if name not in METRICS:
         raise InputError(f"Unknown metric {name!r}; bundled metrics: {list(METRICS)}.")
-    return Path(str(files("hf_mirror.evaluation") / "metrics" / name))
+    return Path(__file__).parent / "metrics" / name
 
 
 def load_metric(name: str, **kwargs):
