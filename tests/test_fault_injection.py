@@ -186,3 +186,93 @@ def test_no_pickle_in_the_package():
 
     root = Path(hf_mirror.__file__).parent
     assert not [p for p in root.rglob("*.py") if "import pickle" in p.read_text()]
+
+
+# ---------------------------------------------------------------- index manifests (audit / provenance --index)
+def _has_infini_gram() -> bool:
+    try:
+        import infini_gram  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ["ngram", pytest.param("infini-gram", marks=pytest.mark.skipif(not _has_infini_gram(),
+                                                                           reason="infini-gram not installed"))]
+
+
+@dataclass
+class Indexed:
+    root: Path
+    argv: dict  # command -> argv builder(index_dir, out)
+    index_argv: object  # (backend, index_dir, *extra) -> argv of `hf-mirror index`
+    reports: dict  # command -> the report of the undamaged index
+
+
+REPORTS = {"audit": "report.json", "provenance": "provenance.json"}
+
+
+@pytest.fixture(scope="module")
+def indexed(planted, tmp_path_factory) -> Indexed:
+    import json
+
+    from hf_mirror.cli import main
+
+    root = tmp_path_factory.mktemp("index_faults")
+    corpus, evals, probes = root / "corpus.jsonl", root / "eval.jsonl", root / "probes.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(planted.texts)))
+    evals.write_text(json.dumps({"text": planted.facts[3]}) + "\n" + json.dumps({"text": "an unseen line."}) + "\n")
+    fact = planted.facts[3]
+    probes.write_text(json.dumps({"id": "p", "prompt": fact[:10], "completion": fact[10:]}) + "\n")
+    common = ["--model", str(planted.model_dir), "--corpus", str(corpus), "--ngram", "6"]
+    argv = {
+        "audit": lambda index, out: ["audit", *common, "--eval-set", str(evals), "--eval-split", "train",
+                                     "--detectors", "ngram", "--index", str(index), "--output", str(out)],
+        "provenance": lambda index, out: ["provenance", *common, "--probes", str(probes), "--no-mirror",
+                                          "--index", str(index), "--output", str(out)],
+    }
+
+    def index_argv(backend, index, *extra):
+        return ["index", *common, "--backend", backend, "--output", str(index), *extra]
+
+    reports = {}
+    for command in argv:
+        assert main(argv[command](root / "ref-index", root / f"ref-{command}")) == 0  # builds the n-gram index
+        reports[command] = json.loads((root / f"ref-{command}" / REPORTS[command]).read_text())
+    assert reports["audit"]["leaked"] == 1
+    return Indexed(root, argv, index_argv, reports)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("manifest", ["manifest.json", "ngram/manifest.json"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("command", ["audit", "provenance"])
+def test_damaged_index_manifest_is_a_clear_error(indexed, command, backend, manifest, how, capsys):
+    """A damaged manifest of an --index directory: exit 2 with a message naming it and the fix; the fix works.
+
+    ``manifest`` is each manifest the layout of `hf-mirror index` has (a case whose file is absent is skipped).
+    """
+    import json
+
+    from hf_mirror.cli import main
+
+    index = indexed.root / "cases" / f"{command}-{backend}-{manifest.replace('/', '_')}-{how}"
+    assert main(indexed.index_argv(backend, index)) == 0
+    if not (index / manifest).is_file():
+        pytest.skip(f"this index layout has no {manifest}")
+    damage(index / manifest, how)
+    capsys.readouterr()
+    out = index.parent / f"{index.name}-out"
+    assert main(indexed.argv[command](index, out)) == 2  # an InputError, caught by the CLI: no traceback
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("hf-mirror: error:"), err
+    assert "overwrite" in err, err  # the fix: rebuild over it
+    if how == "delete":  # a directory without its manifest is not an index: nothing writes into it
+        assert str(index) in err, err
+    else:
+        assert str(index / manifest) in err and "damaged" in err and "hf-mirror index" in err, err
+    assert not (out / REPORTS[command]).exists()
+    # the fix the message names: rebuild the index, then the same command gives the undamaged answer
+    assert main(indexed.index_argv(backend, index, "--overwrite")) == 0
+    assert main(indexed.argv[command](index, out)) == 0
+    assert json.loads((out / REPORTS[command]).read_text()) == indexed.reports[command]

@@ -340,13 +340,23 @@ class InfiniGramIndex:
 
 
 def load_index(directory: str | Path, tokenizer) -> NgramIndex | InfiniGramIndex:
-    """Open a verbatim index of either backend, dispatching on its manifest (``NgramIndex`` when unsure)."""
+    """Open a verbatim index of either backend, dispatching on its manifest (``NgramIndex`` when unsure).
+
+    A manifest that cannot be read (truncated, empty, corrupt bytes, not an object) is an ``InputError`` naming it
+    and the fix; a missing one is left to ``NgramIndex.load`` ("not a complete n-gram index").
+    """
     path = Path(directory) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+    except FileNotFoundError:
         manifest = {}
-    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
+        raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild the index with `hf-mirror index "
+                         f"--overwrite --output {directory}` (add --backend infini-gram for an infini-gram index) "
+                         "or delete it.") from e
+    if manifest.get("format") == FORMAT:
         return InfiniGramIndex.load(directory, tokenizer)
     return NgramIndex.load(directory, tokenizer)
 
