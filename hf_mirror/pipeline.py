@@ -22,6 +22,7 @@ from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
+from hf_mirror.merge import merge_shards
 from hf_mirror.mirror import (
     FitReport,
     adapter_states,
@@ -36,7 +37,7 @@ from hf_mirror.probes import Probe, adapter_name, control_probes, generate_compl
 from hf_mirror.progress import ScanProgress
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Scanner
-from hf_mirror.scoring import ScoreBook, merge_shards
+from hf_mirror.scoring import ScoreBook
 from hf_mirror.trunk import SharedTrunk
 
 logger = get_logger(__name__)  # accelerate's: logs once, from the main process, unless told otherwise

@@ -1,10 +1,11 @@
-"""Scoring: per-document scores from token-loss deltas, streamed to parquet shards with checkpoints, merged.
+"""Scoring: per-document scores from token-loss deltas, streamed to parquet shards with checkpoints.
 
 Each process owns a shard directory. Scores go to ``part-NNNNNN.parquet`` files, each written atomically at a
 checkpoint together with a state file (``state-PARTS-SEQ.npz``: the top-k candidates, counts and the checksum of
 every part, no pickle) and ``checkpoint.json`` that names it; a killed run resumes from the last checkpoint
 without losing or double-counting a document. A resume validates the state (zip CRCs, schema) and the parts
 (sha256) and falls back to the previous intact checkpoint, or to the start, when something is damaged.
+:mod:`hf_mirror.merge` joins the finished shards into one answer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import time
 import zipfile
@@ -30,7 +30,6 @@ from hf_mirror.integrity import (
     OVERWRITE_HINT,
     atomic_write,
     check_hashes,
-    checked,
     damaged,
     expect,
     read_json,
@@ -155,7 +154,7 @@ class ScoreBook:
         chosen = None
         for name in states:
             try:
-                meta, arrays = _read_state(self.dir / name, "resuming from the previous checkpoint")
+                meta, arrays = read_state(self.dir / name, "resuming from the previous checkpoint")
                 if meta["run_key"] != self.run_key:
                     raise self._other_run()
                 self._check_parts(meta, hashes)
@@ -177,7 +176,7 @@ class ScoreBook:
             logger.warning("%s names %s, which is missing; resuming from %s (documents after it are scanned again).",
                            self.dir / CHECKPOINT, pointer["state"], chosen)
         self._restore(meta, arrays)
-        keep = {self._part_name(i) for i in range(self.parts)} | {CHECKPOINT}
+        keep = {self.part_name(i) for i in range(self.parts)} | {CHECKPOINT}
         keep |= {n for n in states if _state_order(n) <= _state_order(chosen)}  # older ones: fallbacks
         if self.done:
             try:
@@ -192,7 +191,7 @@ class ScoreBook:
         if pointer is None or (pointer["state"], pointer["done"]) != (chosen, self.done):
             self._write_pointer(chosen, self.next_seq, self.done)
         for i in range(self.parts):
-            self._seen.update(pq.read_table(self.dir / self._part_name(i), columns=["doc_id"])["doc_id"].to_pylist())
+            self._seen.update(pq.read_table(self.dir / self.part_name(i), columns=["doc_id"])["doc_id"].to_pylist())
 
     def _other_run(self) -> InputError:
         return InputError(
@@ -220,7 +219,7 @@ class ScoreBook:
         if any(c[0] >= expect_probes for c in meta["candidates"]):
             raise StateError(f"{self.dir} holds a state for more probes than this run; {OVERWRITE_HINT}.")
         for i, digest in enumerate(meta["part_sha256"]):
-            part = self.dir / self._part_name(i)
+            part = self.dir / self.part_name(i)
             if part.name not in hashes:
                 hashes[part.name] = sha256_file(part) if part.is_file() else ""
             if hashes[part.name] != digest:
@@ -248,7 +247,7 @@ class ScoreBook:
             self._prune(p)
 
     @staticmethod
-    def _part_name(i: int) -> str:
+    def part_name(i: int) -> str:
         return f"part-{i:06d}.parquet"
 
     # ---- adding documents -----------------------------------------------------------------------------
@@ -357,7 +356,7 @@ class ScoreBook:
             sink = pa.BufferOutputStream()
             pq.write_table(pa.table(self._rows, schema=schema), sink)
             data = sink.getvalue().to_pybytes()
-            atomic_write(self.dir / self._part_name(self.parts), data)
+            atomic_write(self.dir / self.part_name(self.parts), data)
             self._part_hashes.append(sha256_bytes(data))
             self.parts += 1
             for v in self._rows.values():
@@ -444,7 +443,7 @@ def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
 
-def _read_state(path: Path, fix: str) -> tuple[dict, dict[str, np.ndarray]]:
+def read_state(path: Path, fix: str) -> tuple[dict, dict[str, np.ndarray]]:
     """A state file, validated (zip CRCs, array types, JSON schema); any damage raises StateError."""
     try:
         data = path.read_bytes()
@@ -479,121 +478,6 @@ def _check_meta(meta: object, arrays: dict[str, np.ndarray]) -> None:
     ok = all(isinstance(c, list) and len(c) == 5 and c[0] >= 0 and 0 <= c[1] < len(meta["docs"])
              for c in meta["candidates"])
     expect(ok and sum(c[4] for c in meta["candidates"]) == len(arrays["mirror"]), "candidates")
-
-
-def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int,
-                 retrieval: dict[str, dict] | None = None, fusion_weight: float | None = None) -> dict:
-    """Merge every process's shard into ``scores.parquet`` and return the merged top-k, evidence and stats.
-
-    The merged answer does not depend on how documents were split over processes: ranks are recomputed
-    over all shards with the same tie-break (score, then document id). ``retrieval`` (probe id -> {doc id:
-    BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate).
-    With ``fusion_weight`` the final ``score`` is :func:`hf_mirror.fusion.fuse` of BM25 and the mirror's score
-    (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
-    """
-    fix = f"rerun the same command to resume from the last intact checkpoint, or {OVERWRITE_HINT}"
-    states = [_final_state(d, fix) for d in shard_dirs]
-    bm25 = _Lookup(retrieval)
-    topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
-    if retrieval is not None and not topk.empty:
-        topk["bm25"] = bm25(topk["probe_id"], topk["doc_id"])
-    if fusion_weight is not None and not topk.empty:
-        from hf_mirror.fusion import fuse
-
-        topk["mirror"] = topk["score"]
-        topk["score"] = fuse(topk, fusion_weight)
-        topk = topk[topk["score"].notna()]
-    final = _Lookup({}) if fusion_weight is None else _Lookup.of(topk)
-    _write_scores(shard_dirs, states, out, bm25 if retrieval is not None else None,
-                  final if fusion_weight is not None else None, fix)
-    evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
-                         ignore_index=True)
-    topk, evidence = _ranked(topk, evidence, probe_ids, top_k)
-    columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []),
-               *(["mirror"] if fusion_weight is not None else [])]
-    return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
-            "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
-            **_totals(states)}
-
-
-class _Lookup:
-    """A (probe id, document id) -> value table, read by columns (NaN where absent)."""
-
-    def __init__(self, values: dict[str, dict] | None) -> None:
-        self.values = {(p, str(d)): v for p, docs in (values or {}).items() for d, v in docs.items()}
-
-    @classmethod
-    def of(cls, frame: pd.DataFrame, column: str = "score") -> _Lookup:
-        out = cls({})
-        out.values = {(p, str(d)): v for p, d, v in zip(frame["probe_id"], frame["doc_id"], frame[column],
-                                                         strict=True)}
-        return out
-
-    def __call__(self, probes: Sequence, docs: Sequence) -> np.ndarray:
-        return np.array([self.values.get((p, str(d)), np.nan) for p, d in zip(probes, docs, strict=True)],
-                        np.float64)
-
-
-def _final_state(shard: Path, fix: str) -> dict:
-    """The metadata of a finished shard's last state."""
-    pointer = checked(shard / CHECKPOINT, read_json, fix)
-    name = pointer.get("state") if isinstance(pointer, dict) else None
-    if not isinstance(name, str):
-        raise damaged(shard / CHECKPOINT, ValueError("no state named"), fix)
-    return _read_state(shard / name, fix)[0]
-
-
-def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm25: _Lookup | None,
-                  final: _Lookup | None, fix: str) -> None:
-    """Every shard's score parts into one ``scores.parquet`` (with ``bm25``; with the fusion, ``mirror`` and the
-    final ``score``), written atomically."""
-    writer = None
-    for d, meta in zip(shard_dirs, states, strict=True):
-        for i in range(meta["parts"]):
-            table = checked(d / ScoreBook._part_name(i), pq.read_table, fix)
-            keys = table["probe_id"].to_pylist(), table["doc_id"].to_pylist()
-            if bm25 is not None:
-                table = table.append_column("bm25", pa.array(bm25(*keys)))
-            if final is not None:
-                table = table.append_column("mirror", table["score"]).set_column(
-                    table.schema.get_field_index("score"), "score", pa.array(final(*keys), pa.float64()))
-            if writer is None:
-                writer = pq.ParquetWriter(str(out / "scores.parquet.tmp"), table.schema, write_page_checksum=True)
-            writer.write_table(table.cast(writer.schema))
-    if writer is not None:
-        writer.close()
-        os.replace(out / "scores.parquet.tmp", out / "scores.parquet")
-
-
-def _ranked(topk: pd.DataFrame, evidence: pd.DataFrame, probe_ids: Sequence[str],
-            top_k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each probe's best ``top_k`` rows over all shards, ranked (score, then document id), and their evidence."""
-    if topk.empty:
-        return topk.dropna(axis=1, how="all"), evidence
-    order = {pid: i for i, pid in enumerate(probe_ids)}
-    topk["_p"] = topk["probe_id"].map(order)
-    topk["_neg"] = -topk["score"]
-    topk = topk.sort_values(["_p", "_neg", "doc_id"], kind="stable").groupby("_p", sort=False).head(top_k)
-    topk["rank"] = topk.groupby("_p").cumcount() + 1
-    topk = topk.drop(columns=["_p", "_neg"]).reset_index(drop=True)
-    evidence = evidence.merge(topk[["probe_id", "doc_id", "rank"]], on=["probe_id", "doc_id"], how="inner")
-    evidence["_p"] = evidence["probe_id"].map(order)
-    evidence = evidence.sort_values(["_p", "rank", "position"]).drop(columns=["_p", "rank"]).reset_index(drop=True)
-    return topk, evidence
-
-
-def _totals(states: list[dict]) -> dict:
-    """The skipped documents and the summed counts of every shard."""
-    skipped, stats = [], {"documents": 0, "tokens": 0}
-    for saved in states:
-        skipped += [{"doc_id": s["doc_id"], "reason": s["reason"]} for s in saved["skipped"]]
-        stats["documents"] += saved["n_documents"]
-        stats["tokens"] += saved["n_tokens"]
-        for k, v in saved["counters"].items():
-            stats[k] = stats.get(k, 0) + v
-    skipped.sort(key=lambda s: doc_sort_key(s["doc_id"]))
-    stats["skipped"] = len(skipped)
-    return {"skipped": skipped, "stats": stats}
 
 
 def token_pieces(tokenizer, text: str, token_ids: np.ndarray) -> list[str]:

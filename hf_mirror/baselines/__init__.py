@@ -29,12 +29,13 @@ from hf_mirror.baselines.gradsim import GradSimBaseline
 from hf_mirror.cache import model_fingerprint
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
+from hf_mirror.merge import merge_shards
 from hf_mirror.modeling import context_length, resolve_model
 from hf_mirror.ownership import Output, check_output_path
 from hf_mirror.probes import generate_completions, load_probes
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Skipped
-from hf_mirror.scoring import ScoreBook, merge_shards
+from hf_mirror.scoring import ScoreBook
 
 METHODS = {name: methods.load(name) for name in methods.BASELINES}  # the registry's scorers
 

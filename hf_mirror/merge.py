@@ -1,0 +1,135 @@
+"""The merge: every process's shard into one answer (``scores.parquet``, the ranked top-k and its evidence).
+
+Ranks are recomputed over all shards with one tie-break (score, then document id), so the answer does not depend
+on how documents were split over processes. Under the hybrid default the retrieval scores join the mirror's here
+and the final score is :func:`hf_mirror.fusion.fuse` of the two.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hf_mirror.integrity import OVERWRITE_HINT, checked, damaged, read_json
+from hf_mirror.scoring import CHECKPOINT, EVIDENCE_COLUMNS, TOPK_COLUMNS, ScoreBook, doc_sort_key, read_state
+
+
+def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int,
+                 retrieval: dict[str, dict] | None = None, fusion_weight: float | None = None) -> dict:
+    """Merge every process's shard into ``scores.parquet`` and return the merged top-k, evidence and stats.
+
+    The merged answer does not depend on how documents were split over processes: ranks are recomputed
+    over all shards with the same tie-break (score, then document id). ``retrieval`` (probe id -> {doc id:
+    BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate).
+    With ``fusion_weight`` the final ``score`` is :func:`hf_mirror.fusion.fuse` of BM25 and the mirror's score
+    (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
+    """
+    fix = f"rerun the same command to resume from the last intact checkpoint, or {OVERWRITE_HINT}"
+    states = [_final_state(d, fix) for d in shard_dirs]
+    bm25 = _Lookup(retrieval)
+    topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
+    if retrieval is not None and not topk.empty:
+        topk["bm25"] = bm25(topk["probe_id"], topk["doc_id"])
+    if fusion_weight is not None and not topk.empty:
+        from hf_mirror.fusion import fuse
+
+        topk["mirror"] = topk["score"]
+        topk["score"] = fuse(topk, fusion_weight)
+        topk = topk[topk["score"].notna()]
+    final = _Lookup({}) if fusion_weight is None else _Lookup.of(topk)
+    _write_scores(shard_dirs, states, out, bm25 if retrieval is not None else None,
+                  final if fusion_weight is not None else None, fix)
+    evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
+                         ignore_index=True)
+    topk, evidence = _ranked(topk, evidence, probe_ids, top_k)
+    columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []),
+               *(["mirror"] if fusion_weight is not None else [])]
+    return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
+            "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
+            **_totals(states)}
+
+
+class _Lookup:
+    """A (probe id, document id) -> value table, read by columns (NaN where absent)."""
+
+    def __init__(self, values: dict[str, dict] | None) -> None:
+        self.values = {(p, str(d)): v for p, docs in (values or {}).items() for d, v in docs.items()}
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, column: str = "score") -> _Lookup:
+        out = cls({})
+        out.values = {(p, str(d)): v for p, d, v in zip(frame["probe_id"], frame["doc_id"], frame[column],
+                                                         strict=True)}
+        return out
+
+    def __call__(self, probes: Sequence, docs: Sequence) -> np.ndarray:
+        return np.array([self.values.get((p, str(d)), np.nan) for p, d in zip(probes, docs, strict=True)],
+                        np.float64)
+
+
+def _final_state(shard: Path, fix: str) -> dict:
+    """The metadata of a finished shard's last state."""
+    pointer = checked(shard / CHECKPOINT, read_json, fix)
+    name = pointer.get("state") if isinstance(pointer, dict) else None
+    if not isinstance(name, str):
+        raise damaged(shard / CHECKPOINT, ValueError("no state named"), fix)
+    return read_state(shard / name, fix)[0]
+
+
+def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm25: _Lookup | None,
+                  final: _Lookup | None, fix: str) -> None:
+    """Every shard's score parts into one ``scores.parquet`` (with ``bm25``; with the fusion, ``mirror`` and the
+    final ``score``), written atomically."""
+    writer = None
+    for d, meta in zip(shard_dirs, states, strict=True):
+        for i in range(meta["parts"]):
+            table = checked(d / ScoreBook.part_name(i), pq.read_table, fix)
+            keys = table["probe_id"].to_pylist(), table["doc_id"].to_pylist()
+            if bm25 is not None:
+                table = table.append_column("bm25", pa.array(bm25(*keys)))
+            if final is not None:
+                table = table.append_column("mirror", table["score"]).set_column(
+                    table.schema.get_field_index("score"), "score", pa.array(final(*keys), pa.float64()))
+            if writer is None:
+                writer = pq.ParquetWriter(str(out / "scores.parquet.tmp"), table.schema, write_page_checksum=True)
+            writer.write_table(table.cast(writer.schema))
+    if writer is not None:
+        writer.close()
+        os.replace(out / "scores.parquet.tmp", out / "scores.parquet")
+
+
+def _ranked(topk: pd.DataFrame, evidence: pd.DataFrame, probe_ids: Sequence[str],
+            top_k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each probe's best ``top_k`` rows over all shards, ranked (score, then document id), and their evidence."""
+    if topk.empty:
+        return topk.dropna(axis=1, how="all"), evidence
+    order = {pid: i for i, pid in enumerate(probe_ids)}
+    topk["_p"] = topk["probe_id"].map(order)
+    topk["_neg"] = -topk["score"]
+    topk = topk.sort_values(["_p", "_neg", "doc_id"], kind="stable").groupby("_p", sort=False).head(top_k)
+    topk["rank"] = topk.groupby("_p").cumcount() + 1
+    topk = topk.drop(columns=["_p", "_neg"]).reset_index(drop=True)
+    evidence = evidence.merge(topk[["probe_id", "doc_id", "rank"]], on=["probe_id", "doc_id"], how="inner")
+    evidence["_p"] = evidence["probe_id"].map(order)
+    evidence = evidence.sort_values(["_p", "rank", "position"]).drop(columns=["_p", "rank"]).reset_index(drop=True)
+    return topk, evidence
+
+
+def _totals(states: list[dict]) -> dict:
+    """The skipped documents and the summed counts of every shard."""
+    skipped, stats = [], {"documents": 0, "tokens": 0}
+    for saved in states:
+        skipped += [{"doc_id": s["doc_id"], "reason": s["reason"]} for s in saved["skipped"]]
+        stats["documents"] += saved["n_documents"]
+        stats["tokens"] += saved["n_tokens"]
+        for k, v in saved["counters"].items():
+            stats[k] = stats.get(k, 0) + v
+    skipped.sort(key=lambda s: doc_sort_key(s["doc_id"]))
+    stats["skipped"] = len(skipped)
+    return {"skipped": skipped, "stats": stats}
