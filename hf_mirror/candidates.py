@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from hf_mirror.config import parse_candidates  # noqa: F401 (re-exported)
+from hf_mirror.corpus import Corpus
+from hf_mirror.errors import InputError
 from hf_mirror.probes import Probe
+from hf_mirror.provenance.ngram import MANIFEST, Extras, NgramIndex
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,4 +56,324 @@ def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe]
         scores = retriever.get_scores(query) if query else np.zeros(len(ids))
         top = np.argsort(-scores, kind="stable")[:m]
         per_probe[p.id] = {ids[i]: float(scores[i]) for i in top}
-    return Candidates(len(ids), per_probe)
+    return _chosen(Candidates(len(ids), per_probe), m)
+
+
+def _chosen(found: Candidates, m: int) -> Candidates:
+    """The documented fallbacks: M above the corpus size keeps every document; a probe that shares no word with
+    the corpus (every BM25 score 0) has no candidates, with a warning (its top-M would be arbitrary)."""
+    if m > found.n_documents:
+        logger.info("%d BM25 candidates per probe asked of a corpus of %d documents with text: every document is a "
+                    "candidate.", m, found.n_documents)
+    for probe_id, chosen in found.scores.items():
+        if chosen and not any(s > 0 for s in chosen.values()):
+            logger.warning("Probe %r shares no word with the corpus (every BM25 score is 0): it has no candidates, so "
+                           "the hybrid ranks no document for it; rank it by the mirror alone with --rank-by mirror "
+                           "--candidates all.", probe_id)
+            found.scores[probe_id] = {}
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------- the saved index
+INDEX_FORMAT = "hf_mirror.index"
+INDEX_VERSION = 1
+BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}  # what retrieve() uses: bm25s's defaults
+_COLUMNS = ("text_column", "id_column", "split", "format", "name")  # what picks the documents and their ids
+
+
+def tokenizer_key(tokenizer) -> str:
+    """The tokenizer an index was built with: its tokenization and special tokens, but not the pad token (the
+    pipeline sets one where it is missing, and padding never changes a text's token ids)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if k != "pad_token"}
+    return hashlib.sha256((text + json.dumps(special, sort_keys=True, default=str)).encode()).hexdigest()[:20]
+
+
+def _document_words(text: str) -> list[str] | None:
+    """A document's BM25 terms as :func:`retrieve` indexes them (None: no text, not indexed)."""
+    from hf_mirror.baselines.bm25 import words
+
+    return (words(text) or [" "]) if isinstance(text, str) and text.strip() else None
+
+
+class _Embedder:
+    """Mean-pooled last hidden states of the model, per document (as :class:`EmbeddingBaseline` embeds them)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None) -> None:
+        from hf_mirror.cache import model_fingerprint
+        from hf_mirror.modeling import context_length
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.max_length = max_length or context_length(model, tokenizer)
+        self.overlap = max(1, self.max_length // 8)
+        self.weights = model_fingerprint(model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
+        import torch
+
+        from hf_mirror.baselines._common import batched, collate
+        from hf_mirror.corpus import document_tokens, windows
+
+        device = next(self.model.parameters()).device
+        flat = [(i, ids, ctx) for i, t in enumerate(texts)
+                for _, ids, ctx in windows(document_tokens(self.tokenizer, t), self.max_length, self.overlap)]
+        hidden_size = self.model.config.hidden_size
+        sums = torch.zeros(len(texts), hidden_size, dtype=torch.float64)
+        counts = torch.zeros(len(texts), dtype=torch.float64)
+        with torch.no_grad():
+            for batch in batched(flat, self.batch_size):
+                ids, mask = collate([w[1] for w in batch], self.pad_id, device)
+                hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+                hidden = hidden.double().cpu()
+                for row, (i, seq, ctx) in enumerate(batch):
+                    sums[i] += hidden[row, ctx: len(seq)].sum(0)
+                    counts[i] += len(seq) - ctx
+        vectors = (sums / counts.clamp(min=1).unsqueeze(1)).numpy().astype(np.float32)
+        return list(vectors)
+
+
+class _IndexExtras(Extras):
+    """What the candidate index needs of each document besides its n-grams: BM25 terms, and a dense vector."""
+
+    def __init__(self, embedder: _Embedder | None) -> None:
+        self.embedder = embedder
+        self.key = ["bm25-words-v1", None if embedder is None else ["mean-last-hidden-v1", embedder.weights,
+                                                                     embedder.max_length]]
+        self.arrays = ("vector",) if embedder is not None else ()
+        self.batch_size = 64
+
+    def __call__(self, batch: list[tuple[object, str, list[int]]]) -> list[dict]:
+        out = [{"words": _document_words(text)} for _, text, _ in batch]
+        if self.embedder is not None:
+            for o, v in zip(out, self.embedder([text for _, text, _ in batch]), strict=True):
+                o["vector"] = v
+        return out
+
+
+def _rebuild_hint(directory: Path) -> str:
+    return (f"build it with `hf-mirror index --model MODEL --corpus CORPUS --output {directory}` (--overwrite "
+            "replaces an index), or run without --index to retrieve on the fly")
+
+
+class CandidateIndex:
+    """A corpus's retrieval indexes, built once by :func:`build_index` (``hf-mirror index``) and reused.
+
+    On disk::
+
+        manifest.json   format, tokenizer and corpus fingerprints, corpus columns, counts (written last)
+        bm25/           bm25s's own save (BM25.save/load) and doc_ids.json: the documents with text, corpus order
+        ngram/          the verbatim n-gram index (NgramIndex; audit/provenance --index open it)
+        dense/          (--dense) vectors.npy, float32 [documents, hidden], opened memory-mapped; doc_ids.json
+
+    The whole directory is built in a hidden sibling (``.<name>.building/``) and renamed into place with its
+    manifest, so a directory without a manifest is a half-written index and is refused.
+    """
+
+    def __init__(self, directory: Path, manifest: dict) -> None:
+        self.directory, self.manifest = Path(directory), manifest
+        self._bm25 = None
+        self._bm25_ids: list | None = None
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"CandidateIndex(documents={m['n_documents']}, bm25={m['bm25']['documents']}, "
+                f"ngram=n{m['ngram']['n']}, dense={None if m.get('dense') is None else m['dense']['dim']})")
+
+    @property
+    def n_documents(self) -> int:
+        """Documents with text (what BM25 indexes, and what ``retrieve`` counts)."""
+        return int(self.manifest["bm25"]["documents"])
+
+    @classmethod
+    def load(cls, directory: str | Path, tokenizer=None, corpus: Corpus | None = None) -> CandidateIndex:
+        """Open a saved index; refuse a half-written one, or one built for another tokenizer or corpus (when given)."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            building = directory.parent / f".{directory.name}.building"
+            why = (f"its build was interrupted ({building} holds the unfinished build: rerun the same `hf-mirror "
+                   "index` command to finish it)" if building.exists() else
+                   "a half-written index, or another kind of directory" if directory.exists() else "it does not exist")
+            raise InputError(f"{directory} is not a complete hf-mirror index (no {MANIFEST}: {why}); "
+                             f"{_rebuild_hint(directory)}.")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is damaged ({e}); {_rebuild_hint(directory)}.") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+            kind = manifest.get("format") if isinstance(manifest, dict) else None
+            what = ("only a verbatim index (for audit/provenance), with no BM25 index"
+                    if kind in ("hf_mirror.ngram_index", "hf_mirror.infinigram_index") else f"format {kind!r}")
+            raise InputError(f"{directory} holds {what}, not an hf-mirror candidate index; "
+                             f"{_rebuild_hint(directory)}.")
+        if manifest.get("version") != INDEX_VERSION:
+            raise InputError(f"{directory} is an index of version {manifest.get('version')!r}, this hf-mirror reads "
+                             f"version {INDEX_VERSION}; {_rebuild_hint(directory)}.")
+        index = cls(directory, manifest)
+        if tokenizer is not None:
+            fp = tokenizer_key(tokenizer)
+            if manifest["tokenizer"] != fp:
+                raise InputError(f"The index in {directory} was built with another tokenizer (fingerprint "
+                                 f"{manifest['tokenizer']}, this model's is {fp}); rebuild it with this model: "
+                                 f"{_rebuild_hint(directory)}.")
+        if corpus is not None:
+            index.check_corpus(corpus)
+        return index
+
+    def check_corpus(self, corpus: Corpus) -> None:
+        """Refuse a corpus other than the one indexed (its content, or the columns that pick documents and ids)."""
+        built, now = self.manifest["corpus_fingerprint"], corpus.fingerprint()
+        if now is None:
+            raise InputError(f"The corpus {corpus.describe()['source']} has no stable fingerprint (a generator, an "
+                             "IterableDataset or a Hub dataset without a revision), so the index in "
+                             f"{self.directory} cannot be checked against it; pass the corpus as files or a Dataset, "
+                             "or run without --index.")
+        if built != now:
+            raise InputError(f"The index in {self.directory} was built from other corpus content (fingerprint "
+                             f"{built} -> {now}: the corpus was edited, replaced or moved since); rebuild it with "
+                             f"--overwrite: {_rebuild_hint(self.directory)}.")
+        was, given = self.manifest["corpus"], corpus.describe()
+        changed = [f"{k} {was.get(k)!r} -> {given.get(k)!r}" for k in _COLUMNS if was.get(k) != given.get(k)]
+        if changed:
+            raise InputError(f"The index in {self.directory} was built with other corpus settings ({', '.join(changed)}"
+                             f"); pass the same ones, or {_rebuild_hint(self.directory)}.")
+
+    def _bm25_index(self):
+        if self._bm25 is None and self.n_documents:
+            import bm25s
+
+            logging.getLogger("bm25s").setLevel(logging.WARNING)
+            try:
+                self._bm25 = bm25s.BM25.load(str(self.directory / "bm25"), show_progress=False)
+                self._bm25_ids = json.loads((self.directory / "bm25" / "doc_ids.json").read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"The BM25 index in {self.directory} is damaged ({e}); "
+                                 f"{_rebuild_hint(self.directory)}.") from e
+            if len(self._bm25_ids) != self.n_documents:
+                raise InputError(f"The BM25 index in {self.directory} does not match its manifest; "
+                                 f"{_rebuild_hint(self.directory)}.")
+        return self._bm25
+
+    def retrieve(self, probes: Sequence[Probe], m: int) -> Candidates:
+        """Each probe's top-``m`` documents by BM25 from the saved index: what :func:`retrieve` gives on the corpus."""
+        from hf_mirror.baselines.bm25 import words
+
+        retriever = self._bm25_index()
+        if retriever is None:
+            return _chosen(Candidates(0, {p.id: {} for p in probes}), m)
+        per_probe = {}
+        for p in probes:
+            query = words(p.text)
+            scores = retriever.get_scores(query) if query else np.zeros(self.n_documents)
+            top = np.argsort(-scores, kind="stable")[:m]
+            per_probe[p.id] = {self._bm25_ids[i]: float(scores[i]) for i in top}
+        return _chosen(Candidates(self.n_documents, per_probe), m)
+
+    def verbatim(self, tokenizer) -> NgramIndex:
+        """The verbatim n-gram index (what ``audit``/``provenance --index`` use)."""
+        return NgramIndex.load(self.directory / "ngram", tokenizer)
+
+    def dense(self) -> tuple[np.ndarray, list] | None:
+        """The dense index: document vectors (float32, memory-mapped) and their ids; None when not built."""
+        if self.manifest.get("dense") is None:
+            return None
+        vectors = np.load(self.directory / "dense" / "vectors.npy", mmap_mode="r")
+        return vectors, json.loads((self.directory / "dense" / "doc_ids.json").read_text())
+
+    def nearest(self, queries: np.ndarray, m: int) -> list[list[tuple[object, float]]]:
+        """The ``m`` documents nearest each query vector by cosine similarity (dense index), best first."""
+        found = self.dense()
+        if found is None:
+            raise InputError(f"The index in {self.directory} has no dense index; rebuild it with --dense.")
+        vectors, ids = found
+        q = np.asarray(queries, np.float32)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        sims = np.zeros((len(q), len(ids)), np.float32)
+        step = 1 << 16
+        for lo in range(0, len(ids), step):  # in blocks: the vectors stay on disk
+            block = np.asarray(vectors[lo: lo + step], np.float32)
+            block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+            sims[:, lo: lo + step] = q @ block.T
+        out = []
+        for row in sims:
+            top = np.argsort(-row, kind="stable")[:m]
+            out.append([(ids[i], float(row[i])) for i in top])
+        return out
+
+
+def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *, n: int = 13, model=None,
+                overwrite: bool = False, show_progress: bool = False, resume: bool = True,
+                dense_batch_size: int = 16) -> CandidateIndex:
+    """Build a corpus's candidate index (BM25, verbatim n-grams and, given ``model``, dense vectors) in one pass.
+
+    One streaming pass over ``corpus`` feeds every index: under ``accelerate launch`` / ``torchrun`` each process
+    reads its share (and embeds it on its device) and the main process merges them in corpus order, so the index
+    does not depend on the number of processes. The directory is built in ``.<name>.building/`` beside
+    ``output_dir`` (the n-gram pass checkpoints there: an interrupted build resumes when rerun with the same inputs)
+    and renamed into place, manifest included, when complete. It is keyed by the corpus fingerprint, its columns
+    and the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
+    """
+    import bm25s
+
+    from hf_mirror.provenance.ngram import _check_target, _process_group, publish
+
+    if not isinstance(corpus, Corpus):
+        corpus = Corpus(corpus)
+    out = Path(output_dir)
+    tmp = out.parent / f".{out.name}.building"
+    rank, world, state = _process_group()
+    if rank == 0:
+        _check_target(out, overwrite)
+        corpus.check()  # readable and not empty, before anything is written
+        tmp.mkdir(parents=True, exist_ok=True)
+        for part in ("ngram", "bm25", "dense", MANIFEST):  # what a build killed after the n-gram pass left
+            shutil.rmtree(tmp / part, ignore_errors=True) if (tmp / part).is_dir() else (tmp / part).unlink(
+                missing_ok=True)
+    if world > 1:
+        state.wait_for_everyone()
+    embedder = None if model is None else _Embedder(model, tokenizer, dense_batch_size)
+    ngram = NgramIndex.build(corpus, tokenizer, n=n, output_dir=tmp / "ngram", show_progress=show_progress,
+                             resume=resume, extras=_IndexExtras(embedder))
+    if world > 1:
+        state.wait_for_everyone()  # every process has opened the n-gram index before the directory moves
+    if rank == 0:
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
+        words = ngram.extras.get("words", [])
+        keep = [i for i, w in enumerate(words) if w is not None]
+        ids = [ngram.doc_ids[i] for i in keep]
+        (tmp / "bm25").mkdir()
+        if ids:
+            retriever = bm25s.BM25(**BM25_PARAMS)
+            retriever.index([words[i] for i in keep], show_progress=False)
+            retriever.save(str(tmp / "bm25"), show_progress=False)
+        (tmp / "bm25" / "doc_ids.json").write_text(json.dumps(ids))
+        dense = None
+        if embedder is not None:
+            (tmp / "dense").mkdir()
+            vectors = np.stack(ngram.extras["vector"]).astype(np.float32)
+            np.save(tmp / "dense" / "vectors.npy", vectors)
+            (tmp / "dense" / "doc_ids.json").write_text(json.dumps(ngram.doc_ids))
+            dense = {"dir": "dense", "dim": int(vectors.shape[1]), "model_weights": embedder.weights,
+                     "pooling": "mean of the last hidden states over the document's tokens",
+                     "max_length": embedder.max_length}
+        manifest = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "tokenizer": tokenizer_key(tokenizer),
+            "corpus": corpus.describe(),
+            "corpus_fingerprint": corpus.fingerprint(),
+            "n_documents": len(ngram.doc_ids),
+            "processes": world,
+            "bm25": {"dir": "bm25", "documents": len(ids), **BM25_PARAMS, "terms": "lowercase \\w+ words"},
+            "ngram": {"dir": "ngram", "n": n, "ngrams": len(ngram)},
+            "dense": dense,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        publish(tmp, out)
+    if world > 1:
+        state.wait_for_everyone()
+    return CandidateIndex.load(out, tokenizer)

@@ -166,24 +166,32 @@ def _add_audit(sub) -> None:
 def _add_index(sub) -> None:
     p = sub.add_parser(
         "index",
-        help="build the verbatim n-gram index of a corpus (for audit/provenance --index)",
-        description="One streaming pass over the corpus; under accelerate launch / torchrun every process indexes "
-        "its share and the main process merges them into the same index. Checkpointed: an interrupted build "
-        "resumes when rerun.",
+        help="build a corpus's retrieval indexes once (BM25 for attribute --index, n-grams for audit/provenance)",
+        description="One streaming pass over the corpus builds its BM25 index (bm25s; `hf-mirror attribute --index "
+        "DIR` reuses it for the candidates instead of indexing the corpus again), its verbatim n-gram index "
+        "(`audit`/`provenance --index DIR`) and, with --dense, the model's mean-pooled document embeddings "
+        "(memory-mapped). Under accelerate launch / torchrun every process reads its share and the main process "
+        "merges them into the same index. Layout: DIR/manifest.json, DIR/bm25/, DIR/ngram/, DIR/dense/. Built in a "
+        "hidden sibling directory and renamed into place when complete (checkpointed: an interrupted build resumes "
+        "when rerun); keyed by the corpus content and the tokenizer, so an index of another corpus or tokenizer is "
+        "refused.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model or tokenizer path/name (its tokenizer is used)")
+    p.add_argument("--model", required=True, help="model or tokenizer path/name (its tokenizer is used; the model "
+                   "itself only with --dense)")
     p.add_argument("--corpus", required=True)
     p.add_argument("--output", required=True, help="index directory")
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None)
     p.add_argument("--split", default="train")
     p.add_argument("--ngram", type=positive_int, default=13, help="n-gram length in tokens")
+    p.add_argument("--dense", action="store_true", help="also store each document's embedding: the model's last "
+                   "hidden states averaged over its tokens (one forward pass over the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint of an interrupted build")
     p.add_argument("--backend", choices=["ngram", "infini-gram"], default="ngram",
-                   help="ngram: hashed n-grams of one --ngram; infini-gram: a suffix array (any n, for huge "
-                   "corpora; pip install 'hf_mirror[infinigram]'; one process, no checkpoint)")
+                   help="ngram: BM25 + hashed n-grams of one --ngram (+ --dense); infini-gram: only a verbatim suffix "
+                   "array (any n, for huge corpora; pip install 'hf_mirror[infinigram]'; one process, no checkpoint)")
 
 
 def _add_provenance(sub) -> None:
@@ -348,7 +356,7 @@ def _audit(args) -> int:
     mirror = scan = None
     if "mirror" in detectors:
         mirror = config_from_args(MirrorConfig, args)
-        scan = config_from_args(ScanConfig, args, top_k=5, normalize="loo")
+        scan = config_from_args(ScanConfig, args, top_k=5, normalize="loo", index=None)  # --index: the n-grams
     report = audit_leakage(
         index, records, args.threshold, model, tokenizer, detectors=detectors, corpus=corpus, mirror=mirror,
         scan=scan, output_dir=Path(args.output) / "mirror" if "mirror" in detectors else None,
@@ -374,18 +382,30 @@ def _index(args) -> int:
 
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import load_tokenizer
-    from hf_mirror.provenance.ngram import NgramIndex
 
-    tokenizer = load_tokenizer(args.model)
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
     if args.backend == "infini-gram":
         from hf_mirror.provenance.infinigram import InfiniGramIndex
 
-        index = InfiniGramIndex.build(corpus, tokenizer, output_dir=args.output, n=args.ngram,
+        if args.dense:
+            raise InputError("--dense builds with the default --backend ngram (infini-gram builds a verbatim index "
+                             "only); drop one of them.")
+        index = InfiniGramIndex.build(corpus, load_tokenizer(args.model), output_dir=args.output, n=args.ngram,
                                       overwrite=args.overwrite, show_progress=True)
     else:
-        index = NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=args.output,
-                                 overwrite=args.overwrite, show_progress=True, resume=not args.restart)
+        from hf_mirror.candidates import build_index
+
+        model = None
+        if args.dense:
+            from hf_mirror.distributed import process_state
+            from hf_mirror.modeling import resolve_model
+
+            model, tokenizer, _ = resolve_model(args.model)
+            model.to(process_state().device).eval()
+        else:
+            tokenizer = load_tokenizer(args.model)
+        index = build_index(corpus, tokenizer, args.output, n=args.ngram, model=model, overwrite=args.overwrite,
+                            show_progress=True, resume=not args.restart)
     if is_main_process():
         print(f"{index!r}; wrote {args.output}")
     return 0

@@ -182,6 +182,8 @@ class ScanConfig:
     down to the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
     top-M BM25 documents (retrieve-then-rerank); other documents get no score. ``sort_batches`` pools that many
     batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
+    ``index`` reuses the BM25 index that ``hf-mirror index`` saved for the corpus
+    (:class:`hf_mirror.candidates.CandidateIndex`): the same candidates, without indexing the corpus again.
     """
 
     max_length: int | None = option(None, min=2, help="tokens per window (default: the model's context, <= 1024)")
@@ -217,9 +219,14 @@ class ScanConfig:
                                   "BM25 score scaled to [0, 1]")
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
+    index: str | None = option(
+        None, help="a directory built by `hf-mirror index` for this corpus and tokenizer: its saved BM25 index gives "
+        "the candidates (the same ones) instead of indexing the corpus on the fly (default: on the fly)")
 
     def __post_init__(self) -> None:
         self.candidates = parse_candidates(self.candidates)
+        if self.index is not None:
+            self.index = str(self.index)  # a Path from Python: config.json records it as text
         if self.max_length is not None and self.overlap is not None and self.overlap >= self.max_length:
             raise InputError(f"--overlap ({self.overlap}) must be smaller than --max-length ({self.max_length}).")
 

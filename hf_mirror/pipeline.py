@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
-from hf_mirror.candidates import Candidates, retrieve
+from hf_mirror.candidates import CandidateIndex, Candidates, retrieve
 from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import on_gpu
@@ -91,6 +91,7 @@ class _Run:
     show_progress: bool
     probes: list[Probe] | None
     output: Output | None  # the main process's lock and manifest
+    index: CandidateIndex | None = None  # the saved candidate index (ScanConfig.index; main process)
 
     @property
     def rank(self) -> int:
@@ -253,9 +254,11 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     if mirror.steps == 0:
         logger.warning("--steps 0: the mirrors are not fitted, so every mirror score is 0.")
     fingerprint = model_fingerprint(model)
-    output = None
+    output = index = None
     if main:
         corpus.check()  # readable, UTF-8, columns, not empty: before anything is fitted or written
+        if scan.index is not None:  # refused here when it is half-written or for another corpus or tokenizer
+            index = CandidateIndex.load(scan.index, tokenizer, corpus)
         settings = {**mirror.identity(), **{k: getattr(scan, k) for k in RESULT_SETTINGS},
                     "max_length": max_length, "overlap": overlap}
         identity = run_identity("mirror", model_name, fingerprint, tokenizer, corpus, given,
@@ -270,7 +273,7 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
             output.release()
         raise
     return _Run(accelerator, Path(work[0]), final, model, tokenizer, str(model_name), fingerprint, corpus, mirror, scan,
-                max_length, overlap, precision, show_progress, given, output)
+                max_length, overlap, precision, show_progress, given, output, index)
 
 
 # the scan settings that change a result (the others only change how fast it is made)
@@ -307,7 +310,9 @@ def _probes_and_candidates(run: _Run) -> _Pool:
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
                                    span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
-        shared = [probe_list, controls, retrieve(run.corpus.documents(), probe_list, scan.n_candidates)]
+        retrieval = (run.index.retrieve(probe_list, scan.n_candidates) if run.index is not None
+                     else retrieve(run.corpus.documents(), probe_list, scan.n_candidates))
+        shared = [probe_list, controls, retrieval]
     probe_list, controls, retrieval = run.share(shared)
     normalize = scan.normalize
     if normalize != "none" and scan.controls is None and len(probe_list) + len(controls) < 3:

@@ -124,6 +124,7 @@ class NgramIndex:
         self.tokenizer, self.n = tokenizer, n
         self.hashes, self.docs, self.offsets = hashes, docs, offsets
         self.doc_ids, self.manifest = doc_ids, manifest
+        self.extras: dict[str, list] = {}  # per-document values of a build's Extras, in corpus order (main process)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -144,6 +145,7 @@ class NgramIndex:
         show_progress: bool = False,
         resume: bool = True,
         checkpoint_ngrams: int = _FLUSH_TOKENS,
+        extras: Extras | None = None,
     ) -> NgramIndex:
         """Index every ``n``-token n-gram of ``corpus`` in one streaming pass; save it when ``output_dir`` is given.
 
@@ -155,6 +157,10 @@ class NgramIndex:
         sibling directory ``.<name>.build/``; a build interrupted (exception, SIGKILL) resumes from its last
         checkpoint when rerun on the same corpus, tokenizer, ``n`` and number of processes, and restarts
         cleanly otherwise (``resume=False`` always restarts). The index itself is only ever written whole.
+
+        ``extras`` computes more per-document values in the same pass (:class:`Extras`: the BM25 words, a dense
+        vector); they are checkpointed with the postings and merged in corpus order into ``index.extras`` on the
+        main process.
         """
         if n < 1:
             raise InputError(f"n must be a positive number of tokens, got {n}.")
@@ -172,23 +178,34 @@ class NgramIndex:
             state.wait_for_everyone()
         fingerprint = corpus.fingerprint()
         key = hashlib.sha256(json.dumps([FORMAT_VERSION, n, tokenizer_fingerprint(tokenizer), corpus.describe(),
-                                         fingerprint, world], sort_keys=True, default=str).encode()).hexdigest()[:16]
+                                         fingerprint, world, None if extras is None else extras.key],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
         work = None if out is None else out.parent / f".{out.name}.build"
         part = _Part(None if work is None else work / f"rank-{rank:05d}-of-{world:05d}", key,
                      resume and fingerprint is not None)
         bar = progress_bar(desc="indexing n-grams", unit="doc", disable=not show_progress or rank != 0)
         bar.update(part.n_docs)
         docs = itertools.islice(corpus.documents(rank, world), part.n_docs, None)
+        batch: list[tuple[object, str, list[int]]] = []
+
+        def flush() -> None:
+            values = extras(batch) if extras is not None else [None] * len(batch)
+            for (doc_id, _, ids), extra in zip(batch, values, strict=True):
+                part.add(doc_id, ngram_hashes(ids, n), len(ids), extra)
+                if part.n_pending >= checkpoint_ngrams:
+                    part.checkpoint()
+            bar.update(len(batch))
+            batch.clear()
+
         for doc_id, text in docs:
             if text is None:
                 text = ""
             if not isinstance(text, str):
                 raise InputError(f"Document {doc_id!r} is a {type(text).__name__}, not text; pick the text column.")
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            part.add(doc_id, ngram_hashes(ids, n), len(ids))
-            if part.n_pending >= checkpoint_ngrams:
-                part.checkpoint()
-            bar.update(1)
+            batch.append((doc_id, text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+            if len(batch) >= (1 if extras is None else extras.batch_size):
+                flush()
+        flush()
         bar.close()
         part.checkpoint(done=True)
         if world > 1:
@@ -196,7 +213,7 @@ class NgramIndex:
         if rank == 0:
             parts = [part] if world == 1 else [
                 _Part(work / f"rank-{r:05d}-of-{world:05d}", key, True, must_exist=True) for r in range(world)]
-            arrays, doc_ids, n_tokens = _merge(parts, corpus, world)
+            arrays, doc_ids, n_tokens, merged_extras = _merge(parts, corpus, world)
             manifest = {
                 "format": "hf_mirror.ngram_index",
                 "version": FORMAT_VERSION,
@@ -209,6 +226,7 @@ class NgramIndex:
                 "n_ngrams": len(arrays["hashes"]),
             }
             index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
+            index.extras = merged_extras
             if out is not None:
                 index.save(out, overwrite=overwrite)
                 shutil.rmtree(work, ignore_errors=True)
@@ -249,6 +267,8 @@ class NgramIndex:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise InputError(f"{path} is not valid JSON ({e}); rebuild the index with NgramIndex.build.") from e
+        if isinstance(manifest, dict) and manifest.get("format") == "hf_mirror.index":  # `hf-mirror index`: ngram/
+            return cls.load(directory / manifest.get("ngram", {}).get("dir", "ngram"), tokenizer, mmap)
         if manifest.get("format") != "hf_mirror.ngram_index" or manifest.get("version") != FORMAT_VERSION:
             raise InputError(
                 f"{directory} holds format {manifest.get('format')!r} version {manifest.get('version')!r}, not an "
@@ -334,6 +354,23 @@ class NgramIndex:
         return NgramMatch(n_tok, float(covered.mean()), spans, covered)
 
 
+class Extras:
+    """More values per document, computed in the n-gram build's pass (see ``NgramIndex.build``).
+
+    A subclass sets ``key`` (JSON-able: what decides the values, so that a checkpoint made with other extras is not
+    resumed), ``arrays`` (names whose values are numpy vectors, stacked per chunk; the other names are stored as
+    JSON) and ``batch_size`` (documents per call), and maps a batch of ``(doc_id, text, token_ids)`` to one dict
+    of values per document.
+    """
+
+    key: object = None
+    arrays: tuple[str, ...] = ()
+    batch_size: int = 1
+
+    def __call__(self, batch: list[tuple[object, str, list[int]]]) -> list[dict]:
+        raise NotImplementedError
+
+
 def _process_group():
     """``(rank, world, PartialState or None)``: the accelerate/torchrun process group, if launched in one."""
     if launched_world() <= 1:
@@ -356,6 +393,7 @@ class _Part:
         self.doc_ids: list = []  # of the documents not yet checkpointed
         self.n_docs = self.n_tokens = self.n_pending = 0
         self.pending: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
+        self.pending_extras: dict[str, list] = {}
         if directory is None:
             return
         progress = directory / "progress.json"
@@ -373,10 +411,12 @@ class _Part:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
 
-    def add(self, doc_id: object, hashes: np.ndarray, n_tokens: int) -> None:
+    def add(self, doc_id: object, hashes: np.ndarray, n_tokens: int, extra: dict | None = None) -> None:
         local = self.n_docs + len(self.doc_ids)
         if local >= np.iinfo(np.uint32).max:
             raise InputError("Too many documents for one n-gram index (at most 2**32 - 1); split the corpus.")
+        for name, value in (extra or {}).items():
+            self.pending_extras.setdefault(name, []).append(value)
         self.doc_ids.append(_jsonable_id(doc_id))
         self.n_tokens += n_tokens
         if len(hashes):
@@ -390,16 +430,23 @@ class _Part:
         for v in self.pending.values():
             v.clear()
         ids, self.doc_ids = self.doc_ids, []
+        extras, self.pending_extras = self.pending_extras, {}
+        if any(len(v) != len(ids) for v in extras.values()):
+            raise AssertionError("every document of an n-gram build must have the same extras")
         self.n_pending = 0
         if self.directory is None:
-            self.chunks.append({**chunk, "doc_ids": ids})
+            self.chunks.append({**chunk, "doc_ids": ids, "extras": extras})
             self.n_docs += len(ids)
             return
         if ids or not self.chunk_files:
             name = f"chunk-{len(self.chunk_files):06d}.npz"
             tmp = self.directory / (name + ".tmp")
+            stored = {f"extra_array_{k}": np.stack(v) for k, v in extras.items()
+                      if v and isinstance(v[0], np.ndarray)}
+            as_json = {k: v for k, v in extras.items() if f"extra_array_{k}" not in stored}
             with open(tmp, "wb") as f:
-                np.savez(f, **chunk, doc_ids=np.array(json.dumps(ids)))
+                np.savez(f, **chunk, **stored, doc_ids=np.array(json.dumps(ids)),
+                         extra_json=np.array(json.dumps(as_json)))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.directory / name)
@@ -417,18 +464,27 @@ class _Part:
         out = []
         for name in self.chunk_files:
             with np.load(self.directory / name) as z:
-                out.append({**{k: z[k] for k in _ARRAYS}, "doc_ids": json.loads(str(z["doc_ids"]))})
+                extras = json.loads(str(z["extra_json"])) if "extra_json" in z.files else {}
+                extras.update({k[len("extra_array_"):]: list(z[k]) for k in z.files if k.startswith("extra_array_")})
+                out.append({**{k: z[k] for k in _ARRAYS}, "doc_ids": json.loads(str(z["doc_ids"])),
+                            "extras": extras})
         return out
 
 
-def _merge(parts: list[_Part], corpus: Corpus, world: int) -> tuple[dict[str, np.ndarray], list, int]:
-    """The parts' postings as one index, documents numbered in corpus order (as a single-process build)."""
+def _merge(parts: list[_Part], corpus: Corpus, world: int) -> tuple[dict[str, np.ndarray], list, int, dict]:
+    """The parts' postings as one index, documents numbered in corpus order (as a single-process build), and
+    the documents' extras in that order."""
     loaded = [p.load_chunks() for p in parts]
     local_ids = [[d for c in chunks for d in c["doc_ids"]] for chunks in loaded]
     positions = _corpus_positions(corpus, local_ids, world)
     order = np.argsort(np.concatenate(positions), kind="stable") if positions else np.zeros(0, dtype=np.int64)
     all_ids = [d for ids in local_ids for d in ids]
     doc_ids = [all_ids[i] for i in order]
+    names = {k for chunks in loaded for c in chunks for k in c.get("extras", {})}
+    extras = {}
+    for k in sorted(names):
+        values = [v for chunks in loaded for c in chunks for v in c["extras"].get(k, [None] * len(c["doc_ids"]))]
+        extras[k] = [values[i] for i in order]
     new_number = np.empty(len(order), dtype=np.uint32)
     new_number[order] = np.arange(len(order), dtype=np.uint32)
     columns: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
@@ -443,7 +499,7 @@ def _merge(parts: list[_Part], corpus: Corpus, world: int) -> tuple[dict[str, np
     # postings sorted by n-gram hash, then document (corpus order), then offset: what a one-pass build gives
     perm = np.lexsort((arrays["offsets"], arrays["docs"], arrays["hashes"]))
     arrays = {k: v[perm] for k, v in arrays.items()}
-    return arrays, doc_ids, sum(p.n_tokens for p in parts)
+    return arrays, doc_ids, sum(p.n_tokens for p in parts), extras
 
 
 def _corpus_positions(corpus: Corpus, local_ids: list[list], world: int) -> list[np.ndarray]:

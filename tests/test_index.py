@@ -1,0 +1,234 @@
+"""The candidate index (issue #13, part 1): `hf-mirror index` builds BM25 + n-grams (+ dense) once; `attribute
+--index` reuses the BM25 index with the same answer; another corpus or tokenizer, a half-written index, a probe
+with no candidates and M above the corpus size are refused or fall back as documented."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_mirror import InputError, ScanConfig, attribute
+from hf_mirror.candidates import CandidateIndex, build_index, retrieve
+from hf_mirror.cli import main
+from hf_mirror.corpus import Corpus
+from hf_mirror.probes import Probe
+from hf_mirror.provenance import NgramIndex, load_index, ngram
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _write(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+@pytest.fixture
+def corpus_file(planted, tmp_path) -> Path:
+    return _write(tmp_path / "corpus.jsonl", [*planted.texts, "", "   "])  # two documents without text
+
+
+def _probes(planted) -> list[Probe]:
+    return [Probe(f"p{i}", f"{n} keeps a", planted.facts[i].split(" keeps a")[1]) for i, n in
+            enumerate(planted.names[:6])]
+
+
+def _scores(result) -> pd.DataFrame:
+    return result.scores().sort_values(["probe_id", "doc_id"]).reset_index(drop=True)
+
+
+def test_index_command_builds_bm25_and_ngrams_and_attribute_reuses_it(planted, corpus_file, tmp_path, monkeypatch,
+                                                                      one_thread):
+    out = tmp_path / "index"
+    assert main(["index", "--model", str(planted.model_dir), "--corpus", str(corpus_file), "--id-column", "id",
+                 "--output", str(out), "--ngram", "5"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bm25", "manifest.json", "ngram"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "index"]  # no build leftovers
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_documents"] == len(planted.texts) + 2 and manifest["bm25"]["documents"] == len(planted.texts)
+    # audit/provenance --index open its verbatim part as before
+    from hf_mirror.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(planted.model_dir))  # as audit/provenance load it
+    verbatim = load_index(out, tok)
+    assert isinstance(verbatim, NgramIndex) and verbatim.n == 5 and verbatim.find(planted.texts[3]).coverage == 1.0
+    # the saved BM25 index gives what indexing the corpus on the fly gives
+    corpus = Corpus(str(corpus_file), id_column="id")
+    probes = _probes(planted)
+    assert CandidateIndex.load(out, tok, corpus).retrieve(probes, 7) == retrieve(corpus.documents(), probes, 7)
+
+    probe_file = tmp_path / "probes.jsonl"
+    probe_file.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "completion": p.completion}) + "\n"
+                                  for p in probes))
+    common = ["attribute", "--model", str(planted.model_dir), "--corpus", str(corpus_file), "--id-column", "id",
+              "--probes", str(probe_file), "--no-cache", "--candidates", "bm25:5", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "fly")]) == 0
+
+    def no_corpus_pass(*args, **kwargs):
+        raise AssertionError("--index must not index the corpus again")
+
+    monkeypatch.setattr("hf_mirror.pipeline.retrieve", no_corpus_pass)
+    assert main([*common, "--output", str(tmp_path / "indexed"), "--index", str(out)]) == 0
+    from hf_mirror.results import AttributionResult
+
+    fly, indexed = AttributionResult.load(tmp_path / "fly"), AttributionResult.load(tmp_path / "indexed")
+    pd.testing.assert_frame_equal(_scores(fly), _scores(indexed))
+    for p in probes:
+        pd.testing.assert_frame_equal(fly.top(p.id), indexed.top(p.id))
+    assert indexed.config["scan"]["index"] == str(out)
+
+
+def test_stale_half_written_and_foreign_indexes_are_refused(planted, tiny_model, corpus_file, tmp_path, monkeypatch,
+                                                            capsys):
+    model, tok = tiny_model
+    corpus = Corpus(str(corpus_file), id_column="id")
+    out = tmp_path / "index"
+    build_index(corpus, tok, out, n=4)
+    with pytest.raises(InputError, match="already exists"):
+        build_index(corpus, tok, out, n=4)  # never replaced without overwrite
+    # another tokenizer
+    from hf_mirror.tiny_lm import train_tokenizer
+
+    other = train_tokenizer(planted.texts, vocab_size=300)
+    with pytest.raises(InputError, match="another tokenizer"):
+        CandidateIndex.load(out, other, corpus)
+    # other corpus settings (ids from positions instead of the id column)
+    with pytest.raises(InputError, match="other corpus settings.*id_column"):
+        CandidateIndex.load(out, tok, Corpus(str(corpus_file), id_column="none"))
+    # through attribute: refused before anything is fitted or written
+    probes = [{"id": "p0", "prompt": f"{planted.names[0]} keeps a"}]
+    edited = _write(tmp_path / "edited.jsonl", planted.texts[:10])
+    with pytest.raises(InputError, match="other corpus content"):
+        attribute(model, Corpus(str(edited), id_column="id"), probes, tokenizer=tok, output_dir=tmp_path / "r",
+                  scan=ScanConfig(index=str(out)), show_progress=False)
+    corpus_file.write_text(corpus_file.read_text() + json.dumps({"id": "new", "text": "a new document."}) + "\n")
+    assert main(["attribute", "--model", str(planted.model_dir), "--corpus", str(corpus_file), "--id-column", "id",
+                 "--probes", str(_probe_file(tmp_path, probes)), "--output", str(tmp_path / "r2"), "--index",
+                 str(out), "--no-progress"]) == 2
+    assert "other corpus content" in capsys.readouterr().err and not (tmp_path / "r2" / "adapters").exists()
+    # a verbatim-only index (the old `hf-mirror index` layout) is not a candidate index
+    NgramIndex.build(Corpus(str(corpus_file), id_column="id"), tok, n=4, output_dir=tmp_path / "old")
+    with pytest.raises(InputError, match="only a verbatim index"):
+        CandidateIndex.load(tmp_path / "old", tok)
+    # half-written: no manifest
+    (out / "manifest.json").unlink()
+    with pytest.raises(InputError, match="not a complete hf-mirror index.*half-written"):
+        CandidateIndex.load(out, tok, corpus)
+
+
+def _probe_file(tmp_path: Path, probes: list[dict]) -> Path:
+    path = tmp_path / "probes.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in probes))
+    return path
+
+
+def test_an_interrupted_build_is_never_loaded_and_a_rerun_completes_it(planted, tok, corpus_file, tmp_path,
+                                                                          monkeypatch):
+    corpus = Corpus(str(corpus_file), id_column="id")
+    ref = build_index(corpus, tok, tmp_path / "ref", n=4)
+    real, calls = ngram.ngram_hashes, []
+
+    def failing(tokens, n):
+        calls.append(1)
+        if len(calls) == 40:
+            raise KeyboardInterrupt
+        return real(tokens, n)
+
+    monkeypatch.setattr(ngram, "ngram_hashes", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(corpus, tok, tmp_path / "index", n=4)
+    assert not (tmp_path / "index").exists() and (tmp_path / ".index.building").is_dir()
+    with pytest.raises(InputError, match="build was interrupted.*rerun"):
+        CandidateIndex.load(tmp_path / "index", tok)
+    monkeypatch.setattr(ngram, "ngram_hashes", real)
+    index = build_index(corpus, tok, tmp_path / "index", n=4)
+    assert not (tmp_path / ".index.building").exists()
+    assert {k: v for k, v in index.manifest.items()} == ref.manifest
+    probes = _probes(planted)
+    assert index.retrieve(probes, 10) == ref.retrieve(probes, 10)
+
+
+def test_no_candidates_and_m_above_the_corpus_fall_back_as_documented(planted, tiny_model, corpus_file, tmp_path,
+                                                                     caplog, one_thread):
+    model, tok = tiny_model
+    corpus = Corpus(str(corpus_file), id_column="id")
+    index = build_index(corpus, tok, tmp_path / "index", n=4)
+    probes = [*_probes(planted)[:2], Probe("nothing", "???", " !!!"), Probe("unknown", "qwertyuiop", " zxcvb")]
+    found = index.retrieve(probes, 1000)  # M above the corpus: every document with text is a candidate
+    assert found == retrieve(corpus.documents(), probes, 1000)
+    assert all(len(found.scores[p.id]) == len(planted.texts) for p in probes[:2])
+    assert found.scores["nothing"] == {} and found.scores["unknown"] == {}  # no word in common: no candidates
+    assert "shares no word with the corpus" in caplog.text
+    result = attribute(model, corpus, [{"id": p.id, "prompt": p.prompt, "completion": p.completion} for p in probes],
+                       tokenizer=tok, output_dir=tmp_path / "run", scan=ScanConfig(candidates=1000, index=str(
+                           tmp_path / "index"), cache=False), show_progress=False)
+    assert len(result.top("nothing")) == 0 and result.top("p0")["doc_id"][0] == "d0"
+    from hf_mirror.render import format_result
+
+    assert "nothing" in format_result(result, color=False) and "nothing" in result._repr_html_()  # shown, empty
+    assert result.config["candidate_documents"] == len(planted.texts)
+
+
+def test_dense_index_is_the_models_mean_pooled_embedding_memory_mapped(planted, tiny_model, corpus_file, tmp_path,
+                                                                        one_thread):
+    from hf_mirror.baselines.embedding import EmbeddingBaseline
+    from hf_mirror.corpus import document_tokens, windows
+    from hf_mirror.modeling import context_length
+
+    model, tok = tiny_model
+    corpus = Corpus(str(corpus_file), id_column="id")
+    index = build_index(corpus, tok, tmp_path / "index", n=4, model=model)
+    vectors, ids = index.dense()
+    assert isinstance(vectors, np.memmap) and vectors.dtype == np.float32 and len(ids) == len(planted.texts) + 2
+    length = context_length(model, tok)
+    probe = Probe("p", planted.texts[7], "")
+    baseline = EmbeddingBaseline(model, tok, [probe], length, max(1, length // 8))
+    expected = baseline._embed([windows(document_tokens(tok, t), length, max(1, length // 8))
+                                for t in planted.texts[:5]]).numpy()
+    np.testing.assert_allclose(vectors[:5], expected, rtol=1e-4, atol=1e-5)
+    nearest = index.nearest(baseline.probe_vectors.numpy(), 3)[0]
+    assert nearest[0][0] == "d7" and nearest[0][1] == pytest.approx(1.0, abs=1e-4)
+
+
+BUILD = """
+import sys
+from hf_mirror.cli import main
+sys.exit(main(["index", "--model", sys.argv[1], "--corpus", sys.argv[2], "--id-column", "id", "--output",
+               sys.argv[3], "--ngram", "4", "--dense", "--threads", "1"]))
+"""
+
+
+def test_two_processes_build_the_same_index(planted, tok, tmp_path, one_thread):
+    rows = [*planted.texts, *planted.texts[:7]]
+    (tmp_path / "parts").mkdir()
+    half = len(rows) // 2  # two files: each process reads one
+    _write(tmp_path / "parts" / "a.jsonl", rows[:half])
+    path_b = tmp_path / "parts" / "b.jsonl"
+    path_b.write_text("".join(json.dumps({"id": f"e{i}", "text": t}) + "\n" for i, t in enumerate(rows[half:])))
+    script = tmp_path / "build.py"
+    script.write_text(BUILD)
+    source = str(tmp_path / "parts" / "*.jsonl")
+    one = subprocess.run([sys.executable, str(script), str(planted.model_dir), source, str(tmp_path / "one")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          str(planted.model_dir), source, str(tmp_path / "two")], env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = CandidateIndex.load(tmp_path / "one", tok), CandidateIndex.load(tmp_path / "two", tok)
+    assert {k: v for k, v in a.manifest.items() if k != "processes"} == {
+        k: v for k, v in b.manifest.items() if k != "processes"} and b.manifest["processes"] == 2
+    probes = _probes(planted)
+    assert a.retrieve(probes, 10) == b.retrieve(probes, 10)
+    assert json.loads((tmp_path / "two" / "bm25" / "doc_ids.json").read_text())[:half] == [
+        f"d{i}" for i in range(half)]  # corpus order
+    np.testing.assert_allclose(a.dense()[0], b.dense()[0], rtol=1e-4, atol=1e-5)
+    assert a.dense()[1] == b.dense()[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build.py", "one", "parts", "two"]
