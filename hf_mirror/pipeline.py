@@ -190,19 +190,10 @@ def attribute(
     run = _start(model, corpus, probes, tokenizer, mirror or MirrorConfig(), scan or ScanConfig(), output_dir,
                  model_kwargs, show_progress, overwrite)
     try:
-        trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}  # PEFT freezes them
         pool = _probes_and_candidates(run)  # 1. probes, controls, BM25 candidates
         caches = _caches(run, pool)
         book = _score_book(run, pool)  # before the costly fit: refuses another run's shard, or resumes this one's
-        n_fit = len(pool.probes) if caches.controls_cached else len(pool.all)
-        peft_model, report = _mirrors(run, pool, n_fit)  # 2. fit or reload on the main process, shared
-        try:
-            if not book.done:
-                _scan(run, pool, caches, book, peft_model, n_fit)  # 3. scan this process's shard
-        finally:
-            peft_model.unload()  # give the caller back their model without LoRA layers, as trainable as it was
-            for name, p in run.model.named_parameters():
-                p.requires_grad_(trainable.get(name, p.requires_grad))
+        report = _mirrors_and_scan(run, pool, caches, book)  # 2. fit or reload the mirrors, 3. scan this shard
         run.accelerator.wait_for_everyone()
         if run.main:
             _merge_and_record(run, pool, report, book.run_key, model_kwargs)  # 4. merge, 5. record
@@ -212,6 +203,22 @@ def attribute(
         if run.output is not None:
             run.output.release()  # the lock
     return AttributionResult.load(run.final)
+
+
+def _mirrors_and_scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook) -> FitReport:
+    """Fit or reload the mirrors (main process, shared), scan this process's shard unless it is finished, and give
+    the caller back their model without LoRA layers, as trainable as it was."""
+    trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}  # PEFT freezes them
+    n_fit = len(pool.probes) if caches.controls_cached else len(pool.all)
+    peft_model, report = _mirrors(run, pool, n_fit)
+    try:
+        if not book.done:
+            _scan(run, pool, caches, book, peft_model, n_fit)
+    finally:
+        peft_model.unload()
+        for name, p in run.model.named_parameters():
+            p.requires_grad_(trainable.get(name, p.requires_grad))
+    return report
 
 
 def _other_method(method: str, model, corpus, probes, tokenizer, scan: ScanConfig, output_dir, model_kwargs,
