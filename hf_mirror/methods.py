@@ -20,6 +20,8 @@ REGISTRY: dict[str, str] = {
     "embedding": "hf_mirror.baselines.embedding:EmbeddingBaseline",
     "gradsim": "hf_mirror.baselines.gradsim:GradSimBaseline",
     "ekfac": "hf_mirror.baselines.ekfac:EKFACBaseline",
+    "bergson_ekfac": "hf_mirror.baselines.bergson:BergsonEKFACBaseline",
+    "trackstar": "hf_mirror.baselines.bergson:TrackStarBaseline",
 }
 BASELINES = tuple(name for name in REGISTRY if name != "mirror")
 
