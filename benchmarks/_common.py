@@ -1,6 +1,10 @@
-"""Pieces shared by the bundled metric modules (they import it from the installed package)."""
+"""Pieces shared by the benchmarks and the bundled metric modules."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -25,3 +29,16 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     for s, e in zip(starts, ends, strict=True):
         ranks[order[s:e]] = (s + e - 1) / 2 + 1
     return ranks
+
+
+def cache_key(payload: object) -> str:
+    """A short stable hash of a JSON-able ``payload`` (what a cached benchmark artefact was made from)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, obj: object) -> None:
+    """``obj`` as JSON at ``path``, written atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)

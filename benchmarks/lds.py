@@ -24,7 +24,6 @@ settings and the subsets), so any method or mirror setting can be re-scored agai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -35,11 +34,12 @@ from typing import Literal
 
 import numpy as np
 
+from benchmarks._common import cache_key, write_json
 from benchmarks.variants import MIRROR_VARIANTS, run_method
 from hf_mirror.errors import InputError
 
 METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear", "bm25",
-           "embedding", "gradsim", "ekfac")
+           "embedding", "gradsim", "ekfac", "bergson_ekfac", "trackstar")
 CORPORA = ("capitals", "wordnet")
 
 
@@ -148,16 +148,6 @@ def draw_subsets(n_documents: int, n_subsets: int, fraction: float, seed: int) -
     return masks
 
 
-def _key(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def cache_root(cache_dir: str | Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -201,7 +191,7 @@ def _full_model(texts: list[str], train: dict, cache_dir, log: Callable[[str], N
 
     from hf_mirror.tiny_lm import train_tiny_lm
 
-    directory = cache_root(cache_dir) / f"full-{_key({'texts': texts, 'train': train})}"
+    directory = cache_root(cache_dir) / f"full-{cache_key({'texts': texts, 'train': train})}"
     if (directory / "COMPLETE").exists():
         model = AutoModelForCausalLM.from_pretrained(directory).eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -315,7 +305,7 @@ def load_or_train(cfg: LDSConfig, setup: Setup | None = None, cache_dir: str | P
     texts = setup.texts
     masks = draw_subsets(len(texts), cfg.n_subsets, cfg.fraction, cfg.subset_seed)
     train = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed")}
-    key = _key({"full": setup.directory.name, "masks": masks.astype(int).tolist(), "train": train,
+    key = cache_key({"full": setup.directory.name, "masks": masks.astype(int).tolist(), "train": train,
                 "probes": [(p["id"], p["prompt"], p["completion"]) for p in setup.probes]})
     directory = cache_root(cache_dir) / f"lds-{key}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -331,11 +321,11 @@ def load_or_train(cfg: LDSConfig, setup: Setup | None = None, cache_dir: str | P
         model = train_subset(texts, masks[s], setup.tokenizer, setup.model.config, **train)
         losses[s] = probe_losses(model, setup.tokenizer, setup.probes)
         spent += time.perf_counter() - t0
-        _write_json(path, {"subset": s, "documents": int(masks[s].sum()), "losses": losses[s].tolist()})
+        write_json(path, {"subset": s, "documents": int(masks[s].sum()), "losses": losses[s].tolist()})
         log(f"subset {s + 1}/{cfg.n_subsets} retrained in {time.perf_counter() - t0:.0f} s")
     retrains = Retrains([d["id"] for d in setup.documents], masks, [p["id"] for p in setup.probes], losses,
                         full_losses, {"lds_config": asdict(cfg), "cache": str(directory)}, spent)
-    _write_json(directory / "retrains.json", retrains.to_json())
+    write_json(directory / "retrains.json", retrains.to_json())
     return setup, retrains
 
 

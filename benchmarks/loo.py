@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import cache_key, write_json
 from benchmarks.lds import (
     METHODS,
     Setup,
-    _key,
-    _write_json,
     cache_root,
     full_setup,
     method_scores,
@@ -112,7 +111,7 @@ def load_or_train(cfg: LOOConfig, setup: Setup | None = None, cache_dir: str | P
     setup = setup or full_setup(cfg, cache_dir, log)
     doc_ids = pick_documents(setup, cfg.n_docs, cfg.doc_seed)
     train = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed")}
-    key = _key({"full": setup.directory.name, "train": train,
+    key = cache_key({"full": setup.directory.name, "train": train,
                 "probes": [(p["id"], p["prompt"], p["completion"]) for p in setup.probes]})
     directory = cache_root(cache_dir) / f"loo-{key}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -126,7 +125,7 @@ def load_or_train(cfg: LOOConfig, setup: Setup | None = None, cache_dir: str | P
             return probe_losses(setup.model, setup.tokenizer, setup.probes)
         # seed cfg.seed files carry no seed in their name (caches written before train_seeds existed)
         name = {"doc": doc_id} if seed == cfg.seed else {"doc": doc_id, "seed": seed}
-        path = directory / f"without-{_key(name)}.json"
+        path = directory / f"without-{cache_key(name)}.json"
         if path.exists():
             return np.asarray(json.loads(path.read_text())["losses"])
         t0 = time.perf_counter()
@@ -134,7 +133,7 @@ def load_or_train(cfg: LOOConfig, setup: Setup | None = None, cache_dir: str | P
         model = train_subset(texts, keep, setup.tokenizer, setup.model.config, **{**train, "seed": seed})
         losses = probe_losses(model, setup.tokenizer, setup.probes)
         spent += time.perf_counter() - t0
-        _write_json(path, {"doc_id": doc_id, "seed": seed, "losses": losses.tolist()})
+        write_json(path, {"doc_id": doc_id, "seed": seed, "losses": losses.tolist()})
         log(f"seed {seed}: retrained {'on everything' if doc_id is None else 'without ' + doc_id} in "
             f"{time.perf_counter() - t0:.0f} s")
         return losses

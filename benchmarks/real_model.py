@@ -20,7 +20,6 @@ resumes from its checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import random
@@ -31,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks._common import cache_key, write_json
 from benchmarks.fact_tracing import (
     DISTRACTOR_TEMPLATES,
     TRAIN_TEMPLATES,
@@ -91,10 +91,6 @@ def smollm2_gguf() -> tuple[Path, str]:
     if not files:
         raise InputError(f"No .gguf file in {directory}; reinstall it: {INSTALL}")
     return directory, files[0].name
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _words_overlap(a: str, b: str) -> bool:
@@ -268,13 +264,6 @@ def _cached_json(path: Path, key: str) -> dict | None:
     return None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path, show_progress: bool = False,
                   log: Callable[[str], None] = lambda s: None) -> dict:
     """The base model's answers and the fine-tuned model saved under ``work/model`` (both reused when cached).
@@ -284,9 +273,9 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
     directory, gguf_file = smollm2_gguf()
     train_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("n_queries", "max_new_tokens", "top_k",
                                                                      "scan_batch_size", "n_templates")}
-    key = _key("real-model-finetune-v1", gguf_file, (directory / gguf_file).stat().st_size, train_cfg,
-               [d["text"] for d in bench.documents])
-    base_key = _key("base-answers-v1", gguf_file, bench.queries, cfg.max_new_tokens)
+    key = cache_key(["real-model-finetune-v1", gguf_file, (directory / gguf_file).stat().st_size, train_cfg,
+                     [d["text"] for d in bench.documents]])
+    base_key = cache_key(["base-answers-v1", gguf_file, bench.queries, cfg.max_new_tokens])
     model_dir = work / "model"
     done = _cached_json(model_dir / "finetune.json", key)
     base = _cached_json(work / "base_answers.json", base_key)
@@ -297,7 +286,7 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
     model, tokenizer = load_base_model((directory, gguf_file))
     if base is None:
         base = {"key": base_key, "answers": answer_queries(model, tokenizer, bench.queries, cfg.max_new_tokens)}
-        _write_json(work / "base_answers.json", base)
+        write_json(work / "base_answers.json", base)
     if done is None:
         log(f"fine-tuning on {len(bench.documents)} documents for {cfg.epochs} epochs")
         t0 = time.perf_counter()
@@ -307,7 +296,7 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
         _drop_gguf_quantizer(model).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         done = {"key": key, "train_seconds": train_seconds, "train_losses": losses}
-        _write_json(model_dir / "finetune.json", done)  # last: marks the saved model complete
+        write_json(model_dir / "finetune.json", done)  # last: marks the saved model complete
     return {**done, "base_answers": base["answers"], "model_dir": str(model_dir), "cached": False}
 
 
@@ -375,7 +364,7 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
     probes = [{"id": a["id"], "prompt": a["prompt"], "completion": a["completion"]} for a in traced]
     corpus = Corpus([{"id": d["id"], "text": d["text"]} for d in bench.documents], id_column="id")
     for method in methods:
-        key = _key("real-model-method-v1", method, prep["key"], probes, cfg.top_k, cfg.scan_batch_size)
+        key = cache_key(["real-model-method-v1", method, prep["key"], probes, cfg.top_k, cfg.scan_batch_size])
         marker = work / "methods" / f"{method}.json"
         cached = None if rerun else _cached_json(marker, key)
         if cached is None:
@@ -388,7 +377,7 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
             seconds = time.perf_counter() - t0
             metrics = retrieval_metrics(rankings(result.scores(), traced_ids), bench.proponents, cfg.top_k)
             cached = {"key": key, **metrics, "seconds": seconds, "resumed": resume}
-            _write_json(marker, cached)
+            write_json(marker, cached)
             pending.unlink()
             cached["cached"] = False
         else:

@@ -93,6 +93,16 @@ def context_length(model, tokenizer=None, cap: int = 1024) -> int:
     return min([*candidates, cap])
 
 
+def window_length(model, tokenizer, max_length: int | None) -> int:
+    """The scan's window length: ``max_length`` (refused above the model's context window) or, when not given,
+    the model's context window capped at 1024 tokens."""
+    limit = context_length(model, None, cap=1 << 62)
+    if max_length is not None and max_length > limit:
+        raise InputError(f"--max-length {max_length} is above the model's context window ({limit} tokens); pass at "
+                         f"most {limit}.")
+    return max_length or context_length(model, tokenizer)
+
+
 def resolve_model(model, tokenizer=None, model_kwargs: dict | None = None) -> tuple[PreTrainedModel, object, str]:
     """``(model, tokenizer, name)`` from a ``from_pretrained`` name/path or a loaded model and its tokenizer.
 

@@ -31,7 +31,7 @@ from hf_mirror.mirror import (
     load_mirrors,
     save_mirrors,
 )
-from hf_mirror.modeling import context_length, resolve_model
+from hf_mirror.modeling import resolve_model, window_length
 from hf_mirror.ownership import Output, check_output_path, digest, writable
 from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes, save_probes
 from hf_mirror.progress import ScanProgress
@@ -254,7 +254,7 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     given = load_probes(probes) if main else None
     model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
     model.to(accelerator.device).eval()
-    max_length = _check_max_length(model, scan.max_length) or context_length(model, tokenizer)
+    max_length = window_length(model, tokenizer, scan.max_length)
     overlap = scan.overlap if scan.overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
@@ -286,15 +286,6 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
 # the scan settings that change a result (the others only change how fast it is made)
 RESULT_SETTINGS = ("top_k", "normalize", "controls", "min_pool", "candidates", "aggregate", "rank_by", "mirror_weight",
                    "max_new_tokens")
-
-
-def _check_max_length(model, max_length: int | None) -> int | None:
-    """``max_length``, refused when it is above the model's context window."""
-    limit = context_length(model, None, cap=1 << 62)
-    if max_length is not None and max_length > limit:
-        raise InputError(f"--max-length {max_length} is above the model's context window ({limit} tokens); pass at "
-                         f"most {limit}.")
-    return max_length
 
 
 def run_identity(method: str, model_name: object, weights: str | None, tokenizer, corpus: Corpus,

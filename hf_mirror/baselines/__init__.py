@@ -30,7 +30,7 @@ from hf_mirror.cache import model_fingerprint
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.merge import merge_shards
-from hf_mirror.modeling import context_length, resolve_model
+from hf_mirror.modeling import resolve_model, window_length
 from hf_mirror.ownership import Output, check_output_path
 from hf_mirror.probes import generate_completions, load_probes
 from hf_mirror.results import AttributionResult
@@ -96,7 +96,7 @@ def attribute_baseline(
     ``damping=``/``strategy=`` for ekfac, which needs the optional ``kronfluence``). ``output_dir`` is owned like
     :func:`hf_mirror.attribute`'s: another run there is refused unless ``overwrite``.
     """
-    from hf_mirror.pipeline import _check_max_length, run_identity  # pipeline imports accelerate
+    from hf_mirror.pipeline import run_identity  # pipeline imports accelerate
 
     if method not in METHODS:
         raise InputError(f"Unknown baseline {method!r}; choose one of {sorted(METHODS)}.")
@@ -115,7 +115,7 @@ def attribute_baseline(
     else:
         model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
         model.eval()
-    max_length = _check_max_length(model, max_length) or context_length(model, tokenizer)
+    max_length = window_length(model, tokenizer, max_length)
     overlap = overlap if overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
