@@ -55,7 +55,7 @@ COMENTION_TEMPLATES = (
 )
 LEGACY = {"n_templates": 3, "comentions": False}  # what models saved before these fields existed were trained on
 METHODS = ("mirror", "mirror_only", "mirror_raw", "mirror_zscore", "mirror_loo", "mirror_rerank", "mirror_linear",
-           "mirror_top2", "mirror_top2_linear", "bm25", "embedding", "gradsim", "ekfac")
+           "mirror_top2", "mirror_top2_linear", "bm25", "embedding", "gradsim", "ekfac", "bergson_ekfac", "trackstar")
 RERANK_M = 50  # mirror_rerank: the mirror scans each probe's top-50 BM25 documents
 MODEL_MARKER = "fact_tracing_model.json"  # next to a saved model: the configuration it was trained for
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")

@@ -58,7 +58,8 @@ MODELS = {
 PARTS = ("scan", "e2e", "padding", "fit")
 VARIANTS = ("naive", "cached", "trunk", "mixed")
 E2E_MIRRORS = ("mirror", "mirror_top2", "mirror_top2_warm")
-GRADIENT_METHODS = ("gradsim", "ekfac")
+GRADIENT_METHODS = ("gradsim", "ekfac", "bergson_ekfac", "trackstar")
+OPTIONAL = {"ekfac": "kronfluence", "bergson_ekfac": "bergson", "trackstar": "bergson"}  # method -> package
 PRECISIONS = ("no", "bf16", "fp16")
 
 Autocast = Callable[[], AbstractContextManager]
@@ -130,11 +131,11 @@ def gradient_methods() -> dict[str, str | None]:
     for m in GRADIENT_METHODS:
         if m not in METHODS:
             out[m] = f"hf_mirror.baselines has no {m!r}"
-        elif m == "ekfac":
+        elif m in OPTIONAL:
             try:
-                import kronfluence  # noqa: F401
+                __import__(OPTIONAL[m])
             except ImportError:
-                out[m] = "kronfluence is not installed"
+                out[m] = f"{OPTIONAL[m]} is not installed"
             else:
                 out[m] = None
         else:
@@ -538,11 +539,11 @@ def _cell(row: dict, key: str) -> str:
 def format_e2e(rows: list[dict], header: bool = True) -> str:
     """End-to-end rows as a Markdown table: seconds of each whole call (multiple of one forward pass)."""
     lines = _head(["model", "T", "docs", "floor s", "mirror, all blocks", "mirror, top 2 + trunk",
-                   "top 2 + trunk, cached base", "gradsim", "EK-FAC"], header)
+                   "top 2 + trunk, cached base", "gradsim", "EK-FAC", "bergson EK-FAC", "TrackStar"], header)
     for r in rows:
         lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | {_cell(r, 'mirror')} | "
                      f"{_cell(r, 'mirror_top2')} | {_cell(r, 'mirror_top2_warm')} | {_cell(r, 'gradsim')} | "
-                     f"{_cell(r, 'ekfac')} |")
+                     f"{_cell(r, 'ekfac')} | {_cell(r, 'bergson_ekfac')} | {_cell(r, 'trackstar')} |")
     return "\n".join(lines)
 
 

@@ -60,8 +60,8 @@ def test_config_is_checked():
 
 def test_gradient_methods_report_why_they_cannot_run():
     methods = speed.gradient_methods()
-    assert set(methods) == {"gradsim", "ekfac"} and methods["gradsim"] is None
-    assert methods["ekfac"] is None or isinstance(methods["ekfac"], str)
+    assert set(methods) == {"gradsim", "ekfac", "bergson_ekfac", "trackstar"} and methods["gradsim"] is None
+    assert all(methods[m] is None or isinstance(methods[m], str) for m in ("ekfac", "bergson_ekfac", "trackstar"))
 
 
 def test_speed_benchmark_scan_and_end_to_end_rows(recipe, tmp_path, capsys):
@@ -74,7 +74,8 @@ def test_speed_benchmark_scan_and_end_to_end_rows(recipe, tmp_path, capsys):
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "| model | T | docs | floor s | fit s | naive x | cached x | trunk+cache x | +mixed8 x |" in printed
-    assert "| mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base | gradsim | EK-FAC |" in printed
+    assert ("| mirror, all blocks | mirror, top 2 + trunk | top 2 + trunk, cached base | gradsim | EK-FAC | "
+            "bergson EK-FAC | TrackStar |") in printed
     assert "\nCrossover (smallest T at which the gradient method is cheaper end to end):\n" in printed
     report = json.loads(out.read_text())
     assert list(report) == ["command", "device", "scan", "e2e", "crossovers", "padding", "fit"]
