@@ -2,7 +2,9 @@
 
 The key covers everything the losses depend on: the model's weights, the tokenizer, the corpus, the windowing,
 the precision and the process split. A cache becomes visible only when complete (written to a temporary
-directory, then renamed), so an interrupted scan never leaves a partial cache that would be read as valid.
+directory ``rank-*.tmp-HOST-PID``, every file by write + rename, ``complete.json`` last, then the directory
+renamed into place), so an interrupted or killed scan never leaves a partial cache that would be read as valid;
+the temporary directories of killed writers on this host are removed by the next commit.
 ``complete.json`` holds the checksum of every part: a damaged cache is discarded (with a warning), a miss.
 """
 
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from hf_mirror.integrity import atomic_write, check_hashes, damaged, expect, rea
 
 logger = logging.getLogger(__name__)
 ROWS_PER_PART = 4096
+_HOST = socket.gethostname().replace("/", "_")
 
 
 def default_cache_dir() -> Path:
@@ -62,7 +66,7 @@ class BaseLossCache:
     def __init__(self, root: str | Path, key: str, rank: int, world: int, kind: str = "base_losses") -> None:
         self.key = key
         self.dir = Path(root) / kind / key / f"rank-{rank:05d}-of-{world:05d}"
-        self._tmp = self.dir.with_name(f"{self.dir.name}.tmp-{os.getpid()}")
+        self._tmp = self.dir.with_name(f"{self.dir.name}.tmp-{_HOST}-{os.getpid()}")
         self._rows: dict[str, list] = {"seq": [], "doc_id": [], "losses": []}
         self._parts: dict[str, str] = {}  # part name -> sha256, of the parts written so far
         self._valid: bool | None = None
@@ -136,15 +140,41 @@ class BaseLossCache:
             v.clear()
 
     def commit(self, n_documents: int) -> None:
-        """Make the written rows visible as a complete cache."""
+        """Make the written rows visible as a complete cache (one rename: a reader sees all of it or none)."""
         self._flush()
         self._tmp.mkdir(parents=True, exist_ok=True)
         atomic_write(self._tmp / "complete.json", json.dumps({"documents": n_documents, "parts": self._parts}).encode())
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._tmp, self.dir)
+        self._valid = None
+        if self.dir.exists() and self.complete:  # another process committed the same cache meanwhile: keep it
+            self.discard()
+        else:
+            try:
+                os.replace(self._tmp, self.dir)
+            except OSError:  # it appeared between the check and the rename
+                self._valid = None
+                if not self.complete:
+                    raise
+                self.discard()
         self._valid = True
+        self._remove_stale()
 
     def discard(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _remove_stale(self) -> None:
+        """Remove the temporary directories that writers on this host left when they were killed mid-write."""
+        for tmp in self.dir.parent.glob(f"{self.dir.name}.tmp-*"):
+            host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
+            if host in ("", _HOST) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True

@@ -276,3 +276,162 @@ def test_damaged_index_manifest_is_a_clear_error(indexed, command, backend, mani
     assert main(indexed.index_argv(backend, index, "--overwrite")) == 0
     assert main(indexed.argv[command](index, out)) == 0
     assert json.loads((out / REPORTS[command]).read_text()) == indexed.reports[command]
+
+
+# ---------------------------------------------------------------- SIGKILL mid-write (a forked child kills itself)
+def killed(action) -> None:
+    """Run ``action`` in a forked child, which must SIGKILL itself at the point ``action`` patches in.
+
+    A fork shares the loaded model and tokenizer, so a case costs no interpreter start; the child never returns
+    into pytest (``os._exit``) and nothing it patches reaches this process.
+    """
+    import os
+    import signal
+    import time
+    import traceback
+
+    import torch
+
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            torch.set_num_threads(1)  # the parent's OpenMP threads do not exist in the child
+            action(pytest.MonkeyPatch())
+            code = 4  # finished: the kill point was never reached
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 240
+    while (status := os.waitpid(pid, os.WNOHANG)[1]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if status == 0:  # hung: never leave it behind
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child hung")
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+        f"the child was not killed (exit code {os.waitstatus_to_exitcode(status)}: 4 = finished, 3 = raised)")
+
+
+def sigkill() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def half_written(f, data: bytes) -> None:
+    """What a process killed mid-write leaves: the first half of the bytes, then the kill."""
+    f.write(data[: len(data) // 2])
+    f.flush()
+    sigkill()
+
+
+def _kill_writing_cache_file(name: str):
+    def patch(mp):
+        from hf_mirror import cache
+
+        real = cache.atomic_write
+
+        def write(path, data):
+            if path.name == name:
+                with open(path.with_name(path.name + ".tmp"), "wb") as f:  # atomic_write's temporary file
+                    half_written(f, data)
+            real(path, data)
+
+        mp.setattr(cache, "atomic_write", write)
+    return patch
+
+
+def _kill_renaming_cache(mp):
+    import os
+
+    real = os.replace
+
+    def rename(src, dst, *a, **kw):
+        if ".tmp-" in Path(src).name and "base_losses" in Path(src).parts:  # the finished cache, into place
+            sigkill()
+        real(src, dst, *a, **kw)
+
+    mp.setattr(os, "replace", rename)
+
+
+def _kill_after_commit(mp):
+    from hf_mirror.cache import BaseLossCache
+
+    real = BaseLossCache.commit
+
+    def commit(self, *a, **kw):
+        real(self, *a, **kw)
+        sigkill()  # the cache is complete; the scan's final checkpoint and the result are not written yet
+
+    mp.setattr(BaseLossCache, "commit", commit)
+
+
+def _kill_discarding_damaged_cache(mp):
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+        path = Path(path)
+        if path.name == "rank-00000-of-00001" and "base_losses" in path.parts:  # a damaged cache, being removed
+            next(path.glob("part-*.parquet")).unlink()  # its part goes first: complete.json stays, naming it
+            sigkill()
+        real(path, *a, **kw)
+
+    mp.setattr(shutil, "rmtree", rmtree)
+
+
+CACHE_KILLS = {  # where the child dies, while it writes the base-loss cache of a scan (parts of 8 rows)
+    "mid-part": _kill_writing_cache_file("part-000001.parquet"),  # second part, at document 16 of 30
+    "mid-complete.json": _kill_writing_cache_file("complete.json"),  # every part written
+    "before-rename": _kill_renaming_cache,  # complete in its temporary directory
+    "after-commit": _kill_after_commit,  # the cache in place, the scan not finished
+    "mid-discard": _kill_discarding_damaged_cache,  # removing an earlier, damaged cache
+}
+
+
+@pytest.mark.parametrize("point", CACHE_KILLS)
+def test_sigkill_while_writing_the_cache(runs, point, caplog, monkeypatch):
+    """SIGKILL while the base-loss cache is written: what is left is never read as a cache; reruns give the
+    uninterrupted answer, every document scored once; the next complete scan writes the cache intact."""
+    from hf_mirror import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "ROWS_PER_PART", 8)  # several parts
+    cache = runs.root / "kill-caches" / point
+    if point == "mid-discard":  # an earlier cache, damaged: the scan discards it (and is killed doing so)
+        shutil.copytree(runs.root / "cache", cache)
+        (entry,) = cache.glob("base_losses/*/rank-00000-of-00001")
+        damage(entry / "part-000000.parquet", "corrupt")
+    out, fresh = runs.root / "cases" / f"kill-cache-{point}", runs.root / "cases" / f"kill-cache-{point}-fresh"
+    for d in (out, fresh):  # reuse the fit: only the scan runs
+        shutil.copytree(runs.ref.directory / "adapters", d / "adapters")
+
+    killed(lambda mp: (CACHE_KILLS[point](mp), runs.run(out, cache)))
+    committed = point == "after-commit"
+    left = list(cache.glob("base_losses/*/*"))
+    if point == "mid-discard":  # killed before writing: the damaged cache, half removed
+        assert [p.name for p in left] == ["rank-00000-of-00001"], left
+    else:  # a killed writer's temporary folder, or (after-commit) the complete cache alone
+        assert any(".tmp-" in p.name for p in left) != committed, left
+    with caplog.at_level(logging.WARNING):
+        resumed = runs.run(out, cache)  # 1. the same command again: resumes from the last checkpoint
+    assert_same(resumed, runs.ref)
+    assert resumed.config["stats"]["base_cache_hits"] == int(committed)
+    with caplog.at_level(logging.WARNING):
+        again = runs.run(fresh, cache)  # 2. a new scan of the same corpus: reads or fills the cache
+    assert_same(again, runs.ref)
+    stats = again.config["stats"]
+    filled = committed or point == "mid-discard"  # killed before its first checkpoint, the rerun filled it
+    assert (stats["base_cache_hits"], stats["base_passes"] > 0) == ((1, False) if filled else (0, True))
+    if point == "mid-discard":  # complete.json names a part the kill removed: discarded, not read
+        assert "The cache in" in caplog.text and "discarding it" in caplog.text
+    (entry,) = cache.glob("base_losses/*/rank-00000-of-00001")
+    done = read_json(entry / "complete.json")
+    check_hashes(entry, done["parts"])
+    assert done["documents"] == 30 and len(done["parts"]) == 4  # 8 rows a part
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # the killed writer's leftovers removed
+    from hf_mirror.cache import BaseLossCache
+
+    rows = list(BaseLossCache(cache, entry.parent.name, 0, 1).read())
+    assert [r[0] for r in rows] == list(range(30)) and len({r[1] for r in rows}) == 30
