@@ -435,3 +435,129 @@ def test_sigkill_while_writing_the_cache(runs, point, caplog, monkeypatch):
 
     rows = list(BaseLossCache(cache, entry.parent.name, 0, 1).read())
     assert [r[0] for r in rows] == list(range(30)) and len({r[1] for r in rows}) == 30
+
+
+def _build_in_small_checkpoints(mp):
+    """`hf-mirror index` checkpoints every 1M n-grams: every 100 here, so that a kill lands between checkpoints."""
+    from hf_mirror.provenance.ngram import NgramIndex
+
+    real = NgramIndex.build.__func__
+
+    def build(cls, *a, **kw):
+        kw.setdefault("checkpoint_ngrams", 100)
+        return real(cls, *a, **kw)
+
+    mp.setattr(NgramIndex, "build", classmethod(build))
+
+
+def _kill_in_savez(mp):  # the second checkpoint chunk, half written
+    import io
+
+    real, calls = np.savez, []
+
+    def savez(f, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            buf = io.BytesIO()
+            real(buf, *a, **kw)
+            half_written(f, buf.getvalue())
+        real(f, *a, **kw)
+
+    mp.setattr(np, "savez", savez)
+
+
+def _kill_at_rename(match, nth: int = 1):
+    def patch(mp):
+        import os
+
+        real, calls = os.replace, []
+
+        def rename(src, dst, *a, **kw):
+            if match(Path(src), Path(dst)):
+                calls.append(1)
+                if len(calls) == nth:
+                    sigkill()
+            real(src, dst, *a, **kw)
+
+        mp.setattr(os, "replace", rename)
+    return patch
+
+
+def _kill_in_save(mp):  # the finished index, written to its temporary folder: hashes.npy done, docs.npy not
+    real = np.save
+
+    def save(file, *a, **kw):
+        if Path(str(file)).name == "docs.npy":
+            sigkill()
+        real(file, *a, **kw)
+
+    mp.setattr(np, "save", save)
+
+
+INDEX_KILLS = {  # where `hf-mirror index` dies; "overwrite-" cases rebuild over an index with --overwrite
+    "mid-chunk": _kill_in_savez,
+    "before-progress.json": _kill_at_rename(lambda src, dst: dst.name == "progress.json", nth=2),
+    "mid-save": _kill_in_save,
+    "before-publish": "publish",  # the complete index, renamed onto --output
+    "overwrite-before-publish": "publish",  # the old index moved aside, the new one not yet in place
+}
+
+
+@pytest.fixture(scope="module")
+def index_build(tok_dir, texts, tmp_path_factory):
+    import json
+
+    from hf_mirror.cli import main
+
+    root = tmp_path_factory.mktemp("index_kills")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"c{c}-d{i}", "text": t}) + "\n"
+                              for c in range(3) for i, t in enumerate(texts)))
+
+    def argv(out, *extra):
+        return ["index", "--model", str(tok_dir), "--corpus", str(corpus), "--ngram", "4", "--output", str(out),
+                *extra]
+
+    assert main(argv(root / "ref")) == 0
+    return root, argv
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("point", INDEX_KILLS)
+def test_sigkill_during_the_index_build(index_build, point, capsys):
+    """SIGKILL at each step of `hf-mirror index`: the output never loads as an index until complete, and the same
+    command again (resuming from the build's checkpoint) writes the same files as an uninterrupted build."""
+    import json
+
+    from hf_mirror.cli import main
+    from hf_mirror.errors import InputError
+    from hf_mirror.provenance.infinigram import load_index
+
+    root, argv = index_build
+    out = root / point
+    extra = ("--overwrite",) if point.startswith("overwrite") else ()
+    if extra:
+        shutil.copytree(root / "ref", out)
+    kill = INDEX_KILLS[point]
+    if kill == "publish":
+        kill = _kill_at_rename(lambda src, dst: dst == out)
+
+    def child(mp):
+        _build_in_small_checkpoints(mp)
+        kill(mp)
+        main(argv(out, *extra))
+
+    killed(child)
+    assert not out.exists()  # nothing half-built is ever in place of the index (an --overwrite: nor the old one)
+    with pytest.raises(InputError, match="not a complete"):
+        load_index(out, None)
+    if point in ("mid-chunk", "before-progress.json"):  # killed between checkpoints: the rerun resumes
+        (progress,) = [p for p in root.rglob("progress.json") if f".{point}." in str(p)]
+        state = json.loads(progress.read_text())
+        assert state["n_docs"] > 0 and not state["done"]
+    capsys.readouterr()
+    assert main(argv(out, *extra)) == 0, capsys.readouterr().err
+    assert _files(out) == _files(root / "ref")
