@@ -28,6 +28,7 @@ padded share of the batch cells, both times and the largest score difference bet
 
 from __future__ import annotations
 
+import importlib.util
 import resource
 import shutil
 import tempfile
@@ -131,13 +132,8 @@ def gradient_methods() -> dict[str, str | None]:
     for m in GRADIENT_METHODS:
         if m not in METHODS:
             out[m] = f"hf_mirror.baselines has no {m!r}"
-        elif m in OPTIONAL:
-            try:
-                __import__(OPTIONAL[m])
-            except ImportError:
-                out[m] = f"{OPTIONAL[m]} is not installed"
-            else:
-                out[m] = None
+        elif m in OPTIONAL:  # found, not imported: importing bergson reconfigures the root logger
+            out[m] = None if importlib.util.find_spec(OPTIONAL[m]) else f"{OPTIONAL[m]} is not installed"
         else:
             out[m] = None
     return out

@@ -4,8 +4,10 @@ is the other methods' AttributionResult, and ``hf-mirror attribute --method`` ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import sys
 
 import numpy as np
@@ -23,6 +25,10 @@ BERGSON = ("bergson_ekfac", "trackstar")
 
 
 def needs_bergson():
+    from hf_mirror.baselines.bergson import _bergson
+
+    with contextlib.suppress(InputError):
+        _bergson()  # the first import, with the root logger's configuration put back (bergson reconfigures it)
     return pytest.importorskip("bergson", reason=SKIP)
 
 
@@ -54,6 +60,18 @@ def test_both_are_registry_methods_and_cli_choices():
     attribute_parser = build_parser()._subparsers._group_actions[0].choices["attribute"]
     choices = next(a.choices for a in attribute_parser._actions if a.dest == "method")
     assert set(BERGSON) <= set(choices)
+
+
+def test_importing_bergson_leaves_the_root_logger_alone():
+    needs_bergson()
+    from hf_mirror.baselines.bergson import _bergson
+
+    root = logging.getLogger()
+    before = root.handlers[:], root.level
+    for name in [m for m in sys.modules if m == "bergson" or m.startswith("bergson.")]:
+        sys.modules.pop(name)  # a fresh import runs bergson's logging.basicConfig(force=True) again
+    _bergson()
+    assert (root.handlers[:], root.level) == before
 
 
 def test_without_bergson_the_error_says_how_to_install(monkeypatch, tiny_model, planted):
