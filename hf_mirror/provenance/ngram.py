@@ -41,6 +41,8 @@ from hf_mirror.progress import progress_bar
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_REBUILD = ("`hf-mirror index --overwrite --output INDEX_DIR` (the directory given to --index), or "
+            "NgramIndex.build(corpus, tokenizer, output_dir=..., overwrite=True)")
 _ARRAYS = ("hashes", "docs", "offsets")
 _FLUSH_TOKENS = 1 << 20  # checkpoint (or concatenate, in memory) the postings every ~1M n-grams
 _DTYPES = {"hashes": np.uint64, "docs": np.uint32, "offsets": np.uint32}
@@ -261,12 +263,14 @@ class NgramIndex:
         if not path.is_file():
             raise InputError(
                 f"{directory} is not a complete n-gram index (no {MANIFEST}): its build was interrupted or it is "
-                "another kind of directory. Rebuild it with NgramIndex.build(corpus, tokenizer, output_dir=...)."
+                f"another kind of directory. Rebuild it: {_REBUILD}."
             )
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} is not valid JSON ({e}); rebuild the index with NgramIndex.build.") from e
+            manifest = json.loads(path.read_bytes().decode("utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding (corrupt bytes)
+            raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild the index: {_REBUILD}.") from e
         if isinstance(manifest, dict) and manifest.get("format") == "hf_mirror.index":  # `hf-mirror index`: ngram/
             return cls.load(directory / manifest.get("ngram", {}).get("dir", "ngram"), tokenizer, mmap)
         if manifest.get("format") != "hf_mirror.ngram_index" or manifest.get("version") != FORMAT_VERSION:
