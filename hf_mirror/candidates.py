@@ -307,7 +307,7 @@ class CandidateIndex:
 
 def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *, n: int = 13, model=None,
                 overwrite: bool = False, show_progress: bool = False, resume: bool = True,
-                dense_batch_size: int = 16) -> CandidateIndex:
+                dense_batch_size: int = 16, checkpoint_ngrams: int | None = None) -> CandidateIndex:
     """Build a corpus's candidate index (BM25, verbatim n-grams and, given ``model``, dense vectors) in one pass.
 
     One streaming pass over ``corpus`` feeds every index: under ``accelerate launch`` / ``torchrun`` each process
@@ -336,8 +336,9 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     if world > 1:
         state.wait_for_everyone()
     embedder = None if model is None else _Embedder(model, tokenizer, dense_batch_size)
+    more = {} if checkpoint_ngrams is None else {"checkpoint_ngrams": checkpoint_ngrams}
     ngram = NgramIndex.build(corpus, tokenizer, n=n, output_dir=tmp / "ngram", show_progress=show_progress,
-                             resume=resume, extras=_IndexExtras(embedder))
+                             resume=resume, extras=_IndexExtras(embedder), **more)
     if world > 1:
         state.wait_for_everyone()  # every process has opened the n-gram index before the directory moves
     if rank == 0:

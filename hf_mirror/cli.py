@@ -184,6 +184,8 @@ def _add_index(sub) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None)
     p.add_argument("--split", default="train")
+    p.add_argument("--format", default=None, help="file format when the extension does not tell (as attribute's)")
+    p.add_argument("--dataset-config", default=None, help="Hub dataset configuration name (as attribute's)")
     p.add_argument("--ngram", type=positive_int, default=13, help="n-gram length in tokens")
     p.add_argument("--dense", action="store_true", help="also store each document's embedding: the model's last "
                    "hidden states averaged over its tokens (one forward pass over the corpus)")
@@ -383,7 +385,8 @@ def _index(args) -> int:
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import load_tokenizer
 
-    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
+    corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split,
+                    format=args.format, name=args.dataset_config)  # the corpus attribute --index will check
     if args.backend == "infini-gram":
         from hf_mirror.provenance.infinigram import InfiniGramIndex
 

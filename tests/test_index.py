@@ -143,12 +143,14 @@ def test_an_interrupted_build_is_never_loaded_and_a_rerun_completes_it(planted, 
 
     monkeypatch.setattr(ngram, "ngram_hashes", failing)
     with pytest.raises(KeyboardInterrupt):
-        build_index(corpus, tok, tmp_path / "index", n=4)
+        build_index(corpus, tok, tmp_path / "index", n=4, checkpoint_ngrams=100)
     assert not (tmp_path / "index").exists() and (tmp_path / ".index.building").is_dir()
     with pytest.raises(InputError, match="build was interrupted.*rerun"):
         CandidateIndex.load(tmp_path / "index", tok)
-    monkeypatch.setattr(ngram, "ngram_hashes", real)
-    index = build_index(corpus, tok, tmp_path / "index", n=4)
+    calls.clear()
+    monkeypatch.setattr(ngram, "ngram_hashes", lambda tokens, n: (calls.append(1), real(tokens, n))[1])
+    index = build_index(corpus, tok, tmp_path / "index", n=4, checkpoint_ngrams=100)
+    assert 0 < len(calls) < len(planted.texts) - 10  # resumed from the checkpoint, the BM25 terms with it
     assert not (tmp_path / ".index.building").exists()
     assert {k: v for k, v in index.manifest.items()} == ref.manifest
     probes = _probes(planted)
