@@ -50,7 +50,7 @@ QUERY_TEMPLATES = (
     "Q: What is the capital of {country}?\nA:",
 )
 METHODS = ("mirror", "mirror_only", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear",
-           "bm25", "embedding", "gradsim")
+           "bm25", "embedding", "gradsim", "ekfac", "bergson_ekfac", "trackstar")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

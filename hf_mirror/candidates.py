@@ -319,15 +319,15 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     """
     import bm25s
 
-    from hf_mirror.provenance.ngram import _check_target, _process_group, publish
+    from hf_mirror.provenance.ngram import check_target, process_group, publish
 
     if not isinstance(corpus, Corpus):
         corpus = Corpus(corpus)
     out = Path(output_dir)
     tmp = out.parent / f".{out.name}.building"
-    rank, world, state = _process_group()
+    rank, world, state = process_group()
     if rank == 0:
-        _check_target(out, overwrite)
+        check_target(out, overwrite)
         corpus.check()  # readable and not empty, before anything is written
         tmp.mkdir(parents=True, exist_ok=True)
         for part in ("ngram", "bm25", "dense", MANIFEST):  # what a build killed after the n-gram pass left

@@ -45,9 +45,9 @@ from hf_mirror.provenance.ngram import (
     NgramMatch,
     Occurrence,
     Span,
-    _check_target,
-    _jsonable_id,
-    _process_group,
+    check_target,
+    jsonable_id,
+    process_group,
     publish,
 )
 
@@ -134,10 +134,10 @@ class InfiniGramIndex:
         if not isinstance(corpus, Corpus):
             corpus = Corpus(corpus)
         out = Path(output_dir)
-        rank, world, state = _process_group()
+        rank, world, state = process_group()
         if rank == 0:
             try:  # the other processes wait for this one even when it fails (then they fail to load)
-                _check_target(out, overwrite)
+                check_target(out, overwrite)
                 cls._build(infini_gram, corpus, tokenizer, out, n, show_progress, cpus, mem_gb,
                            token_dtype, batch_size)
             finally:
@@ -179,7 +179,7 @@ class InfiniGramIndex:
                         starts.append(pos)
                         pos += width * (1 + len(arr))
                         n_tokens += len(arr)
-                        doc_ids.append(_jsonable_id(doc_id))
+                        doc_ids.append(jsonable_id(doc_id))
                     od.write(np.asarray(starts, dtype=np.uint64).tobytes())
                     bar.update(len(batch))
                     batch.clear()

@@ -170,12 +170,12 @@ class NgramIndex:
             raise InputError(f"checkpoint_ngrams must be positive, got {checkpoint_ngrams}.")
         if not isinstance(corpus, Corpus):
             corpus = Corpus(corpus)
-        rank, world, state = _process_group()
+        rank, world, state = process_group()
         if world > 1 and output_dir is None:
             raise InputError("Pass an output directory when building an n-gram index on several processes.")
         out = None if output_dir is None else Path(output_dir)
         if out is not None and rank == 0:
-            _check_target(out, overwrite)
+            check_target(out, overwrite)
         if out is not None and world > 1:
             state.wait_for_everyone()
         fingerprint = corpus.fingerprint()
@@ -240,7 +240,7 @@ class NgramIndex:
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the index to ``directory`` atomically (temporary directory, manifest last, then rename)."""
-        target = _check_target(Path(directory), overwrite)
+        target = check_target(Path(directory), overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
@@ -375,7 +375,7 @@ class Extras:
         raise NotImplementedError
 
 
-def _process_group():
+def process_group():
     """``(rank, world, PartialState or None)``: the accelerate/torchrun process group, if launched in one."""
     if launched_world() <= 1:
         return 0, 1, None
@@ -421,7 +421,7 @@ class _Part:
             raise InputError("Too many documents for one n-gram index (at most 2**32 - 1); split the corpus.")
         for name, value in (extra or {}).items():
             self.pending_extras.setdefault(name, []).append(value)
-        self.doc_ids.append(_jsonable_id(doc_id))
+        self.doc_ids.append(jsonable_id(doc_id))
         self.n_tokens += n_tokens
         if len(hashes):
             self.pending["hashes"].append(hashes)
@@ -516,7 +516,7 @@ def _corpus_positions(corpus: Corpus, local_ids: list[list], world: int) -> list
     # split by shards (files): recover the order from one pass over the id column
     where: dict[object, list[int]] = {}
     for pos, (doc_id, _) in enumerate(corpus.documents()):
-        where.setdefault(_jsonable_id(doc_id), []).append(pos)
+        where.setdefault(jsonable_id(doc_id), []).append(pos)
     taken: dict[object, int] = {}
     out = []
     for ids in local_ids:
@@ -541,7 +541,7 @@ def publish(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _jsonable_id(doc_id: object) -> object:
+def jsonable_id(doc_id: object) -> object:
     if isinstance(doc_id, (str, int, float, bool)) or doc_id is None:
         return doc_id
     if isinstance(doc_id, np.generic):
@@ -549,7 +549,9 @@ def _jsonable_id(doc_id: object) -> object:
     return str(doc_id)
 
 
-def _check_target(directory: Path, overwrite: bool) -> Path:
+def check_target(directory: Path, overwrite: bool) -> Path:
+    """``directory``, refused when it holds something and ``overwrite`` is not set."""
     if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
-        raise InputError(f"{directory} already exists and is not empty; pass overwrite=True or choose another path.")
+        raise InputError(f"{directory} already exists and is not empty; pass --overwrite (overwrite=True in Python) "
+                         "or choose another path.")
     return directory
