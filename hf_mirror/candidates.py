@@ -317,8 +317,6 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     and renamed into place, manifest included, when complete. It is keyed by the corpus fingerprint, its columns
     and the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
     """
-    import bm25s
-
     from hf_mirror.provenance.ngram import check_target, process_group, publish
 
     if not isinstance(corpus, Corpus):
@@ -342,25 +340,8 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     if world > 1:
         state.wait_for_everyone()  # every process has opened the n-gram index before the directory moves
     if rank == 0:
-        logging.getLogger("bm25s").setLevel(logging.WARNING)
-        words = ngram.extras.get("words", [])
-        keep = [i for i, w in enumerate(words) if w is not None]
-        ids = [ngram.doc_ids[i] for i in keep]
-        (tmp / "bm25").mkdir()
-        if ids:
-            retriever = bm25s.BM25(**BM25_PARAMS)
-            retriever.index([words[i] for i in keep], show_progress=False)
-            retriever.save(str(tmp / "bm25"), show_progress=False)
-        (tmp / "bm25" / "doc_ids.json").write_text(json.dumps(ids))
-        dense = None
-        if embedder is not None:
-            (tmp / "dense").mkdir()
-            vectors = np.stack(ngram.extras["vector"]).astype(np.float32)
-            np.save(tmp / "dense" / "vectors.npy", vectors)
-            (tmp / "dense" / "doc_ids.json").write_text(json.dumps(ngram.doc_ids))
-            dense = {"dir": "dense", "dim": int(vectors.shape[1]), "model_weights": embedder.weights,
-                     "pooling": "mean of the last hidden states over the document's tokens",
-                     "max_length": embedder.max_length}
+        n_bm25 = _save_bm25(tmp / "bm25", ngram)
+        dense = None if embedder is None else _save_dense(tmp / "dense", ngram, embedder)
         manifest = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -369,7 +350,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
             "corpus_fingerprint": corpus.fingerprint(),
             "n_documents": len(ngram.doc_ids),
             "processes": world,
-            "bm25": {"dir": "bm25", "documents": len(ids), **BM25_PARAMS, "terms": "lowercase \\w+ words"},
+            "bm25": {"dir": "bm25", "documents": n_bm25, **BM25_PARAMS, "terms": "lowercase \\w+ words"},
             "ngram": {"dir": "ngram", "n": n, "ngrams": len(ngram)},
             "dense": dense,
         }
@@ -378,3 +359,30 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     if world > 1:
         state.wait_for_everyone()
     return CandidateIndex.load(out, tokenizer)
+
+
+def _save_bm25(directory: Path, ngram: NgramIndex) -> int:
+    """The BM25 index of the documents that have words (bm25s's own save) and their ids; returns their number."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    words = ngram.extras.get("words", [])
+    keep = [i for i, w in enumerate(words) if w is not None]
+    ids = [ngram.doc_ids[i] for i in keep]
+    directory.mkdir()
+    if ids:
+        retriever = bm25s.BM25(**BM25_PARAMS)
+        retriever.index([words[i] for i in keep], show_progress=False)
+        retriever.save(str(directory), show_progress=False)
+    (directory / "doc_ids.json").write_text(json.dumps(ids))
+    return len(ids)
+
+
+def _save_dense(directory: Path, ngram: NgramIndex, embedder: _Embedder) -> dict:
+    """Every document's vector as one ``.npy`` (opened memory-mapped) and their ids; returns its manifest entry."""
+    directory.mkdir()
+    vectors = np.stack(ngram.extras["vector"]).astype(np.float32)
+    np.save(directory / "vectors.npy", vectors)
+    (directory / "doc_ids.json").write_text(json.dumps(ngram.doc_ids))
+    return {"dir": directory.name, "dim": int(vectors.shape[1]), "model_weights": embedder.weights,
+            "pooling": "mean of the last hidden states over the document's tokens", "max_length": embedder.max_length}

@@ -210,12 +210,14 @@ def _mirrors_and_scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook) 
     the caller back their model without LoRA layers, as trainable as it was."""
     trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}  # PEFT freezes them
     n_fit = len(pool.probes) if caches.controls_cached else len(pool.all)
-    peft_model, report = _mirrors(run, pool, n_fit)
+    peft_model = None
     try:
+        peft_model, report = _mirrors(run, pool, n_fit)
         if not book.done:
             _scan(run, pool, caches, book, peft_model, n_fit)
-    finally:
-        peft_model.unload()
+    finally:  # also when a fit fails (a non-finite probe loss): the caller's model comes back as it was
+        if peft_model is not None:
+            peft_model.unload()
         for name, p in run.model.named_parameters():
             p.requires_grad_(trainable.get(name, p.requires_grad))
     return report

@@ -14,7 +14,8 @@ from hf_mirror.scoring import EVIDENCE_COLUMNS, TOPK_COLUMNS
 
 # share of planted probes whose source document must rank first (measured: bm25 1.0, embedding 1.0, gradsim 0.82)
 MIN_TOP1 = {"bm25": 0.95, "embedding": 0.8, "gradsim": 0.7}
-BASELINES = [m for m in METHODS if m != "ekfac"]  # ekfac (optional extra): tests/test_ekfac.py
+# the core baselines; the optional extras have their own files: tests/test_ekfac.py, tests/test_bergson.py
+BASELINES = [m for m in METHODS if m not in ("ekfac", "bergson_ekfac", "trackstar")]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -187,6 +187,9 @@ def test_nan_loss_names_probe_and_document(tiny_model, tmp_path):
             _run(tiny_model, ["x y z"], nan_probe, tmp_path)
     finally:
         handle.remove()
+    # a failed fit gives the caller's model back as it was: trainable, without LoRA layers
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("lora" in name for name, _ in model.named_parameters())
 
 
 def test_bad_options(tiny_model, tmp_path):
