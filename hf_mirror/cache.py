@@ -49,10 +49,12 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:20]
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer, exclude: tuple[str, ...] = ()) -> str:
+    """A hash of the tokenizer's tokenization and special tokens (less the ``exclude`` ones, e.g. ``pad_token``)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    special = json.dumps({k: v for k, v in tokenizer.special_tokens_map.items() if k not in exclude}, sort_keys=True,
+                         default=str)
     return hashlib.sha256((text + special).encode()).hexdigest()[:20]
 
 

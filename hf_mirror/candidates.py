@@ -84,12 +84,9 @@ _COLUMNS = ("text_column", "id_column", "split", "format", "name")  # what picks
 def tokenizer_key(tokenizer) -> str:
     """The tokenizer an index was built with: its tokenization and special tokens, but not the pad token (the
     pipeline sets one where it is missing, and padding never changes a text's token ids)."""
-    import hashlib
+    from hf_mirror.cache import tokenizer_fingerprint
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    special = {k: v for k, v in tokenizer.special_tokens_map.items() if k != "pad_token"}
-    return hashlib.sha256((text + json.dumps(special, sort_keys=True, default=str)).encode()).hexdigest()[:20]
+    return tokenizer_fingerprint(tokenizer, exclude=("pad_token",))
 
 
 def _document_words(text: str) -> list[str] | None:
@@ -113,27 +110,11 @@ class _Embedder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
-        import torch
-
-        from hf_mirror.baselines._common import batched, collate
+        from hf_mirror.baselines.embedding import mean_pooled
         from hf_mirror.corpus import document_tokens, windows
 
-        device = next(self.model.parameters()).device
-        flat = [(i, ids, ctx) for i, t in enumerate(texts)
-                for _, ids, ctx in windows(document_tokens(self.tokenizer, t), self.max_length, self.overlap)]
-        hidden_size = self.model.config.hidden_size
-        sums = torch.zeros(len(texts), hidden_size, dtype=torch.float64)
-        counts = torch.zeros(len(texts), dtype=torch.float64)
-        with torch.no_grad():
-            for batch in batched(flat, self.batch_size):
-                ids, mask = collate([w[1] for w in batch], self.pad_id, device)
-                hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-                hidden = hidden.double().cpu()
-                for row, (i, seq, ctx) in enumerate(batch):
-                    sums[i] += hidden[row, ctx: len(seq)].sum(0)
-                    counts[i] += len(seq) - ctx
-        vectors = (sums / counts.clamp(min=1).unsqueeze(1)).numpy().astype(np.float32)
-        return list(vectors)
+        per_text = [windows(document_tokens(self.tokenizer, t), self.max_length, self.overlap) for t in texts]
+        return list(mean_pooled(self.model, per_text, self.pad_id, self.batch_size).numpy().astype(np.float32))
 
 
 class _IndexExtras(Extras):
