@@ -175,7 +175,7 @@ def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, bat
     t0 = time.perf_counter()
     with torch.no_grad():
         for b in batches:
-            ids, mask = collate(b, tok.pad_token_id, device)
+            ids, mask = collate([w.input_ids for w in b], tok.pad_token_id, device)
             with autocast():
                 token_losses(model, ids, mask)
     _sync(device)

@@ -56,16 +56,15 @@ def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     ).view(targets.shape)
 
 
-def collate(
-    batch: Sequence[Window], pad_id: int, device, width: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)`` of a batch of windows, ``width`` wide (default: the longest)."""
-    width = width or max(len(w.input_ids) for w in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, w in enumerate(batch):  # right padding: causal attention keeps real tokens unaffected
-        ids[i, : len(w.input_ids)] = torch.tensor(w.input_ids)
-        mask[i, : len(w.input_ids)] = 1
+def collate(seqs: Sequence[Sequence[int]], pad_id: int, device, width: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` of token sequences, ``width`` wide (default: the longest)."""
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):  # right padding: causal attention keeps real tokens unaffected
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -232,7 +231,7 @@ class Scanner:
 
     @torch.no_grad()
     def _run(self, batch: list[Window], pending: OrderedDict[int, _Pending], run_base: bool = True) -> None:
-        ids, mask = collate(batch, self.tokenizer.pad_token_id, self.device, self.width)
+        ids, mask = collate([w.input_ids for w in batch], self.tokenizer.pad_token_id, self.device, self.width)
         self.window_tokens += int(mask.sum())
         self.padded_tokens += mask.numel()
         record = self.trunk.capture if self.trunk is not None else nullcontext

@@ -58,6 +58,7 @@ def forward_pass_seconds(model, tokenizer, texts: list[str], max_length: int, ba
     import torch
 
     from hf_mirror.corpus import document_tokens, windows
+    from hf_mirror.scan import collate
 
     pad = tokenizer.eos_token_id
     start = time.perf_counter()
@@ -65,13 +66,7 @@ def forward_pass_seconds(model, tokenizer, texts: list[str], max_length: int, ba
                                                          max(1, max_length // 8))]
     with torch.no_grad():
         for i in range(0, len(seqs), batch_size):
-            batch = seqs[i: i + batch_size]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, s in enumerate(batch):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
+            ids, mask = collate(seqs[i: i + batch_size], pad, "cpu")
             model(input_ids=ids, attention_mask=mask)
     return time.perf_counter() - start
 

@@ -7,9 +7,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from hf_mirror.baselines._common import Document, batched, collate
+from hf_mirror.baselines._common import Document, batched
 from hf_mirror.corpus import document_tokens, windows
 from hf_mirror.probes import Probe
+from hf_mirror.scan import collate
 
 
 class EmbeddingBaseline:

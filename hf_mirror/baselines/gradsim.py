@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 
-from hf_mirror.baselines._common import Document, collate
+from hf_mirror.baselines._common import Document
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig, quiet_peft
 from hf_mirror.probes import Probe, encode_probe
+from hf_mirror.scan import collate
 
 SIMILARITIES = ("cosine", "dot")
 
