@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from hf_mirror.integrity import atomic_write, check_hashes, damaged, expect, read_json, sha256_bytes
+from hf_mirror.integrity import HOST, alive, atomic_write, check_hashes, damaged, expect, read_json, sha256_bytes
 
 logger = logging.getLogger(__name__)
 ROWS_PER_PART = 4096
-_HOST = socket.gethostname().replace("/", "_")
 
 
 def default_cache_dir() -> Path:
@@ -68,7 +66,7 @@ class BaseLossCache:
     def __init__(self, root: str | Path, key: str, rank: int, world: int, kind: str = "base_losses") -> None:
         self.key = key
         self.dir = Path(root) / kind / key / f"rank-{rank:05d}-of-{world:05d}"
-        self._tmp = self.dir.with_name(f"{self.dir.name}.tmp-{_HOST}-{os.getpid()}")
+        self._tmp = self.dir.with_name(f"{self.dir.name}.tmp-{HOST}-{os.getpid()}")
         self._rows: dict[str, list] = {"seq": [], "doc_id": [], "losses": []}
         self._parts: dict[str, str] = {}  # part name -> sha256, of the parts written so far
         self._valid: bool | None = None
@@ -168,15 +166,6 @@ class BaseLossCache:
         """Remove the temporary directories that writers on this host left when they were killed mid-write."""
         for tmp in self.dir.parent.glob(f"{self.dir.name}.tmp-*"):
             host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
-            if host in ("", _HOST) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if host in ("", HOST) and pid.isdigit() and not alive(int(pid)):
                 shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True

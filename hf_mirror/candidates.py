@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 from hf_mirror.config import parse_candidates  # noqa: F401 (re-exported)
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
+from hf_mirror.integrity import check_hashes, hash_files
 from hf_mirror.probes import Probe
 from hf_mirror.provenance.ngram import MANIFEST, Extras, NgramIndex
 
@@ -229,10 +231,11 @@ class CandidateIndex:
 
             logging.getLogger("bm25s").setLevel(logging.WARNING)
             try:
+                self._verify("bm25")
                 self._bm25 = bm25s.BM25.load(str(self.directory / "bm25"), show_progress=False)
                 self._bm25_ids = json.loads((self.directory / "bm25" / "doc_ids.json").read_text())
             except (OSError, ValueError) as e:
-                raise InputError(f"The BM25 index in {self.directory} is damaged ({e}); "
+                raise InputError(f"The BM25 index in {self.directory} is damaged ({type(e).__name__}: {e}); "
                                  f"{_rebuild_hint(self.directory)}.") from e
             if len(self._bm25_ids) != self.n_documents:
                 raise InputError(f"The BM25 index in {self.directory} does not match its manifest; "
@@ -262,8 +265,21 @@ class CandidateIndex:
         """The dense index: document vectors (float32, memory-mapped) and their ids; None when not built."""
         if self.manifest.get("dense") is None:
             return None
-        vectors = np.load(self.directory / "dense" / "vectors.npy", mmap_mode="r")
-        return vectors, json.loads((self.directory / "dense" / "doc_ids.json").read_text())
+        try:
+            self._verify("dense")
+            vectors = np.load(self.directory / "dense" / "vectors.npy", mmap_mode="r")
+            ids = json.loads((self.directory / "dense" / "doc_ids.json").read_text())
+            if vectors.shape != (len(ids), self.manifest["dense"]["dim"]) or len(ids) != self.manifest["n_documents"]:
+                raise ValueError(f"vectors of shape {vectors.shape} for {len(ids)} documents do not match the manifest")
+        except (OSError, ValueError) as e:
+            raise InputError(f"The dense index in {self.directory} is damaged ({type(e).__name__}: {e}); "
+                             f"{_rebuild_hint(self.directory)}.") from e
+        return vectors, ids
+
+    def _verify(self, part: str) -> None:
+        """Every file of ``part`` (bm25, dense) is there with the checksum the build recorded, else ValueError."""
+        files = {k: v for k, v in self.manifest.get("files", {}).items() if k.startswith(f"{part}/")}
+        check_hashes(self.directory, files)
 
     def nearest(self, queries: np.ndarray, m: int) -> list[list[tuple[object, float]]]:
         """The ``m`` documents nearest each query vector by cosine similarity (dense index), best first."""
@@ -305,19 +321,24 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     out = Path(output_dir)
     tmp = out.parent / f".{out.name}.building"
     rank, world, state = process_group()
+    embedder = None if model is None else _Embedder(model, tokenizer, dense_batch_size)
+    extras = _IndexExtras(embedder)
+    key = _build_key(corpus, tokenizer, n, extras)
+    if not overwrite and key is not None and _manifest_of(out).get("build_key") == key:
+        logger.info("%s already holds this index (same corpus, tokenizer and settings); --overwrite rebuilds it.", out)
+        return CandidateIndex.load(out, tokenizer)
     if rank == 0:
         check_target(out, overwrite)
         corpus.check()  # readable and not empty, before anything is written
         tmp.mkdir(parents=True, exist_ok=True)
-        for part in ("ngram", "bm25", "dense", MANIFEST):  # what a build killed after the n-gram pass left
-            shutil.rmtree(tmp / part, ignore_errors=True) if (tmp / part).is_dir() else (tmp / part).unlink(
-                missing_ok=True)
+        for part in tmp.iterdir():  # what a build killed after its n-gram pass left; its checkpoint is kept
+            if part.name != ".ngram.build":
+                shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
     if world > 1:
         state.wait_for_everyone()
-    embedder = None if model is None else _Embedder(model, tokenizer, dense_batch_size)
     more = {} if checkpoint_ngrams is None else {"checkpoint_ngrams": checkpoint_ngrams}
     ngram = NgramIndex.build(corpus, tokenizer, n=n, output_dir=tmp / "ngram", show_progress=show_progress,
-                             resume=resume, extras=_IndexExtras(embedder), **more)
+                             resume=resume, extras=extras, **more)
     if world > 1:
         state.wait_for_everyone()  # every process has opened the n-gram index before the directory moves
     if rank == 0:
@@ -334,12 +355,33 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
             "bm25": {"dir": "bm25", "documents": n_bm25, **BM25_PARAMS, "terms": "lowercase \\w+ words"},
             "ngram": {"dir": "ngram", "n": n, "ngrams": len(ngram)},
             "dense": dense,
+            "files": hash_files(tmp, sorted(p for d in ("bm25", "dense") for p in (tmp / d).rglob("*") if p.is_file())),
+            "build_key": key,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         publish(tmp, out)
     if world > 1:
         state.wait_for_everyone()
     return CandidateIndex.load(out, tokenizer)
+
+
+def _build_key(corpus: Corpus, tokenizer, n: int, extras: _IndexExtras) -> str | None:
+    """What an index's content depends on: its n-gram part's, BM25's parameters (None: never reused)."""
+    from hf_mirror.provenance.ngram import build_key
+
+    ngram = build_key(corpus, tokenizer, n, extras)
+    if ngram is None:
+        return None
+    return hashlib.sha256(json.dumps([INDEX_VERSION, BM25_PARAMS, ngram]).encode()).hexdigest()[:16]
+
+
+def _manifest_of(directory: Path) -> dict:
+    """The manifest of a finished index in ``directory``, or {} (none, or unreadable)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _save_bm25(directory: Path, ngram: NgramIndex) -> int:

@@ -305,7 +305,7 @@ def _demo(args) -> int:
 
 def _open_or_build_index(args, corpus, tokenizer, index_dir):
     from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
-    from hf_mirror.provenance.ngram import NgramIndex
+    from hf_mirror.provenance.ngram import NgramIndex, build_key, remove_finished_checkpoint
 
     if (index_dir / "manifest.json").exists():
         index = load_index(index_dir, tokenizer)
@@ -319,6 +319,7 @@ def _open_or_build_index(args, corpus, tokenizer, index_dir):
             raise InputError(f"The index in {index_dir} was built from other corpus content (the corpus changed since, "
                              f"or its content cannot be verified: fingerprint {built} -> {now}); pass a new --index "
                              "directory or delete it.")
+        remove_finished_checkpoint(index_dir, build_key(corpus, tokenizer, args.ngram))
         return index
     return NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=True)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -17,6 +20,7 @@ from hf_mirror.errors import StateError
 
 T = TypeVar("T")
 OVERWRITE_HINT = "pass --overwrite (or a new output directory) to start the run afresh"
+HOST = socket.gethostname().replace("/", "_").replace("-", "_")  # names this host's writers in temporary names
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -82,3 +86,38 @@ def check_hashes(root: Path, hashes: dict[str, str]) -> None:
 def hash_files(root: Path, paths: Iterable[Path]) -> dict[str, str]:
     """sha256 of each file, keyed by its path relative to ``root`` (for :func:`check_hashes`)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths}
+
+
+# ---------------------------------------------------------------- temporary siblings of a directory being written
+def writer_dir(target: Path, kind: str) -> Path:
+    """A new hidden directory beside ``target``, ``.<name>.<kind>-<host>-<pid>-<random>``, for a writer to fill
+    and rename into place: its name says which process owns it, so that :func:`remove_dead_writers` can tell a
+    killed writer's leftovers from a live one's."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{HOST}-{os.getpid()}-", dir=target.parent))
+
+
+def remove_dead_writers(target: Path, kinds: Iterable[str] = ("tmp", "old")) -> list[Path]:
+    """Delete the :func:`writer_dir` directories of ``target`` whose process (on this host) is dead: what a kill
+    during a save or a publish leaves. Returns what was removed."""
+    removed = []
+    for kind in kinds:
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            owner = path.name[len(f".{target.name}.{kind}-"):].split("-")
+            if len(owner) == 3 and owner[0] == HOST and owner[1].isdigit() and not alive(int(owner[1])):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's process counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +279,85 @@ def test_damaged_index_manifest_is_a_clear_error(indexed, command, backend, mani
     assert json.loads((out / REPORTS[command]).read_text()) == indexed.reports[command]
 
 
+# ---------------------------------------------------------------- index data files (every file an index holds)
+DATA_FILES = {  # a file of `hf-mirror index --dense` (or --backend infini-gram) -> the command that reads it
+    **{f"ngram/{f}": "audit" for f in ("hashes.npy", "docs.npy", "offsets.npy", "doc_ids.json")},
+    **{f"bm25/{f}": "attribute" for f in ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy",
+                                          "vocab.index.json", "params.index.json", "doc_ids.json")},
+    **{f"dense/{f}": "nearest" for f in ("vectors.npy", "doc_ids.json")},
+    **{f"infini-gram:{f}": "audit" for f in ("tokenized.0", "table.0", "offset.0", "doc_ids.json")},
+}
+
+
+@pytest.fixture(scope="module")
+def data_files(indexed, planted, tiny_model):
+    """Reference indexes (`--dense`, and infini-gram when installed) and each reader's undamaged answer."""
+    import json
+
+    from hf_mirror.candidates import CandidateIndex
+    from hf_mirror.cli import main
+
+    model, tok = tiny_model
+    root = indexed.root / "data_files"
+    refs = {"ngram": root / "ref-ngram", "infini-gram": root / "ref-infini-gram"}
+    assert main(indexed.index_argv("ngram", refs["ngram"], "--dense")) == 0
+    if _has_infini_gram():
+        assert main(indexed.index_argv("infini-gram", refs["infini-gram"])) == 0
+    query = np.array(CandidateIndex.load(refs["ngram"], tok).dense()[0][7:8])  # document 7's own vector
+
+    def read(reader: str, index: Path, out: Path) -> object:
+        """Run ``reader`` on ``index``: its answer, or the exit code 2 of an InputError (the CLI's)."""
+        from hf_mirror.errors import InputError
+
+        if reader == "nearest":
+            try:
+                return CandidateIndex.load(index, tok).nearest(query, 3)
+            except InputError as e:
+                print(f"hf-mirror: error: {e}", file=sys.stderr)
+                return 2
+        argv = indexed.argv[reader](index, out) if reader in indexed.argv else [
+            "attribute", "--model", str(planted.model_dir), "--corpus", str(indexed.root / "corpus.jsonl"),
+            "--probes", str(indexed.root / "probes.jsonl"), "--index", str(index), "--output", str(out),
+            "--steps", "2", "--candidates", "bm25:5", "--controls", "0", "--no-progress"]
+        code = main(argv)
+        if code:
+            return code
+        if reader == "attribute":
+            return pd.read_parquet(out / "topk.parquet")[["probe_id", "doc_id", "rank"]].to_dict("records")
+        return json.loads((out / REPORTS[reader]).read_text())
+
+    answers = {r: read(r, refs["ngram"], root / f"ref-{r}") for r in ("audit", "attribute", "nearest")}
+    assert answers["nearest"][0][0][0] == "d7" and answers["attribute"]
+    return root, refs, read, answers
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("name", DATA_FILES)
+def test_damaged_index_data_file_is_a_clear_error(data_files, indexed, name, how, capsys):
+    """Each data file of an index, truncated, emptied, corrupted (16 bytes flipped, same size) or deleted: the
+    command that reads it exits 2 naming the file and the rebuild; the rebuild restores the undamaged answer."""
+    from hf_mirror.cli import main
+
+    root, refs, read, answers = data_files
+    backend, _, file = name.rpartition(":")
+    backend = backend or "ngram"
+    if not refs[backend].exists():
+        pytest.skip(f"{backend} is not installed")
+    index = root / "cases" / f"{name.replace('/', '_').replace(':', '_')}-{how}"
+    shutil.copytree(refs[backend], index)
+    damage(index / file, how)
+    capsys.readouterr()
+    reader = DATA_FILES[name]
+    assert read(reader, index, index.parent / f"{index.name}-out") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("hf-mirror: error:"), err
+    assert str(index / file) in err or (how != "delete" and f"{index} is damaged" in err), err
+    assert "hf-mirror index" in err and "overwrite" in err, err
+    extra = ("--dense",) if backend == "ngram" else ()
+    assert main(indexed.index_argv(backend, index, *extra, "--overwrite")) == 0
+    assert read(reader, index, index.parent / f"{index.name}-fixed") == answers[reader]
+
+
 # ---------------------------------------------------------------- SIGKILL mid-write (a forked child kills itself)
 def killed(action) -> None:
     """Run ``action`` in a forked child, which must SIGKILL itself at the point ``action`` patches in.
@@ -523,10 +603,12 @@ def index_build(tok_dir, texts, tmp_path_factory):
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    """The index's files (not hidden leftovers: a save killed inside `hf-mirror index` leaves ``.ngram.tmp-*/``
-    in the build folder, which is published with it; never read)."""
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts)}
+    """Every file of the index, hidden ones included (a killed save's leftovers must not be published with it);
+    bm25s's vocabulary is compared as a mapping (it numbers words in the interpreter's string-hash order)."""
+    import json
+
+    return {p.relative_to(d).as_posix(): json.loads(p.read_text()) if p.name == "vocab.index.json" else p.read_bytes()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("point", INDEX_KILLS)
@@ -564,3 +646,44 @@ def test_sigkill_during_the_index_build(index_build, point, capsys):
     capsys.readouterr()
     assert main(argv(out, *extra)) == 0, capsys.readouterr().err
     assert _files(out) == _files(root / "ref")
+    assert sorted(p.name for p in root.glob(f".{point}.*")) == []  # the killed writer's folders are removed
+
+
+def _kill_at_cleanup(mp):  # the index is published; its build checkpoint (`.NAME.build/`) is not yet removed
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+        if Path(path).name.endswith(".build"):
+            sigkill()
+        real(path, *a, **kw)
+
+    mp.setattr(shutil, "rmtree", rmtree)
+
+
+AUDIT_KILLS = {"mid-save": _kill_in_save, "after-publish": _kill_at_cleanup}
+
+
+@pytest.mark.parametrize("point", AUDIT_KILLS)
+def test_sigkill_while_audit_builds_its_index(indexed, point, capsys):
+    """`audit --index DIR` builds the n-gram index it lacks: killed while saving it, or after publishing it and
+    before removing its checkpoint, the same command again gives the undamaged report and leaves no hidden
+    folder of the killed build behind."""
+    import json
+
+    from hf_mirror.cli import main
+
+    index, out = indexed.root / f"audit-kill-{point}", indexed.root / f"audit-kill-{point}-out"
+
+    def child(mp):
+        _build_in_small_checkpoints(mp)
+        AUDIT_KILLS[point](mp)
+        main(indexed.argv["audit"](index, out))
+
+    killed(child)
+    left = sorted(p.name.replace(index.name, "NAME").split("-")[0] for p in index.parent.glob(f".{index.name}.*"))
+    assert left == ([".NAME.build"] if point == "after-publish" else [".NAME.build", ".NAME.tmp"])
+    assert (index / "manifest.json").is_file() == (point == "after-publish")
+    capsys.readouterr()
+    assert main(indexed.argv["audit"](index, out)) == 0, capsys.readouterr().err
+    assert json.loads((out / REPORTS["audit"]).read_text()) == indexed.reports["audit"]
+    assert list(index.parent.glob(f".{index.name}.*")) == []

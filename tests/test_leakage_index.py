@@ -45,7 +45,8 @@ def _same(a: NgramIndex, b: NgramIndex) -> None:
     for name in ("hashes", "docs", "offsets"):
         np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
     assert a.doc_ids == b.doc_ids
-    assert {k: v for k, v in a.manifest.items()} == {k: v for k, v in b.manifest.items()}
+    assert a.manifest == b.manifest or {"files"} == {  # an index built in memory has no files' checksums
+        k for k in a.manifest.keys() | b.manifest.keys() if a.manifest.get(k) != b.manifest.get(k)}
 
 
 def test_two_processes_build_the_same_index(texts, tok, tok_dir, tmp_path):

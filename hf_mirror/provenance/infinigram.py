@@ -38,6 +38,7 @@ import numpy as np
 from hf_mirror.cache import tokenizer_fingerprint
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError, RunError
+from hf_mirror.integrity import check_hashes, hash_files, remove_dead_writers, writer_dir
 from hf_mirror.progress import progress_bar
 from hf_mirror.provenance.ngram import (
     MANIFEST,
@@ -154,8 +155,8 @@ class InfiniGramIndex:
         dtype = _dtype_for(len(tokenizer), token_dtype)
         np_dtype, width = (np.uint16, 2) if dtype == "u16" else (np.uint32, 4)
         sep = b"\xff" * width
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        remove_dead_writers(out)
+        tmp = writer_dir(out, "tmp")
         try:
             doc_ids: list = []
             n_tokens = 0
@@ -217,6 +218,7 @@ class InfiniGramIndex:
                 "ptr_size": ptr_size,
                 "vocab_size": len(tokenizer),
                 "eos_token_id": tokenizer.eos_token_id,
+                "files": hash_files(tmp, [tmp / name for name in (*_FILES, "doc_ids.json")]),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
             publish(tmp, out)
@@ -230,8 +232,8 @@ class InfiniGramIndex:
         """Open an index saved by ``build``; refuse an incomplete one or one built for another tokenizer."""
         directory = Path(directory)
         path = directory / MANIFEST
-        rebuild = "rebuild it with InfiniGramIndex.build(corpus, tokenizer, output_dir) or `hf-mirror index " \
-                  "--backend infini-gram`"
+        rebuild = (f"rebuild it with `hf-mirror index --backend infini-gram --overwrite --output {directory}` or "
+                   "InfiniGramIndex.build(corpus, tokenizer, output_dir, overwrite=True)")
         if not path.is_file():
             raise InputError(f"{directory} is not a complete infini-gram index (no {MANIFEST}): its build was "
                              f"interrupted or it is another kind of directory; {rebuild}.")
@@ -251,6 +253,7 @@ class InfiniGramIndex:
                 f"{rebuild} for this tokenizer.")
         _infini_gram()
         try:
+            check_hashes(directory, manifest.get("files", {}))  # older indexes: the counts below only
             doc_ids = json.loads((directory / "doc_ids.json").read_text())
             sizes = {name: (directory / name).stat().st_size for name in _FILES}
         except (OSError, ValueError) as e:

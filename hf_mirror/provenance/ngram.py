@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from hf_mirror.cache import tokenizer_fingerprint
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import launched_world, process_state
 from hf_mirror.errors import InputError
+from hf_mirror.integrity import check_hashes, hash_files, remove_dead_writers, writer_dir
 from hf_mirror.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -174,15 +174,21 @@ class NgramIndex:
         if world > 1 and output_dir is None:
             raise InputError("Pass an output directory when building an n-gram index on several processes.")
         out = None if output_dir is None else Path(output_dir)
+        fingerprint = corpus.fingerprint()
+        built = build_key(corpus, tokenizer, n, extras)  # what the index holds (None: no resume, no reuse)
+        key = _digest([built, world])  # what its checkpoints hold
+        work = None if out is None else out.parent / f".{out.name}.build"
+        if out is not None and not overwrite and extras is None and built is not None and _built(out, built):
+            # the same build finished earlier (a rerun after a kill between publishing and clean-up, or a rerun)
+            if world > 1:
+                state.wait_for_everyone()  # every process has seen the finished index before the clean-up
+            if rank == 0:
+                remove_finished_checkpoint(out, built)
+            return cls.load(out, tokenizer)
         if out is not None and rank == 0:
             check_target(out, overwrite)
         if out is not None and world > 1:
             state.wait_for_everyone()
-        fingerprint = corpus.fingerprint()
-        key = hashlib.sha256(json.dumps([FORMAT_VERSION, n, tokenizer_fingerprint(tokenizer), corpus.describe(),
-                                         fingerprint, world, None if extras is None else extras.key],
-                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
-        work = None if out is None else out.parent / f".{out.name}.build"
         part = _Part(None if work is None else work / f"rank-{rank:05d}-of-{world:05d}", key,
                      resume and fingerprint is not None)
         bar = progress_bar(desc="indexing n-grams", unit="doc", disable=not show_progress or rank != 0)
@@ -226,6 +232,7 @@ class NgramIndex:
                 "n_documents": len(doc_ids),
                 "n_tokens": n_tokens,
                 "n_ngrams": len(arrays["hashes"]),
+                "build_key": built,
             }
             index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
             index.extras = merged_extras
@@ -241,12 +248,14 @@ class NgramIndex:
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the index to ``directory`` atomically (temporary directory, manifest last, then rename)."""
         target = check_target(Path(directory), overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        remove_dead_writers(target)
+        tmp = writer_dir(target, "tmp")
         try:
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
             (tmp / "doc_ids.json").write_text(json.dumps(self.doc_ids))
+            files = hash_files(tmp, [tmp / f"{name}.npy" for name in _ARRAYS] + [tmp / "doc_ids.json"])
+            self.manifest = {**self.manifest, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, default=str))
             publish(tmp, target)
         except BaseException:
@@ -286,12 +295,11 @@ class NgramIndex:
                 "rebuild it for this tokenizer with NgramIndex.build(corpus, tokenizer, output_dir=...)."
             )
         try:
+            check_hashes(directory, manifest.get("files", {}))  # older indexes: the counts below only
             arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r" if mmap else None) for k in _ARRAYS}
             doc_ids = json.loads((directory / "doc_ids.json").read_text())
         except (OSError, ValueError) as e:
-            raise InputError(
-                f"The n-gram index in {directory} is damaged ({e}); rebuild it with NgramIndex.build."
-            ) from e
+            raise InputError(f"The n-gram index in {directory} is damaged ({e}); rebuild it: {_REBUILD}.") from e
         sizes = {len(a) for a in arrays.values()}
         if sizes != {manifest["n_ngrams"]} or len(doc_ids) != manifest["n_documents"]:
             raise InputError(
@@ -532,13 +540,44 @@ def _corpus_positions(corpus: Corpus, local_ids: list[list], world: int) -> list
 def publish(tmp: Path, target: Path) -> None:
     """Move the finished index in ``tmp`` to ``target`` by renames, replacing an earlier index there: a reader
     sees the old index or the new one, never a mix."""
+    remove_dead_writers(target)
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = writer_dir(target, "old")
         os.replace(target, old / "index")
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def build_key(corpus: Corpus, tokenizer, n: int, extras: Extras | None = None) -> str | None:
+    """What an n-gram index's content depends on (its manifest's ``build_key``); None for a corpus without a
+    stable fingerprint (such an index is never taken as up to date)."""
+    fingerprint = corpus.fingerprint()
+    if fingerprint is None:
+        return None
+    return _digest([FORMAT_VERSION, n, tokenizer_fingerprint(tokenizer), corpus.describe(), fingerprint,
+                    None if extras is None else extras.key])
+
+
+def remove_finished_checkpoint(directory: Path, key: str | None) -> None:
+    """Delete the build checkpoint beside ``directory`` when ``directory`` holds the finished index of build
+    ``key``: what a kill after publishing and before the clean-up leaves."""
+    work = directory.parent / f".{directory.name}.build"
+    if key is not None and work.exists() and _built(directory, key):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _built(directory: Path, key: str) -> bool:
+    """Whether ``directory`` holds a finished n-gram index of the build ``key``."""
+    try:
+        return json.loads((directory / MANIFEST).read_text()).get("build_key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def jsonable_id(doc_id: object) -> object:
