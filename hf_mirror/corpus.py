@@ -18,6 +18,7 @@ from hf_mirror.errors import InputError
 from hf_mirror.probes import start_token_id
 
 logger = logging.getLogger(__name__)
+READ_BATCH = 1024  # rows read from the corpus stream at a time
 NO_IDS = "none"  # id_column value that forces running indexes as document ids
 DEFAULT_ID = "id"  # the field used for ids when no id_column is given
 
@@ -158,10 +159,9 @@ class Corpus:
         ds = self.stream()
         if self.id_column not in (None, NO_IDS) and world_size > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-            rows: Iterator = iter(ds)
-            indexed: Iterator = ((None, r) for r in rows)
+            indexed: Iterator = ((None, r) for r in _rows(ds))
         else:
-            indexed = enumerate(iter(ds))
+            indexed = enumerate(_rows(ds))
             if world_size > 1:
                 indexed = itertools.islice(indexed, rank, None, world_size)
         column: str | None = None
@@ -327,3 +327,12 @@ def _local_only() -> Iterator[None]:
         yield
     finally:
         cfg.HF_HUB_OFFLINE, cfg.HF_UPDATE_DOWNLOAD_COUNTS = saved
+
+
+def _rows(ds: IterableDataset) -> Iterator[dict]:
+    """The rows of ``ds``, read in Arrow batches of :data:`READ_BATCH` (several times faster than row by row on a
+    large file; a read error mid-batch means that batch's rows are read again on resume, none is lost)."""
+    for batch in ds.iter(batch_size=READ_BATCH):
+        names = list(batch)
+        for values in zip(*(batch[k] for k in names), strict=True):
+            yield dict(zip(names, values, strict=True))

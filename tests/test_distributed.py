@@ -102,7 +102,10 @@ def test_sigkill_mid_scan_then_resume(planted, tmp_path):
                                   AttributionResult.load(tmp_path / "clean").topk)
 
 
-def test_resume_after_an_exception_keeps_finished_work(tiny_model, planted, tmp_path):
+def test_resume_after_an_exception_keeps_finished_work(tiny_model, planted, tmp_path, monkeypatch):
+    from hf_mirror import corpus
+
+    monkeypatch.setattr(corpus, "READ_BATCH", 4)  # the stream is read in batches: fail after some were scanned
     model, tok = tiny_model
     kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(steps=2),
               scan=ScanConfig(rank_by="mirror", checkpoint_every=3, batch_size=2, sort_batches=4, normalize="none"))
