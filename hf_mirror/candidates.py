@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -24,14 +25,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Candidates:
-    """Each probe's top-M documents by BM25 of its prompt + completion, with their scores (best first)."""
+    """Each probe's candidates with their BM25 scores: its top-M documents by BM25 of its prompt + completion (best
+    first) and, with the dense retriever, also its top-M by cosine similarity (after them, with their BM25 score,
+    0 where they share no word with the probe; their similarities in ``dense``)."""
 
     n_documents: int  # documents in the corpus (with text)
     scores: dict[str, dict]  # probe id -> {doc id: BM25 score}
+    dense: dict[str, dict] | None = None  # probe id -> {doc id: cosine similarity} of its dense top-M (None: no dense)
 
     def union(self) -> set:
         """Every probe's candidates: what a candidates-only scan reads."""
         return {d for chosen in self.scores.values() for d in chosen}
+
+    def similarity(self, probes: Sequence, docs: Sequence) -> np.ndarray:
+        """The dense similarity of each (probe id, doc id) pair: NaN where the document is not a dense candidate."""
+        table = {(p, str(d)): s for p, chosen in (self.dense or {}).items() for d, s in chosen.items()}
+        return np.array([table.get((p, str(d)), np.nan) for p, d in zip(probes, docs, strict=True)], np.float64)
 
 
 def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe], m: int,
@@ -61,17 +70,19 @@ def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe]
     return _chosen(Candidates(len(ids), per_probe), m)
 
 
-def _chosen(found: Candidates, m: int) -> Candidates:
+def _chosen(found: Candidates, m: int, dense: bool = False) -> Candidates:
     """The documented fallbacks: M above the corpus size keeps every document; a probe that shares no word with
-    the corpus (every BM25 score 0) has no candidates, with a warning (its top-M would be arbitrary)."""
+    the corpus (every BM25 score 0) has no BM25 candidates, with a warning (its top-M would be arbitrary): only
+    its dense ones where ``dense``, else none."""
     if m > found.n_documents:
         logger.info("%d BM25 candidates per probe asked of a corpus of %d documents with text: every document is a "
                     "candidate.", m, found.n_documents)
     for probe_id, chosen in found.scores.items():
         if chosen and not any(s > 0 for s in chosen.values()):
-            logger.warning("Probe %r shares no word with the corpus (every BM25 score is 0): it has no candidates, so "
-                           "the hybrid ranks no document for it; rank it by the mirror alone with --rank-by mirror "
-                           "--candidates all.", probe_id)
+            logger.warning("Probe %r shares no word with the corpus (every BM25 score is 0): %s", probe_id,
+                           "it has only its dense candidates, which the hybrid ranks by the mirror." if dense else
+                           "it has no candidates, so the hybrid ranks no document for it; rank it by the mirror "
+                           "alone with --rank-by mirror --candidates all.")
             found.scores[probe_id] = {}
     return found
 
@@ -160,6 +171,7 @@ class CandidateIndex:
         self.directory, self.manifest = Path(directory), manifest
         self._bm25 = None
         self._bm25_ids: list | None = None
+        self._bm25_rows: dict | None = None  # doc id -> its row in the BM25 index
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -242,20 +254,58 @@ class CandidateIndex:
                                  f"{_rebuild_hint(self.directory)}.")
         return self._bm25
 
-    def retrieve(self, probes: Sequence[Probe], m: int) -> Candidates:
-        """Each probe's top-``m`` documents by BM25 from the saved index: what :func:`retrieve` gives on the corpus."""
+    def retrieve(self, probes: Sequence[Probe], m: int, embedder: _Embedder | None = None) -> Candidates:
+        """Each probe's top-``m`` documents by BM25 from the saved index: what :func:`retrieve` gives on the corpus.
+
+        With ``embedder`` (:meth:`embedder`: the dense retriever), the union with each probe's top-``m`` documents
+        by cosine similarity of its prompt + completion's embedding to theirs; every candidate has its BM25 score.
+        """
         from hf_mirror.baselines.bm25 import words
 
         retriever = self._bm25_index()
         if retriever is None:
-            return _chosen(Candidates(0, {p.id: {} for p in probes}), m)
-        per_probe = {}
+            return _chosen(Candidates(0, {p.id: {} for p in probes}, None if embedder is None else
+                                      {p.id: {} for p in probes}), m)
+        near = None if embedder is None else self._dense_candidates(probes, m, embedder)
+        per_probe, added = {}, {}
         for p in probes:
             query = words(p.text)
             scores = retriever.get_scores(query) if query else np.zeros(self.n_documents)
             top = np.argsort(-scores, kind="stable")[:m]
             per_probe[p.id] = {self._bm25_ids[i]: float(scores[i]) for i in top}
-        return _chosen(Candidates(self.n_documents, per_probe), m)
+            if near is not None:  # the dense candidates' BM25 scores (bm25s scores every document)
+                added[p.id] = {d: float(scores[self._bm25_rows[d]]) for d in near[p.id]}
+        found = _chosen(Candidates(self.n_documents, per_probe, near), m, dense=near is not None)
+        for probe_id, docs in added.items():
+            for d, score in docs.items():
+                found.scores[probe_id].setdefault(d, score)
+        return found
+
+    def embedder(self, model, tokenizer, batch_size: int = 16) -> _Embedder:
+        """The dense retriever's query embedder: ``model`` pooled as the index's documents were. Refuses an index
+        without dense vectors, or one whose vectors another model made."""
+        dense = self.manifest.get("dense")
+        fix = (f"rebuild it with this model: `hf-mirror index --dense --model MODEL --corpus CORPUS --output "
+               f"{self.directory} --overwrite`, or leave dense out of --retrievers")
+        if dense is None:
+            raise InputError(f"--retrievers dense needs dense vectors, and the index in {self.directory} has none "
+                             f"(it was built without --dense); {fix}.")
+        embedder = _Embedder(model, tokenizer, batch_size, dense["max_length"])
+        if dense.get("model_weights") != embedder.weights:
+            raise InputError(f"The dense vectors in {self.directory} were made by other model weights (fingerprint "
+                             f"{dense.get('model_weights')}, this model's is {embedder.weights}); {fix}.")
+        return embedder
+
+    def _dense_candidates(self, probes: Sequence[Probe], m: int, embedder: _Embedder) -> dict[str, dict]:
+        """Each probe's ``m`` documents with text nearest its embedding: {doc id: cosine similarity}, best first."""
+        if not probes:
+            return {}
+        if self._bm25_rows is None:
+            self._bm25_rows = {d: i for i, d in enumerate(self._bm25_ids)}
+        textless = int(self.manifest["n_documents"]) - self.n_documents  # in the dense index, not BM25's
+        rows = self.nearest(np.stack(embedder([p.text for p in probes])), m + textless)
+        return {p.id: dict(itertools.islice(((d, s) for d, s in row if d in self._bm25_rows), m))
+                for p, row in zip(probes, rows, strict=True)}
 
     def verbatim(self, tokenizer) -> NgramIndex:
         """The verbatim n-gram index (what ``audit``/``provenance --index`` use)."""

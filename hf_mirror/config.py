@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("no", "bf16", "fp16")
+RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (ScanConfig.retrievers)
 AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
 FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
 # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_details.md, "Benchmark leakage")
@@ -37,6 +38,16 @@ def parse_candidates(spec: str | int | None) -> int | str | None:
         raise InputError(f"--candidates takes auto, all or bm25:M with M a positive number of documents, got "
                          f"{spec!r}.")
     return int(m)
+
+
+def parse_retrievers(names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``["bm25"]`` or ``["bm25", "dense"]`` (in that order, once each) from ``--retrievers``'s values."""
+    given = [names] if isinstance(names, str) else list(names or [])
+    unknown = [n for n in given if n not in RETRIEVERS]
+    if unknown or "bm25" not in given:
+        why = f"unknown {unknown}" if unknown else f"got {given}: BM25 ranks the candidates, dense only adds to them"
+        raise InputError(f"--retrievers takes bm25, or bm25 dense ({why}).")
+    return [n for n in RETRIEVERS if n in given]
 
 
 def positive_nats(text: str) -> float:
@@ -184,6 +195,8 @@ class ScanConfig:
     batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
     ``index`` reuses the BM25 index that ``hf-mirror index`` saved for the corpus
     (:class:`hf_mirror.candidates.CandidateIndex`): the same candidates, without indexing the corpus again.
+    ``retrievers=["bm25", "dense"]`` makes each probe's candidates the union of its top-M BM25 documents and its
+    top-M by cosine similarity in the index's dense vectors (``hf-mirror index --dense``; needs ``index``).
     """
 
     max_length: int | None = option(None, min=2, help="tokens per window (default: the model's context, <= 1024)")
@@ -222,11 +235,20 @@ class ScanConfig:
     index: str | None = option(
         None, help="a directory built by `hf-mirror index` for this corpus and tokenizer: its saved BM25 index gives "
         "the candidates (the same ones) instead of indexing the corpus on the fly (default: on the fly)")
+    retrievers: list[Literal["bm25", "dense"]] = option(
+        default_factory=lambda: ["bm25"],
+        help="each probe's candidates: bm25, its top-M BM25 documents; bm25 dense, their union with its top-M by "
+        "cosine similarity of the model's mean-pooled embeddings (needs --index DIR built with `hf-mirror index "
+        "--dense`); the default stays bm25 (docs/benchmarks_index.md)")
 
     def __post_init__(self) -> None:
         self.candidates = parse_candidates(self.candidates)
+        self.retrievers = parse_retrievers(self.retrievers)
         if self.index is not None:
             self.index = str(self.index)  # a Path from Python: config.json records it as text
+        if "dense" in self.retrievers and self.index is None:
+            raise InputError("--retrievers dense needs --index DIR, a saved index with dense vectors: build it with "
+                             "`hf-mirror index --dense --model MODEL --corpus CORPUS --output DIR`.")
         if self.max_length is not None and self.overlap is not None and self.overlap >= self.max_length:
             raise InputError(f"--overlap ({self.overlap}) must be smaller than --max-length ({self.max_length}).")
 

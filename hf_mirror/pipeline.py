@@ -92,6 +92,7 @@ class _Run:
     probes: list[Probe] | None
     output: Output | None  # the main process's lock and manifest
     index: CandidateIndex | None = None  # the saved candidate index (ScanConfig.index; main process)
+    embedder: object | None = None  # the dense retriever's query embedder (retrievers with dense; main process)
 
     @property
     def rank(self) -> int:
@@ -263,13 +264,15 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     if mirror.steps == 0:
         logger.warning("--steps 0: the mirrors are not fitted, so every mirror score is 0.")
     fingerprint = model_fingerprint(model)
-    output = index = None
+    output = index = embedder = None
     if main:
         corpus.check()  # readable, UTF-8, columns, not empty: before anything is fitted or written
         if scan.index is not None:  # refused here when it is half-written or for another corpus or tokenizer
             index = CandidateIndex.load(scan.index, tokenizer, corpus)
+            if "dense" in scan.retrievers:  # refused here without dense vectors, or with another model's
+                embedder = index.embedder(model, tokenizer)
         settings = {**mirror.identity(), **{k: getattr(scan, k) for k in RESULT_SETTINGS},
-                    "max_length": max_length, "overlap": overlap}
+                    **_retrieval_settings(scan), "max_length": max_length, "overlap": overlap}
         identity = run_identity("mirror", model_name, fingerprint, tokenizer, corpus, given,
                                 accelerator.num_processes, settings)
         output = Output.open(final, identity, overwrite)
@@ -282,12 +285,17 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
             output.release()
         raise
     return _Run(accelerator, Path(work[0]), final, model, tokenizer, str(model_name), fingerprint, corpus, mirror, scan,
-                max_length, overlap, precision, show_progress, given, output, index)
+                max_length, overlap, precision, show_progress, given, output, index, embedder)
 
 
 # the scan settings that change a result (the others only change how fast it is made)
 RESULT_SETTINGS = ("top_k", "normalize", "controls", "min_pool", "candidates", "aggregate", "rank_by", "mirror_weight",
                    "max_new_tokens")
+
+
+def _retrieval_settings(scan: ScanConfig) -> dict:
+    """``retrievers`` where it is not the default (BM25 alone), so BM25-only runs keep the identity they had."""
+    return {} if scan.retrievers == ["bm25"] else {"retrievers": scan.retrievers}
 
 
 def run_identity(method: str, model_name: object, weights: str | None, tokenizer, corpus: Corpus,
@@ -300,7 +308,8 @@ def run_identity(method: str, model_name: object, weights: str | None, tokenizer
 
 
 def _probes_and_candidates(run: _Run) -> _Pool:
-    """Probes (completions generated where missing), control probes and BM25 candidates, made on the main process."""
+    """Probes (completions generated where missing), control probes and candidates (BM25, with the dense ones where
+    asked), made on the main process and shared."""
     scan = run.scan
     shared = [None, None, None]
     if run.main:
@@ -310,7 +319,7 @@ def _probes_and_candidates(run: _Run) -> _Pool:
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
                                    span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
-        retrieval = (run.index.retrieve(probe_list, scan.n_candidates) if run.index is not None
+        retrieval = (run.index.retrieve(probe_list, scan.n_candidates, run.embedder) if run.index is not None
                      else retrieve(run.corpus.documents(), probe_list, scan.n_candidates))
         shared = [probe_list, controls, retrieval]
     probe_list, controls, retrieval = run.share(shared)
@@ -346,10 +355,12 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
     run_key = _run_key(run.model_name, run.model_fingerprint, run.corpus.describe(), run.corpus.fingerprint(),
                        run.mirror.identity(), [asdict(p) for p in pool.all],
                        pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
-                       None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by)
+                       None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by,
+                       *_retrieval_settings(scan).values())
     # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
     eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
-    return ScoreBook(pool.ids, run.mirror.sign, pool.normalize, max(scan.top_k, scan.n_candidates) if hybrid
+    most = scan.n_candidates * len(scan.retrievers)  # a probe's candidates: the union of each retriever's top-M
+    return ScoreBook(pool.ids, run.mirror.sign, pool.normalize, max(scan.top_k, most) if hybrid
                      else scan.top_k, run.shard, len(pool.controls), run_key, scan.checkpoint_every,
                      scan.checkpoint_seconds, scan.aggregate, eligible)
 
@@ -426,6 +437,9 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
     merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores,
                           scan.mirror_weight if scan.rank_by == "hybrid" else None)
+    if pool.retrieval.dense is not None and not merged["topk"].empty:  # each candidate's dense similarity too
+        topk = merged["topk"]
+        merged["topk"] = topk.assign(dense=pool.retrieval.similarity(topk["probe_id"], topk["doc_id"]))
     records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
                 "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
     config = {
@@ -437,7 +451,8 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
                  "controls": len(pool.controls), "normalize": pool.normalize},
         "control_probes": [asdict(c) for c in pool.controls],
         "candidate_documents": None if pool.keep is None else len(pool.keep),
-        "retrieval": {"method": "bm25", "per_probe": scan.n_candidates, "documents": pool.retrieval.n_documents},
+        "retrieval": {"method": "+".join(scan.retrievers), "retrievers": scan.retrievers,
+                      "per_probe": scan.n_candidates, "documents": pool.retrieval.n_documents},
         "device": str(run.accelerator.device),
         "num_processes": run.world,
         "run_key": run_key,

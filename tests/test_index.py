@@ -242,3 +242,106 @@ def test_two_processes_build_the_same_index(planted, tok, tmp_path, one_thread):
     assert all((tmp_path / "one" / "ngram" / f).read_bytes() == (tmp_path / "two" / "ngram" / f).read_bytes()
                for f in ngram_files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build.py", "one", "parts", "two"]
+
+
+# ------------------------------------------------------------------------------ the dense retriever (issue #13)
+SYMBOLS = "★ ☆ → ← ↑ ↓ ★ ☆ ♦ ♣ ★"  # a document with no word for BM25 (it scores 0 against every probe)
+
+
+@pytest.fixture
+def dense_case(planted, tiny_model, tmp_path) -> tuple[Path, Path, list[Probe], str]:
+    """A corpus of the planted texts and one document of symbols, its index with dense vectors, probes whose
+    last one (``sym``) continues a planted prompt with those symbols: the symbols' document is its source."""
+    model, tok = tiny_model
+    corpus_file = _write(tmp_path / "corpus.jsonl", [*planted.texts, SYMBOLS, "", "   "])
+    build_index(Corpus(str(corpus_file), id_column="id"), tok, tmp_path / "index", n=4, model=model)
+    probes = [*_probes(planted)[:3], Probe("sym", f"{planted.names[0]} keeps a", " ★ ☆ → ← ↑ ↓ ★ ☆")]
+    return corpus_file, tmp_path / "index", probes, f"d{len(planted.texts)}"
+
+
+def test_dense_retriever_adds_the_source_bm25_cannot_see(planted, tiny_model, dense_case, tmp_path, one_thread):
+    model, tok = tiny_model
+    corpus_file, index_dir, probes, source = dense_case
+    index = CandidateIndex.load(index_dir, tok)
+    bm25, union = index.retrieve(probes, 5), index.retrieve(probes, 5, index.embedder(model, tok))
+    every = index.retrieve(probes, 1000).scores  # every document's BM25 score
+    assert source not in bm25.scores["sym"] and every["sym"][source] == 0.0
+    assert union.scores["sym"][source] == 0.0 and union.dense["sym"][source] > 0.9
+    textless = {f"d{len(planted.texts) + 1}", f"d{len(planted.texts) + 2}"}
+    for p in probes:
+        assert bm25.scores[p.id].items() <= union.scores[p.id].items()  # the union holds BM25's candidates
+        assert len(union.dense[p.id]) == 5 and not textless & set(union.dense[p.id])
+        assert set(union.scores[p.id]) == set(bm25.scores[p.id]) | set(union.dense[p.id])
+        assert all(union.scores[p.id][d] == every[p.id][d] for d in union.scores[p.id])  # real BM25 scores
+    records = [{"id": p.id, "prompt": p.prompt, "completion": p.completion} for p in probes]
+    corpus = Corpus(str(corpus_file), id_column="id")
+    runs = {tuple(r): attribute(model, corpus, records, tokenizer=tok, output_dir=tmp_path / "+".join(r),
+                                scan=ScanConfig(candidates=5, index=str(index_dir), retrievers=r, cache=False),
+                                show_progress=False) for r in (["bm25"], ["bm25", "dense"])}
+    alone, both = runs[("bm25",)], runs[("bm25", "dense")]
+    assert source not in set(alone.top("sym")["doc_id"]) and "dense" not in alone.topk
+    ranked = both.top("sym").set_index("doc_id")
+    assert source in ranked.index and ranked.loc[source, "bm25"] == 0.0 and ranked.loc[source, "dense"] > 0.9
+    assert both.config["retrieval"]["retrievers"] == ["bm25", "dense"] == both.config["scan"]["retrievers"]
+    assert both.config["candidate_documents"] == len(union.union())
+    assert alone.config["retrieval"]["method"] == "bm25" and both.config["retrieval"]["method"] == "bm25+dense"
+
+
+def test_dense_retriever_without_dense_vectors_is_refused_naming_the_fix(planted, tiny_model, corpus_file, tmp_path,
+                                                                          capsys):
+    import copy
+
+    import torch
+
+    from hf_mirror.cli import build_parser
+
+    model, tok = tiny_model
+    with pytest.raises(InputError, match="--retrievers dense needs --index.*hf-mirror index --dense"):
+        ScanConfig(retrievers=["bm25", "dense"])
+    for wrong in (["dense"], ["bm25", "sparse"], []):
+        with pytest.raises(InputError, match="--retrievers takes bm25, or bm25 dense"):
+            ScanConfig(retrievers=wrong, index="x")
+    assert ScanConfig(retrievers=["dense", "bm25", "dense"], index="x").retrievers == ["bm25", "dense"]
+    args = build_parser().parse_args(["attribute", "--model", "m", "--corpus", "c", "--probes", "p", "--output", "o",
+                                      "--retrievers", "bm25", "dense", "--index", "i"])
+    assert args.retrievers == ["bm25", "dense"]
+    index = build_index(Corpus(str(corpus_file), id_column="id"), tok, tmp_path / "index", n=4)  # no --dense
+    with pytest.raises(InputError, match="has none.*hf-mirror index --dense"):
+        index.embedder(model, tok)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    dense = build_index(Corpus(str(corpus_file), id_column="id"), tok, tmp_path / "dense", n=4, model=model)
+    with pytest.raises(InputError, match="other model weights.*hf-mirror index --dense"):
+        dense.embedder(other, tok)
+    probe_file = _probe_file(tmp_path, [{"id": "p0", "prompt": f"{planted.names[0]} keeps a"}])
+    common = ["attribute", "--model", str(planted.model_dir), "--corpus", str(corpus_file), "--id-column", "id",
+              "--probes", str(probe_file), "--no-progress", "--retrievers", "bm25", "dense"]
+    for extra, name in (([], "r1"), (["--index", str(tmp_path / "index")], "r2")):  # no index; no dense vectors
+        assert main([*common, *extra, "--output", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "--dense" in err and "Traceback" not in err and not (tmp_path / name / "adapters").exists()
+    with pytest.raises(SystemExit) as e:
+        main([*common[:-2], "--retrievers", "sparse", "--output", str(tmp_path / "r3")])
+    assert e.value.code == 2 and "--retrievers" in capsys.readouterr().err
+
+
+def test_dense_union_is_the_same_on_two_processes(planted, dense_case, tmp_path):
+    corpus_file, index_dir, probes, source = dense_case
+    probe_file = _probe_file(tmp_path, [{"id": p.id, "prompt": p.prompt, "completion": p.completion}
+                                        for p in probes])
+    args = ["-m", "hf_mirror.cli", "attribute", "--model", str(planted.model_dir), "--corpus", str(corpus_file),
+            "--id-column", "id", "--probes", str(probe_file), "--no-progress", "--no-cache", "--candidates",
+            "bm25:5", "--index", str(index_dir), "--retrievers", "bm25", "dense", "--threads", "1"]
+    for world, launcher in ((1, []), (2, ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        cmd = [*launcher, *args, "--output", str(tmp_path / f"w{world}")]
+        proc = subprocess.run([sys.executable, *cmd], env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    from hf_mirror.results import AttributionResult
+
+    one, two = AttributionResult.load(tmp_path / "w1"), AttributionResult.load(tmp_path / "w2")
+    assert two.config["num_processes"] == 2
+    pd.testing.assert_frame_equal(_scores(one), _scores(two), check_exact=False, atol=1e-6)
+    for p in probes:
+        pd.testing.assert_frame_equal(one.top(p.id), two.top(p.id), check_exact=False, atol=1e-6)
+    assert source in set(two.top("sym")["doc_id"])
