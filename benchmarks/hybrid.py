@@ -13,6 +13,10 @@ ones, in probe order) and reports it on the *held-out* half (the odd ones):
 - ``hybrid@M:w``: :func:`hf_mirror.fusion.fuse` over BM25's top-M, BM25 scaled to [0, 1] plus ``w`` times the
   mirror's z-score among the candidates (what ``attribute`` ranks by, ``rank_by="hybrid"``).
 
+:func:`run_union` compares the candidate sets of issue #13's retrievers on the same tables: each probe's BM25 top-M
+against its union with the dense index's top-M (``ScanConfig.retrievers``), by candidate recall and by the
+default hybrid ranking's MRR / recall@k over each set.
+
 Benchmarks: ``wordnet`` (real dictionary text that the default model memorised; probes = a headword prompt
 and the model's own continuation; the source entry is the answer) and ``fact_tracing`` (templated facts,
 held-out query templates; every document that states the fact is an answer).
@@ -46,8 +50,11 @@ def _ranks(table: pd.DataFrame, column: str) -> pd.Series:
     return ordered.groupby("probe_id").cumcount().add(1).reindex(table.index)
 
 
-def fuse(mirror: pd.DataFrame, bm25: pd.DataFrame, rule: str) -> pd.DataFrame:
-    """``probe_id``, ``doc_id``, ``score`` of ``rule`` (one of :data:`RULES`) from the two score tables."""
+def fuse(mirror: pd.DataFrame, bm25: pd.DataFrame, rule: str,
+         candidates: dict[str, set[str]] | None = None) -> pd.DataFrame:
+    """``probe_id``, ``doc_id``, ``score`` of ``rule`` (one of :data:`RULES`) from the two score tables.
+
+    ``candidates`` (probe id -> doc ids) replaces BM25's top M as a ``hybrid`` rule's candidates."""
     both = mirror[["probe_id", "doc_id", "raw_score"]].merge(
         bm25[["probe_id", "doc_id", "score"]].rename(columns={"score": "bm25"}), on=["probe_id", "doc_id"])
     both["doc_id"] = both["doc_id"].astype(str)
@@ -61,8 +68,11 @@ def fuse(mirror: pd.DataFrame, bm25: pd.DataFrame, rule: str) -> pd.DataFrame:
         from hf_mirror.fusion import fuse as hybrid
 
         m, _, weight = m.partition(":")
-        candidates = both.assign(bm25=both["bm25"].where(r_bm25 <= int(m)), mirror=both["raw_score"])
-        score = hybrid(candidates, float(weight)).fillna(-1.0 / (1.0 + r_bm25)).to_numpy(float)  # the rest: BM25
+        inside = (r_bm25 <= int(m) if candidates is None else
+                  pd.Series([d in candidates.get(p, ()) for p, d in zip(both["probe_id"], both["doc_id"],
+                                                                       strict=True)], index=both.index))
+        chosen = both.assign(bm25=both["bm25"].where(inside), mirror=both["raw_score"])
+        score = hybrid(chosen, float(weight)).fillna(-1.0 / (1.0 + r_bm25)).to_numpy(float)  # the rest: BM25
     elif name in ("rerank", "rrf"):
         inside = (r_bm25 <= int(m)) if m else pd.Series(True, index=both.index)
         within = both[inside]
@@ -172,20 +182,33 @@ def _scores(out: Path, method: str, inputs: tuple, scan: dict, reuse: bool) -> t
     return scores, time.perf_counter() - t0
 
 
-def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
-               log: Callable[[str], None] = lambda s: None) -> dict:
-    """Score every rule on every benchmark (BM25 and the default mirror each run once, full scan)."""
+def _workdir(output_dir: str | Path | None) -> Path:
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_hybrid_"))
     work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _benchmarks(cfg: HybridConfig, work: Path, log: Callable[[str], None]):
+    """Each benchmark's name, inputs (model, corpus, probes, tokenizer), answers and its two score tables (the
+    mirror's full scan and BM25's), computed once and read back by later runs in ``work``."""
     builders = {"wordnet": _wordnet, **({"fact_tracing": _fact_tracing} if cfg.fact_tracing else {}),
                 **({"fact_tracing_comentions": partial(_fact_tracing, comentions=True)} if cfg.comentions else {})}
-    report = {}
     for name, build in builders.items():
         model, tokenizer, corpus, probes, answers = build(cfg, work, log)
         inputs = (model, corpus, probes, tokenizer)
         full = {"top_k": cfg.top_k, "batch_size": cfg.batch_size, "cache": False, "candidates": "all"}
         mirror, t_mirror = _scores(work / name / "mirror", "mirror_only", inputs, full, cfg.reuse)
         bm25, t_bm25 = _scores(work / name / "bm25", "bm25", inputs, {"top_k": cfg.top_k}, cfg.reuse)
+        yield name, inputs, answers, (mirror, t_mirror), (bm25, t_bm25)
+
+
+def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
+               log: Callable[[str], None] = lambda s: None) -> dict:
+    """Score every rule on every benchmark (BM25 and the default mirror each run once, full scan)."""
+    work = _workdir(output_dir)
+    report = {}
+    for name, inputs, answers, (mirror, t_mirror), (bm25, t_bm25) in _benchmarks(cfg, work, log):
+        probes = inputs[2]
         rules = evaluate_rules(mirror, bm25, answers, cfg.top_k)
         report[name] = {"documents": int(mirror["doc_id"].nunique()), "probes": len(probes),
                         "seconds": {"mirror": t_mirror, "bm25": t_bm25}, "rules": rules}
@@ -207,4 +230,75 @@ def format_table(benchmarks: dict, k: int = 10) -> str:
             out.append(f"| {rule} | {t['mrr']:.3f} | {t[f'recall@{k}']:.3f} | {h['mrr']:.3f} | "
                        f"{h[f'recall@{k}']:.3f} |")
         out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ the union of the retrievers (#13)
+RETRIEVER_SETS = (("bm25",), ("bm25", "dense"))
+
+
+def union_rows(inputs: tuple, answers: dict[str, list[str]], mirror: pd.DataFrame, bm25: pd.DataFrame,
+               index_dir: Path, k: int = 10) -> dict:
+    """Per retriever set: mean candidates per probe, candidate recall (the share of a probe's answers among its
+    candidates; with dense, also among the dense top-M alone) and the default hybrid ranking's MRR / recall@k over
+    those candidates, on both halves. The candidates are what ``attribute --index`` retrieves
+    (``CandidateIndex.retrieve``, M = the default's)."""
+    from hf_mirror.candidates import build_index
+    from hf_mirror.config import ScanConfig
+    from hf_mirror.probes import Probe
+
+    model, corpus, probes, tokenizer = inputs
+    scan = ScanConfig()
+    index = build_index(corpus, tokenizer, index_dir, model=model, overwrite=True)
+    given = [Probe(p["id"], p["prompt"], p["completion"]) for p in probes]
+    split = halves([p for p in dict.fromkeys(mirror["probe_id"]) if p in answers])
+    out = {}
+    for retrievers in RETRIEVER_SETS:
+        embedder = index.embedder(model, tokenizer) if "dense" in retrievers else None
+        found = index.retrieve(given, scan.n_candidates, embedder)
+        chosen = {p: {str(d) for d in docs} for p, docs in found.scores.items()}
+        fused = fuse(mirror, bm25, f"hybrid@{scan.n_candidates}:{scan.mirror_weight}", chosen)
+        row = {"candidates": float(np.mean([len(chosen[p]) for p in answers]))}
+        near = {p: {str(d) for d in docs} for p, docs in (found.dense or {}).items()}
+        for half, ids in split.items():
+            row[half] = {"candidate_recall": _share(chosen, answers, ids),
+                         "dense_recall": _share(near, answers, ids) if near else None,
+                         **retrieval_metrics(rankings(fused, ids), answers, k)}
+        out["+".join(retrievers)] = row
+    return out
+
+
+def _share(chosen: dict[str, set[str]], answers: dict[str, list[str]], ids: Sequence[str]) -> float:
+    """The mean share of each probe's answers among its ``chosen`` documents."""
+    return float(np.mean([len(chosen[p] & {str(a) for a in answers[p]}) / len(answers[p]) for p in ids]))
+
+
+def run_union(cfg: HybridConfig, output_dir: str | Path | None = None,
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    """:func:`union_rows` on every benchmark (the score tables of :func:`run_hybrid`, read back when there)."""
+    work = _workdir(output_dir)
+    report = {}
+    for name, inputs, answers, (mirror, _), (bm25, _) in _benchmarks(cfg, work, log):
+        t0 = time.perf_counter()
+        rows = union_rows(inputs, answers, mirror, bm25, work / name / "index", cfg.top_k)
+        report[name] = {"documents": int(mirror["doc_id"].nunique()), "probes": len(inputs[2]),
+                        "seconds": time.perf_counter() - t0, "retrievers": rows}
+        log(format_union({name: report[name]}, cfg.top_k))
+    report_json = {"config": asdict(cfg), "benchmarks": report}
+    (work / "union.json").write_text(json.dumps(report_json, indent=2))
+    return report_json
+
+
+def format_union(benchmarks: dict, k: int = 10) -> str:
+    """One Markdown table: benchmark x retriever set, candidate recall and the hybrid's figures per half."""
+    out = [f"| benchmark | retrievers | candidates / probe | candidate recall (tune / held-out) | dense top-M alone "
+           f"(tune / held-out) | tune MRR | tune recall@{k} | held-out MRR | held-out recall@{k} |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, b in benchmarks.items():
+        for retrievers, row in b["retrievers"].items():
+            t, h = row["tune"], row["held_out"]
+            dense = "" if t["dense_recall"] is None else f"{t['dense_recall']:.3f} / {h['dense_recall']:.3f}"
+            out.append(f"| {name} | {retrievers} | {row['candidates']:.1f} | {t['candidate_recall']:.3f} / "
+                       f"{h['candidate_recall']:.3f} | {dense} | {t['mrr']:.3f} | {t[f'recall@{k}']:.3f} | "
+                       f"{h['mrr']:.3f} | {h[f'recall@{k}']:.3f} |")
     return "\n".join(out)

@@ -1,11 +1,14 @@
 """Hybrid benchmark: how the default ranking should combine BM25 and the mirror, chosen by data.
 
     python recipes/benchmark_hybrid.py [--quick] [--wordnet-probes 40] [--no-fact-tracing] [--output runs/hybrid]
+    python recipes/benchmark_hybrid.py --union [--output runs/hybrid]
 
 Runs BM25 and the default mirror once per benchmark (full scan), then scores every combination rule
 (``benchmarks.hybrid.RULES``) on the tune half of the probes and reports it on the held-out half.
 Prints one Markdown table per benchmark and the rule with the best mean tune MRR + recall@10; writes
-hybrid.json.
+hybrid.json. ``--union`` instead compares the candidate sets of ``--retrievers bm25`` and ``bm25 dense`` (issue
+#13) on the same score tables: candidate recall and the default hybrid's MRR / recall@10 with each; writes
+union.json.
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from benchmarks.hybrid import HybridConfig, format_table, run_hybrid
+    from benchmarks.hybrid import HybridConfig, format_table, format_union, run_hybrid, run_union
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("runs/hybrid"), help="results, models and hybrid.json")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models, busy machines)")
+    p.add_argument("--union", action="store_true", help="compare bm25 with bm25 + dense candidates (union.json)")
     add_config_flags(p, HybridConfig, hidden=False)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(HybridConfig(), args)
+    if args.union:
+        print(format_union(run_union(cfg, args.output, log=lambda s: print(s, file=sys.stderr))["benchmarks"],
+                           cfg.top_k))
+        return 0
     report = run_hybrid(cfg, args.output, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report["benchmarks"], cfg.top_k))
     print(f"chosen on the tune halves (best mean MRR + recall@{cfg.top_k}; ties: the most mirror): {report['chosen']}")
