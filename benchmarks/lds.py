@@ -347,9 +347,13 @@ def lds_from_scores(scores, retrains: Retrains, column: str = "score") -> dict:
     defined correlation) and ``per_probe``. Sign: predicted = sum of the subset's scores, correlated with the
     negative probe loss (higher score = supports = lower loss when included).
     """
+    return lds_of_matrix(score_matrix(scores, retrains.probe_ids, retrains.doc_ids, column), retrains)
+
+
+def lds_of_matrix(matrix: np.ndarray, retrains: Retrains) -> dict:
+    """:func:`lds_from_scores` of a [probes, documents] score array in the retrains' order."""
     from benchmarks import load_metric
 
-    matrix = score_matrix(scores, retrains.probe_ids, retrains.doc_ids, column)
     predicted = retrains.masks.astype(np.float64) @ matrix.T  # [subsets, probes]
     spearman = load_metric("spearman")
     per_probe = {}
@@ -361,6 +365,22 @@ def lds_from_scores(scores, retrains: Retrains, column: str = "score") -> dict:
         return {"lds": float("nan"), "stderr": float("nan"), "n_probes": 0, "per_probe": per_probe}
     stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
     return {"lds": float(values.mean()), "stderr": stderr, "n_probes": int(len(values)), "per_probe": per_probe}
+
+
+def lexical_prior_lds(mirror: np.ndarray, bm25: np.ndarray, retrains: Retrains,
+                      weights: Sequence[float]) -> dict[float, dict]:
+    """LDS of :func:`hf_mirror.fusion.influence` of the mirror's and BM25's [probes, documents] scores for each
+    lexical weight: over every probe, the tune half (even positions) and the held-out half (odd positions)."""
+    from hf_mirror.fusion import influence
+
+    out = {}
+    for weight in weights:
+        blended = np.stack([influence(m, b, weight) for m, b in zip(mirror, bm25, strict=True)])
+        per_probe = lds_of_matrix(blended, retrains)["per_probe"]
+        values = np.array([per_probe[p] for p in retrains.probe_ids], np.float64)
+        halves = {"all": values, "tune": values[0::2], "held_out": values[1::2]}
+        out[float(weight)] = {**{k: float(np.nanmean(v)) for k, v in halves.items()}, "per_probe": values.tolist()}
+    return out
 
 
 def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = False, scan: dict | None = None,
@@ -383,8 +403,8 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
                         output_dir=work / method, show_progress=show_progress,
                         scan={"cache": False, "batch_size": 32, "candidates": "all", **(scan or {})}, mirror=options)
     scores = result.scores()
-    # the hybrid's final score ranks candidates only; its influence column is the mirror's score of every document
-    return scores.assign(score=scores["mirror"]) if "mirror" in scores else scores
+    # the hybrid's final score ranks candidates only: a linear datamodel sums the influence column of every document
+    return scores.assign(score=scores["influence"]) if "influence" in scores else scores
 
 
 def _value(text: str):

@@ -7,8 +7,8 @@ import itertools
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,25 @@ class Candidates:
     n_documents: int  # documents in the corpus (with text)
     scores: dict[str, dict]  # probe id -> {doc id: BM25 score}
     dense: dict[str, dict] | None = None  # probe id -> {doc id: cosine similarity} of its dense top-M (None: no dense)
+    every: tuple[list, dict[str, np.ndarray]] | None = None  # (doc ids, probe id -> BM25 score of each) when kept
+    _rows: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def union(self) -> set:
         """Every probe's candidates: what a candidates-only scan reads."""
         return {d for chosen in self.scores.values() for d in chosen}
+
+    def bm25(self, probes: Sequence, docs: Sequence) -> np.ndarray:
+        """Each (probe id, doc id) pair's BM25 score: of every document when kept (``every``: 0 for a document
+        without text), else of the candidates (NaN for the others)."""
+        if self.every is None:
+            table = {(p, str(d)): s for p, chosen in self.scores.items() for d, s in chosen.items()}
+            return np.array([table.get((p, str(d)), np.nan) for p, d in zip(probes, docs, strict=True)], np.float64)
+        ids, scores = self.every
+        if self._rows is None:
+            self._rows = {str(d): i for i, d in enumerate(ids)}
+        row = self._rows
+        return np.array([scores[p][row[str(d)]] if str(d) in row else 0.0 for p, d in zip(probes, docs, strict=True)],
+                        np.float64)
 
     def similarity(self, probes: Sequence, docs: Sequence) -> np.ndarray:
         """The dense similarity of each (probe id, doc id) pair: NaN where the document is not a dense candidate."""
@@ -44,8 +59,9 @@ class Candidates:
 
 
 def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe], m: int,
-             k1: float = 1.5, b: float = 0.75) -> Candidates:
-    """Each probe's top-``m`` documents by BM25 (bm25s), from one pass over the corpus."""
+             k1: float = 1.5, b: float = 0.75, keep_all: Callable[[int], bool] = lambda n: False) -> Candidates:
+    """Each probe's top-``m`` documents by BM25 (bm25s), from one pass over the corpus; with ``keep_all(n)`` true
+    for the corpus's ``n`` documents with text, every document's score too (``Candidates.every``)."""
     import bm25s
 
     from hf_mirror.baselines.bm25 import words
@@ -61,13 +77,14 @@ def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe]
         return Candidates(0, {p.id: {} for p in probes})
     retriever = bm25s.BM25(k1=k1, b=b)
     retriever.index(texts, show_progress=False)
-    per_probe = {}
+    per_probe, every = {}, {}
     for p in probes:
         query = words(p.text)
         scores = retriever.get_scores(query) if query else np.zeros(len(ids))
         top = np.argsort(-scores, kind="stable")[:m]
         per_probe[p.id] = {ids[i]: float(scores[i]) for i in top}
-    return _chosen(Candidates(len(ids), per_probe), m)
+        every[p.id] = np.asarray(scores, np.float32)
+    return _chosen(Candidates(len(ids), per_probe, every=(ids, every) if keep_all(len(ids)) else None), m)
 
 
 def _chosen(found: Candidates, m: int, dense: bool = False) -> Candidates:
@@ -254,7 +271,8 @@ class CandidateIndex:
                                  f"{_rebuild_hint(self.directory)}.")
         return self._bm25
 
-    def retrieve(self, probes: Sequence[Probe], m: int, embedder: _Embedder | None = None) -> Candidates:
+    def retrieve(self, probes: Sequence[Probe], m: int, embedder: _Embedder | None = None,
+                 keep_all: Callable[[int], bool] = lambda n: False) -> Candidates:
         """Each probe's top-``m`` documents by BM25 from the saved index: what :func:`retrieve` gives on the corpus.
 
         With ``embedder`` (:meth:`embedder`: the dense retriever), the union with each probe's top-``m`` documents
@@ -267,15 +285,17 @@ class CandidateIndex:
             return _chosen(Candidates(0, {p.id: {} for p in probes}, None if embedder is None else
                                       {p.id: {} for p in probes}), m)
         near = None if embedder is None else self._dense_candidates(probes, m, embedder)
-        per_probe, added = {}, {}
+        per_probe, added, every = {}, {}, {}
         for p in probes:
             query = words(p.text)
             scores = retriever.get_scores(query) if query else np.zeros(self.n_documents)
             top = np.argsort(-scores, kind="stable")[:m]
             per_probe[p.id] = {self._bm25_ids[i]: float(scores[i]) for i in top}
+            every[p.id] = np.asarray(scores, np.float32)
             if near is not None:  # the dense candidates' BM25 scores (bm25s scores every document)
                 added[p.id] = {d: float(scores[self._bm25_rows[d]]) for d in near[p.id]}
-        found = _chosen(Candidates(self.n_documents, per_probe, near), m, dense=near is not None)
+        kept = (self._bm25_ids, every) if keep_all(self.n_documents) else None
+        found = _chosen(Candidates(self.n_documents, per_probe, near, kept), m, dense=near is not None)
         for probe_id, docs in added.items():
             for d, score in docs.items():
                 found.scores[probe_id].setdefault(d, score)

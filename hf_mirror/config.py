@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("no", "bf16", "fp16")
+LEXICAL_WEIGHT = 0.5  # influence = mirror / sd + this x BM25 / sd (recipes/benchmark_lexical_prior.py)
 RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (ScanConfig.retrievers)
 AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
 FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
@@ -197,6 +198,8 @@ class ScanConfig:
     (:class:`hf_mirror.candidates.CandidateIndex`): the same candidates, without indexing the corpus again.
     ``retrievers=["bm25", "dense"]`` makes each probe's candidates the union of its top-M BM25 documents and its
     top-M by cosine similarity in the index's dense vectors (``hf-mirror index --dense``; needs ``index``).
+    ``lexical_weight`` sets the influence column (``influence`` in the results, the additive estimate a linear
+    datamodel sums): ``mirror / sd + lexical_weight * bm25 / sd`` over the probe's scored documents.
     """
 
     max_length: int | None = option(None, min=2, help="tokens per window (default: the model's context, <= 1024)")
@@ -230,6 +233,9 @@ class ScanConfig:
         "alone")
     mirror_weight: float = option(0.05, min=0, help="hybrid: weight of the mirror's z-scored influence against the "
                                   "BM25 score scaled to [0, 1]")
+    lexical_weight: float = option(
+        LEXICAL_WEIGHT, min=0, help="weight of BM25's prior in the influence column (each term scaled per probe; "
+        "0: the mirror's scores alone; chosen by LDS, docs/benchmarks_lds_real_text.md)")
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
     index: str | None = option(

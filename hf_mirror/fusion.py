@@ -1,10 +1,17 @@
-"""The final ranking: BM25's answer, with the mirror's influence as a bounded correction among the candidates.
+"""The final ranking, and the influence estimate: how the mirror's scores and BM25's combine.
 
-For each probe, over its BM25 candidates: ``score = bm25 / max(bm25) + weight * z(mirror)``, where ``z`` is the
+Ranking. For each probe, over its BM25 candidates: ``score = bm25 / max(bm25) + weight * z(mirror)``, where ``z`` is the
 mirror score standardised over those candidates. The lexical term is in [0, 1], so the mirror reorders
 documents whose lexical match is close and leaves clear lexical answers first. The rule and its weight were
 chosen on the tune halves of the hybrid benchmark and confirmed on its held-out halves
 (docs/benchmarks_hybrid.md); ``rank_by="mirror"`` ranks by the mirror alone.
+
+Influence. The additive estimate of what each document does to the probe (the column a linear datamodel sums):
+``influence = mirror / sd(mirror) + lexical_weight * bm25 / sd(bm25)``, each spread taken over the probe's
+scored documents: the mirror's counterfactual signal with a lexical prior of fixed relative strength. The weight
+was chosen on the tune halves of both LDS benchmarks and confirmed on their held-out halves
+(docs/benchmarks_lds_real_text.md); 0 gives the mirror's own scores (rescaled per probe, which no per-probe
+correlation sees).
 """
 
 from __future__ import annotations
@@ -31,3 +38,19 @@ def fuse(frame: pd.DataFrame, weight: float, mirror: str = "mirror") -> pd.Serie
     for _, rows in candidates.groupby("probe_id", sort=False):
         out.loc[rows.index] = hybrid_scores(rows["bm25"].to_numpy(), rows[mirror].to_numpy(), weight)
     return out
+
+
+def influence(mirror: np.ndarray, bm25: np.ndarray, weight: float) -> np.ndarray:
+    """One probe's influence estimate over its scored documents (``mirror`` and ``bm25`` aligned, no NaN; a
+    document BM25 did not score counts 0)."""
+    mirror, bm25 = np.asarray(mirror, np.float64), np.asarray(bm25, np.float64)
+    return scaled_sum(mirror, bm25, weight, mirror.std(), bm25.std())
+
+
+def scaled_sum(mirror: np.ndarray, bm25: np.ndarray, weight: float, mirror_spread, bm25_spread) -> np.ndarray:
+    """``mirror / mirror_spread + weight * bm25 / bm25_spread`` (spreads: numbers, or one per row); a zero spread
+    drops its term (it carries nothing)."""
+    mirror, bm25 = np.asarray(mirror, np.float64), np.asarray(bm25, np.float64)
+    mirror_spread, bm25_spread = np.asarray(mirror_spread, np.float64), np.asarray(bm25_spread, np.float64)
+    own = np.divide(mirror, mirror_spread, out=np.zeros_like(mirror), where=mirror_spread > 0)
+    return own + weight * np.divide(bm25, bm25_spread, out=np.zeros_like(bm25), where=bm25_spread > 0)

@@ -120,7 +120,9 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
         raw = f'<div class="note">raw {float(row.raw_score):+.4f}</div>' if normalized else ""
         if hybrid:
             bm25 = "not a candidate" if row.bm25 != row.bm25 else f"{float(row.bm25):.2f}"
-            raw = f'<div class="note">bm25 {bm25} &middot; influence {float(row.raw_score):+.4f}</div>'
+            influence = (f" &middot; influence {float(row.influence):+.2f}"
+                         if "influence" in top and row.influence == row.influence else "")
+            raw = f'<div class="note">bm25 {bm25} &middot; mirror {float(row.raw_score):+.4f}{influence}</div>'
         rows.append(
             f'<tr class="{"source" if is_source else ""}"><td class="rank">{int(row.rank)}</td>'
             f'<td class="doc">{_esc(row.doc_id)}{tag}</td>'

@@ -8,7 +8,7 @@ and the final score is :func:`hf_mirror.fusion.fuse` of the two.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,8 @@ from hf_mirror.scoring import CHECKPOINT, EVIDENCE_COLUMNS, TOPK_COLUMNS, ScoreB
 
 
 def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int,
-                 retrieval: dict[str, dict] | None = None, fusion_weight: float | None = None) -> dict:
+                 retrieval: dict[str, dict] | None = None, fusion_weight: float | None = None,
+                 prior: tuple[Callable[[Sequence, Sequence], np.ndarray], float] | None = None) -> dict:
     """Merge every process's shard into ``scores.parquet`` and return the merged top-k, evidence and stats.
 
     The merged answer does not depend on how documents were split over processes: ranks are recomputed
@@ -29,11 +30,17 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
     BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate).
     With ``fusion_weight`` the final ``score`` is :func:`hf_mirror.fusion.fuse` of BM25 and the mirror's score
     (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
+    ``prior`` (a (probe ids, doc ids) -> BM25 score lookup, and the lexical weight) adds the ``influence`` column:
+    :func:`hf_mirror.fusion.scaled_sum` of the mirror's score and BM25's, each spread over the probe's scored
+    documents.
     """
     fix = f"rerun the same command to resume from the last intact checkpoint, or {OVERWRITE_HINT}"
     states = [_final_state(d, fix) for d in shard_dirs]
     bm25 = _Lookup(retrieval)
     topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
+    estimate = None if prior is None else _Influence(shard_dirs, states, *prior, fix)
+    if estimate is not None and not topk.empty:
+        topk["influence"] = estimate(topk["probe_id"], topk["doc_id"], topk["score"])
     if retrieval is not None and not topk.empty:
         topk["bm25"] = bm25(topk["probe_id"], topk["doc_id"])
     if fusion_weight is not None and not topk.empty:
@@ -44,12 +51,12 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
         topk = topk[topk["score"].notna()]
     final = _Lookup({}) if fusion_weight is None else _Lookup.of(topk)
     _write_scores(shard_dirs, states, out, bm25 if retrieval is not None else None,
-                  final if fusion_weight is not None else None, fix)
+                  final if fusion_weight is not None else None, estimate, fix)
     evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
                          ignore_index=True)
     topk, evidence = _ranked(topk, evidence, probe_ids, top_k)
     columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []),
-               *(["mirror"] if fusion_weight is not None else [])]
+               *(["mirror"] if fusion_weight is not None else []), *(["influence"] if prior is not None else [])]
     return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
             "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
             **_totals(states)}
@@ -73,6 +80,37 @@ class _Lookup:
                         np.float64)
 
 
+class _Influence:
+    """The influence column: each probe's mirror and BM25 scores, scaled by their spread over its scored documents
+    (one read of every score part to measure the spreads)."""
+
+    def __init__(self, shard_dirs: Sequence[Path], states: list[dict], bm25: Callable, weight: float,
+                 fix: str) -> None:
+        self.bm25, self.weight = bm25, weight
+        sums: dict[str, np.ndarray] = {}  # probe id -> [n, sum m, sum m^2, sum b, sum b^2]
+        for d, meta in zip(shard_dirs, states, strict=True):
+            for i in range(meta["parts"]):
+                part = checked(d / ScoreBook.part_name(i), lambda p: pq.read_table(
+                    p, columns=["probe_id", "doc_id", "score"]).to_pandas(), fix)
+                part = part.assign(b=bm25(part["probe_id"], part["doc_id"])).dropna(subset=["score", "b"])
+                part = part.assign(m2=part["score"] ** 2, b2=part["b"] ** 2, n=1.0)
+                for probe, row in part.groupby("probe_id")[["n", "score", "m2", "b", "b2"]].sum().iterrows():
+                    sums[probe] = sums.get(probe, 0) + row.to_numpy(np.float64)
+        self.spreads = {p: (_spread(n, m, m2), _spread(n, b, b2)) for p, (n, m, m2, b, b2) in sums.items()}
+
+    def __call__(self, probes: Sequence, docs: Sequence, mirror: Sequence) -> np.ndarray:
+        from hf_mirror.fusion import scaled_sum
+
+        spreads = np.array([self.spreads.get(p, (0.0, 0.0)) for p in probes], np.float64).reshape(-1, 2)
+        lexical = np.nan_to_num(self.bm25(probes, docs))
+        return scaled_sum(np.asarray(mirror, np.float64), lexical, self.weight, spreads[:, 0], spreads[:, 1])
+
+
+def _spread(n: float, total: float, squares: float) -> float:
+    """The population standard deviation from a count, a sum and a sum of squares."""
+    return float(np.sqrt(max(squares / n - (total / n) ** 2, 0.0))) if n else 0.0
+
+
 def _final_state(shard: Path, fix: str) -> dict:
     """The metadata of a finished shard's last state."""
     pointer = checked(shard / CHECKPOINT, read_json, fix)
@@ -83,14 +121,17 @@ def _final_state(shard: Path, fix: str) -> dict:
 
 
 def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm25: _Lookup | None,
-                  final: _Lookup | None, fix: str) -> None:
+                  final: _Lookup | None, estimate: _Influence | None, fix: str) -> None:
     """Every shard's score parts into one ``scores.parquet`` (with ``bm25``; with the fusion, ``mirror`` and the
-    final ``score``), written atomically."""
+    final ``score``; with the prior, ``influence``), written atomically."""
     writer = None
     for d, meta in zip(shard_dirs, states, strict=True):
         for i in range(meta["parts"]):
             table = checked(d / ScoreBook.part_name(i), pq.read_table, fix)
             keys = table["probe_id"].to_pylist(), table["doc_id"].to_pylist()
+            if estimate is not None:
+                table = table.append_column("influence", pa.array(estimate(*keys, table["score"].to_numpy()),
+                                                                  pa.float64()))
             if bm25 is not None:
                 table = table.append_column("bm25", pa.array(bm25(*keys)))
             if final is not None:

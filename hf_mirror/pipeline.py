@@ -319,8 +319,10 @@ def _probes_and_candidates(run: _Run) -> _Pool:
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
                                    span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
-        retrieval = (run.index.retrieve(probe_list, scan.n_candidates, run.embedder) if run.index is not None
-                     else retrieve(run.corpus.documents(), probe_list, scan.n_candidates))
+        full_scan = lambda n: not scan.candidates_only(n)  # noqa: E731 (every document's BM25, for the influence)
+        retrieval = (run.index.retrieve(probe_list, scan.n_candidates, run.embedder, keep_all=full_scan)
+                     if run.index is not None else
+                     retrieve(run.corpus.documents(), probe_list, scan.n_candidates, keep_all=full_scan))
         shared = [probe_list, controls, retrieval]
     probe_list, controls, retrieval = run.share(shared)
     normalize = scan.normalize
@@ -436,7 +438,8 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     scan = run.scan
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
     merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores,
-                          scan.mirror_weight if scan.rank_by == "hybrid" else None)
+                          scan.mirror_weight if scan.rank_by == "hybrid" else None,
+                          prior=(pool.retrieval.bm25, scan.lexical_weight))
     if pool.retrieval.dense is not None and not merged["topk"].empty:  # each candidate's dense similarity too
         topk = merged["topk"]
         merged["topk"] = topk.assign(dense=pool.retrieval.similarity(topk["probe_id"], topk["doc_id"]))

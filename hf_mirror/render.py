@@ -33,7 +33,9 @@ def score_meaning(config: Mapping) -> str:
         return (f"score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents that "
                 f"state it) + {scan.get('mirror_weight', 0.05):g} x the mirror's influence, standardised over the "
                 f"probe's {config.get('retrieval', {}).get('per_probe', 20)} BM25 candidates (documents that moved "
-                f"the model); raw = influence = {raw}; positive = the document supports the generation.")
+                f"the model); raw = mirror = {raw}; influence = mirror / sd + {scan.get('lexical_weight', 0.5):g} x "
+                f"BM25 / sd over the probe's scored documents (the additive estimate); positive = the document "
+                f"supports the generation.")
     if normalize == "zscore":
         return (f"score = raw standardised across the run's probes for that document (at most sqrt(probes - 1)); "
                 f"raw = {raw}; positive = the document supports the generation.")
@@ -76,8 +78,10 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
         else:
             text = printable(row.text)
         text = text.replace("\n", " ")
-        both = (f"  bm25 {row.bm25:5.2f}  influence {row.raw_score:+.4f}"
+        both = (f"  bm25 {row.bm25:5.2f}  mirror {row.raw_score:+.4f}"
                 if "bm25" in row._fields and row.bm25 == row.bm25 else "")
+        if "influence" in row._fields and row.influence == row.influence:
+            both += f"  influence {row.influence:+.2f}"
         lines.append(f"  {row.rank:>3}. doc {printable(row.doc_id, False)}  score {row.score:+.4f}{both}  {text}")
     if result.config.get("scan", {}).get("rank_by") == "hybrid":
         moved = result.moved(probe.id, 3)

@@ -100,6 +100,27 @@ def test_lds_sign_convention_on_a_known_datamodel():
     assert constant["n_probes"] == 0 and np.isnan(constant["lds"])
 
 
+def test_lexical_prior_blends_two_noisy_views_of_the_effects():
+    """Weight 0 is the mirror's own LDS; two independently noisy views of the true effects blend into a better
+    LDS than either; the recipe's rule keeps only weights at least BM25's on every tune half."""
+    from benchmarks.lds import lds_of_matrix, lexical_prior_lds
+
+    retrains, effects = synthetic_retrains()
+    rng = np.random.default_rng(1)
+    mirror, bm25 = (effects + rng.normal(scale=effects.std(), size=effects.shape) for _ in range(2))
+    rows = lexical_prior_lds(mirror, bm25, retrains, [0.0, 1.0])
+    assert rows[0.0]["all"] == pytest.approx(lds_of_matrix(mirror, retrains)["lds"])
+    assert rows[0.0]["tune"] == pytest.approx(np.mean(rows[0.0]["per_probe"][0::2]))
+    assert rows[1.0]["all"] > max(rows[0.0]["all"], lds_of_matrix(bm25, retrains)["lds"])
+    choose = recipe("benchmark_lexical_prior").choose
+    half = {"tune": 0.5}
+    report = {"corpora": {"a": {"bm25": half, "weights": {"0.0": {"tune": 0.4}, "1.0": {"tune": 0.6}}},
+                          "b": {"bm25": half, "weights": {"0.0": {"tune": 0.9}, "1.0": {"tune": 0.55}}}}}
+    assert choose(report, [0.0, 1.0]) == 1.0  # 0.0 has the better mean (0.65) but loses to BM25 on a
+    report["corpora"]["b"]["weights"]["1.0"]["tune"] = 0.45
+    assert choose(report, [0.0, 1.0]) is None
+
+
 def test_loo_correlation():
     rng = np.random.default_rng(0)
     effects = rng.normal(size=(3, 8))

@@ -66,6 +66,43 @@ def test_default_run_ranks_candidates_by_the_hybrid_with_both_answers(tiny_model
         assert mine["score"].notna().sum() == 20  # the probe's 20 BM25 candidates get a final score
 
 
+def test_the_influence_column_is_the_mirror_plus_the_lexical_prior_over_every_document(tiny_model, planted,
+                                                                                       tmp_path):
+    """``influence`` = mirror / sd + lexical_weight x BM25 / sd over each probe's scored documents (BM25 of every
+    document, 0 where it shares no word), in scores.parquet and the top-k alike; weight 0 is the mirror alone."""
+    from hf_mirror.candidates import retrieve
+    from hf_mirror.fusion import influence
+    from hf_mirror.probes import Probe
+
+    model, tok = tiny_model
+    probes = planted.probes()[:3]
+    texts = [*planted.texts, "zzz qqq"]  # a document that shares no word with any probe: BM25 0
+    runs = {w: attribute(model, texts, probes, tokenizer=tok, output_dir=tmp_path / f"w{w}", show_progress=False,
+                         scan=ScanConfig(lexical_weight=w)) for w in (0.5, 0.0)}
+    result = runs[0.5]
+    assert result.config["scan"]["lexical_weight"] == 0.5
+    scores = result.scores()
+    done = [Probe(p["id"], p["prompt"], r["completion"]) for p, r in zip(probes, result.probe_records, strict=True)]
+    every = retrieve(enumerate(texts), done, 20, keep_all=lambda n: True)
+    for p in done:
+        mine = scores[scores["probe_id"] == p.id].sort_values("doc_id")
+        lexical = every.bm25([p.id] * len(mine), mine["doc_id"].tolist())
+        assert lexical[-1] == 0.0 and (lexical > 0).sum() > 20  # beyond the 20 candidates
+        np.testing.assert_allclose(mine["influence"], influence(mine["mirror"], lexical, 0.5), rtol=1e-9)
+        top = result.top(p.id).merge(mine[["doc_id", "influence"]], on="doc_id", suffixes=("", "_all"))
+        np.testing.assert_allclose(top["influence"], top["influence_all"], rtol=1e-12)
+        alone = runs[0.0].scores().query("probe_id == @p.id").sort_values("doc_id")
+        np.testing.assert_allclose(alone["influence"], mine["mirror"] / mine["mirror"].std(ddof=0), rtol=1e-9)
+
+
+def test_scaled_sum_drops_a_term_without_spread():
+    from hf_mirror.fusion import scaled_sum
+
+    np.testing.assert_allclose(scaled_sum(np.array([1.0, 3.0]), np.array([2.0, 0.0]), 0.5, 2.0, 0.0), [0.5, 1.5])
+    np.testing.assert_allclose(scaled_sum(np.array([1.0, 3.0]), np.array([2.0, 0.0]), 0.5, np.array([0.0, 1.0]),
+                                          np.array([4.0, 4.0])), [0.25, 3.0])
+
+
 def test_the_hybrid_rule_is_chosen_on_tune_halves_and_ties_go_to_the_mirror():
     import pandas as pd
 
