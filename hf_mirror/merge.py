@@ -27,7 +27,8 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
 
     The merged answer does not depend on how documents were split over processes: ranks are recomputed
     over all shards with the same tie-break (score, then document id). ``retrieval`` (probe id -> {doc id:
-    BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate).
+    BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate; in
+    ``scores.parquet`` every document's BM25 score where ``prior`` knows it).
     With ``fusion_weight`` the final ``score`` is :func:`hf_mirror.fusion.fuse` of BM25 and the mirror's score
     (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
     ``prior`` (a (probe ids, doc ids) -> BM25 score lookup, and the lexical weight) adds the ``influence`` column:
@@ -50,8 +51,8 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
         topk["score"] = fuse(topk, fusion_weight)
         topk = topk[topk["score"].notna()]
     final = _Lookup({}) if fusion_weight is None else _Lookup.of(topk)
-    _write_scores(shard_dirs, states, out, bm25 if retrieval is not None else None,
-                  final if fusion_weight is not None else None, estimate, fix)
+    lexical = None if retrieval is None else prior[0] if prior is not None else bm25  # every document's, if known
+    _write_scores(shard_dirs, states, out, lexical, final if fusion_weight is not None else None, estimate, fix)
     evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
                          ignore_index=True)
     topk, evidence = _ranked(topk, evidence, probe_ids, top_k)
@@ -120,7 +121,7 @@ def _final_state(shard: Path, fix: str) -> dict:
     return read_state(shard / name, fix)[0]
 
 
-def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm25: _Lookup | None,
+def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm25: Callable | None,
                   final: _Lookup | None, estimate: _Influence | None, fix: str) -> None:
     """Every shard's score parts into one ``scores.parquet`` (with ``bm25``; with the fusion, ``mirror`` and the
     final ``score``; with the prior, ``influence``), written atomically."""

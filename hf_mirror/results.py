@@ -108,8 +108,8 @@ class AttributionResult:
 
     def moved(self, probe_id: str, k: int = 5) -> pd.DataFrame:
         """The documents that moved the model most for this probe: every scanned document ranked by the mirror's
-        influence (``raw_score``) alone, whatever ``score`` ranks by. ``doc_id``, ``raw_score``, ``bm25`` (NaN: not
-        one of the probe's BM25 candidates)."""
+        influence (``raw_score``) alone, whatever ``score`` ranks by. ``doc_id``, ``raw_score``, ``bm25`` (its BM25
+        score; NaN where a candidates-only scan did not keep it)."""
         probe_id = self._check_probe(probe_id)
         path = self.directory / FILES["scores"]
         if not path.exists():
