@@ -31,7 +31,7 @@ def score_meaning(config: Mapping) -> str:
     normalize = scan.get("normalize", "none")
     if scan.get("rank_by") == "hybrid":
         return (f"score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents that "
-                f"state it) + {scan.get('mirror_weight', 0.05):g} x the mirror's influence, standardised over the "
+                f"state it) + {scan.get('mirror_weight', 0.05):g} x the mirror's score, standardised over the "
                 f"probe's {config.get('retrieval', {}).get('per_probe', 20)} BM25 candidates (documents that moved "
                 f"the model); raw = mirror = {raw}; influence = mirror / sd + {scan.get('lexical_weight', 0.5):g} x "
                 f"BM25 / sd over the probe's scored documents (the additive estimate); positive = the document "
