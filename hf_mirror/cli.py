@@ -484,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     escape_log_output()  # control characters in documents, probes and ids never reach the terminal raw
     _offline_when_local(args)
+    if getattr(args, "no_progress", False):  # transformers' own bars too ("Loading weights")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         set_threads(args.threads)
         return {"attribute": _attribute, "show": _show, "demo": _demo, "audit": _audit,

@@ -45,6 +45,7 @@ def test_attribute_then_show(planted, tmp_path, capsys):
         ]
     )
     assert rc == 0
+    assert "Loading weights" not in capsys.readouterr().err  # --no-progress silences transformers' bars too
     result = AttributionResult.load(out)
     assert result.config["scan"]["top_k"] == 4 and result.config["corpus"]["text_column"] == "body"
     assert [result.top(f"fact-{i}", 1)["doc_id"][0] for i in range(8)].count("d0") <= 1
