@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_mirror import Corpus
+from hf_mirror import AttributionResult, Corpus
 from hf_mirror.cli import main
 from hf_mirror.errors import InputError
 from hf_mirror.provenance import (
@@ -178,6 +178,9 @@ def test_generation_provenance_names_the_memorized_source(tiny_model, planted, f
         assert r["generation"][span["chars"][0]:span["chars"][1]] == span["text"]
         assert planted.texts[i][len(f"{planted.names[i]} keeps a"):].startswith(r["generation"][:5])
         assert r["mirror"]["source_rank"] <= 3 and r["mirror"]["top"][0]["rank"] == 1
+        # the mirror's own view: every scanned document by the mirror's score (not the hybrid's candidates-only score)
+        moved = AttributionResult.load(tmp_path / "attribution").moved(f"p{i}", 3)
+        assert [t["doc_id"] for t in r["mirror"]["top"][:3]] == moved["doc_id"].tolist()
     assert by_id["free"]["verdict"] == "not memorized" and by_id["free"]["source"] is None
     assert report["memorized"] == 2
 

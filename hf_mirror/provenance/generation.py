@@ -91,59 +91,73 @@ def generation_provenance(
     probe_list = generate_completions(model, tokenizer, load_probes(probes), max_new_tokens)
     if index is None:
         index = NgramIndex.build(corpus, tokenizer, n=n, show_progress=show_progress)
-    ranking: dict[str, list] = {}
-    mirror_scores: dict[str, dict] = {}
-    if use_mirror:
-        from hf_mirror.pipeline import ScanConfig, attribute
-
-        result = attribute(model, corpus, probe_list, tokenizer=tokenizer, mirror=mirror,
-                           scan=scan or ScanConfig(top_k=top),
-                           output_dir=None if output_dir is None else Path(output_dir) / "attribution",
-                           show_progress=show_progress, overwrite=True)
-        for pid, group in result.scores().groupby("probe_id", sort=False):
-            group = group.sort_values("score", ascending=False, kind="mergesort")
-            ids = [d.item() if hasattr(d, "item") else d for d in group["doc_id"]]
-            ranking[str(pid)] = ids
-            mirror_scores[str(pid)] = dict(zip(ids, group["score"].astype(float), strict=True))
+    rankings = (_mirror_rankings(model, tokenizer, corpus, probe_list, mirror, scan, top, output_dir, show_progress)
+                if use_mirror else None)
     reports = []
     for p in probe_list:
-        text = p.completion or ""
-        match, n_used, note = _find(index, text)
-        per_doc: dict[object, set[int]] = {}
-        for span in match.spans:
-            for occ in span.occurrences:
-                per_doc.setdefault(occ.doc_id, set()).update(range(span.start, span.end))
-        source, copied = None, 0
-        if per_doc:  # the document covering most tokens; ties: corpus order of the first occurrence
-            source = max(per_doc, key=lambda d: len(per_doc[d]))
-            copied = len(per_doc[source])
-        fraction = copied / match.n_tokens if match.n_tokens else 0.0
-        src_spans = [s for s in match.spans if any(o.doc_id == source for o in s.occurrences)]
-        chars = _char_ranges(tokenizer, text, src_spans)
-        spans = [{"text": s.text, "tokens": [s.start, s.end], "chars": list(c),
-                  "source_offset": next(o.offset for o in s.occurrences if o.doc_id == source)}
-                 for s, c in zip(src_spans, chars, strict=True)]
-        verdict = "memorized" if source is not None and fraction >= threshold else "not memorized"
-        if verdict != "memorized" and n_used > match.n_tokens > 0:
-            verdict = TOO_SHORT
-        if note:
-            logger.warning("Generation %r: %s.", p.id, note)
-        entry = {"id": p.id, "prompt": p.prompt, "generation": text, "n_tokens": match.n_tokens, "n": n_used,
-                 "verdict": verdict, "source": source, "copied_tokens": copied, "copied_fraction": fraction,
-                 "spans": spans, "coverage": match.coverage, **({"note": note} if note else {})}
-        if use_mirror:
-            order = ranking.get(p.id, [])
-            entry["mirror"] = {
-                "source_rank": (order.index(source) + 1) if source in order else None,
-                "source_score": mirror_scores.get(p.id, {}).get(source),
-                "top": [{"rank": r + 1, "doc_id": d, "score": mirror_scores[p.id][d]}
-                        for r, d in enumerate(order[:top])],
-            }
-            entry["mirror_agrees"] = source is not None and entry["mirror"]["source_rank"] == 1
+        entry = _copied(index, tokenizer, p, threshold)
+        if rankings is not None:
+            entry["mirror"] = _mirror_view(rankings.get(p.id, {}), entry["source"], top)
+            entry["mirror_agrees"] = entry["source"] is not None and entry["mirror"]["source_rank"] == 1
         reports.append(entry)
     memorized = sum(r["verdict"] == "memorized" for r in reports)
     return {"memorized": memorized, "generations": len(reports), "threshold": threshold, "n": index.n,
             "too_short": sum(r["verdict"] == TOO_SHORT for r in reports), "mirror": use_mirror, "items": reports}
+
+
+def _mirror_rankings(model, tokenizer, corpus: Corpus, probe_list, mirror, scan, top: int,
+                     output_dir: str | Path | None, show_progress: bool) -> dict[str, dict]:
+    """Per probe, every scanned document's mirror score, best first (the mirror's own score under the hybrid)."""
+    from hf_mirror.pipeline import ScanConfig, attribute
+
+    result = attribute(model, corpus, probe_list, tokenizer=tokenizer, mirror=mirror,
+                       scan=scan or ScanConfig(top_k=top),
+                       output_dir=None if output_dir is None else Path(output_dir) / "attribution",
+                       show_progress=show_progress, overwrite=True)
+    scores = result.scores()
+    column = "mirror" if "mirror" in scores else "score"
+    out = {}
+    for pid, group in scores.groupby("probe_id", sort=False):
+        group = group.sort_values(column, ascending=False, kind="mergesort")
+        ids = [d.item() if hasattr(d, "item") else d for d in group["doc_id"]]
+        out[str(pid)] = dict(zip(ids, group[column].astype(float), strict=True))
+    return out
+
+
+def _copied(index: NgramIndex, tokenizer, p, threshold: float) -> dict:
+    """One generation's verbatim verdict: its source document (covering most of its tokens) and copied spans."""
+    text = p.completion or ""
+    match, n_used, note = _find(index, text)
+    per_doc: dict[object, set[int]] = {}
+    for span in match.spans:
+        for occ in span.occurrences:
+            per_doc.setdefault(occ.doc_id, set()).update(range(span.start, span.end))
+    source, copied = None, 0
+    if per_doc:  # the document covering most tokens; ties: corpus order of the first occurrence
+        source = max(per_doc, key=lambda d: len(per_doc[d]))
+        copied = len(per_doc[source])
+    fraction = copied / match.n_tokens if match.n_tokens else 0.0
+    src_spans = [s for s in match.spans if any(o.doc_id == source for o in s.occurrences)]
+    chars = _char_ranges(tokenizer, text, src_spans)
+    spans = [{"text": s.text, "tokens": [s.start, s.end], "chars": list(c),
+              "source_offset": next(o.offset for o in s.occurrences if o.doc_id == source)}
+             for s, c in zip(src_spans, chars, strict=True)]
+    verdict = "memorized" if source is not None and fraction >= threshold else "not memorized"
+    if verdict != "memorized" and n_used > match.n_tokens > 0:
+        verdict = TOO_SHORT
+    if note:
+        logger.warning("Generation %r: %s.", p.id, note)
+    return {"id": p.id, "prompt": p.prompt, "generation": text, "n_tokens": match.n_tokens, "n": n_used,
+            "verdict": verdict, "source": source, "copied_tokens": copied, "copied_fraction": fraction,
+            "spans": spans, "coverage": match.coverage, **({"note": note} if note else {})}
+
+
+def _mirror_view(scores: dict, source: object, top: int) -> dict:
+    """Where the mirror ranks the verbatim source among every scanned document, and its top documents."""
+    order = list(scores)
+    return {"source_rank": (order.index(source) + 1) if source in scores else None,
+            "source_score": scores.get(source),
+            "top": [{"rank": r + 1, "doc_id": d, "score": scores[d]} for r, d in enumerate(order[:top])]}
 
 
 def write_provenance(report: dict, directory: str | Path) -> Path:

@@ -158,6 +158,36 @@ def audit_leakage(
     """
     if not 0 < threshold <= 1:
         raise InputError(f"threshold is a fraction of the item's tokens in (0, 1], got {threshold}.")
+    detectors = _detectors(detectors, index, model, corpus)
+    records = make_items(items)
+    texts = [r.text for r in records]
+    member_scores = np.full(len(records), np.nan)
+    if "minkprob" in detectors:
+        if tokenizer is None:
+            from hf_mirror.modeling import resolve_model
+
+            model, tokenizer, _ = resolve_model(model)
+        member_scores = min_k_scores(model, tokenizer, texts, k=k, method=membership)
+    mirrored = None
+    if "mirror" in detectors:
+        mirrored = mirror_leakage(model, corpus, records, tokenizer=tokenizer, mirror=mirror, scan=scan,
+                                  threshold=mirror_threshold, output_dir=output_dir, show_progress=show_progress,
+                                  overwrite=True)
+    signals = _Signals([index.find(t) for t in texts] if "ngram" in detectors else None, mirrored, records,
+                       member_scores if "minkprob" in detectors else None,
+                       "combined" if "mirror" in detectors or detectors == ("minkprob",) else "ngram",
+                       threshold, combined_threshold, max_evidence)
+    verdicts = [signals.verdict(i, rec, mk) for i, (rec, mk) in enumerate(zip(records, member_scores, strict=True))]
+    leaked = sum(v.leaked for v in verdicts)
+    detector = {"method": signals.verdict_by, "detectors": list(detectors), "threshold": threshold,
+                "min_k_percent": k, "membership": membership, "combined_threshold": combined_threshold,
+                "mirror_threshold": mirror_threshold, "n": index.n if index is not None else None}
+    return {"contamination_rate": leaked / len(verdicts), "leaked": leaked, "items": [asdict(v) for v in verdicts],
+            "detector": detector}
+
+
+def _detectors(detectors: Sequence[str] | None, index, model, corpus) -> tuple[str, ...]:
+    """The detectors to run (default: ``ngram``, and ``minkprob`` given a model), refused without what they need."""
     if detectors is None:
         detectors = ("ngram", "minkprob") if model is not None else ("ngram",)
     detectors = tuple(dict.fromkeys(detectors))
@@ -170,71 +200,53 @@ def audit_leakage(
         raise InputError("The mirror and minkprob detectors need the model.")
     if "mirror" in detectors and corpus is None:
         raise InputError("The mirror detector needs the corpus to scan.")
-    records = make_items(items)
-    texts = [r.text for r in records]
-    if "minkprob" in detectors:
-        if tokenizer is None:
-            from hf_mirror.modeling import resolve_model
+    return detectors
 
-            model, tokenizer, _ = resolve_model(model)
-        member_scores = min_k_scores(model, tokenizer, texts, k=k, method=membership)
-    else:
-        member_scores = np.full(len(records), np.nan)
-    matches = [index.find(t) for t in texts] if "ngram" in detectors else None
-    coverage = np.array([m.coverage for m in matches]) if matches is not None else None
-    mirrored = None
-    if "mirror" in detectors:
-        mirrored = mirror_leakage(model, corpus, records, tokenizer=tokenizer, mirror=mirror, scan=scan,
-                                  threshold=mirror_threshold, output_dir=output_dir, show_progress=show_progress,
-                                  overwrite=True)
-    top_z = np.array([mirrored[r.id].top_z for r in records]) if mirrored is not None else None
-    min_k = member_scores if "minkprob" in detectors else None
-    if "mirror" in detectors or detectors == ("minkprob",):
-        verdict_by = "combined"
-        combined = combined_scores(coverage, top_z, min_k, threshold, combined_threshold)
-    else:
-        verdict_by = "ngram"
-        combined = (combined_scores(coverage, None, min_k, threshold, combined_threshold)
-                    if min_k is not None else None)
-    z_mirror = robust_z(top_z) if top_z is not None else None
-    z_mink = robust_z(min_k) if min_k is not None else None
-    verdicts = []
-    for i, (rec, mk) in enumerate(zip(records, member_scores, strict=True)):
-        evidence, longest, scores = [], 0, {}
-        if matches is not None:
-            match = matches[i]
-            spans = sorted(match.spans, key=lambda s: -(s.end - s.start))[:max_evidence]
+
+class _Signals:
+    """Every detector's output over the items, and how one item's verdict is made from them."""
+
+    def __init__(self, matches: list | None, mirrored: dict | None, records: Sequence[EvalItem],
+                 min_k: np.ndarray | None, verdict_by: str, threshold: float, combined_threshold: float,
+                 max_evidence: int) -> None:
+        self.matches, self.mirrored, self.min_k, self.verdict_by = matches, mirrored, min_k, verdict_by
+        self.threshold, self.combined_threshold, self.max_evidence = threshold, combined_threshold, max_evidence
+        self.coverage = np.array([m.coverage for m in matches]) if matches is not None else None
+        self.top_z = np.array([mirrored[r.id].top_z for r in records]) if mirrored is not None else None
+        self.combined = None
+        if verdict_by == "combined" or min_k is not None:
+            self.combined = combined_scores(self.coverage, self.top_z if verdict_by == "combined" else None, min_k,
+                                            threshold, combined_threshold)
+        self.z_mirror = robust_z(self.top_z) if self.top_z is not None else None
+        self.z_mink = robust_z(min_k) if min_k is not None else None
+
+    def verdict(self, i: int, rec: EvalItem, mk: float) -> ItemVerdict:
+        evidence, longest, scores, mirror_ev = [], 0, {}, None
+        if self.matches is not None:
+            match = self.matches[i]
+            spans = sorted(match.spans, key=lambda s: -(s.end - s.start))[: self.max_evidence]
             evidence = [{"text": s.text, "query_tokens": [s.start, s.end],
                          "documents": [{"doc_id": o.doc_id, "offset": o.offset} for o in s.occurrences[:5]]}
                         for s in spans]
             longest = match.longest
             scores["ngram"] = float(match.coverage)
-        mirror_ev = None
-        if mirrored is not None:
-            ev = mirrored[rec.id]
-            scores["mirror"] = _num(ev.top_z)
-            scores["mirror_z"] = _num(z_mirror[i])
+        if self.mirrored is not None:
+            ev = self.mirrored[rec.id]
+            scores["mirror"], scores["mirror_z"] = _num(ev.top_z), _num(self.z_mirror[i])
             top = ev.top[0] if ev.top else {}
             mirror_ev = {"doc_id": top.get("doc_id"), "score": top.get("score"), "top_z": _num(ev.top_z),
                          "margin": _num(ev.margin), "leaked": ev.leaked, "top": ev.top,
                          "prompt": rec.prompt, "completion": rec.completion}
-        if min_k is not None:
-            scores["minkprob"] = _num(mk)
-            scores["minkprob_z"] = _num(z_mink[i])
-        if combined is not None:
-            scores["combined"] = _num(combined[i])
-        if verdict_by == "ngram":
-            score, leaked = float(coverage[i]), bool(coverage[i] >= threshold)
+        if self.min_k is not None:
+            scores["minkprob"], scores["minkprob_z"] = _num(mk), _num(self.z_mink[i])
+        if self.combined is not None:
+            scores["combined"] = _num(self.combined[i])
+        if self.verdict_by == "ngram":
+            score, leaked = float(self.coverage[i]), bool(self.coverage[i] >= self.threshold)
         else:
-            score = float(combined[i]) if np.isfinite(combined[i]) else float("nan")
-            leaked = bool(np.isfinite(combined[i]) and combined[i] >= combined_threshold)
-        verdicts.append(ItemVerdict(rec.id, rec.text, leaked, score, longest, _num(mk), evidence, scores, mirror_ev))
-    leaked = sum(v.leaked for v in verdicts)
-    detector = {"method": verdict_by, "detectors": list(detectors), "threshold": threshold,
-                "min_k_percent": k, "membership": membership, "combined_threshold": combined_threshold,
-                "mirror_threshold": mirror_threshold, "n": index.n if index is not None else None}
-    return {"contamination_rate": leaked / len(verdicts), "leaked": leaked, "items": [asdict(v) for v in verdicts],
-            "detector": detector}
+            score = float(self.combined[i]) if np.isfinite(self.combined[i]) else float("nan")
+            leaked = bool(np.isfinite(self.combined[i]) and self.combined[i] >= self.combined_threshold)
+        return ItemVerdict(rec.id, rec.text, leaked, score, longest, _num(mk), evidence, scores, mirror_ev)
 
 
 def _num(x) -> float | None:
