@@ -18,7 +18,9 @@ from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.integrity import check_hashes, hash_files
 from hf_mirror.probes import Probe
-from hf_mirror.provenance.ngram import MANIFEST, Extras, NgramIndex
+from hf_mirror.provenance.infinigram import BACKEND as INFINI_GRAM
+from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
+from hf_mirror.provenance.ngram import INDEX_FORMAT, MANIFEST, Extras, NgramIndex, verbatim_part
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +107,8 @@ def _chosen(found: Candidates, m: int, dense: bool = False) -> Candidates:
 
 
 # ---------------------------------------------------------------------------------------------------- the saved index
-INDEX_FORMAT = "hf_mirror.index"
 INDEX_VERSION = 1
+VERBATIM_DIRS = {"ngram": "ngram", INFINI_GRAM: "infinigram"}  # the verbatim index's backend -> its folder
 BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}  # what retrieve() uses: bm25s's defaults
 _COLUMNS = ("text_column", "id_column", "split", "format", "name")  # what picks the documents and their ids
 
@@ -177,7 +179,10 @@ class CandidateIndex:
 
         manifest.json   format, tokenizer and corpus fingerprints, corpus columns, counts (written last)
         bm25/           bm25s's own save (BM25.save/load) and doc_ids.json: the documents with text, corpus order
-        ngram/          the verbatim n-gram index (NgramIndex; audit/provenance --index open it)
+        ngram/          the verbatim n-gram index (NgramIndex; audit/provenance --index open it), or
+        infinigram/     with --backend infini-gram, instead: its suffix array (InfiniGramIndex), which the manifest
+                        records as "verbatim": {"backend": "infini-gram", "dir": "infinigram"} (without that entry,
+                        an index is the n-gram layout)
         dense/          (--dense) vectors.npy, float32 [documents, hidden], opened memory-mapped; doc_ids.json
 
     The whole directory is built in a hidden sibling (``.<name>.building/``) and renamed into place with its
@@ -192,8 +197,9 @@ class CandidateIndex:
 
     def __repr__(self) -> str:
         m = self.manifest
+        backend, n = verbatim_part(self.directory, m)[0], (m.get("verbatim") or m.get("ngram") or {}).get("n")
         return (f"CandidateIndex(documents={m['n_documents']}, bm25={m['bm25']['documents']}, "
-                f"ngram=n{m['ngram']['n']}, dense={None if m.get('dense') is None else m['dense']['dim']})")
+                f"{backend}=n{n}, dense={None if m.get('dense') is None else m['dense']['dim']})")
 
     @property
     def n_documents(self) -> int:
@@ -327,9 +333,9 @@ class CandidateIndex:
         return {p.id: dict(itertools.islice(((d, s) for d, s in row if d in self._bm25_rows), m))
                 for p, row in zip(probes, rows, strict=True)}
 
-    def verbatim(self, tokenizer) -> NgramIndex:
-        """The verbatim n-gram index (what ``audit``/``provenance --index`` use)."""
-        return NgramIndex.load(self.directory / "ngram", tokenizer)
+    def verbatim(self, tokenizer) -> NgramIndex | InfiniGramIndex:
+        """The verbatim index (what ``audit``/``provenance --index`` use): n-grams, or infini-gram's suffix array."""
+        return load_index(self.directory, tokenizer)
 
     def dense(self) -> tuple[np.ndarray, list] | None:
         """The dense index: document vectors (float32, memory-mapped) and their ids; None when not built."""
@@ -374,18 +380,27 @@ class CandidateIndex:
 
 def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *, n: int = 13, model=None,
                 overwrite: bool = False, show_progress: bool = False, resume: bool = True,
-                dense_batch_size: int = 16, checkpoint_ngrams: int | None = None) -> CandidateIndex:
-    """Build a corpus's candidate index (BM25, verbatim n-grams and, given ``model``, dense vectors) in one pass.
+                dense_batch_size: int = 16, checkpoint_ngrams: int | None = None,
+                backend: str = "ngram") -> CandidateIndex:
+    """Build a corpus's candidate index (BM25, a verbatim index and, given ``model``, dense vectors) in one pass.
 
-    One streaming pass over ``corpus`` feeds every index: under ``accelerate launch`` / ``torchrun`` each process
-    reads its share (and embeds it on its device) and the main process merges them in corpus order, so the index
-    does not depend on the number of processes. The directory is built in ``.<name>.building/`` beside
-    ``output_dir`` (the n-gram pass checkpoints there: an interrupted build resumes when rerun with the same inputs)
-    and renamed into place, manifest included, when complete. It is keyed by the corpus fingerprint, its columns
-    and the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
+    One streaming pass over ``corpus`` feeds BM25, the dense vectors and (``backend="ngram"``) the verbatim n-gram
+    index: under ``accelerate launch`` / ``torchrun`` each process reads its share (and embeds it on its device)
+    and the main process merges them in corpus order, so the index does not depend on the number of processes.
+    With ``backend="infini-gram"`` the verbatim index is infini-gram's suffix array (``infinigram/``), built by
+    :meth:`InfiniGramIndex.build` in a pass of its own on the main process; that pass tokenises, the other does
+    not. The directory is built in ``.<name>.building/`` beside ``output_dir`` (the n-gram pass checkpoints there:
+    an interrupted build resumes when rerun with the same inputs; the infini-gram backend's build starts over) and
+    renamed into place, manifest included, when complete. It is keyed by the corpus fingerprint, its columns and
+    the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
     """
+    from hf_mirror.provenance.infinigram import require_infini_gram
     from hf_mirror.provenance.ngram import check_target, process_group, publish
 
+    if backend not in VERBATIM_DIRS:
+        raise InputError(f"Unknown verbatim index backend {backend!r}; choose among {list(VERBATIM_DIRS)}.")
+    if backend == INFINI_GRAM:
+        require_infini_gram()  # before the corpus pass
     if not isinstance(corpus, Corpus):
         corpus = Corpus(corpus)
     out = Path(output_dir)
@@ -393,7 +408,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     rank, world, state = process_group()
     embedder = None if model is None else _Embedder(model, tokenizer, dense_batch_size)
     extras = _IndexExtras(embedder)
-    key = _build_key(corpus, tokenizer, n, extras)
+    key = _build_key(corpus, tokenizer, n, extras, backend)
     if not overwrite and key is not None and _manifest_of(out).get("build_key") == key:
         logger.info("%s already holds this index (same corpus, tokenizer and settings); --overwrite rebuilds it.", out)
         return CandidateIndex.load(out, tokenizer)
@@ -407,23 +422,25 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     if world > 1:
         state.wait_for_everyone()
     more = {} if checkpoint_ngrams is None else {"checkpoint_ngrams": checkpoint_ngrams}
-    ngram = NgramIndex.build(corpus, tokenizer, n=n, output_dir=tmp / "ngram", show_progress=show_progress,
-                             resume=resume, extras=extras, **more)
+    documents, verbatim = _corpus_passes(corpus, tokenizer, tmp, backend, n, extras,
+                                         dict(show_progress=show_progress, resume=resume, **more))
     if world > 1:
-        state.wait_for_everyone()  # every process has opened the n-gram index before the directory moves
+        state.wait_for_everyone()  # every process has opened the indexes before the directory moves
     if rank == 0:
-        n_bm25 = _save_bm25(tmp / "bm25", ngram)
-        dense = None if embedder is None else _save_dense(tmp / "dense", ngram, embedder)
+        n_bm25 = _save_bm25(tmp / "bm25", documents)
+        dense = None if embedder is None else _save_dense(tmp / "dense", documents, embedder)
+        if backend != "ngram":
+            shutil.rmtree(tmp / "extras")  # the extras pass's per-document values, now in bm25/ and dense/
         manifest = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
             "tokenizer": tokenizer_key(tokenizer),
             "corpus": corpus.describe(),
             "corpus_fingerprint": corpus.fingerprint(),
-            "n_documents": len(ngram.doc_ids),
+            "n_documents": len(documents.doc_ids),
             "processes": world,
             "bm25": {"dir": "bm25", "documents": n_bm25, **BM25_PARAMS, "terms": "lowercase \\w+ words"},
-            "ngram": {"dir": "ngram", "n": n, "ngrams": len(ngram)},
+            **verbatim,
             "dense": dense,
             "files": hash_files(tmp, sorted(p for d in ("bm25", "dense") for p in (tmp / d).rglob("*") if p.is_file())),
             "build_key": key,
@@ -435,14 +452,32 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     return CandidateIndex.load(out, tokenizer)
 
 
-def _build_key(corpus: Corpus, tokenizer, n: int, extras: _IndexExtras) -> str | None:
-    """What an index's content depends on: its n-gram part's, BM25's parameters (None: never reused)."""
+def _corpus_passes(corpus: Corpus, tokenizer, tmp: Path, backend: str, n: int, extras: _IndexExtras,
+                   options: dict) -> tuple[NgramIndex, dict]:
+    """The build's passes over the corpus, into ``tmp``: every document's extras (BM25 words, vector) in an
+    ``NgramIndex`` (with the n-gram postings for the n-gram backend; without them, in ``extras/``, for
+    infini-gram, whose suffix array :meth:`InfiniGramIndex.build` makes) and the verbatim index's manifest entry."""
+    if backend == "ngram":
+        ngram = NgramIndex.build(corpus, tokenizer, n=n, output_dir=tmp / "ngram", extras=extras, **options)
+        return ngram, {"ngram": {"dir": "ngram", "n": n, "ngrams": len(ngram)}}
+    documents = NgramIndex.build(corpus, tokenizer, n=n, output_dir=tmp / "extras", extras=extras, postings=False,
+                                 **options)
+    part = VERBATIM_DIRS[backend]
+    verbatim = InfiniGramIndex.build(corpus, tokenizer, tmp / part, n=n, show_progress=options["show_progress"])
+    return documents, {"verbatim": {"backend": backend, "dir": part, "n": n,
+                                    "tokens": verbatim.manifest["n_tokens"]}}
+
+
+def _build_key(corpus: Corpus, tokenizer, n: int, extras: _IndexExtras, backend: str = "ngram") -> str | None:
+    """What an index's content depends on: its n-gram part's, BM25's parameters, the verbatim backend (None: never
+    reused)."""
     from hf_mirror.provenance.ngram import build_key
 
     ngram = build_key(corpus, tokenizer, n, extras)
     if ngram is None:
         return None
-    return hashlib.sha256(json.dumps([INDEX_VERSION, BM25_PARAMS, ngram]).encode()).hexdigest()[:16]
+    other = [] if backend == "ngram" else [backend]  # the n-gram layout's key as before: its indexes stay up to date
+    return hashlib.sha256(json.dumps([INDEX_VERSION, BM25_PARAMS, ngram, *other]).encode()).hexdigest()[:16]
 
 
 def _manifest_of(directory: Path) -> dict:

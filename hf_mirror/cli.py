@@ -171,7 +171,8 @@ def _add_index(sub) -> None:
         "DIR` reuses it for the candidates instead of indexing the corpus again), its verbatim n-gram index "
         "(`audit`/`provenance --index DIR`) and, with --dense, the model's mean-pooled document embeddings "
         "(memory-mapped). Under accelerate launch / torchrun every process reads its share and the main process "
-        "merges them into the same index. Layout: DIR/manifest.json, DIR/bm25/, DIR/ngram/, DIR/dense/. Built in a "
+        "merges them into the same index. Layout: DIR/manifest.json, DIR/bm25/, DIR/ngram/ (--backend infini-gram: "
+        "DIR/infinigram/), DIR/dense/. Built in a "
         "hidden sibling directory and renamed into place when complete (checkpointed: an interrupted build resumes "
         "when rerun); keyed by the corpus content and the tokenizer, so an index of another corpus or tokenizer is "
         "refused.",
@@ -192,8 +193,9 @@ def _add_index(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint of an interrupted build")
     p.add_argument("--backend", choices=["ngram", "infini-gram"], default="ngram",
-                   help="ngram: BM25 + hashed n-grams of one --ngram (+ --dense); infini-gram: only a verbatim suffix "
-                   "array (any n, for huge corpora; pip install 'hf_mirror[infinigram]'; one process, no checkpoint)")
+                   help="the verbatim index beside BM25 (+ --dense): ngram: hashed n-grams of one --ngram (ngram/); "
+                   "infini-gram: a suffix array answering any n, for huge corpora (infinigram/; pip install "
+                   "'hf_mirror[infinigram]'; built on the main process in a pass of its own, no checkpoint)")
 
 
 def _add_provenance(sub) -> None:
@@ -388,28 +390,19 @@ def _index(args) -> int:
 
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split,
                     format=args.format, name=args.dataset_config)  # the corpus attribute --index will check
-    if args.backend == "infini-gram":
-        from hf_mirror.provenance.infinigram import InfiniGramIndex
+    from hf_mirror.candidates import build_index
 
-        if args.dense:
-            raise InputError("--dense builds with the default --backend ngram (infini-gram builds a verbatim index "
-                             "only); drop one of them.")
-        index = InfiniGramIndex.build(corpus, load_tokenizer(args.model), output_dir=args.output, n=args.ngram,
-                                      overwrite=args.overwrite, show_progress=True)
+    model = None
+    if args.dense:
+        from hf_mirror.distributed import process_state
+        from hf_mirror.modeling import resolve_model
+
+        model, tokenizer, _ = resolve_model(args.model)
+        model.to(process_state().device).eval()
     else:
-        from hf_mirror.candidates import build_index
-
-        model = None
-        if args.dense:
-            from hf_mirror.distributed import process_state
-            from hf_mirror.modeling import resolve_model
-
-            model, tokenizer, _ = resolve_model(args.model)
-            model.to(process_state().device).eval()
-        else:
-            tokenizer = load_tokenizer(args.model)
-        index = build_index(corpus, tokenizer, args.output, n=args.ngram, model=model, overwrite=args.overwrite,
-                            show_progress=True, resume=not args.restart)
+        tokenizer = load_tokenizer(args.model)
+    index = build_index(corpus, tokenizer, args.output, n=args.ngram, model=model, overwrite=args.overwrite,
+                        show_progress=True, resume=not args.restart, backend=args.backend)
     if is_main_process():
         print(f"{index!r}; wrote {args.output}")
     return 0

@@ -85,6 +85,63 @@ def test_index_command_builds_bm25_and_ngrams_and_attribute_reuses_it(planted, c
     assert indexed.config["scan"]["index"] == str(out)
 
 
+def test_infini_gram_backend_serves_attribute_audit_and_provenance(planted, corpus_file, tmp_path, one_thread):
+    """`hf-mirror index --backend infini-gram`: the same layout with infinigram/ for ngram/; attribute --index gets
+    the same BM25 candidates (and result) as from the n-gram backend's index; audit/provenance --index open its
+    suffix array and give the n-gram index's reports."""
+    pytest.importorskip("infini_gram", reason="the infini-gram backend needs pip install 'hf_mirror[infinigram]'")
+    from hf_mirror.modeling import load_tokenizer
+    from hf_mirror.provenance import InfiniGramIndex
+    from hf_mirror.results import AttributionResult
+
+    tok = load_tokenizer(str(planted.model_dir))
+    common = ["--model", str(planted.model_dir), "--corpus", str(corpus_file), "--id-column", "id", "--ngram", "4"]
+    dirs = {b: tmp_path / b for b in ("ngram", "infini-gram")}
+    for backend, out in dirs.items():
+        assert main(["index", *common, "--backend", backend, "--output", str(out)]) == 0
+    out = dirs["infini-gram"]
+    assert sorted(p.name for p in out.iterdir()) == ["bm25", "infinigram", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "infini-gram", "ngram"]  # no leftovers
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verbatim"] == {"backend": "infini-gram", "dir": "infinigram", "n": 4,
+                                    "tokens": InfiniGramIndex.load(out / "infinigram", tok).manifest["n_tokens"]}
+    assert "ngram" not in manifest and manifest["n_documents"] == len(planted.texts) + 2
+    corpus = Corpus(str(corpus_file), id_column="id")
+    ig, ng = CandidateIndex.load(out, tok, corpus), CandidateIndex.load(dirs["ngram"], tok, corpus)
+    probes = _probes(planted)
+    assert ig.retrieve(probes, 7) == ng.retrieve(probes, 7) == retrieve(corpus.documents(), probes, 7)
+    verbatim = ig.verbatim(tok)
+    assert isinstance(verbatim, InfiniGramIndex) and isinstance(load_index(out, tok), InfiniGramIndex)
+    assert verbatim.find(planted.texts[3]).spans == ng.verbatim(tok).find(planted.texts[3]).spans
+    with pytest.raises(InputError, match="infini-gram verbatim index.*load_index"):
+        NgramIndex.load(out, tok)
+    stamp = (out / "manifest.json").stat().st_mtime_ns  # the same build again: up to date; the backend is in its key
+    assert main(["index", *common, "--backend", "infini-gram", "--output", str(out)]) == 0
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    assert main(["index", *common, "--output", str(out)]) == 2  # the n-gram backend: another index, not over it
+    # attribute --index: the same result from either index
+    probe_file = _probe_file(tmp_path, [{"id": p.id, "prompt": p.prompt, "completion": p.completion}
+                                        for p in probes[:2]])
+    for backend, index in dirs.items():
+        assert main(["attribute", *common[:-2], "--probes", str(probe_file), "--no-cache", "--candidates", "bm25:5",
+                     "--no-progress", "--index", str(index), "--output", str(tmp_path / f"run-{backend}")]) == 0
+    runs = [AttributionResult.load(tmp_path / f"run-{b}") for b in dirs]
+    pd.testing.assert_frame_equal(_scores(runs[0]), _scores(runs[1]))
+    # audit / provenance --index open the suffix array: the n-gram index's reports
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"text": planted.facts[3]}) + "\n" + json.dumps({"text": "an unseen line."}) + "\n")
+    reports = {}
+    for backend, index in dirs.items():
+        audit, prov = tmp_path / f"audit-{backend}", tmp_path / f"provenance-{backend}"
+        assert main(["audit", *common, "--eval-set", str(evals), "--eval-split", "train", "--detectors", "ngram",
+                     "--index", str(index), "--output", str(audit)]) == 0
+        assert main(["provenance", *common, "--probes", str(probe_file), "--no-mirror", "--index", str(index),
+                     "--output", str(prov)]) == 0
+        reports[backend] = (json.loads((audit / "report.json").read_text()),
+                            json.loads((prov / "provenance.json").read_text()))
+    assert reports["ngram"] == reports["infini-gram"] and reports["ngram"][0]["leaked"] == 1
+
+
 def test_stale_half_written_and_foreign_indexes_are_refused(planted, tiny_model, corpus_file, tmp_path, monkeypatch,
                                                             capsys):
     model, tok = tiny_model

@@ -41,6 +41,7 @@ from hf_mirror.errors import InputError, RunError
 from hf_mirror.integrity import check_hashes, hash_files, remove_dead_writers, writer_dir
 from hf_mirror.progress import progress_bar
 from hf_mirror.provenance.ngram import (
+    INDEX_FORMAT,
     MANIFEST,
     NgramIndex,
     NgramMatch,
@@ -50,6 +51,7 @@ from hf_mirror.provenance.ngram import (
     jsonable_id,
     process_group,
     publish,
+    verbatim_part,
 )
 
 FORMAT = "hf_mirror.infinigram_index"
@@ -63,7 +65,7 @@ _SCAN_LIMIT = 1 << 20  # at most this many occurrences of one span are located a
 _ENGINE_KEYWORDS = ("tokenized", "table", "offset", "metadata", "metaoff", "unigram")
 
 
-def _infini_gram():
+def require_infini_gram():
     """The ``infini_gram`` package, or a clear error naming the install command."""
     try:
         import infini_gram
@@ -129,7 +131,7 @@ class InfiniGramIndex:
         (default: half the machine's memory) size infini-gram's parallel suffix-array jobs; ``token_dtype``
         ('u16' or 'u32') defaults to the narrowest that holds the vocabulary.
         """
-        infini_gram = _infini_gram()
+        infini_gram = require_infini_gram()
         if n < 1:
             raise InputError(f"n must be a positive number of tokens, got {n}.")
         if not isinstance(corpus, Corpus):
@@ -228,19 +230,25 @@ class InfiniGramIndex:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, directory: str | Path, tokenizer) -> InfiniGramIndex:
-        """Open an index saved by ``build``; refuse an incomplete one or one built for another tokenizer."""
+    def load(cls, directory: str | Path, tokenizer, output: str | Path | None = None) -> InfiniGramIndex:
+        """Open an index saved by ``build``; refuse an incomplete one or one built for another tokenizer.
+
+        ``output``: the ``hf-mirror index --output`` directory that holds it (default ``directory``), which the
+        rebuild hint of an error names.
+        """
         directory = Path(directory)
         path = directory / MANIFEST
-        rebuild = (f"rebuild it with `hf-mirror index --backend infini-gram --overwrite --output {directory}` or "
-                   "InfiniGramIndex.build(corpus, tokenizer, output_dir, overwrite=True)")
+        rebuild = (f"rebuild it with `hf-mirror index --backend infini-gram --overwrite --output "
+                   f"{output or directory}` or InfiniGramIndex.build(corpus, tokenizer, output_dir, overwrite=True)")
         if not path.is_file():
             raise InputError(f"{directory} is not a complete infini-gram index (no {MANIFEST}): its build was "
                              f"interrupted or it is another kind of directory; {rebuild}.")
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} is not valid JSON ({e}); {rebuild}.") from e
+            manifest = json.loads(path.read_bytes().decode("utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding (corrupt bytes)
+            raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); {rebuild}.") from e
         if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
             raise InputError(f"{directory} holds format {manifest.get('format')!r} version "
                              f"{manifest.get('version')!r}, not an hf_mirror infini-gram index version "
@@ -251,7 +259,7 @@ class InfiniGramIndex:
                 f"The infini-gram index in {directory} was built with another tokenizer (fingerprint "
                 f"{manifest['tokenizer']}, this one is {fp}); load it with the tokenizer it was built with, or "
                 f"{rebuild} for this tokenizer.")
-        _infini_gram()
+        require_infini_gram()
         try:
             check_hashes(directory, manifest.get("files", {}))  # older indexes: the counts below only
             doc_ids = json.loads((directory / "doc_ids.json").read_text())
@@ -343,7 +351,8 @@ class InfiniGramIndex:
 
 
 def load_index(directory: str | Path, tokenizer) -> NgramIndex | InfiniGramIndex:
-    """Open a verbatim index of either backend, dispatching on its manifest (``NgramIndex`` when unsure).
+    """Open a verbatim index of either backend, dispatching on its manifest (``NgramIndex`` when unsure); of an
+    ``hf-mirror index`` directory, its verbatim part (``ngram/`` or ``infinigram/``, as its manifest records).
 
     A manifest that cannot be read (truncated, empty, corrupt bytes, not an object) is an ``InputError`` naming it
     and the fix; a missing one is left to ``NgramIndex.load`` ("not a complete n-gram index").
@@ -361,6 +370,8 @@ def load_index(directory: str | Path, tokenizer) -> NgramIndex | InfiniGramIndex
                          "or delete it.") from e
     if manifest.get("format") == FORMAT:
         return InfiniGramIndex.load(directory, tokenizer)
+    if manifest.get("format") == INDEX_FORMAT and verbatim_part(directory, manifest)[0] == BACKEND:
+        return InfiniGramIndex.load(verbatim_part(directory, manifest)[1], tokenizer, output=directory)
     return NgramIndex.load(directory, tokenizer)
 
 

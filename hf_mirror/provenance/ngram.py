@@ -41,6 +41,7 @@ from hf_mirror.progress import progress_bar
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+INDEX_FORMAT = "hf_mirror.index"  # the top-level manifest of `hf-mirror index` (hf_mirror.candidates)
 _REBUILD = ("`hf-mirror index --overwrite --output INDEX_DIR` (the directory given to --index), or "
             "NgramIndex.build(corpus, tokenizer, output_dir=..., overwrite=True)")
 _ARRAYS = ("hashes", "docs", "offsets")
@@ -148,6 +149,7 @@ class NgramIndex:
         resume: bool = True,
         checkpoint_ngrams: int = _FLUSH_TOKENS,
         extras: Extras | None = None,
+        postings: bool = True,
     ) -> NgramIndex:
         """Index every ``n``-token n-gram of ``corpus`` in one streaming pass; save it when ``output_dir`` is given.
 
@@ -162,7 +164,8 @@ class NgramIndex:
 
         ``extras`` computes more per-document values in the same pass (:class:`Extras`: the BM25 words, a dense
         vector); they are checkpointed with the postings and merged in corpus order into ``index.extras`` on the
-        main process.
+        main process. ``postings=False`` runs only that extras pass: no tokenizer, no n-grams (the index is empty;
+        what ``hf-mirror index --backend infini-gram`` uses, its verbatim index being a suffix array).
         """
         if n < 1:
             raise InputError(f"n must be a positive number of tokens, got {n}.")
@@ -175,7 +178,7 @@ class NgramIndex:
             raise InputError("Pass an output directory when building an n-gram index on several processes.")
         out = None if output_dir is None else Path(output_dir)
         fingerprint = corpus.fingerprint()
-        built = build_key(corpus, tokenizer, n, extras)  # what the index holds (None: no resume, no reuse)
+        built = build_key(corpus, tokenizer, n, extras, postings)  # what the index holds (None: no resume, no reuse)
         key = _digest([built, world])  # what its checkpoints hold
         work = None if out is None else out.parent / f".{out.name}.build"
         if out is not None and not overwrite and extras is None and built is not None and _built(out, built):
@@ -210,7 +213,7 @@ class NgramIndex:
                 text = ""
             if not isinstance(text, str):
                 raise InputError(f"Document {doc_id!r} is a {type(text).__name__}, not text; pick the text column.")
-            batch.append((doc_id, text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+            batch.append((doc_id, text, tokenizer(text, add_special_tokens=False)["input_ids"] if postings else []))
             if len(batch) >= (1 if extras is None else extras.batch_size):
                 flush()
         flush()
@@ -280,8 +283,12 @@ class NgramIndex:
                 raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
         except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding (corrupt bytes)
             raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild the index: {_REBUILD}.") from e
-        if isinstance(manifest, dict) and manifest.get("format") == "hf_mirror.index":  # `hf-mirror index`: ngram/
-            return cls.load(directory / manifest.get("ngram", {}).get("dir", "ngram"), tokenizer, mmap)
+        if manifest.get("format") == INDEX_FORMAT:  # `hf-mirror index`: its verbatim part
+            backend, part = verbatim_part(directory, manifest)
+            if backend != "ngram":
+                raise InputError(f"{directory} holds a {backend} verbatim index ({part}), not an n-gram index; open "
+                                 "it with hf_mirror.provenance.load_index (audit/provenance --index do).")
+            return cls.load(part, tokenizer, mmap)
         if manifest.get("format") != "hf_mirror.ngram_index" or manifest.get("version") != FORMAT_VERSION:
             raise InputError(
                 f"{directory} holds format {manifest.get('format')!r} version {manifest.get('version')!r}, not an "
@@ -550,14 +557,23 @@ def publish(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_key(corpus: Corpus, tokenizer, n: int, extras: Extras | None = None) -> str | None:
+def build_key(corpus: Corpus, tokenizer, n: int, extras: Extras | None = None, postings: bool = True) -> str | None:
     """What an n-gram index's content depends on (its manifest's ``build_key``); None for a corpus without a
     stable fingerprint (such an index is never taken as up to date)."""
     fingerprint = corpus.fingerprint()
     if fingerprint is None:
         return None
     return _digest([FORMAT_VERSION, n, tokenizer_fingerprint(tokenizer), corpus.describe(), fingerprint,
-                    None if extras is None else extras.key])
+                    None if extras is None else extras.key, *([] if postings else ["no postings"])])
+
+
+def verbatim_part(directory: str | Path, manifest: dict) -> tuple[str, Path]:
+    """The verbatim index inside an ``hf-mirror index`` directory (manifest format ``INDEX_FORMAT``): its backend
+    ("ngram", "infini-gram") and folder. A manifest without a "verbatim" entry is the n-gram layout (``ngram/``)."""
+    part = manifest.get("verbatim")
+    if not isinstance(part, dict):
+        part = {"backend": "ngram", "dir": (manifest.get("ngram") or {}).get("dir", "ngram")}
+    return str(part.get("backend")), Path(directory) / str(part.get("dir"))
 
 
 def remove_finished_checkpoint(directory: Path, key: str | None) -> None:
