@@ -349,8 +349,6 @@ def run_demo(
     run of the same settings in ``output_dir`` is reused (``report.reused``) unless ``overwrite`` or the model was
     trained now.
     """
-    from hf_mirror.html import write_html
-
     config = config or DemoModelConfig.from_env()
     t0 = time.perf_counter()
     trained = retrain or not is_complete(model_dir(config, cache_dir))
@@ -378,46 +376,36 @@ def run_demo(
         overwrite=overwrite,
     )
     t2 = time.perf_counter()
+    ranks = _source_ranks(result, sources)
+    report = DemoReport(result, Path(info["path"]), info, sources, ranks,
+                        {"model": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}, trained,
+                        previous is not None and previous == result.config.get("run_key"))
+    _write_report(report, Path(output_dir))
+    return report
+
+
+def _source_ranks(result, sources: dict[str, object]) -> dict[str, int | None]:
+    """Each probe's source document's rank in its top-k (None: not there)."""
     ranks: dict[str, int | None] = {}
     for pid, src in sources.items():
         top = result.top(pid)
         hit = top.index[top["doc_id"].astype(str) == str(src)]
         ranks[pid] = int(top.loc[hit[0], "rank"]) if len(hit) else None
-    report = DemoReport(
-        result,
-        Path(info["path"]),
-        info,
-        sources,
-        ranks,
-        {"model": t1 - t0, "attribute": t2 - t1, "total": t2 - t0},
-        trained,
-        previous is not None and previous == result.config.get("run_key"),
-    )
-    claim(output_dir, ["report.html", "demo.json"])  # hf-mirror's files: --overwrite may replace them
-    write_html(
-        result,
-        Path(output_dir) / "report.html",
-        sources=sources,
-        title="hf-mirror demo: which bundled WordNet entries made the default model say this?",
-        preamble=_preamble_html(report),
-    )
-    (Path(output_dir) / "demo.json").write_text(
-        json.dumps(
-            {
-                "model": str(report.model_path),
-                "trained": trained,
-                "reused": report.reused,
-                "fact_accuracy": info.get("fact_accuracy"),
-                "sources": sources,
-                "source_ranks": ranks,
-                "top1": report.top1,
-                "timings": report.timings,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    return report
+    return ranks
+
+
+def _write_report(report: DemoReport, out: Path) -> None:
+    """``report.html`` (sources tagged) and ``demo.json`` (model, source ranks, timings) beside the result."""
+    from hf_mirror.html import write_html
+
+    claim(out, ["report.html", "demo.json"])  # hf-mirror's files: --overwrite may replace them
+    write_html(report.result, out / "report.html", sources=report.sources,
+               title="hf-mirror demo: which bundled WordNet entries made the default model say this?",
+               preamble=_preamble_html(report))
+    summary = {"model": str(report.model_path), "trained": report.trained, "reused": report.reused,
+               "fact_accuracy": report.model_info.get("fact_accuracy"), "sources": report.sources,
+               "source_ranks": report.source_ranks, "top1": report.top1, "timings": report.timings}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _finished_run_key(out: Path) -> str | None:
