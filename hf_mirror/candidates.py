@@ -388,11 +388,11 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     index: under ``accelerate launch`` / ``torchrun`` each process reads its share (and embeds it on its device)
     and the main process merges them in corpus order, so the index does not depend on the number of processes.
     With ``backend="infini-gram"`` the verbatim index is infini-gram's suffix array (``infinigram/``), built by
-    :meth:`InfiniGramIndex.build` in a pass of its own on the main process; that pass tokenises, the other does
-    not. The directory is built in ``.<name>.building/`` beside ``output_dir`` (the n-gram pass checkpoints there:
-    an interrupted build resumes when rerun with the same inputs; the infini-gram backend's build starts over) and
-    renamed into place, manifest included, when complete. It is keyed by the corpus fingerprint, its columns and
-    the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
+    :meth:`InfiniGramIndex.build` in a tokenising pass of its own on the main process (the BM25 pass then builds
+    no n-grams). The directory is built in ``.<name>.building/`` beside ``output_dir`` (the n-gram pass
+    checkpoints there: an interrupted build resumes when rerun with the same inputs; the infini-gram backend's
+    build starts over) and renamed into place, manifest included, when complete. It is keyed by the corpus
+    fingerprint, its columns and the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
     """
     from hf_mirror.provenance.infinigram import require_infini_gram
     from hf_mirror.provenance.ngram import check_target, process_group, publish

@@ -198,8 +198,12 @@ def _has_infini_gram() -> bool:
     return True
 
 
-BACKENDS = ["ngram", pytest.param("infini-gram", marks=pytest.mark.skipif(not _has_infini_gram(),
-                                                                           reason="infini-gram not installed"))]
+NO_INFINI_GRAM = pytest.mark.skipif(not _has_infini_gram(), reason="infini-gram not installed (pip install "
+                                    "'hf_mirror[infinigram]')")
+# each manifest of an `hf-mirror index` layout: (backend, manifest)
+MANIFESTS = [("ngram", "manifest.json"), ("ngram", "ngram/manifest.json"),
+             *(pytest.param("infini-gram", m, marks=NO_INFINI_GRAM) for m in ("manifest.json",
+                                                                              "infinigram/manifest.json"))]
 
 
 @dataclass
@@ -245,13 +249,12 @@ def indexed(planted, tmp_path_factory) -> Indexed:
 
 
 @pytest.mark.parametrize("how", DAMAGES)
-@pytest.mark.parametrize("manifest", ["manifest.json", "ngram/manifest.json"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "manifest"), MANIFESTS)
 @pytest.mark.parametrize("command", ["audit", "provenance"])
 def test_damaged_index_manifest_is_a_clear_error(indexed, command, backend, manifest, how, capsys):
     """A damaged manifest of an --index directory: exit 2 with a message naming it and the fix; the fix works.
 
-    ``manifest`` is each manifest the layout of `hf-mirror index` has (a case whose file is absent is skipped).
+    ``manifest`` is each manifest the layout of `hf-mirror index` has: its own, and its verbatim index's.
     """
     import json
 
@@ -259,8 +262,7 @@ def test_damaged_index_manifest_is_a_clear_error(indexed, command, backend, mani
 
     index = indexed.root / "cases" / f"{command}-{backend}-{manifest.replace('/', '_')}-{how}"
     assert main(indexed.index_argv(backend, index)) == 0
-    if not (index / manifest).is_file():
-        pytest.skip(f"this index layout has no {manifest}")
+    assert (index / manifest).is_file(), sorted(p.name for p in index.iterdir())
     damage(index / manifest, how)
     capsys.readouterr()
     out = index.parent / f"{index.name}-out"
@@ -280,12 +282,14 @@ def test_damaged_index_manifest_is_a_clear_error(indexed, command, backend, mani
 
 
 # ---------------------------------------------------------------- index data files (every file an index holds)
+BM25_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy", "vocab.index.json",
+              "params.index.json", "doc_ids.json")
 DATA_FILES = {  # a file of `hf-mirror index --dense` (or --backend infini-gram) -> the command that reads it
     **{f"ngram/{f}": "audit" for f in ("hashes.npy", "docs.npy", "offsets.npy", "doc_ids.json")},
-    **{f"bm25/{f}": "attribute" for f in ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy",
-                                          "vocab.index.json", "params.index.json", "doc_ids.json")},
+    **{f"bm25/{f}": "attribute" for f in BM25_FILES},
     **{f"dense/{f}": "nearest" for f in ("vectors.npy", "doc_ids.json")},
-    **{f"infini-gram:{f}": "audit" for f in ("tokenized.0", "table.0", "offset.0", "doc_ids.json")},
+    **{f"infini-gram:infinigram/{f}": "audit" for f in ("tokenized.0", "table.0", "offset.0", "doc_ids.json")},
+    **{f"infini-gram:bm25/{f}": "attribute" for f in BM25_FILES},
 }
 
 
@@ -574,12 +578,21 @@ def _kill_in_save(mp):  # the finished index, written to its temporary folder: h
     mp.setattr(np, "save", save)
 
 
+def _kill_in_suffix_array(mp):  # infini-gram: the corpus tokenised into its temporary folder, no suffix array yet
+    from hf_mirror.provenance import infinigram
+
+    mp.setattr(infinigram, "_suffix_array", lambda *a, **kw: sigkill())
+
+
 INDEX_KILLS = {  # where `hf-mirror index` dies; "overwrite-" cases rebuild over an index with --overwrite
     "mid-chunk": _kill_in_savez,
     "before-progress.json": _kill_at_rename(lambda src, dst: dst.name == "progress.json", nth=2),
     "mid-save": _kill_in_save,
     "before-publish": "publish",  # the complete index, renamed onto --output
     "overwrite-before-publish": "publish",  # the old index moved aside, the new one not yet in place
+    # --backend infini-gram: its extras pass done, building the suffix array; the complete index, being published
+    "infini-gram-mid-suffix-array": _kill_in_suffix_array,
+    "infini-gram-before-publish": "publish",
 }
 
 
@@ -622,10 +635,16 @@ def test_sigkill_during_the_index_build(index_build, point, capsys):
     from hf_mirror.provenance.infinigram import load_index
 
     root, argv = index_build
-    out = root / point
+    out, ref = root / point, root / "ref"
     extra = ("--overwrite",) if point.startswith("overwrite") else ()
     if extra:
-        shutil.copytree(root / "ref", out)
+        shutil.copytree(ref, out)
+    if point.startswith("infini-gram"):
+        if not _has_infini_gram():
+            pytest.skip("infini-gram not installed (pip install 'hf_mirror[infinigram]')")
+        extra, ref = ("--backend", "infini-gram"), root / "ref-infini-gram"
+        if not ref.exists():
+            assert main(argv(ref, *extra)) == 0
     kill = INDEX_KILLS[point]
     if kill == "publish":
         kill = _kill_at_rename(lambda src, dst: dst == out)
@@ -645,7 +664,7 @@ def test_sigkill_during_the_index_build(index_build, point, capsys):
         assert state["n_docs"] > 0 and not state["done"]
     capsys.readouterr()
     assert main(argv(out, *extra)) == 0, capsys.readouterr().err
-    assert _files(out) == _files(root / "ref")
+    assert _files(out) == _files(ref)
     assert sorted(p.name for p in root.glob(f".{point}.*")) == []  # the killed writer's folders are removed
 
 

@@ -15,10 +15,12 @@ memory whatever the corpus size. On disk::
     manifest.json  backend, tokenizer fingerprint, default n, corpus description, counts (written last)
 
 Like ``NgramIndex``, the index is built in a temporary sibling directory, manifest last, and renamed into place,
-so an interrupted build never loads as valid; there is no checkpoint to resume from, a rerun starts over. The
+so an interrupted build never loads as valid; there is no checkpoint to resume from, a rerun starts over.
+``hf-mirror index --backend infini-gram`` (``hf_mirror.candidates.build_index``) builds one as the ``infinigram/``
+folder of its candidate index, beside BM25 (``load_index`` and ``CandidateIndex.verbatim`` open it there). The
 build runs in one process: under ``accelerate launch``/``torchrun`` the main process builds while the others wait
-at a barrier (so a build longer than the process group's timeout should be run alone, e.g. ``hf-mirror index
---backend infini-gram``), then every process opens it.
+at a barrier (so a build longer than the process group's timeout should be run without a launcher), then every
+process opens it.
 
 ``find`` gives the same ``NgramMatch`` as ``NgramIndex.find`` with the same ``n`` (up to that index's hash
 collisions and ``max_postings`` truncation), and ``n`` can be chosen per query.
@@ -238,8 +240,11 @@ class InfiniGramIndex:
         """
         directory = Path(directory)
         path = directory / MANIFEST
+        python = ("InfiniGramIndex.build(corpus, tokenizer, output_dir, overwrite=True)" if output is None else
+                  "hf_mirror.candidates.build_index(corpus, tokenizer, output_dir, backend='infini-gram', "
+                  "overwrite=True)")
         rebuild = (f"rebuild it with `hf-mirror index --backend infini-gram --overwrite --output "
-                   f"{output or directory}` or InfiniGramIndex.build(corpus, tokenizer, output_dir, overwrite=True)")
+                   f"{output or directory}` or {python}")
         if not path.is_file():
             raise InputError(f"{directory} is not a complete infini-gram index (no {MANIFEST}): its build was "
                              f"interrupted or it is another kind of directory; {rebuild}.")

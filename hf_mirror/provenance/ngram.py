@@ -194,7 +194,8 @@ class NgramIndex:
             state.wait_for_everyone()
         part = _Part(None if work is None else work / f"rank-{rank:05d}-of-{world:05d}", key,
                      resume and fingerprint is not None)
-        bar = progress_bar(desc="indexing n-grams", unit="doc", disable=not show_progress or rank != 0)
+        bar = progress_bar(desc="indexing n-grams" if postings else "reading documents", unit="doc",
+                           disable=not show_progress or rank != 0)
         bar.update(part.n_docs)
         docs = itertools.islice(corpus.documents(rank, world), part.n_docs, None)
         batch: list[tuple[object, str, list[int]]] = []
