@@ -323,6 +323,10 @@ def _open_or_build_index(args, corpus, tokenizer, index_dir):
                              "directory or delete it.")
         remove_finished_checkpoint(index_dir, build_key(corpus, tokenizer, args.ngram))
         return index
+    if index_dir.is_dir() and any(index_dir.iterdir()):
+        raise InputError(f"{index_dir} is not a complete index (no manifest.json: a half-written or damaged index, or "
+                         f"another directory); rebuild it with `hf-mirror index --overwrite --output {index_dir}` "
+                         "(same --model, --corpus and --ngram), or pass an empty or new --index directory.")
     return NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=True)
 
 

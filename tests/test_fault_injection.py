@@ -271,7 +271,7 @@ def test_damaged_index_manifest_is_a_clear_error(indexed, command, backend, mani
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("hf-mirror: error:"), err
     assert "overwrite" in err, err  # the fix: rebuild over it
     if how == "delete":  # a directory without its manifest is not an index: nothing writes into it
-        assert str(index) in err, err
+        assert str(index) in err and "not a complete" in err and "hf-mirror index" in err and "--overwrite" in err, err
     else:
         assert str(index / manifest) in err and "damaged" in err and "hf-mirror index" in err, err
     assert not (out / REPORTS[command]).exists()
