@@ -194,52 +194,14 @@ class NgramIndex:
             state.wait_for_everyone()
         part = _Part(None if work is None else work / f"rank-{rank:05d}-of-{world:05d}", key,
                      resume and fingerprint is not None)
-        bar = progress_bar(desc="indexing n-grams" if postings else "reading documents", unit="doc",
-                           disable=not show_progress or rank != 0)
-        bar.update(part.n_docs)
-        docs = itertools.islice(corpus.documents(rank, world), part.n_docs, None)
-        batch: list[tuple[object, str, list[int]]] = []
-
-        def flush() -> None:
-            values = extras(batch) if extras is not None else [None] * len(batch)
-            for (doc_id, _, ids), extra in zip(batch, values, strict=True):
-                part.add(doc_id, ngram_hashes(ids, n), len(ids), extra)
-                if part.n_pending >= checkpoint_ngrams:
-                    part.checkpoint()
-            bar.update(len(batch))
-            batch.clear()
-
-        for doc_id, text in docs:
-            if text is None:
-                text = ""
-            if not isinstance(text, str):
-                raise InputError(f"Document {doc_id!r} is a {type(text).__name__}, not text; pick the text column.")
-            batch.append((doc_id, text, tokenizer(text, add_special_tokens=False)["input_ids"] if postings else []))
-            if len(batch) >= (1 if extras is None else extras.batch_size):
-                flush()
-        flush()
-        bar.close()
+        _read_share(part, corpus, tokenizer, n, rank, world, extras, postings, checkpoint_ngrams, show_progress)
         part.checkpoint(done=True)
         if world > 1:
             state.wait_for_everyone()
         if rank == 0:
             parts = [part] if world == 1 else [
                 _Part(work / f"rank-{r:05d}-of-{world:05d}", key, True, must_exist=True) for r in range(world)]
-            arrays, doc_ids, n_tokens, merged_extras = _merge(parts, corpus, world)
-            manifest = {
-                "format": "hf_mirror.ngram_index",
-                "version": FORMAT_VERSION,
-                "n": n,
-                "tokenizer": tokenizer_fingerprint(tokenizer),
-                "corpus": corpus.describe(),
-                "corpus_fingerprint": fingerprint,
-                "n_documents": len(doc_ids),
-                "n_tokens": n_tokens,
-                "n_ngrams": len(arrays["hashes"]),
-                "build_key": built,
-            }
-            index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
-            index.extras = merged_extras
+            index = cls._merged(parts, corpus, tokenizer, n, world, built)
             if out is not None:
                 index.save(out, overwrite=overwrite)
                 shutil.rmtree(work, ignore_errors=True)
@@ -247,6 +209,27 @@ class NgramIndex:
             state.wait_for_everyone()
             if rank != 0:
                 index = cls.load(out, tokenizer)
+        return index
+
+    @classmethod
+    def _merged(cls, parts: list[_Part], corpus: Corpus, tokenizer, n: int, world: int,
+                built: str | None) -> NgramIndex:
+        """The processes' parts as one index (documents in corpus order), with its manifest and extras."""
+        arrays, doc_ids, n_tokens, extras = _merge(parts, corpus, world)
+        manifest = {
+            "format": "hf_mirror.ngram_index",
+            "version": FORMAT_VERSION,
+            "n": n,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "corpus": corpus.describe(),
+            "corpus_fingerprint": corpus.fingerprint(),
+            "n_documents": len(doc_ids),
+            "n_tokens": n_tokens,
+            "n_ngrams": len(arrays["hashes"]),
+            "build_key": built,
+        }
+        index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
+        index.extras = extras
         return index
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
@@ -389,6 +372,37 @@ class Extras:
 
     def __call__(self, batch: list[tuple[object, str, list[int]]]) -> list[dict]:
         raise NotImplementedError
+
+
+def _read_share(part: _Part, corpus: Corpus, tokenizer, n: int, rank: int, world: int, extras: Extras | None,
+                postings: bool, checkpoint_ngrams: int, show_progress: bool) -> None:
+    """Stream this process's share of the corpus into ``part`` (after the documents it already holds), n-gram
+    hashes and extras by batches, checkpointing every ``checkpoint_ngrams`` n-grams."""
+    bar = progress_bar(desc="indexing n-grams" if postings else "reading documents", unit="doc",
+                       disable=not show_progress or rank != 0)
+    bar.update(part.n_docs)
+    docs = itertools.islice(corpus.documents(rank, world), part.n_docs, None)
+    batch: list[tuple[object, str, list[int]]] = []
+
+    def flush() -> None:
+        values = extras(batch) if extras is not None else [None] * len(batch)
+        for (doc_id, _, ids), extra in zip(batch, values, strict=True):
+            part.add(doc_id, ngram_hashes(ids, n), len(ids), extra)
+            if part.n_pending >= checkpoint_ngrams:
+                part.checkpoint()
+        bar.update(len(batch))
+        batch.clear()
+
+    for doc_id, text in docs:
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise InputError(f"Document {doc_id!r} is a {type(text).__name__}, not text; pick the text column.")
+        batch.append((doc_id, text, tokenizer(text, add_special_tokens=False)["input_ids"] if postings else []))
+        if len(batch) >= (1 if extras is None else extras.batch_size):
+            flush()
+    flush()
+    bar.close()
 
 
 def process_group():
