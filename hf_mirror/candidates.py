@@ -395,7 +395,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     fingerprint, its columns and the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
     """
     from hf_mirror.provenance.infinigram import require_infini_gram
-    from hf_mirror.provenance.ngram import check_target, process_group, publish
+    from hf_mirror.provenance.ngram import check_target, process_group
 
     if backend not in VERBATIM_DIRS:
         raise InputError(f"Unknown verbatim index backend {backend!r}; choose among {list(VERBATIM_DIRS)}.")
@@ -427,29 +427,38 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     if world > 1:
         state.wait_for_everyone()  # every process has opened the indexes before the directory moves
     if rank == 0:
-        n_bm25 = _save_bm25(tmp / "bm25", documents)
-        dense = None if embedder is None else _save_dense(tmp / "dense", documents, embedder)
-        if backend != "ngram":
-            shutil.rmtree(tmp / "extras")  # the extras pass's per-document values, now in bm25/ and dense/
-        manifest = {
-            "format": INDEX_FORMAT,
-            "version": INDEX_VERSION,
-            "tokenizer": tokenizer_key(tokenizer),
-            "corpus": corpus.describe(),
-            "corpus_fingerprint": corpus.fingerprint(),
-            "n_documents": len(documents.doc_ids),
-            "processes": world,
-            "bm25": {"dir": "bm25", "documents": n_bm25, **BM25_PARAMS, "terms": "lowercase \\w+ words"},
-            **verbatim,
-            "dense": dense,
-            "files": hash_files(tmp, sorted(p for d in ("bm25", "dense") for p in (tmp / d).rglob("*") if p.is_file())),
-            "build_key": key,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        publish(tmp, out)
+        _write_index(tmp, out, corpus, tokenizer, documents, embedder, verbatim, world, key, backend)
     if world > 1:
         state.wait_for_everyone()
     return CandidateIndex.load(out, tokenizer)
+
+
+def _write_index(tmp: Path, out: Path, corpus: Corpus, tokenizer, documents: NgramIndex,
+                 embedder: _Embedder | None, verbatim: dict, world: int, key: str | None, backend: str) -> None:
+    """Save BM25 (and the dense vectors) beside the verbatim index in ``tmp``, write the manifest last and publish
+    the whole directory as ``out`` (main process)."""
+    from hf_mirror.provenance.ngram import publish
+
+    n_bm25 = _save_bm25(tmp / "bm25", documents)
+    dense = None if embedder is None else _save_dense(tmp / "dense", documents, embedder)
+    if backend != "ngram":
+        shutil.rmtree(tmp / "extras")  # the extras pass's per-document values, now in bm25/ and dense/
+    manifest = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "tokenizer": tokenizer_key(tokenizer),
+        "corpus": corpus.describe(),
+        "corpus_fingerprint": corpus.fingerprint(),
+        "n_documents": len(documents.doc_ids),
+        "processes": world,
+        "bm25": {"dir": "bm25", "documents": n_bm25, **BM25_PARAMS, "terms": "lowercase \\w+ words"},
+        **verbatim,
+        "dense": dense,
+        "files": hash_files(tmp, sorted(p for d in ("bm25", "dense") for p in (tmp / d).rglob("*") if p.is_file())),
+        "build_key": key,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    publish(tmp, out)
 
 
 def _corpus_passes(corpus: Corpus, tokenizer, tmp: Path, backend: str, n: int, extras: _IndexExtras,
