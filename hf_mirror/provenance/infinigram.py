@@ -157,49 +157,11 @@ class InfiniGramIndex:
                cpus: int | None, mem_gb: float | None, token_dtype: str | None,
                batch_size: int) -> None:
         dtype = _dtype_for(len(tokenizer), token_dtype)
-        np_dtype, width = (np.uint16, 2) if dtype == "u16" else (np.uint32, 4)
-        sep = b"\xff" * width
+        width = 2 if dtype == "u16" else 4
         remove_dead_writers(out)
         tmp = writer_dir(out, "tmp")
         try:
-            doc_ids: list = []
-            n_tokens = 0
-            bar = progress_bar(desc="tokenizing for infini-gram", unit="doc", disable=not show_progress)
-            with open(tmp / "tokenized.0", "wb") as ds, open(tmp / "offset.0", "wb") as od:
-                pos = 0
-                batch: list[tuple[object, str]] = []
-
-                def flush() -> None:
-                    nonlocal pos, n_tokens
-                    if not batch:
-                        return
-                    encoded = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
-                    starts = []
-                    for (doc_id, _), ids in zip(batch, encoded, strict=True):
-                        arr = np.asarray(ids, dtype=np.int64)
-                        if len(arr) and (arr.min() < 0 or arr.max() >= (1 << (8 * width)) - 1):
-                            raise InputError(f"Document {doc_id!r} has token ids outside the {dtype} range; "
-                                             "pass token_dtype='u32'.")
-                        ds.write(sep + arr.astype(np_dtype).tobytes())
-                        starts.append(pos)
-                        pos += width * (1 + len(arr))
-                        n_tokens += len(arr)
-                        doc_ids.append(jsonable_id(doc_id))
-                    od.write(np.asarray(starts, dtype=np.uint64).tobytes())
-                    bar.update(len(batch))
-                    batch.clear()
-
-                for doc_id, text in corpus.documents():
-                    if text is None:
-                        text = ""
-                    if not isinstance(text, str):
-                        raise InputError(
-                            f"Document {doc_id!r} is a {type(text).__name__}, not text; pick the text column.")
-                    batch.append((doc_id, text))
-                    if len(batch) >= batch_size:
-                        flush()
-                flush()
-            bar.close()
+            doc_ids, n_tokens = _write_tokens(corpus, tokenizer, tmp, dtype, batch_size, show_progress)
             if not doc_ids:
                 raise InputError("The corpus has no documents; there is nothing to index.")
             ds_size = (tmp / "tokenized.0").stat().st_size
@@ -492,3 +454,48 @@ def _open_engine(directory: Path, manifest: dict):
         return InfiniGramEngine(index_dir=link_dir, eos_token_id=eos, vocab_size=vocab, token_dtype=dtype)
     finally:
         shutil.rmtree(link_dir, ignore_errors=True)
+
+
+def _write_tokens(corpus: Corpus, tokenizer, tmp: Path, dtype: str, batch_size: int,
+                  show_progress: bool) -> tuple[list, int]:
+    """Tokenise the corpus into infini-gram's ``tokenized.0`` (each document after a separator) and ``offset.0``
+    (each document's byte offset); returns the document ids and the number of tokens."""
+    np_dtype, width = (np.uint16, 2) if dtype == "u16" else (np.uint32, 4)
+    sep = b"\xff" * width
+    doc_ids: list = []
+    n_tokens = pos = 0
+    bar = progress_bar(desc="tokenizing for infini-gram", unit="doc", disable=not show_progress)
+    with open(tmp / "tokenized.0", "wb") as ds, open(tmp / "offset.0", "wb") as od:
+        batch: list[tuple[object, str]] = []
+
+        def flush() -> None:
+            nonlocal pos, n_tokens
+            if not batch:
+                return
+            encoded = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
+            starts = []
+            for (doc_id, _), ids in zip(batch, encoded, strict=True):
+                arr = np.asarray(ids, dtype=np.int64)
+                if len(arr) and (arr.min() < 0 or arr.max() >= (1 << (8 * width)) - 1):
+                    raise InputError(f"Document {doc_id!r} has token ids outside the {dtype} range; "
+                                     "pass token_dtype='u32'.")
+                ds.write(sep + arr.astype(np_dtype).tobytes())
+                starts.append(pos)
+                pos += width * (1 + len(arr))
+                n_tokens += len(arr)
+                doc_ids.append(jsonable_id(doc_id))
+            od.write(np.asarray(starts, dtype=np.uint64).tobytes())
+            bar.update(len(batch))
+            batch.clear()
+
+        for doc_id, text in corpus.documents():
+            if text is None:
+                text = ""
+            if not isinstance(text, str):
+                raise InputError(f"Document {doc_id!r} is a {type(text).__name__}, not text; pick the text column.")
+            batch.append((doc_id, text))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    bar.close()
+    return doc_ids, n_tokens
