@@ -53,6 +53,7 @@ from hf_mirror.provenance.ngram import (
     jsonable_id,
     process_group,
     publish,
+    verbatim_manifest,
     verbatim_part,
 )
 
@@ -170,16 +171,9 @@ class InfiniGramIndex:
                           cpus or os.cpu_count() or 1, _mem_bytes(mem_gb))
             (tmp / "doc_ids.json").write_text(json.dumps(doc_ids))
             manifest = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
+                **verbatim_manifest(FORMAT, FORMAT_VERSION, n, tokenizer, corpus, len(doc_ids), n_tokens),
                 "backend": BACKEND,
                 "infini_gram": _package_version(),
-                "n": n,
-                "tokenizer": tokenizer_fingerprint(tokenizer),
-                "corpus": corpus.describe(),
-                "corpus_fingerprint": corpus.fingerprint(),
-                "n_documents": len(doc_ids),
-                "n_tokens": n_tokens,
                 "token_dtype": dtype,
                 "ptr_size": ptr_size,
                 "vocab_size": len(tokenizer),

@@ -216,18 +216,8 @@ class NgramIndex:
                 built: str | None) -> NgramIndex:
         """The processes' parts as one index (documents in corpus order), with its manifest and extras."""
         arrays, doc_ids, n_tokens, extras = _merge(parts, corpus, world)
-        manifest = {
-            "format": "hf_mirror.ngram_index",
-            "version": FORMAT_VERSION,
-            "n": n,
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "corpus": corpus.describe(),
-            "corpus_fingerprint": corpus.fingerprint(),
-            "n_documents": len(doc_ids),
-            "n_tokens": n_tokens,
-            "n_ngrams": len(arrays["hashes"]),
-            "build_key": built,
-        }
+        manifest = {**verbatim_manifest("hf_mirror.ngram_index", FORMAT_VERSION, n, tokenizer, corpus, len(doc_ids),
+                                        n_tokens), "n_ngrams": len(arrays["hashes"]), "build_key": built}
         index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
         index.extras = extras
         return index
@@ -609,6 +599,14 @@ def _built(directory: Path, key: str) -> bool:
         return json.loads((directory / MANIFEST).read_text()).get("build_key") == key
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def verbatim_manifest(kind: str, version: int, n: int, tokenizer, corpus: Corpus, n_documents: int,
+                      n_tokens: int) -> dict:
+    """What every verbatim index's manifest says first: its format, n, tokenizer, corpus and counts."""
+    return {"format": kind, "version": version, "n": n, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "corpus": corpus.describe(), "corpus_fingerprint": corpus.fingerprint(), "n_documents": n_documents,
+            "n_tokens": n_tokens}
 
 
 def jsonable_id(doc_id: object) -> object:
