@@ -28,7 +28,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -407,40 +407,12 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
     return scores.assign(score=scores["influence"]) if "influence" in scores else scores
 
 
-def _value(text: str):
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``"mirror"`` -> ("mirror", {}); ``"mirror:steps=32:target_rise=1"`` -> ("mirror", {"steps": 32,
-    "target_rise": 1}): a method of :data:`METHODS` and, for the mirror methods, ``MirrorConfig`` overrides."""
-    from hf_mirror.mirror import MirrorConfig
+    """``"mirror:steps=32:target_rise=1"`` -> ("mirror", {"steps": 32, "target_rise": 1}): a method of
+    :data:`METHODS` and, for the mirror methods, ``MirrorConfig`` overrides (``variants.parse_method``)."""
+    from benchmarks.variants import parse_method as parse
 
-    name, *parts = spec.strip().split(":")
-    if name not in METHODS:
-        raise InputError(f"Unknown method {name!r}; choose from {list(METHODS)}.")
-    options = {}
-    known = {f.name for f in fields(MirrorConfig)}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in known:
-            raise InputError(f"{spec!r}: options are MirrorConfig fields as key=value ({', '.join(sorted(known))}).")
-        options[key] = _value(value)
-    if options and name not in MIRROR_VARIANTS:
-        raise InputError(f"{spec!r}: mirror settings apply to the mirror methods only.")
-    MirrorConfig(**{**MIRROR_VARIANTS.get(name, ({}, {}))[1], **options})  # refuses bad values before any training
-    return name, options
+    return parse(spec, METHODS)
 
 
 def _probe_rise(directory: Path) -> float | None:

