@@ -103,6 +103,30 @@ def evaluate_rules(mirror: pd.DataFrame, bm25: pd.DataFrame, answers: dict[str, 
     return out
 
 
+def per_probe(ranked: dict[str, list[str]], answers: dict[str, list[str]], k: int = 10) -> pd.DataFrame:
+    """Each probe's reciprocal rank and recall@k (the bundled metrics, one probe at a time), indexed by probe id."""
+    return pd.DataFrame({p: retrieval_metrics({p: ranked[p]}, answers, k) for p in ranked}).T
+
+
+def paired(mirror: pd.DataFrame, bm25: pd.DataFrame, answers: dict[str, list[str]], rule: str,
+           baseline: str = "bm25", k: int = 10, resamples: int = 10_000, seed: int = 0) -> dict:
+    """``rule`` minus ``baseline`` per probe on each half: the mean difference of MRR and recall@k, a paired
+    bootstrap 95% interval over probes, and how many probes each rule wins. It says whether a gap between two rules
+    is larger than the probes' noise."""
+    split = halves([p for p in dict.fromkeys(mirror["probe_id"]) if p in answers])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for half, ids in split.items():
+        diff = (per_probe(rankings(fuse(mirror, bm25, rule), ids), answers, k)
+                - per_probe(rankings(fuse(mirror, bm25, baseline), ids), answers, k))
+        draws = rng.integers(0, len(diff), size=(resamples, len(diff)))
+        out[half] = {metric: {"mean": float(d.mean()),
+                              "ci95": [float(x) for x in np.percentile(d.to_numpy()[draws].mean(axis=1), [2.5, 97.5])],
+                              "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
+                     for metric, d in diff.items()}
+    return out
+
+
 def choose(report: dict, k: int = 10) -> str:
     """The rule with the best tune-half MRR + recall@k, averaged over the benchmarks. Among rules tied on that, the
     one that gives the mirror the most say (the mirror alone, then the largest hybrid weight, then BM25 last)."""
@@ -206,16 +230,33 @@ def run_hybrid(cfg: HybridConfig, output_dir: str | Path | None = None,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """Score every rule on every benchmark (BM25 and the default mirror each run once, full scan)."""
     work = _workdir(output_dir)
-    report = {}
+    report, tables = {}, {}
     for name, inputs, answers, (mirror, t_mirror), (bm25, t_bm25) in _benchmarks(cfg, work, log):
         probes = inputs[2]
+        tables[name] = (mirror, bm25, answers)
         rules = evaluate_rules(mirror, bm25, answers, cfg.top_k)
         report[name] = {"documents": int(mirror["doc_id"].nunique()), "probes": len(probes),
                         "seconds": {"mirror": t_mirror, "bm25": t_bm25}, "rules": rules}
         log(format_table({name: report[name]}, cfg.top_k))
-    report_json = {"config": asdict(cfg), "benchmarks": report, "chosen": choose(report, cfg.top_k)}
+    chosen = choose(report, cfg.top_k)
+    for name, b in report.items():
+        b["paired"] = {"rule": chosen, "baseline": "bm25", **paired(*tables[name], chosen, k=cfg.top_k)}
+    report_json = {"config": asdict(cfg), "benchmarks": report, "chosen": chosen}
     (work / "hybrid.json").write_text(json.dumps(report_json, indent=2))
+    log(format_paired(report))
     return report_json
+
+
+def format_paired(benchmarks: dict) -> str:
+    """The chosen rule against BM25, probe by probe: mean difference [95% interval] (probes won / lost)."""
+    out = ["| benchmark | half | metric | chosen - BM25 | 95% interval | probes won / lost |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for name, b in benchmarks.items():
+        for half in ("tune", "held_out"):
+            for metric, d in b.get("paired", {}).get(half, {}).items():
+                out.append(f"| {name} | {half} | {metric} | {d['mean']:+.3f} | [{d['ci95'][0]:+.3f}, "
+                           f"{d['ci95'][1]:+.3f}] | {d['wins']} / {d['losses']} |")
+    return "\n".join(out)
 
 
 def format_table(benchmarks: dict, k: int = 10) -> str:

@@ -319,7 +319,9 @@ def _probes_and_candidates(run: _Run) -> _Pool:
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
                                    span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
-        full_scan = lambda n: not scan.candidates_only(n)  # noqa: E731 (every document's BM25, for the influence)
+        def full_scan(n_documents: int) -> bool:  # a full scan keeps every document's BM25, for the influence
+            return not scan.candidates_only(n_documents)
+
         retrieval = (run.index.retrieve(probe_list, scan.n_candidates, run.embedder, keep_all=full_scan)
                      if run.index is not None else
                      retrieve(run.corpus.documents(), probe_list, scan.n_candidates, keep_all=full_scan))

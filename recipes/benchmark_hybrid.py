@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
-    from benchmarks.hybrid import HybridConfig, format_table, format_union, run_hybrid, run_union
+    from benchmarks.hybrid import HybridConfig, format_paired, format_table, format_union, run_hybrid, run_union
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("runs/hybrid"), help="results, models and hybrid.json")
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_hybrid(cfg, args.output, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report["benchmarks"], cfg.top_k))
     print(f"chosen on the tune halves (best mean MRR + recall@{cfg.top_k}; ties: the most mirror): {report['chosen']}")
+    print("\nThe chosen rule against BM25, probe by probe (paired bootstrap over probes):\n")
+    print(format_paired(report["benchmarks"]))
     return 0
 
 

@@ -121,3 +121,24 @@ def test_the_hybrid_rule_is_chosen_on_tune_halves_and_ties_go_to_the_mirror():
     assert rules["mirror"]["held_out"]["mrr"] == 0.5 and rules["hybrid@20:0.1"]["held_out"]["mrr"] == 1.0
     report = {"b": {"rules": {r: {"tune": {"mrr": 1.0, "recall@10": 1.0}} for r in ("bm25", "hybrid@20:0.1")}}}
     assert choose(report) == "hybrid@20:0.1"
+
+
+def test_paired_comparison_counts_each_probe_the_rule_wins_or_loses_against_bm25():
+    import pandas as pd
+
+    from benchmarks.hybrid import format_paired, paired
+
+    docs = [f"d{i}" for i in range(4)]
+    ids = [f"p{i}" for i in range(4)]  # tune: p0, p2; held out: p1, p3
+    # p0: the mirror lifts the answer d1 from BM25's second to first; p2: it pushes the answer d0 to second
+    bm25 = pd.DataFrame({"probe_id": sum([[p] * 4 for p in ids], []), "doc_id": docs * 4,
+                         "score": [5.0, 4.9, 1, 0, 9, 1, 0, 0, 5.0, 4.9, 1, 0, 9, 1, 0, 0]})
+    mirror = pd.DataFrame({"probe_id": bm25["probe_id"], "doc_id": bm25["doc_id"],
+                           "raw_score": [0, 9.0, 0, 0, 1, 0, 0, 0, 0, 9.0, 0, 0, 1, 0, 0, 0]})
+    answers = {"p0": ["d1"], "p1": ["d0"], "p2": ["d0"], "p3": ["d0"]}
+    out = paired(mirror, bm25, answers, "hybrid@20:1.0", k=1, resamples=200)
+    tune, held = out["tune"]["mrr"], out["held_out"]["mrr"]
+    assert (tune["wins"], tune["losses"], tune["mean"]) == (1, 1, 0.0) and tune["ci95"][0] < 0 < tune["ci95"][1]
+    assert (held["wins"], held["losses"], held["mean"], held["ci95"]) == (0, 0, 0.0, [0.0, 0.0])
+    report = {"b": {"paired": out}}
+    assert "| b | tune | mrr | +0.000 |" in format_paired(report) and "1 / 1 |" in format_paired(report)
