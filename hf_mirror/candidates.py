@@ -357,25 +357,33 @@ class CandidateIndex:
         files = {k: v for k, v in self.manifest.get("files", {}).items() if k.startswith(f"{part}/")}
         check_hashes(self.directory, files)
 
-    def nearest(self, queries: np.ndarray, m: int) -> list[list[tuple[object, float]]]:
-        """The ``m`` documents nearest each query vector by cosine similarity (dense index), best first."""
+    def nearest(self, queries: np.ndarray, m: int, block: int = 1 << 16) -> list[list[tuple[object, float]]]:
+        """The ``m`` documents nearest each query vector by cosine similarity (dense index), best first (ties: the
+        earlier document). The vectors are read in blocks of ``block`` rows and only each query's best ``m`` are
+        kept, so memory does not grow with the corpus."""
         found = self.dense()
         if found is None:
             raise InputError(f"The index in {self.directory} has no dense index; rebuild it with --dense.")
         vectors, ids = found
         q = np.asarray(queries, np.float32)
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        sims = np.zeros((len(q), len(ids)), np.float32)
-        step = 1 << 16
-        for lo in range(0, len(ids), step):  # in blocks: the vectors stay on disk
-            block = np.asarray(vectors[lo: lo + step], np.float32)
-            block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-            sims[:, lo: lo + step] = q @ block.T
-        out = []
-        for row in sims:
-            top = np.argsort(-row, kind="stable")[:m]
-            out.append([(ids[i], float(row[i])) for i in top])
-        return out
+        best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in q]
+        for lo in range(0, len(ids), block):  # the vectors stay on disk
+            rows = np.asarray(vectors[lo: lo + block], np.float32)
+            sims = q @ (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).T
+            where = np.arange(lo, lo + len(rows))
+            best = [_top(np.concatenate([s, row]), np.concatenate([i, where]), m)
+                    for (s, i), row in zip(best, sims, strict=True)]
+        return [[(ids[i], float(s)) for s, i in zip(scores, idx, strict=True)] for scores, idx in best]
+
+
+def _top(scores: np.ndarray, positions: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``m`` of ``scores`` (ties: the lower position), best first."""
+    if len(scores) > m > 0:
+        keep = scores >= np.partition(scores, len(scores) - m)[len(scores) - m]  # every tie at the cut stays
+        scores, positions = scores[keep], positions[keep]
+    order = np.lexsort((positions, -scores))[:m]
+    return scores[order], positions[order]
 
 
 def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *, n: int = 13, model=None,

@@ -257,6 +257,22 @@ def test_dense_index_is_the_models_mean_pooled_embedding_memory_mapped(planted, 
     np.testing.assert_allclose(vectors[:5], expected, rtol=1e-4, atol=1e-5)
     nearest = index.nearest(baseline.probe_vectors.numpy(), 3)[0]
     assert nearest[0][0] == "d7" and nearest[0][1] == pytest.approx(1.0, abs=1e-4)
+    # read in blocks of 3 rows (only each query's top m kept, never a queries x documents matrix): the same answer
+    # as ranking every document at once; ties at the cut keep the earlier document
+    queries = np.concatenate([baseline.probe_vectors.numpy(), vectors[[2, 2]] * np.float32(3.0)])
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # textless documents: 0
+    sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ unit.T
+    position = {d: i for i, d in enumerate(ids)}
+    for m in (1, 4, len(ids), len(ids) + 5):
+        for row, found in zip(sims, index.nearest(queries, m, block=3), strict=True):
+            got = [position[d] for d, _ in found]
+            assert len(set(got)) == len(got) == min(m, len(ids))
+            np.testing.assert_allclose([s for _, s in found], np.sort(row)[::-1][:m], atol=1e-5)  # the best m, in order
+            np.testing.assert_allclose(row[got], [s for _, s in found], atol=1e-5)  # and they are those documents
+    from hf_mirror.candidates import _top
+
+    scores, positions = _top(np.array([1.0, 3.0, 3.0, 2.0, 3.0], np.float32), np.arange(5), 2)
+    assert positions.tolist() == [1, 2] and scores.tolist() == [3.0, 3.0]
 
 
 BUILD = """
