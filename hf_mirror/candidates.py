@@ -54,11 +54,6 @@ class Candidates:
         return np.array([scores[p][row[str(d)]] if str(d) in row else 0.0 for p, d in zip(probes, docs, strict=True)],
                         np.float64)
 
-    def similarity(self, probes: Sequence, docs: Sequence) -> np.ndarray:
-        """The dense similarity of each (probe id, doc id) pair: NaN where the document is not a dense candidate."""
-        table = {(p, str(d)): s for p, chosen in (self.dense or {}).items() for d, s in chosen.items()}
-        return np.array([table.get((p, str(d)), np.nan) for p, d in zip(probes, docs, strict=True)], np.float64)
-
 
 def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe], m: int,
              k1: float = 1.5, b: float = 0.75, keep_all: Callable[[int], bool] = lambda n: False) -> Candidates:

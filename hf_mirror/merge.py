@@ -22,7 +22,8 @@ from hf_mirror.scoring import CHECKPOINT, EVIDENCE_COLUMNS, TOPK_COLUMNS, ScoreB
 
 def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int,
                  retrieval: dict[str, dict] | None = None, fusion_weight: float | None = None,
-                 prior: tuple[Callable[[Sequence, Sequence], np.ndarray], float] | None = None) -> dict:
+                 prior: tuple[Callable[[Sequence, Sequence], np.ndarray], float] | None = None,
+                 dense: dict[str, dict] | None = None) -> dict:
     """Merge every process's shard into ``scores.parquet`` and return the merged top-k, evidence and stats.
 
     The merged answer does not depend on how documents were split over processes: ranks are recomputed
@@ -33,7 +34,8 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
     (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
     ``prior`` (a (probe ids, doc ids) -> BM25 score lookup, and the lexical weight) adds the ``influence`` column:
     :func:`hf_mirror.fusion.scaled_sum` of the mirror's score and BM25's, each spread over the probe's scored
-    documents.
+    documents. ``dense`` (probe id -> {doc id: cosine similarity} of the dense retriever's candidates) becomes a
+    ``dense`` column in both tables (NaN: not a dense candidate).
     """
     fix = f"rerun the same command to resume from the last intact checkpoint, or {OVERWRITE_HINT}"
     states = [_final_state(d, fix) for d in shard_dirs]
@@ -44,6 +46,9 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
         topk["influence"] = estimate(topk["probe_id"], topk["doc_id"], topk["score"])
     if retrieval is not None and not topk.empty:
         topk["bm25"] = bm25(topk["probe_id"], topk["doc_id"])
+    similarity = None if dense is None else _Lookup(dense)
+    if similarity is not None and not topk.empty:
+        topk["dense"] = similarity(topk["probe_id"], topk["doc_id"])
     if fusion_weight is not None and not topk.empty:
         from hf_mirror.fusion import fuse
 
@@ -52,11 +57,12 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
         topk = topk[topk["score"].notna()]
     final = _Lookup({}) if fusion_weight is None else _Lookup.of(topk)
     lexical = None if retrieval is None else prior[0] if prior is not None else bm25  # every document's, if known
-    _write_scores(shard_dirs, states, out, lexical, final if fusion_weight is not None else None, estimate, fix)
+    _write_scores(shard_dirs, states, out, {"bm25": lexical, "dense": similarity},
+                  final if fusion_weight is not None else None, estimate, fix)
     evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
                          ignore_index=True)
     topk, evidence = _ranked(topk, evidence, probe_ids, top_k)
-    columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []),
+    columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []), *(["dense"] if dense is not None else []),
                *(["mirror"] if fusion_weight is not None else []), *(["influence"] if prior is not None else [])]
     return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
             "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
@@ -121,10 +127,12 @@ def _final_state(shard: Path, fix: str) -> dict:
     return read_state(shard / name, fix)[0]
 
 
-def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm25: Callable | None,
-                  final: _Lookup | None, estimate: _Influence | None, fix: str) -> None:
-    """Every shard's score parts into one ``scores.parquet`` (with ``bm25``; with the fusion, ``mirror`` and the
-    final ``score``; with the prior, ``influence``), written atomically."""
+def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path,
+                  retrieval: dict[str, Callable | None], final: _Lookup | None, estimate: _Influence | None,
+                  fix: str) -> None:
+    """Every shard's score parts into one ``scores.parquet`` (with each retriever's score, ``bm25`` and ``dense``,
+    where known; with the fusion, ``mirror`` and the final ``score``; with the prior, ``influence``), written
+    atomically."""
     writer = None
     for d, meta in zip(shard_dirs, states, strict=True):
         for i in range(meta["parts"]):
@@ -133,8 +141,9 @@ def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path, bm2
             if estimate is not None:
                 table = table.append_column("influence", pa.array(estimate(*keys, table["score"].to_numpy()),
                                                                   pa.float64()))
-            if bm25 is not None:
-                table = table.append_column("bm25", pa.array(bm25(*keys)))
+            for name, lookup in retrieval.items():
+                if lookup is not None:
+                    table = table.append_column(name, pa.array(lookup(*keys), pa.float64()))
             if final is not None:
                 table = table.append_column("mirror", table["score"]).set_column(
                     table.schema.get_field_index("score"), "score", pa.array(final(*keys), pa.float64()))

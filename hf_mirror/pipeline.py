@@ -441,10 +441,7 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
     merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores,
                           scan.mirror_weight if scan.rank_by == "hybrid" else None,
-                          prior=(pool.retrieval.bm25, scan.lexical_weight))
-    if pool.retrieval.dense is not None and not merged["topk"].empty:  # each candidate's dense similarity too
-        topk = merged["topk"]
-        merged["topk"] = topk.assign(dense=pool.retrieval.similarity(topk["probe_id"], topk["doc_id"]))
+                          prior=(pool.retrieval.bm25, scan.lexical_weight), dense=pool.retrieval.dense)
     records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
                 "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
     config = {

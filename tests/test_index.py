@@ -355,6 +355,10 @@ def test_dense_retriever_adds_the_source_bm25_cannot_see(planted, tiny_model, de
     assert source not in set(alone.top("sym")["doc_id"]) and "dense" not in alone.topk
     ranked = both.top("sym").set_index("doc_id")
     assert source in ranked.index and ranked.loc[source, "bm25"] == 0.0 and ranked.loc[source, "dense"] > 0.9
+    scores = both.scores().set_index(["probe_id", "doc_id"])  # every scored document's retrieval scores too
+    assert "dense" not in alone.scores() and scores.loc[("sym", source), "dense"] > 0.9
+    dense_candidates = {(p, d) for p, chosen in union.dense.items() for d in chosen}
+    assert {k for k, v in scores["dense"].items() if not np.isnan(v)} == dense_candidates & set(scores.index)
     assert both.config["retrieval"]["retrievers"] == ["bm25", "dense"] == both.config["scan"]["retrievers"]
     assert both.config["candidate_documents"] == len(union.union())
     assert alone.config["retrieval"]["method"] == "bm25" and both.config["retrieval"]["method"] == "bm25+dense"
