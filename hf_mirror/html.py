@@ -122,7 +122,8 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
             bm25 = "not a candidate" if row.bm25 != row.bm25 else f"{float(row.bm25):.2f}"
             influence = (f" &middot; influence {float(row.influence):+.2f}"
                          if "influence" in top and row.influence == row.influence else "")
-            raw = f'<div class="note">bm25 {bm25} &middot; mirror {float(row.raw_score):+.4f}{influence}</div>'
+            dense = (f" &middot; dense {float(row.dense):.3f}" if "dense" in top and row.dense == row.dense else "")
+            raw = f'<div class="note">bm25 {bm25}{dense} &middot; mirror {float(row.raw_score):+.4f}{influence}</div>'
         rows.append(
             f'<tr class="{"source" if is_source else ""}"><td class="rank">{int(row.rank)}</td>'
             f'<td class="doc">{_esc(row.doc_id)}{tag}</td>'

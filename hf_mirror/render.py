@@ -80,6 +80,8 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
         text = text.replace("\n", " ")
         both = (f"  bm25 {row.bm25:5.2f}  mirror {row.raw_score:+.4f}"
                 if "bm25" in row._fields and row.bm25 == row.bm25 else "")
+        if "dense" in row._fields and row.dense == row.dense:
+            both += f"  dense {row.dense:.3f}"
         if "influence" in row._fields and row.influence == row.influence:
             both += f"  influence {row.influence:+.2f}"
         lines.append(f"  {row.rank:>3}. doc {printable(row.doc_id, False)}  score {row.score:+.4f}{both}  {text}")

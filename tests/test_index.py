@@ -359,6 +359,12 @@ def test_dense_retriever_adds_the_source_bm25_cannot_see(planted, tiny_model, de
     assert "dense" not in alone.scores() and scores.loc[("sym", source), "dense"] > 0.9
     dense_candidates = {(p, d) for p, chosen in union.dense.items() for d in chosen}
     assert {k for k, v in scores["dense"].items() if not np.isnan(v)} == dense_candidates & set(scores.index)
+    from hf_mirror.html import probe_html
+    from hf_mirror.render import format_probe
+
+    similarity = f"{ranked.loc[source, 'dense']:.3f}"
+    assert f"dense {similarity}" in format_probe(both, "sym", k=len(ranked))
+    assert f"dense {similarity}" in probe_html(both, "sym", k=len(ranked)) and "dense" not in format_probe(alone, "sym")
     assert both.config["retrieval"]["retrievers"] == ["bm25", "dense"] == both.config["scan"]["retrievers"]
     assert both.config["candidate_documents"] == len(union.union())
     assert alone.config["retrieval"]["method"] == "bm25" and both.config["retrieval"]["method"] == "bm25+dense"
