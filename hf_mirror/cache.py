@@ -36,6 +36,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "hf_mirror"
 
 
+def verified_stamps(directory: Path) -> Path:
+    """Where :func:`~hf_mirror.integrity.check_hashes` remembers the files of an index ``directory`` that passed."""
+    return default_cache_dir() / "verified" / f"{sha256_bytes(str(Path(directory).resolve()).encode())[:32]}.json"
+
+
 @torch.no_grad()
 def model_fingerprint(model) -> str:
     """A hash of the model's config and weights (sum and leading values of every tensor: one cheap pass)."""

@@ -349,8 +349,10 @@ class CandidateIndex:
 
     def _verify(self, part: str) -> None:
         """Every file of ``part`` (bm25, dense) is there with the checksum the build recorded, else ValueError."""
+        from hf_mirror.cache import verified_stamps
+
         files = {k: v for k, v in self.manifest.get("files", {}).items() if k.startswith(f"{part}/")}
-        check_hashes(self.directory, files)
+        check_hashes(self.directory, files, verified_stamps(self.directory))
 
     def nearest(self, queries: np.ndarray, m: int, block: int = 1 << 16) -> list[list[tuple[object, float]]]:
         """The ``m`` documents nearest each query vector by cosine similarity (dense index), best first (ties: the

@@ -75,12 +75,50 @@ def checked(path: Path, reader: Callable[[Path], T], fix: str = OVERWRITE_HINT) 
         raise damaged(path, e, fix) from e
 
 
-def check_hashes(root: Path, hashes: dict[str, str]) -> None:
-    """Every file of ``hashes`` (paths relative to ``root``) exists with that sha256, else ``ValueError``."""
+def check_hashes(root: Path, hashes: dict[str, str], stamps: Path | None = None) -> None:
+    """Every file of ``hashes`` (paths relative to ``root``) exists with that sha256, else ``ValueError``.
+
+    With ``stamps`` (a JSON file, one per ``root``), a file whose size, mtime, ctime and inode are those it had when it
+    last passed with the same checksum is not read again, and every file that passes is recorded there: a large
+    index is read in full once, not on every open. Any write to a file changes its ctime, which no tool can set
+    back, so damage after the last check is still caught; only decay that leaves the file's metadata untouched
+    (bit rot) is not. ``HF_MIRROR_VERIFY=always`` reads every file every time."""
+    if os.environ.get(VERIFY_ENV, "").lower() == "always":
+        stamps = None
+    known = _read_stamps(stamps) if stamps is not None else {}
+    passed = {}
     for name, digest in hashes.items():
         path = root / name
         expect(path.is_file(), f"{path} is missing")
-        expect(sha256_file(path) == digest, f"{path} does not match its checksum")
+        st = path.stat()  # before reading: a write during the check changes the stamp
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+        if known.get(name) != stamp:
+            expect(sha256_file(path) == digest, f"{path} does not match its checksum")
+        passed[name] = stamp
+    if stamps is not None and any(known.get(k) != v for k, v in passed.items()):
+        _write_stamps(stamps, {**known, **passed})
+
+
+VERIFY_ENV = "HF_MIRROR_VERIFY"
+
+
+def _read_stamps(path: Path) -> dict:
+    try:
+        found = read_json(path)
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: every file is read
+    return found if isinstance(found, dict) else {}
+
+
+def _write_stamps(path: Path, stamps: dict) -> None:
+    """Best effort (a read-only cache only costs full checks); concurrent writers each replace the file whole."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            json.dump(stamps, f)
+        os.replace(f.name, path)
+    except OSError:
+        pass
 
 
 def hash_files(root: Path, paths: Iterable[Path]) -> dict[str, str]:

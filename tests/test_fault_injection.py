@@ -6,6 +6,7 @@ One reference run and one run interrupted after its third checkpoint (of six) ar
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -360,6 +361,68 @@ def test_damaged_index_data_file_is_a_clear_error(data_files, indexed, name, how
     extra = ("--dense",) if backend == "ngram" else ()
     assert main(indexed.index_argv(backend, index, *extra, "--overwrite")) == 0
     assert read(reader, index, index.parent / f"{index.name}-fixed") == answers[reader]
+
+
+@pytest.mark.parametrize("name", DATA_FILES)
+def test_damage_after_a_verified_open_is_still_caught(data_files, name, capsys):
+    """An index opened once is not read in full again (its files' stamps are remembered), yet 16 bytes flipped in
+    place afterwards, with the file's size, inode and mtime put back as they were, are still refused: the write
+    changed the file's ctime."""
+    import os
+
+    from hf_mirror.cache import verified_stamps
+
+    root, refs, read, answers = data_files
+    backend, _, file = name.rpartition(":")
+    if not refs[backend or "ngram"].exists():
+        pytest.skip(f"{backend} is not installed")
+    index = root / "stamped" / name.replace("/", "_").replace(":", "_")
+    shutil.copytree(refs[backend or "ngram"], index)
+    reader = DATA_FILES[name]
+    assert read(reader, index, index.parent / f"{index.name}-1") == answers[reader]
+    part = file.partition("/")[0]  # the verbatim parts keep their own manifests and checksums
+    stamped = {f"{prefix}{k}" for d, prefix in ((index, ""), (index / part, f"{part}/"))
+               if verified_stamps(d).exists() for k in json.loads(verified_stamps(d).read_text())}
+    assert file in stamped  # remembered as checked
+    before = (index / file).stat()
+    damage(index / file, "corrupt")
+    os.utime(index / file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = (index / file).stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (before.st_size, before.st_ino, before.st_mtime_ns)
+    capsys.readouterr()
+    assert read(reader, index, index.parent / f"{index.name}-2") == 2
+    err = capsys.readouterr().err
+    assert str(index / file) in err or f"{index} is damaged" in err, err
+
+
+def test_a_verified_index_is_not_read_again_unless_asked(data_files, tiny_model, monkeypatch):
+    """The second open of an unchanged index hashes nothing; HF_MIRROR_VERIFY=always hashes every file each time;
+    a cache directory that cannot be written only costs the full check."""
+    from hf_mirror import integrity
+    from hf_mirror.candidates import CandidateIndex
+
+    _, tok = tiny_model
+    root, refs, _, _ = data_files
+    index = root / "stamped-count"
+    shutil.copytree(refs["ngram"], index)
+    hashed = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    files = [k for k in json.loads((index / "manifest.json").read_text())["files"] if k.startswith("dense/")]
+
+    def opened() -> list[str]:
+        hashed.clear()
+        CandidateIndex.load(index, tok).dense()
+        return sorted(hashed)
+
+    assert opened() == sorted(Path(f).name for f in files) and opened() == []
+    monkeypatch.setenv("HF_MIRROR_VERIFY", "always")
+    assert opened() == opened() == sorted(Path(f).name for f in files)
+    monkeypatch.delenv("HF_MIRROR_VERIFY")
+    blocked = root / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("HF_MIRROR_CACHE", str(blocked))  # stamps cannot be written under a file
+    assert opened() == opened() == sorted(Path(f).name for f in files)
 
 
 # ---------------------------------------------------------------- SIGKILL mid-write (a forked child kills itself)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_mirror.cache import tokenizer_fingerprint
+from hf_mirror.cache import tokenizer_fingerprint, verified_stamps
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError, RunError
 from hf_mirror.integrity import check_hashes, hash_files, remove_dead_writers, writer_dir
@@ -222,7 +222,8 @@ class InfiniGramIndex:
                 f"{rebuild} for this tokenizer.")
         require_infini_gram()
         try:
-            check_hashes(directory, manifest.get("files", {}))  # older indexes: the counts below only
+            # older indexes have no checksums: the counts below only
+            check_hashes(directory, manifest.get("files", {}), verified_stamps(directory))
             doc_ids = json.loads((directory / "doc_ids.json").read_text())
             sizes = {name: (directory / name).stat().st_size for name in _FILES}
         except (OSError, ValueError) as e:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_mirror.cache import tokenizer_fingerprint
+from hf_mirror.cache import tokenizer_fingerprint, verified_stamps
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import launched_world, process_state
 from hf_mirror.errors import InputError
@@ -276,7 +276,8 @@ class NgramIndex:
                 "rebuild it for this tokenizer with NgramIndex.build(corpus, tokenizer, output_dir=...)."
             )
         try:
-            check_hashes(directory, manifest.get("files", {}))  # older indexes: the counts below only
+            # older indexes have no checksums: the counts below only
+            check_hashes(directory, manifest.get("files", {}), verified_stamps(directory))
             arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r" if mmap else None) for k in _ARRAYS}
             doc_ids = json.loads((directory / "doc_ids.json").read_text())
         except (OSError, ValueError) as e:
