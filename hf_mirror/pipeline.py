@@ -498,11 +498,20 @@ def _probes_from_disk(out: Path, given: list[Probe]) -> list[Probe] | None:
     """On resume, reuse the probes (with their generated completions) that the interrupted run fitted."""
     path = out / "adapters" / "probes.jsonl"
     if not path.exists():
+        if (path.parent / "fit.json").exists():
+            logger.warning("%s is missing; generating the completions again.", path)
         return None
-    saved = load_probes(path)
+    try:
+        saved = load_probes(path)
+    except InputError as e:
+        logger.warning("%s is damaged (%s); generating the completions again.", path, e)
+        return None
+    saved = saved[: len(given)]  # the control probes, if any, follow the run's own
     if [(p.id, p.prompt) for p in given] != [(p.id, p.prompt) for p in saved] or any(
         g.completion is not None and g.completion != s.completion for g, s in zip(given, saved, strict=True)
     ):
+        logger.warning("%s does not hold this run's probes (damaged, or left by another run); generating the "
+                       "completions again.", path)
         return None
     return saved
 
@@ -532,9 +541,11 @@ def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path,
             reuse = False
         if reuse:
             try:
-                return load_mirrors(model, adapters, names), FitReport(fit["loss_before"], fit["loss_after"])
+                mirrors = load_mirrors(model, adapters, names)
             except Exception as e:  # intact files that still do not load: refuse rather than guess
                 raise damaged(adapters, e) from e
+            save_probes(pool, adapters / "probes.jsonl")  # written again: it may be the file that was damaged
+            return mirrors, FitReport(fit["loss_before"], fit["loss_after"])
     elif any((adapters / n).exists() for n in names):
         logger.warning("%s is missing (a damaged or interrupted fit); fitting the mirrors again.", marker)
     peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress)

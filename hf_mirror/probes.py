@@ -105,11 +105,11 @@ def load_probes(source: str | Path | Iterable[Probe | Mapping | str]) -> list[Pr
 
 
 def save_probes(probes: Iterable[Probe], path: str | Path, extra: Mapping[str, Mapping] | None = None) -> None:
-    """Write probes as JSON lines, with optional extra fields per probe id."""
-    with Path(path).open("w", encoding="utf-8") as f:
-        for p in probes:
-            row = asdict(p) | dict((extra or {}).get(p.id, {}))
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Write probes as JSON lines, with optional extra fields per probe id (atomically: a reader never sees a part)."""
+    from hf_mirror.integrity import atomic_write
+
+    rows = (json.dumps(asdict(p) | dict((extra or {}).get(p.id, {})), ensure_ascii=False) + "\n" for p in probes)
+    atomic_write(Path(path), "".join(rows).encode("utf-8"))
 
 
 @torch.no_grad()

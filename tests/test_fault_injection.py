@@ -20,6 +20,7 @@ import pytest
 from hf_mirror import AttributionResult, Corpus, MirrorConfig, ScanConfig, attribute
 from hf_mirror.errors import StateError
 from hf_mirror.integrity import check_hashes, read_json
+from hf_mirror.probes import load_probes
 from hf_mirror.scoring import ScoreBook
 
 SHARD = "shards/rank-00000-of-00001"
@@ -109,6 +110,7 @@ RESUMED = {
     "adapter weights": ("partial", lambda d: d / "adapters" / "fact-1" / "adapter_model.safetensors"),
     "adapter config": ("partial", lambda d: d / "adapters" / "fact-1" / "adapter_config.json"),
     "fit.json": ("partial", lambda d: d / "adapters" / "fit.json"),
+    "fitted probes": ("partial", lambda d: d / "adapters" / "probes.jsonl"),
     "final state": ("done", _newest_state),
     "final pointer": ("done", lambda d: d / SHARD / "checkpoint.json"),
     "shard top-k": ("done", lambda d: d / SHARD / "topk.parquet"),
@@ -131,6 +133,8 @@ def test_rerun_repairs_damage(runs, kind, how, caplog):
     rewritten = kind in ("config.json", "topk.parquet", "scores.parquet")  # outputs: written anew by every run
     if not rewritten and not (how == "delete" and "pointer" in kind):  # a repair says what it repaired
         assert path.name in caplog.text, caplog.text
+    if kind == "fitted probes":  # written again, and what the next resume reads
+        assert [p.id for p in load_probes(path)] == [p.id for p in result.probes]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
