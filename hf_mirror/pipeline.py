@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -319,6 +320,7 @@ def _probes_and_candidates(run: _Run) -> _Pool:
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
                                    span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)
                     if n_controls else [])
+
         def full_scan(n_documents: int) -> bool:  # a full scan keeps every document's BM25, for the influence
             return not scan.candidates_only(n_documents)
 
@@ -326,7 +328,10 @@ def _probes_and_candidates(run: _Run) -> _Pool:
                      if run.index is not None else
                      retrieve(run.corpus.documents(), probe_list, scan.n_candidates, keep_all=full_scan))
         shared = [probe_list, controls, retrieval]
-    probe_list, controls, retrieval = run.share(shared)
+        if run.world > 1 and retrieval.every is not None:  # every document's BM25: read by the merge only (here)
+            shared[2] = dataclasses.replace(retrieval, every=None)
+    probe_list, controls, received = run.share(shared)
+    retrieval = retrieval if run.main else received
     normalize = scan.normalize
     if normalize != "none" and scan.controls is None and len(probe_list) + len(controls) < 3:
         logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")

@@ -64,6 +64,10 @@ def test_one_and_two_processes_give_the_same_answer(planted, tmp_path, normalize
     # without --fixed-width, batches hold different windows in the two runs: fp32 losses differ in the last bits
     np.testing.assert_allclose(a["raw_score"], b["raw_score"], atol=1e-6)
     np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    # every document's BM25 score stays on the main process (the merge's), yet both runs carry the same columns
+    np.testing.assert_array_equal(a["bm25"], b["bm25"])
+    assert a["bm25"].notna().all() and (a["bm25"] > 0).any()
+    np.testing.assert_allclose(a["influence"], b["influence"], rtol=1e-4, atol=1e-4)
     ta, tb = AttributionResult.load(tmp_path / "one").topk, AttributionResult.load(tmp_path / "two").topk
     assert list(ta["doc_id"]) == list(tb["doc_id"]) and list(ta["rank"]) == list(tb["rank"])
 
