@@ -274,6 +274,52 @@ def format_table(benchmarks: dict, k: int = 10) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------- the mirror normalised across probes, inside the hybrid (#13)
+NORMALIZED_RULES = ("bm25", "hybrid@20:0.05", "hybrid@20:0.1", "hybrid@20:0.2", "mirror")
+
+
+def normalized(mirror: pd.DataFrame, method: str) -> pd.DataFrame:
+    """The mirror's score table with each document's ``raw_score`` normalised across the probes as a run with
+    ``ScanConfig(normalize=method)`` does (:func:`hf_mirror.scoring.normalize_scores`), rows in the table's order."""
+    from hf_mirror.scoring import normalize_scores
+
+    if method == "none":
+        return mirror
+    wide = mirror.pivot(index="doc_id", columns="probe_id", values="raw_score")
+    scores = np.stack([normalize_scores(row, method) for row in wide.to_numpy(np.float64)])
+    long = pd.DataFrame(scores, index=wide.index, columns=wide.columns).stack().rename("raw_score").reset_index()
+    return mirror[["probe_id", "doc_id"]].merge(long, on=["probe_id", "doc_id"], how="left")
+
+
+def run_normalizations(cfg: HybridConfig, output_dir: str | Path | None = None,
+                       log: Callable[[str], None] = lambda s: None) -> dict:
+    """:data:`NORMALIZED_RULES` with the mirror's scores normalised each way of ``ScanConfig.normalize``, from the
+    same score tables as :func:`run_hybrid`: does comparing each document across the probes remove what the mirror
+    shares between probes of one template?"""
+    from hf_mirror.scoring import NORMALIZATIONS
+
+    work = _workdir(output_dir)
+    report = {}
+    for name, _, answers, (mirror, _), (bm25, _) in _benchmarks(cfg, work, log):
+        report[name] = {m: evaluate_rules(normalized(mirror, m), bm25, answers, cfg.top_k, NORMALIZED_RULES)
+                        for m in NORMALIZATIONS}
+    (work / "normalizations.json").write_text(json.dumps({"config": asdict(cfg), "benchmarks": report}, indent=2))
+    return report
+
+
+def format_normalizations(report: dict, k: int = 10) -> str:
+    """One Markdown table: benchmark x normalisation x rule, tune and held-out MRR / recall@k."""
+    out = [f"| benchmark | normalize | rule | tune MRR / recall@{k} | held-out MRR / recall@{k} |",
+           "| --- | --- | --- | --- | --- |"]
+    for name, methods in report.items():
+        for method, rules in methods.items():
+            for rule, row in rules.items():
+                t, h = row["tune"], row["held_out"]
+                out.append(f"| {name} | {method} | {rule} | {t['mrr']:.3f} / {t[f'recall@{k}']:.3f} | "
+                           f"{h['mrr']:.3f} / {h[f'recall@{k}']:.3f} |")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------ the union of the retrievers (#13)
 RETRIEVER_SETS = (("bm25",), ("bm25", "dense"))
 

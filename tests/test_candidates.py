@@ -142,3 +142,23 @@ def test_paired_comparison_counts_each_probe_the_rule_wins_or_loses_against_bm25
     assert (held["wins"], held["losses"], held["mean"], held["ci95"]) == (0, 0, 0.0, [0.0, 0.0])
     report = {"b": {"paired": out}}
     assert "| b | tune | mrr | +0.000 |" in format_paired(report) and "1 / 1 |" in format_paired(report)
+
+
+def test_normalized_mirror_table_is_each_documents_normalisation_across_probes_in_table_order():
+    import pandas as pd
+
+    from benchmarks.hybrid import normalized
+    from hf_mirror.scoring import normalize_scores
+
+    probes, docs = ["p2", "p0", "p1"], ["b", "a"]  # neither sorted: halves follow the table's order
+    raw = {("p2", "b"): 3.0, ("p0", "b"): 1.0, ("p1", "b"): 2.0, ("p2", "a"): 0.5, ("p0", "a"): 0.0, ("p1", "a"): 4.0}
+    table = pd.DataFrame([(p, d, raw[p, d]) for p in probes for d in docs], columns=["probe_id", "doc_id", "raw_score"])
+    assert normalized(table, "none") is table
+    for method in ("zscore", "loo"):
+        out = normalized(table, method)
+        assert list(zip(out["probe_id"], out["doc_id"], strict=True)) == list(zip(table["probe_id"], table["doc_id"],
+                                                                                  strict=True))
+        for d in docs:
+            want = normalize_scores(np.array([raw[p, d] for p in probes]), method)
+            np.testing.assert_allclose(out.set_index(["probe_id", "doc_id"]).loc[[(p, d) for p in probes],
+                                                                                   "raw_score"], want)
