@@ -79,7 +79,11 @@ def _add_attribute(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --output instead of resuming (the new result is built beside it and "
                    "swapped in when finished; only files listed in its hf_mirror.json are removed)")
-    p.add_argument("--no-progress", action="store_true")
+    _progress_flag(p)
+
+
+def _progress_flag(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and results are unchanged)")
 
 
 def _add_show(sub) -> None:
@@ -115,7 +119,7 @@ def _add_demo(sub) -> None:
         help="model cache (default: $HF_MIRROR_CACHE, else ~/.cache/hf_mirror)",
     )
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    _progress_flag(p)
 
 
 def _add_audit(sub) -> None:
@@ -161,6 +165,7 @@ def _add_audit(sub) -> None:
     add_config_flags(g, ScanConfig, hidden=False, defaults=True,
                      only=["batch_size", "adapters_per_forward", "candidates"])
     p.set_defaults(steps=CALIBRATED_STEPS)  # the detector's thresholds were calibrated with 3-step mirrors
+    _progress_flag(p)
 
 
 def _add_index(sub) -> None:
@@ -196,6 +201,7 @@ def _add_index(sub) -> None:
                    help="the verbatim index beside BM25 (+ --dense): ngram: hashed n-grams of one --ngram (ngram/); "
                    "infini-gram: a suffix array answering any n, for huge corpora (infinigram/; pip install "
                    "'hf_mirror[infinigram]'; built on the main process in a pass of its own, no checkpoint)")
+    _progress_flag(p)
 
 
 def _add_provenance(sub) -> None:
@@ -221,6 +227,7 @@ def _add_provenance(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="for probes without a completion")
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--no-mirror", action="store_true", help="verbatim spans only (no mirror attribution)")
+    _progress_flag(p)
 
 
 def _add_memorization(sub) -> None:
@@ -241,6 +248,7 @@ def _add_memorization(sub) -> None:
     p.add_argument("--suffix-tokens", type=positive_int, default=32, help="S")
     p.add_argument("--samples", type=positive_int, default=100, help="documents sampled (seeded reservoir)")
     p.add_argument("--seed", type=int, default=0)
+    _progress_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,7 +335,7 @@ def _open_or_build_index(args, corpus, tokenizer, index_dir):
         raise InputError(f"{index_dir} is not a complete index (no manifest.json: a half-written or damaged index, or "
                          f"another directory); rebuild it with `hf-mirror index --overwrite --output {index_dir}` "
                          "(same --model, --corpus and --ngram), or pass an empty or new --index directory.")
-    return NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=True)
+    return NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=not args.no_progress)
 
 
 def _audit(args) -> int:
@@ -372,7 +380,7 @@ def _audit(args) -> int:
         mirror_threshold=DEFAULT_MIRROR_THRESHOLD if args.mirror_threshold is None else args.mirror_threshold,
         combined_threshold=(DEFAULT_COMBINED_THRESHOLD if args.combined_threshold is None
                             else args.combined_threshold),
-        show_progress=True, membership=args.membership,
+        show_progress=not args.no_progress, membership=args.membership,
     )
     if not is_main_process():  # under accelerate launch / torchrun: the main process reports
         return 0
@@ -406,7 +414,7 @@ def _index(args) -> int:
     else:
         tokenizer = load_tokenizer(args.model)
     index = build_index(corpus, tokenizer, args.output, n=args.ngram, model=model, overwrite=args.overwrite,
-                        show_progress=True, resume=not args.restart, backend=args.backend)
+                        show_progress=not args.no_progress, resume=not args.restart, backend=args.backend)
     if is_main_process():
         print(f"{index!r}; wrote {args.output}")
     return 0
@@ -427,7 +435,7 @@ def _provenance(args) -> int:
     report = generation_provenance(model, corpus, args.probes, tokenizer=tokenizer, index=index,
                                    threshold=args.threshold, use_mirror=not args.no_mirror,
                                    scan=ScanConfig(top_k=args.top_k), max_new_tokens=args.max_new_tokens,
-                                   output_dir=args.output, top=args.top_k, show_progress=True)
+                                   output_dir=args.output, top=args.top_k, show_progress=not args.no_progress)
     if not is_main_process():
         return 0
     out = write_provenance(report, args.output)
@@ -455,7 +463,7 @@ def _memorization(args) -> int:
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
     # the model as a path: the lengths are checked against its config and the corpus before the weights load
     report = extractable_memorization(args.model, None, corpus, args.prefix_tokens, args.suffix_tokens, args.samples,
-                                      args.seed, show_progress=True)
+                                      args.seed, show_progress=not args.no_progress)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memorization.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -481,9 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     escape_log_output()  # control characters in documents, probes and ids never reach the terminal raw
     _offline_when_local(args)
-    if getattr(args, "no_progress", False):  # transformers' own bars too ("Loading weights")
+    restore_bars = False
+    if getattr(args, "no_progress", False):  # transformers' own bars too ("Loading weights"), for this command
         from transformers.utils import logging as transformers_logging
 
+        restore_bars = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
     try:
         set_threads(args.threads)
@@ -494,6 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
         print(f"hf-mirror: error{where}: {printable(e)}", file=sys.stderr)
         return e.exit_code
+    finally:
+        if restore_bars:  # a caller that runs main() again (a notebook, a test) gets its bars back
+            transformers_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

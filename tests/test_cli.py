@@ -118,3 +118,34 @@ def test_baseline_method_from_the_cli(planted, tmp_path, capsys):
     assert result.config["method"] == "bm25"
     assert [result.top(f"fact-{i}", 1)["doc_id"][0] for i in range(4)] == ["d0", "d1", "d2", "d3"]
     assert "probe fact-0" in capsys.readouterr().out
+
+
+BARS = ("it/s", "doc/s", "%|")  # what a tqdm progress bar writes
+
+
+def test_every_subcommand_with_progress_bars_takes_no_progress(planted, tmp_path, capfd):
+    """index, audit, provenance and memorization show progress bars by default and none with --no-progress."""
+    corpus, evals, probes = tmp_path / "corpus.jsonl", tmp_path / "eval.jsonl", tmp_path / "probes.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(planted.texts)))
+    evals.write_text(json.dumps({"text": planted.facts[3]}) + "\n")
+    probes.write_text(json.dumps({"id": "p", "prompt": planted.facts[3][:10], "completion": planted.facts[3][10:]})
+                      + "\n")
+    common = ["--model", str(planted.model_dir), "--corpus", str(corpus)]
+    commands = {
+        "index": ["index", *common, "--ngram", "6"],
+        "audit": ["audit", *common, "--eval-set", str(evals), "--eval-split", "train", "--detectors", "ngram",
+                  "--ngram", "6"],
+        "provenance": ["provenance", *common, "--probes", str(probes), "--ngram", "6", "--no-mirror"],
+        "memorization": ["memorization", *common, "--samples", "5", "--prefix-tokens", "4", "--suffix-tokens", "4"],
+    }
+    for name, argv in commands.items():
+        capfd.readouterr()
+        assert main([*argv, "--output", str(tmp_path / f"{name}-bars")]) == 0
+        shown = capfd.readouterr().err
+        assert any(bar in shown for bar in BARS), (name, shown)  # bars by default
+        assert main([*argv, "--output", str(tmp_path / f"{name}-quiet"), "--no-progress"]) == 0
+        err = capfd.readouterr().err
+        assert not any(bar in err for bar in BARS), (name, err)
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled()  # --no-progress lasted one command only
