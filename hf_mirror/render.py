@@ -30,12 +30,17 @@ def score_meaning(config: Mapping) -> str:
     raw = f"{raw} when the model {verb} the generation" + (" (sign flipped)" if verb == "learns" else "")
     normalize = scan.get("normalize", "none")
     if scan.get("rank_by") == "hybrid":
+        per_probe = config.get("retrieval", {}).get("per_probe", 20)
+        dense = "dense" in config.get("retrieval", {}).get("retrievers", ["bm25"])
+        candidates = (f"{per_probe} BM25 and {per_probe} dense candidates" if dense else
+                      f"{per_probe} BM25 candidates")
         return (f"score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents that "
                 f"state it) + {scan.get('mirror_weight', 0.05):g} x the mirror's score, standardised over the "
-                f"probe's {config.get('retrieval', {}).get('per_probe', 20)} BM25 candidates (documents that moved "
-                f"the model); raw = mirror = {raw}; influence = mirror / sd + {scan.get('lexical_weight', 0.5):g} x "
-                f"BM25 / sd over the probe's scored documents (the additive estimate); positive = the document "
-                f"supports the generation.")
+                f"probe's {candidates} (documents that moved the model); raw = mirror = {raw}; "
+                + ("dense = cosine similarity of the model's mean-pooled embeddings of probe and document (shown for "
+                   "dense candidates); " if dense else "")
+                + f"influence = mirror / sd + {scan.get('lexical_weight', 0.5):g} x BM25 / sd over the probe's scored "
+                f"documents (the additive estimate); positive = the document supports the generation.")
     if normalize == "zscore":
         return (f"score = raw standardised across the run's probes for that document (at most sqrt(probes - 1)); "
                 f"raw = {raw}; positive = the document supports the generation.")

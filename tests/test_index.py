@@ -364,6 +364,11 @@ def test_dense_retriever_adds_the_source_bm25_cannot_see(planted, tiny_model, de
 
     similarity = f"{ranked.loc[source, 'dense']:.3f}"
     assert f"dense {similarity}" in format_probe(both, "sym", k=len(ranked))
+    from hf_mirror.render import score_meaning
+
+    assert "5 BM25 and 5 dense candidates" in score_meaning(both.config) and "dense = cosine" in score_meaning(
+        both.config)
+    assert "5 BM25 candidates" in score_meaning(alone.config) and "dense" not in score_meaning(alone.config)
     assert f"dense {similarity}" in probe_html(both, "sym", k=len(ranked)) and "dense" not in format_probe(alone, "sym")
     assert both.config["retrieval"]["retrievers"] == ["bm25", "dense"] == both.config["scan"]["retrievers"]
     assert both.config["candidate_documents"] == len(union.union())
