@@ -147,8 +147,11 @@ class HybridConfig:
     """Sizes of the hybrid benchmark."""
 
     wordnet_probes: int = 40  # training entries of the default model used as probes (evenly spaced)
+    wordnet: bool = True
     fact_tracing: bool = True
     comentions: bool = True  # also the fact-tracing variant with co-mention distractors
+    countries: int = 100  # fact tracing: countries in the corpus, all of them queried (at most 228)
+    seed: int = 0  # fact tracing: the corpus order and the model's training seed
     quick: bool = False  # small models and corpora (tests)
     top_k: int = 10
     batch_size: int = 32
@@ -180,8 +183,9 @@ def _fact_tracing(cfg: HybridConfig, work: Path, log: Callable[[str], None], com
     from benchmarks import fact_tracing as ft
     from hf_mirror.corpus import Corpus
 
-    fcfg = ft.FactTracingConfig.quick() if cfg.quick else ft.FactTracingConfig()
-    fcfg.comentions = comentions
+    fcfg = (ft.FactTracingConfig.quick() if cfg.quick else
+            ft.FactTracingConfig(n_countries=cfg.countries, n_queries=cfg.countries))
+    fcfg.comentions, fcfg.seed = comentions, cfg.seed
     bench = ft.build_benchmark(fcfg)
     name = "fact_tracing_comentions_model" if comentions else "fact_tracing_model"
     model, tokenizer, _ = ft.load_or_train(bench, fcfg, work / name, log)
@@ -215,7 +219,8 @@ def _workdir(output_dir: str | Path | None) -> Path:
 def _benchmarks(cfg: HybridConfig, work: Path, log: Callable[[str], None]):
     """Each benchmark's name, inputs (model, corpus, probes, tokenizer), answers and its two score tables (the
     mirror's full scan and BM25's), computed once and read back by later runs in ``work``."""
-    builders = {"wordnet": _wordnet, **({"fact_tracing": _fact_tracing} if cfg.fact_tracing else {}),
+    builders = {**({"wordnet": _wordnet} if cfg.wordnet else {}),
+                **({"fact_tracing": _fact_tracing} if cfg.fact_tracing else {}),
                 **({"fact_tracing_comentions": partial(_fact_tracing, comentions=True)} if cfg.comentions else {})}
     for name, build in builders.items():
         model, tokenizer, corpus, probes, answers = build(cfg, work, log)
