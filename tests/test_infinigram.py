@@ -163,16 +163,20 @@ def test_cli_builds_and_reopens_any_n(ig, tok_dir, corpus_file, tmp_path):
                  "--id-column", "id", "--output", str(out), "--ngram", "5"]) == 0
     tokenizer = load_tokenizer(str(tok_dir))
     corpus = Corpus(str(corpus_file), id_column="id", split="train")
-    opened = _open_or_build_index(Namespace(ngram=9), corpus, tokenizer, out)
+
+    def args(n: int) -> Namespace:
+        return Namespace(ngram=n, no_progress=True)
+
+    opened = _open_or_build_index(args(9), corpus, tokenizer, out)
     assert isinstance(opened, InfiniGramIndex) and opened.n == 9
     with pytest.raises(InputError, match="another corpus"):
-        _open_or_build_index(Namespace(ngram=9), Corpus(str(corpus_file), split="train"), tokenizer, out)
+        _open_or_build_index(args(9), Corpus(str(corpus_file), split="train"), tokenizer, out)
     # the n-gram backend (the default) is reopened as before, for its own n only
     assert main(["index", "--model", str(tok_dir), "--corpus", str(corpus_file), "--id-column", "id",
                  "--output", str(tmp_path / "ngram"), "--ngram", "5"]) == 0
-    assert isinstance(_open_or_build_index(Namespace(ngram=5), corpus, tokenizer, tmp_path / "ngram"), NgramIndex)
+    assert isinstance(_open_or_build_index(args(5), corpus, tokenizer, tmp_path / "ngram"), NgramIndex)
     with pytest.raises(InputError, match="n-gram length"):
-        _open_or_build_index(Namespace(ngram=9), corpus, tokenizer, tmp_path / "ngram")
+        _open_or_build_index(args(9), corpus, tokenizer, tmp_path / "ngram")
 
 
 def test_missing_package_names_the_install(monkeypatch, texts, tmp_path):

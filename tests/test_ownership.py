@@ -176,7 +176,7 @@ def test_a_second_run_on_the_same_directory_is_locked_out(tiny_model, planted, t
 def test_a_stale_index_is_refused(tok, texts, tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    args = Namespace(ngram=8)
+    args = Namespace(ngram=8, no_progress=True)
     _open_or_build_index(args, Corpus(corpus), tok, tmp_path / "index")
     _open_or_build_index(args, Corpus(corpus), tok, tmp_path / "index")  # reused
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:5]))
