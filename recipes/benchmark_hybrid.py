@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_hybrid(cfg, args.output, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report["benchmarks"], cfg.top_k))
     print(f"chosen on the tune halves (best mean MRR + recall@{cfg.top_k}; ties: the most mirror): {report['chosen']}")
-    print("\nThe chosen rule against BM25, probe by probe (paired bootstrap over probes):\n")
+    print("\nThe default rule against BM25, probe by probe (paired bootstrap over probes):\n")
     print(format_paired(report["benchmarks"]))
     return 0
 

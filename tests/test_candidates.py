@@ -140,8 +140,8 @@ def test_paired_comparison_counts_each_probe_the_rule_wins_or_loses_against_bm25
     tune, held = out["tune"]["mrr"], out["held_out"]["mrr"]
     assert (tune["wins"], tune["losses"], tune["mean"]) == (1, 1, 0.0) and tune["ci95"][0] < 0 < tune["ci95"][1]
     assert (held["wins"], held["losses"], held["mean"], held["ci95"]) == (0, 0, 0.0, [0.0, 0.0])
-    report = {"b": {"paired": out}}
-    assert "| b | tune | mrr | +0.000 |" in format_paired(report) and "1 / 1 |" in format_paired(report)
+    report = {"b": {"paired": {"rule": "hybrid@20:1.0", **out}}}
+    assert "| b | hybrid@20:1.0 | tune | mrr | +0.000 |" in format_paired(report) and "1 / 1 |" in format_paired(report)
 
 
 def test_normalized_mirror_table_is_each_documents_normalisation_across_probes_in_table_order():
