@@ -181,6 +181,9 @@ class AttributionResult:
     def load(cls, directory: str | Path) -> AttributionResult:
         """Read a result written by :meth:`save` or by ``hf-mirror attribute``."""
         d = Path(directory)
+        if not d.is_dir():
+            raise StateError(f"{d} is not a directory: pass the --output directory of `hf-mirror attribute` "
+                             "(or of AttributionResult.save).")
         missing = [f for k, f in FILES.items() if k != "scores" and not (d / f).exists()]
         if missing:
             raise StateError(f"{d} is not a complete hf-mirror result (missing {missing}); {REWRITE}.")

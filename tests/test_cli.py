@@ -56,6 +56,9 @@ def test_attribute_then_show(planted, tmp_path, capsys):
     assert "probe fact-3" in shown and "doc d3" in shown and "[[" in shown and "\x1b[" not in shown
     assert main(["show", str(out), "--probe", "nope"]) == 2
     assert "Unknown probe 'nope'" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "no-such-run")]) == 2  # a mistyped path is named as one, not as damage
+    err = capsys.readouterr().err
+    assert "no-such-run is not a directory" in err and "--output directory" in err and "rerun" not in err
 
 
 def test_mirror_flags_parse():
