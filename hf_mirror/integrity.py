@@ -20,6 +20,7 @@ from hf_mirror.errors import StateError
 
 T = TypeVar("T")
 OVERWRITE_HINT = "pass --overwrite (or a new output directory) to start the run afresh"
+VERIFY_ENV = "HF_MIRROR_VERIFY"  # "always": index checksums are read in full on every open (no remembered checks)
 HOST = socket.gethostname().replace("/", "_").replace("-", "_")  # names this host's writers in temporary names
 
 
@@ -99,9 +100,6 @@ def check_hashes(root: Path, hashes: dict[str, str], stamps: Path | None = None)
         _write_stamps(stamps, {**known, **passed})
 
 
-VERIFY_ENV = "HF_MIRROR_VERIFY"
-
-
 def _read_stamps(path: Path) -> dict:
     try:
         found = read_json(path)
@@ -112,13 +110,16 @@ def _read_stamps(path: Path) -> dict:
 
 def _write_stamps(path: Path, stamps: dict) -> None:
     """Best effort (a read-only cache only costs full checks); concurrent writers each replace the file whole."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            tmp = f.name
             json.dump(stamps, f)
-        os.replace(f.name, path)
+        os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def hash_files(root: Path, paths: Iterable[Path]) -> dict[str, str]:
