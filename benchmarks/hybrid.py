@@ -118,9 +118,9 @@ def paired(mirror: pd.DataFrame, bm25: pd.DataFrame, answers: dict[str, list[str
     split = halves([p for p in dict.fromkeys(mirror["probe_id"]) if p in answers])
     rng = np.random.default_rng(seed)
     out = {}
+    fused = fuse(mirror, bm25, rule), fuse(mirror, bm25, baseline)  # once, for both halves
     for half, ids in split.items():
-        diff = (per_probe(rankings(fuse(mirror, bm25, rule), ids), answers, k)
-                - per_probe(rankings(fuse(mirror, bm25, baseline), ids), answers, k))
+        diff = per_probe(rankings(fused[0], ids), answers, k) - per_probe(rankings(fused[1], ids), answers, k)
         draws = rng.integers(0, len(diff), size=(resamples, len(diff)))
         out[half] = {metric: {"mean": float(d.mean()),
                               "ci95": [float(x) for x in np.percentile(d.to_numpy()[draws].mean(axis=1), [2.5, 97.5])],
