@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hf_mirror.errors import InputError
 
-METRICS = ("mrr", "recall_at_k", "precision_at_k", "auroc", "tpr_at_fpr", "spearman")
+METRICS = ("mrr", "recall_at_k", "average_precision", "precision_at_k", "auroc", "tpr_at_fpr", "spearman")
 
 __all__ = ["METRICS", "load_metric", "metric_path"]
 
@@ -21,8 +21,7 @@ def metric_path(name: str) -> Path:
 
 
 def load_metric(name: str, **kwargs):
-    """``evaluate.load`` of a bundled metric (``mrr``, ``recall_at_k``, ``precision_at_k``, ``auroc``,
-    ``tpr_at_fpr``, ``spearman``): no Hub access needed."""
+    """``evaluate.load`` of a bundled metric (one of :data:`METRICS`): no Hub access needed."""
     import evaluate
 
     return evaluate.load(str(metric_path(name)), **kwargs)

@@ -226,15 +226,16 @@ def rankings(scores, probe_ids: Sequence[str]) -> dict[str, list[str]]:
 
 
 def retrieval_metrics(ranked: dict[str, list[str]], proponents: dict[str, list[str]], k: int = 10) -> dict:
-    """MRR and recall@k (the bundled `evaluate` modules) over the given probes."""
+    """MRR, recall@k and mean average precision (the bundled `evaluate` modules) over the given probes."""
     from benchmarks import load_metric
 
     ids = list(ranked)
     if not ids:
-        return {"mrr": float("nan"), f"recall@{k}": float("nan")}
+        return {"mrr": float("nan"), f"recall@{k}": float("nan"), "map": float("nan")}
     predictions, references = [ranked[i] for i in ids], [proponents[i] for i in ids]
     return {**load_metric("mrr").compute(predictions=predictions, references=references),
-            **load_metric("recall_at_k").compute(predictions=predictions, references=references, k=k)}
+            **load_metric("recall_at_k").compute(predictions=predictions, references=references, k=k),
+            **load_metric("average_precision").compute(predictions=predictions, references=references)}
 
 
 def _runners(model, tokenizer, corpus, probes: list[dict], cfg: FactTracingConfig, work: Path,

@@ -22,6 +22,9 @@ PRECISIONS = ("no", "bf16", "fp16")
 LEXICAL_WEIGHT = 0.5  # influence = mirror / sd + this x BM25 / sd (recipes/benchmark_lexical_prior.py)
 RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (ScanConfig.retrievers)
 AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
+# the mirror's say in the final ranking: 0 ranks the candidates by BM25 alone (the mirror's influence stays beside
+# it, in the mirror and influence columns); chosen on the tune halves of recipes/benchmark_hybrid.py
+MIRROR_WEIGHT = 0.0
 FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
 # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_details.md, "Benchmark leakage")
 CALIBRATED_STEPS = 3
@@ -228,11 +231,12 @@ class ScanConfig:
         f"document; auto: all up to {FULL_SCAN_MAX} documents, bm25:{AUTO_CANDIDATES} above")
     aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score")
     rank_by: Literal["hybrid", "mirror"] = option(
-        "hybrid", help="hybrid (chosen by the hybrid benchmark): each probe's BM25 candidates, ranked by BM25 with the "
-        "mirror's influence as a bounded correction (hf_mirror.fusion); mirror: every scanned document by the mirror "
-        "alone")
-    mirror_weight: float = option(0.05, min=0, help="hybrid: weight of the mirror's z-scored influence against the "
-                                  "BM25 score scaled to [0, 1]")
+        "hybrid", help="hybrid: each probe's BM25 candidates, ranked by BM25 plus --mirror-weight x the mirror's "
+        "z-scored influence (hf_mirror.fusion), with the mirror and influence columns beside them; mirror: every "
+        "scanned document by the mirror alone")
+    mirror_weight: float = option(
+        MIRROR_WEIGHT, min=0, help="hybrid: weight of the mirror's z-scored influence against the BM25 score scaled to "
+        "[0, 1] (0: BM25's order; chosen by the hybrid benchmark, docs/benchmarks_hybrid.md)")
     lexical_weight: float = option(
         LEXICAL_WEIGHT, min=0, help="weight of BM25's prior in the influence column (each term scaled per probe; "
         "0: the mirror's scores alone; chosen by LDS, docs/benchmarks_lds_real_text.md)")

@@ -1,10 +1,10 @@
 """The final ranking, and the influence estimate: how the mirror's scores and BM25's combine.
 
 Ranking. For each probe, over its BM25 candidates: ``score = bm25 / max(bm25) + weight * z(mirror)``, where ``z`` is the
-mirror score standardised over those candidates. The lexical term is in [0, 1], so the mirror reorders
-documents whose lexical match is close and leaves clear lexical answers first. The rule and its weight were
-chosen on the tune halves of the hybrid benchmark and confirmed on its held-out halves
-(docs/benchmarks_hybrid.md); ``rank_by="mirror"`` ranks by the mirror alone.
+mirror score standardised over those candidates. The lexical term is in [0, 1], so a small weight lets the mirror
+reorder documents whose lexical match is close and leaves clear lexical answers first. The default weight,
+``config.MIRROR_WEIGHT`` = 0 (BM25's order), was chosen on the tune halves of the hybrid benchmark: no weight
+beat BM25 there (docs/benchmarks_hybrid.md). ``rank_by="mirror"`` ranks by the mirror alone.
 
 Influence. The additive estimate of what each document does to the probe (the column a linear datamodel sums):
 ``influence = mirror / sd(mirror) + lexical_weight * bm25 / sd(bm25)``, each spread taken over the probe's

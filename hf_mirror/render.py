@@ -34,9 +34,12 @@ def score_meaning(config: Mapping) -> str:
         dense = "dense" in config.get("retrieval", {}).get("retrievers", ["bm25"])
         candidates = (f"{per_probe} BM25 and {per_probe} dense candidates" if dense else
                       f"{per_probe} BM25 candidates")
-        return (f"score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents that "
-                f"state it) + {scan.get('mirror_weight', 0.05):g} x the mirror's score, standardised over the "
-                f"probe's {candidates} (documents that moved the model); raw = mirror = {raw}; "
+        weight = scan.get("mirror_weight", 0.05)
+        lexical = ("score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents "
+                   "that state it)")
+        ranking = (f"{lexical}, over the probe's {candidates}; " if not weight else
+                   f"{lexical} + {weight:g} x the mirror's score, standardised over the probe's {candidates}; ")
+        return (f"{ranking}raw = mirror = {raw} (documents that moved the model); "
                 + ("dense = cosine similarity of the model's mean-pooled embeddings of probe and document (shown for "
                    "dense candidates); " if dense else "")
                 + f"influence = mirror / sd + {scan.get('lexical_weight', 0.5):g} x BM25 / sd over the probe's scored "

@@ -6,7 +6,8 @@
 
 Runs BM25 and the default mirror once per benchmark (full scan), then scores every combination rule
 (``benchmarks.hybrid.RULES``) on the tune half of the probes and reports it on the held-out half.
-Prints one Markdown table per benchmark and the rule with the best mean tune MRR + recall@10; writes
+Prints one Markdown table per benchmark and the rule chosen on the tune halves (``benchmarks.hybrid.choose``: the
+best mean MRR + recall@10, ties broken by mean average precision, then by the least say for the mirror); writes
 hybrid.json. ``--union`` instead compares the candidate sets of ``--retrievers bm25`` and ``bm25 dense`` (issue
 #13) on the same score tables: candidate recall and the default hybrid's MRR / recall@10 with each; writes
 union.json. ``--normalizations`` scores the hybrid with the mirror's scores normalised across the probes
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = run_hybrid(cfg, args.output, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report["benchmarks"], cfg.top_k))
-    print(f"chosen on the tune halves (best mean MRR + recall@{cfg.top_k}; ties: the most mirror): {report['chosen']}")
+    print(f"chosen on the tune halves (best mean MRR + recall@{cfg.top_k}; ties: the best mean "
+          f"average precision, then the least mirror): {report['chosen']}")
     print("\nThe default rule against BM25, probe by probe (paired bootstrap over probes):\n")
     print(format_paired(report["benchmarks"]))
     return 0

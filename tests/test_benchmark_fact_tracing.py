@@ -47,6 +47,12 @@ def test_ranking_metrics_on_hand_computed_examples():
     precision = load_metric("precision_at_k")
     assert precision.compute(predictions=[["a", "x", "b"]], references=[["a", "b"]], k=2)["precision@2"] == 0.5
     assert precision.compute(predictions=[["a"]], references=[["a"]], k=4)["precision@4"] == 0.25
+    ap = load_metric("average_precision")  # precision at each answer's rank, over all the query's answers
+    assert ap.compute(predictions=[["a", "x", "b"]], references=[["a", "b"]])["map"] == pytest.approx((1 + 2 / 3) / 2)
+    assert ap.compute(predictions=[["x", "a"], ["a"]], references=[["a", "b"], ["a"]])["map"] == pytest.approx(
+        (0.5 / 2 + 1) / 2)  # b is missing from the first ranking: it counts 0
+    assert ap.compute(predictions=[["b", "a", "x"]], references=[["a", "b"]])["map"] == 1.0  # MRR and recall@2 alike
+    assert ap.compute(predictions=[["b", "x", "a"]], references=[["a", "b"]])["map"] < 1.0  # ... but not AP
 
 
 def test_ranking_metrics_accumulate_batches_and_compare_ids_as_text():
@@ -97,7 +103,8 @@ def test_rankings_break_ties_by_document_id():
     scores = pd.DataFrame({"probe_id": ["p"] * 3, "doc_id": ["b", "a", "c"], "score": [1.0, 1.0, 2.0]})
     ranked = rankings(scores, ["p"])
     assert ranked == {"p": ["c", "a", "b"]}
-    assert retrieval_metrics(ranked, {"p": ["b"]}, k=2) == {"mrr": pytest.approx(1 / 3), "recall@2": 0.0}
+    assert retrieval_metrics(ranked, {"p": ["b"]}, k=2) == {"mrr": pytest.approx(1 / 3), "recall@2": 0.0,
+                                                                "map": pytest.approx(1 / 3)}
 
 
 def test_quick_benchmark_runs_end_to_end(tmp_path, capsys):

@@ -65,6 +65,9 @@ def test_default_run_ranks_candidates_by_the_hybrid_with_both_answers(tiny_model
         assert len(result.token_deltas(p["id"], top["doc_id"][0])) > 0  # evidence for the final top documents
         mine = scores[scores["probe_id"] == p["id"]]
         assert mine["score"].notna().sum() == 20  # the probe's 20 BM25 candidates get a final score
+        ranked = mine.dropna(subset=["score"])  # the default weight (0): the candidates in BM25's order
+        np.testing.assert_allclose(ranked["score"], ranked["bm25"] / ranked["bm25"].max(), rtol=1e-12)
+        assert (ranked["mirror"].std() > 0) and ranked["influence"].notna().all()  # the mirror's answer beside it
 
 
 def test_the_influence_column_is_the_mirror_plus_the_lexical_prior_over_every_document(tiny_model, planted,
@@ -105,7 +108,7 @@ def test_scaled_sum_drops_a_term_without_spread():
                                           np.array([4.0, 4.0])), [0.25, 3.0])
 
 
-def test_the_hybrid_rule_is_chosen_on_tune_halves_and_ties_go_to_the_mirror():
+def test_the_hybrid_rule_is_chosen_on_tune_halves_then_by_average_precision_then_the_least_mirror():
     import pandas as pd
 
     from benchmarks.hybrid import choose, evaluate_rules
@@ -119,8 +122,39 @@ def test_the_hybrid_rule_is_chosen_on_tune_halves_and_ties_go_to_the_mirror():
     rules = evaluate_rules(mirror, bm25, {"p0": ["d1"], "p1": ["d0"]}, k=2, rules=("bm25", "hybrid@20:0.1", "mirror"))
     assert rules["bm25"]["tune"]["mrr"] == 0.5 and rules["hybrid@20:0.1"]["tune"]["mrr"] == 1.0
     assert rules["mirror"]["held_out"]["mrr"] == 0.5 and rules["hybrid@20:0.1"]["held_out"]["mrr"] == 1.0
-    report = {"b": {"rules": {r: {"tune": {"mrr": 1.0, "recall@10": 1.0}} for r in ("bm25", "hybrid@20:0.1")}}}
-    assert choose(report) == "hybrid@20:0.1"
+    assert rules["bm25"]["tune"]["map"] == 0.5  # one answer per probe: average precision = reciprocal rank
+    assert choose({"b": {"rules": rules}}, k=2) == "hybrid@20:0.1"  # the best tune MRR + recall@2
+
+    def report(**maps):
+        return {"b": {"rules": {r: {"tune": {"mrr": 1.0, "recall@10": 1.0, "map": m}} for r, m in maps.items()}}}
+
+    saturated = {"bm25": 0.97, "hybrid@20:0.05": 0.96, "hybrid@20:0.1": 0.98, "mirror": 0.99}
+    saturated = {r.replace("@20:", "_"): v for r, v in saturated.items()}
+    by_map = choose({"b": {"rules": {r.replace("_", "@20:"): v for r, v in report(**saturated)["b"]["rules"].items()}}})
+    assert by_map == "mirror"  # tied on MRR + recall@10: the best average precision
+    tied = report(bm25=0.97, mirror=0.97)
+    tied["b"]["rules"]["hybrid@20:0.05"] = {"tune": {"mrr": 1.0, "recall@10": 1.0, "map": 0.97}}
+    assert choose(tied) == "bm25"  # tied on both: the least say for the mirror
+
+
+def test_the_default_rule_is_bm25s_order_of_the_candidates():
+    """The library's default weight (0) ranks exactly as BM25 does, here and in `attribute` (hf_mirror.fusion)."""
+    import pandas as pd
+
+    from benchmarks.fact_tracing import rankings
+    from benchmarks.hybrid import DEFAULT_RULE, fuse
+    from hf_mirror.config import MIRROR_WEIGHT, ScanConfig
+
+    assert ScanConfig().mirror_weight == MIRROR_WEIGHT == 0 and DEFAULT_RULE == "hybrid@20:0"
+    rng = np.random.default_rng(0)
+    n = 60
+    probes = np.repeat(["p0", "p1", "p2"], n)
+    bm25 = pd.DataFrame({"probe_id": probes, "doc_id": [f"d{i}" for i in range(n)] * 3,
+                         "score": rng.integers(0, 8, 3 * n).astype(float)})  # many exact ties
+    mirror = bm25[["probe_id", "doc_id"]].assign(raw_score=rng.normal(size=3 * n))
+    ids = ["p0", "p1", "p2"]
+    assert rankings(fuse(mirror, bm25, DEFAULT_RULE), ids) == rankings(fuse(mirror, bm25, "bm25"), ids)
+    assert rankings(fuse(mirror, bm25, "hybrid@20:0.5"), ids) != rankings(fuse(mirror, bm25, "bm25"), ids)
 
 
 def test_paired_comparison_counts_each_probe_the_rule_wins_or_loses_against_bm25():
