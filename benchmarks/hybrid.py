@@ -134,16 +134,11 @@ def choose(report: dict, k: int = 10) -> str:
     """The rule with the best tune-half MRR + recall@k, averaged over the benchmarks. Among rules tied on that, the
     best tune-half mean average precision (it still sees the order of a probe's answers where MRR and recall@k are
     saturated). Among rules tied on both, the simplest: the one that gives the mirror the least say (BM25 first)."""
-    rules = list(next(iter(report.values()))["rules"])
-
-    def mean(rule: str, metric: str) -> float:
-        return float(np.mean([sum(b["rules"][rule]["tune"].get(m, 0.0) for m in metric.split("+"))
-                              for b in report.values()]))
-
-    tied = rules
-    for metric in (f"mrr+recall@{k}", "map"):
-        scores = {r: mean(r, metric) for r in tied}
-        tied = [r for r in tied if scores[r] >= max(scores.values()) - 1e-12]
+    tied = list(next(iter(report.values()))["rules"])
+    for metrics in (("mrr", f"recall@{k}"), ("map",)):
+        means = {r: float(np.mean([sum(b["rules"][r]["tune"].get(m, 0.0) for m in metrics) for b in report.values()]))
+                 for r in tied}
+        tied = [r for r in tied if means[r] >= max(means.values()) - 1e-12]
     return min(tied, key=_mirror_say)
 
 
