@@ -13,6 +13,13 @@ RANKING_FEATURES = datasets.Features({"predictions": datasets.Sequence(datasets.
                                       "references": datasets.Sequence(datasets.Value("string"))})
 
 
+def metric_info(description: str, kwargs: str, features: datasets.Features):
+    """The ``evaluate.MetricInfo`` of a bundled metric module (its ``_info``)."""
+    import evaluate
+
+    return evaluate.MetricInfo(description=description, citation="", inputs_description=kwargs, features=features)
+
+
 def score_features(reference_type: str) -> datasets.Features:
     """A float score per example against a reference of ``reference_type`` (e.g. "int32" labels)."""
     return datasets.Features({"predictions": datasets.Value("float64"),

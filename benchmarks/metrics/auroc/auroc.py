@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from benchmarks._common import average_ranks, score_features
+from benchmarks._common import average_ranks, metric_info, score_features
 
 _DESCRIPTION = """The probability that a random positive scores above a random negative (ties count one half),
 i.e. the Mann-Whitney U statistic divided by n_pos * n_neg. NaN when one class is absent."""
@@ -26,12 +26,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Auroc(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=score_features("int32"),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, score_features("int32"))
 
     def _compute(self, predictions, references) -> dict:
         scores, labels = np.asarray(predictions, np.float64), np.asarray(references) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from benchmarks._common import RANKING_FEATURES
+from benchmarks._common import RANKING_FEATURES, metric_info
 
 _DESCRIPTION = """Mean over queries of the average precision: the precision at the rank of each relevant
 document, averaged over all the query's relevant documents (one missing from the ranking counts 0). Unlike MRR and
@@ -29,12 +29,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class AveragePrecision(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=RANKING_FEATURES,
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, RANKING_FEATURES)
 
     def _compute(self, predictions, references) -> dict:
         values = []

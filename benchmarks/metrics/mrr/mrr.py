@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from benchmarks._common import RANKING_FEATURES
+from benchmarks._common import RANKING_FEATURES, metric_info
 
 _DESCRIPTION = """Mean over queries of 1 / (rank of the first relevant document in the ranking); a query whose
 ranking holds no relevant document contributes 0. Ids are compared as strings."""
@@ -26,12 +26,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Mrr(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=RANKING_FEATURES,
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, RANKING_FEATURES)
 
     def _compute(self, predictions, references) -> dict:
         reciprocal = []

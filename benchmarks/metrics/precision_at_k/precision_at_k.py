@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from benchmarks._common import RANKING_FEATURES
+from benchmarks._common import RANKING_FEATURES, metric_info
 
 _DESCRIPTION = """Mean over queries of |relevant among the top k| / k (a ranking shorter than k counts its
 missing places as misses). Ids are compared as strings."""
@@ -27,12 +27,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class PrecisionAtK(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=RANKING_FEATURES,
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, RANKING_FEATURES)
 
     def _compute(self, predictions, references, k: int = 10) -> dict:
         if k < 1:

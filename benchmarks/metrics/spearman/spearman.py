@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from benchmarks._common import average_ranks, score_features
+from benchmarks._common import average_ranks, metric_info, score_features
 
 _DESCRIPTION = """The Pearson correlation of the average ranks (ties share their mean rank) of predictions and
 references. For LDS: predictions = a method's predicted outputs on subset-trained models, references = the
@@ -27,12 +27,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Spearman(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=score_features("float64"),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, score_features("float64"))
 
     def _compute(self, predictions, references) -> dict:
         a = average_ranks(np.asarray(predictions, np.float64))

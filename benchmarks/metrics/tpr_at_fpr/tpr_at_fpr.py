@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import numpy as np
 
-from benchmarks._common import score_features
+from benchmarks._common import metric_info, score_features
 
 _DESCRIPTION = """The highest true-positive rate among the ROC operating points (thresholds "score >= t")
 whose false-positive rate is at most ``fpr``. Examples with equal scores are never separated. NaN when one
@@ -28,12 +28,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class TprAtFpr(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=score_features("int32"),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS, score_features("int32"))
 
     def _compute(self, predictions, references, fpr: float = 0.01) -> dict:
         if not 0.0 <= fpr <= 1.0:
