@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+FITS = ("steps", "gradient")
+CURVATURES = ("none", "kfac", "ekfac")
 PRECISIONS = ("no", "bf16", "fp16")
 LEXICAL_WEIGHT = 0.5  # influence = mirror / sd + this x BM25 / sd (recipes/benchmark_lexical_prior.py)
 RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (ScanConfig.retrievers)
@@ -28,6 +30,7 @@ MIRROR_WEIGHT = 0.0
 FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
 # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_details.md, "Benchmark leakage")
 CALIBRATED_STEPS = 3
+GRADIENT_FIELDS = ("fit", "precondition", "step_rise", "damping", "curvature_docs")  # what only fit="gradient" reads
 
 
 def parse_candidates(spec: str | int | None) -> int | str | None:
@@ -106,6 +109,16 @@ class MirrorConfig:
     include_prompt: bool = option(False, help="count prompt tokens in the probe loss")
     fit_batch: int = option(16, min=1, help="probes fitted together in one batch (same adapters as 1, faster; "
                             "lower it to save memory)")
+    fit: Literal["steps", "gradient"] = option(
+        "steps", help="steps: --steps optimizer steps on the probe loss; gradient: one step along the probe's "
+        "(preconditioned) gradient written in closed form as the LoRA adapter (its best rank-R "
+        "approximation per layer, R = --rank), scaled so the probe loss moves --step-rise nats to first order")
+    precondition: Literal["none", "kfac", "ekfac"] = option(
+        "none", help="gradient fit: the curvature that preconditions the probe's gradient (K-FAC or EK-FAC factors "
+        "fitted once per model on the corpus's first --curvature-docs documents and cached)")
+    step_rise: float = option(0.1, help="gradient fit: the probe-loss change of the step to first order (nats, > 0)")
+    damping: float = option(0.1, min=0, help="gradient fit: the curvature's damping, a share of its mean eigenvalue")
+    curvature_docs: int = option(512, min=1, help="gradient fit: corpus documents the curvature is fitted on")
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -120,6 +133,13 @@ class MirrorConfig:
             raise InputError("fit_batch (probes fitted together) must be at least 1.")
         if self.target_rise is not None and not self.target_rise > 0:
             raise InputError(f"target_rise must be a positive number of nats, got {self.target_rise}.")
+        if self.fit not in FITS or self.precondition not in CURVATURES:
+            raise InputError(f"fit must be one of {FITS} and precondition one of {CURVATURES}, got {self.fit!r} and "
+                             f"{self.precondition!r}.")
+        if self.fit == "steps" and self.precondition != "none":
+            raise InputError("--precondition applies to --fit gradient only (a preconditioned gradient step).")
+        if not self.step_rise > 0 or not self.damping >= 0:
+            raise InputError(f"step_rise must be > 0 and damping >= 0, got {self.step_rise} and {self.damping}.")
 
     def block_indices(self, model=None) -> list[int] | None:
         """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
@@ -169,9 +189,14 @@ class MirrorConfig:
     def identity(self) -> dict:
         """The settings that decide the fitted adapters (``fit_batch`` only changes how fast they are fitted).
 
-        ``target_rise`` is left out while it is off (None), so runs recorded before it existed keep their keys."""
+        Only the settings of the chosen ``fit`` count; ``target_rise`` is left out while it is off (None), so runs
+        recorded before these fields existed keep their keys."""
+        unused = ({"fit_batch", *GRADIENT_FIELDS} if self.fit == "steps"
+                  else {"fit_batch", "steps", "target_rise", "lr", "optimizer"})
+        if self.precondition == "none":
+            unused |= {"damping", "curvature_docs"}
         return {k: v for k, v in asdict(self).items()
-                if k != "fit_batch" and not (k == "target_rise" and v is None)}
+                if k not in unused and not (k == "target_rise" and v is None)}
 
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from hf_mirror.config import MirrorConfig
+from hf_mirror.curvature import Curvature
 from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
 from hf_mirror.progress import progress_bar
@@ -104,6 +105,7 @@ def fit_mirrors(
     cfg: MirrorConfig,
     max_length: int | None = None,
     show_progress: bool = True,
+    curvature: Curvature | None = None,
 ) -> tuple[PeftModel, FitReport]:
     """Attach one LoRA adapter per probe (named ``adapter_names[i]``) and fit it on that probe alone.
 
@@ -113,7 +115,11 @@ def fit_mirrors(
     batched matmuls); the sum of the rows' losses gives each adapter the gradient of its own probe alone and the
     optimizers update elementwise, so the adapters are the ones fitted one at a time. When ``cfg.layers`` leaves
     the lowest blocks unadapted, they run once per group of probes (a shared trunk) instead of once per step.
+    With ``cfg.fit="gradient"`` each adapter is written in closed form instead (:func:`_write_gradient_step`;
+    ``curvature`` preconditions it when ``cfg.precondition`` asks for it).
     """
+    if cfg.fit == "gradient" and cfg.precondition != "none" and curvature is None:
+        raise InputError(f"precondition={cfg.precondition!r} needs the curvature (hf_mirror.curvature.curvature_for).")
     device = next(model.parameters()).device
     lora = cfg.lora_config(model)
     # encode every probe first: bad input fails before the model is touched
@@ -132,6 +138,12 @@ def fit_mirrors(
             if size > 1 and not StackedLora.supports(peft_model, names[0]):
                 size = 1  # adapter layers the stacks do not implement (e.g. embeddings): one probe at a time
             group = list(range(lo, lo + len(names)))
+            if cfg.fit == "gradient":
+                _write_gradient_step(peft_model, [probes[i] for i in group], names,
+                                     _stack([batches[i] for i in group], pad_id), cfg, report, curvature)
+                bar.update(len(names))
+                lo += len(names)
+                continue
             size = _fit_groups(peft_model, [probes[i] for i in group], names, [batches[i] for i in group], cfg,
                                report, pad_id, size, bar)
             lo += len(names)
@@ -177,6 +189,68 @@ def _fit_groups(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[
         last = probes[part][-1].id
         bar.set_postfix(loss=f"{report.loss_before[last]:.3f}->{report.loss_after[last]:.3f}")
     return size
+
+
+@torch.no_grad()
+def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: Sequence[str], batch: dict,
+                         cfg: MirrorConfig, report: FitReport, curvature: Curvature | None) -> None:
+    """Write each probe's adapter as one step along its probe-loss gradient, preconditioned by ``curvature``.
+
+    A probe's gradient for a linear layer is ``sum_t d_t x_t^T`` (rank at most its token count) and a K-FAC or
+    EK-FAC preconditioned one is its image under the inverse factors; its best rank-``cfg.rank`` approximation
+    (an SVD) becomes the LoRA weights. Each probe's step is scaled so its probe loss moves ``cfg.step_rise`` nats to
+    first order (up for unlearn, down for learn): a document's loss then moves by about ``step_rise x`` its
+    gradient's (preconditioned) inner product with the probe's, the influence estimate read by forward passes.
+    """
+    from hf_mirror.curvature import capture, linear_layers, plain_name
+    from hf_mirror.stacked import lora_layers
+
+    adapted = {plain_name(n): m for n, m in peft_model.named_modules() if m in set(lora_layers(peft_model, names[0]))}
+    bases = {n: m.base_layer for n, m in adapted.items()}
+    if not set(bases) <= set(linear_layers(peft_model)):
+        raise InputError("fit='gradient' adapts linear layers inside the transformer blocks only; "
+                         f"got {sorted(set(bases) - set(linear_layers(peft_model)))}.")
+    device = next(peft_model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with peft_model.disable_adapter(), capture(peft_model, bases) as seen:
+        losses = _probe_losses(peft_model, batch)
+        losses.sum().backward()  # each row's gradient is its own probe's (rows do not interact)
+    mask = batch["attention_mask"].bool()
+    steps: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> per probe (B, A) before scaling
+    along = torch.zeros(len(names), dtype=torch.float64)  # first-order loss change of each unscaled step
+    for n, base in bases.items():
+        x, d = seen[n]["x"] * mask[..., None], seen[n]["d"]
+        grads = torch.einsum("bto,bti->boi", d.float(), x.float())
+        direction = grads if curvature is None else curvature.precondition(n, grads, cfg.damping)
+        u, s, vh = torch.linalg.svd(direction, full_matrices=False)
+        r = min(cfg.rank, s.shape[-1])
+        u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
+        kept = u @ (s[..., None] * vh)
+        along += (kept * grads).sum(dim=(1, 2)).double().cpu()
+        root = s.sqrt()[..., None]
+        steps[n] = [(u[i] * root[i].T, root[i] * vh[i]) for i in range(len(names))]
+    if not bool((along > 0).all()):
+        bad = int((along <= 0).nonzero()[0, 0])
+        raise ScoreError(f"Probe {probes[bad].id!r}: its gradient vanishes on the adapted layers (first-order change "
+                         f"{along[bad].item():.3g}); the model may predict it perfectly: use --fit steps.")
+    scale = cfg.step_rise / along  # unlearn: the loss rises by step_rise; learn: it falls by as much
+    for n, module in adapted.items():
+        for i, name in enumerate(names):
+            b, a = steps[n][i]
+            factor = (scale[i].item() / module.scaling[name]) ** 0.5
+            lora_b, lora_a = module.lora_B[name].weight, module.lora_A[name].weight
+            lora_b.zero_()
+            lora_a.zero_()
+            lora_b[:, : b.shape[1]] = cfg.sign * factor * b
+            lora_a[: a.shape[0]] = factor * a
+    for i, (probe, name) in enumerate(zip(probes, names, strict=True)):
+        peft_model.set_adapter(name)
+        after = _probe_losses(peft_model, {k: v[i : i + 1] for k, v in batch.items()})
+        report.loss_before[probe.id] = losses[i].item()
+        report.loss_after[probe.id] = after[0].item()
+        report.steps[probe.id] = 1
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
 
 
 def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, seed: int) -> PeftModel:

@@ -383,7 +383,8 @@ def _mirrors(run: _Run, pool: _Pool, n_fit: int):
     shared = [None, None]
     if run.main:
         peft_model, report = _fit_or_reload(run.model, run.tokenizer, pool.all[:n_fit], names, run.mirror,
-                                            run.max_length, run.out, fit_key, run.show_progress)
+                                            run.max_length, run.out, fit_key, run.show_progress,
+                                            lambda: _curvature(run))
         shared = [adapter_states(peft_model, names) if run.world > 1 else None, report]
     states, report = run.share(shared)
     if not run.main:
@@ -521,7 +522,19 @@ def _probes_from_disk(out: Path, given: list[Probe]) -> list[Probe] | None:
     return saved
 
 
-def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path, run_key: str, show_progress):
+def _curvature(run: _Run):
+    """The curvature that preconditions gradient mirrors (None unless the mirror settings ask for one)."""
+    if run.mirror.fit != "gradient" or run.mirror.precondition == "none":
+        return None
+    from hf_mirror.curvature import curvature_for
+
+    return curvature_for(run.model, run.tokenizer, run.corpus, run.mirror.precondition, run.mirror.curvature_docs,
+                         run.max_length, run.scan.cache_dir if run.scan.cache else None, run.model_fingerprint,
+                         cache=run.scan.cache)
+
+
+def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path, run_key: str, show_progress,
+                   curvature=lambda: None):
     """Fit the mirrors, or reload them when this output directory already holds this run's intact adapters.
 
     ``fit.json`` keeps each adapter file's checksum: damaged adapters (or a damaged ``fit.json``) are refitted.
@@ -553,7 +566,7 @@ def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path,
             return mirrors, FitReport(fit["loss_before"], fit["loss_after"])
     elif any((adapters / n).exists() for n in names):
         logger.warning("%s is missing (a damaged or interrupted fit); fitting the mirrors again.", marker)
-    peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress)
+    peft_model, report = fit_mirrors(model, tokenizer, pool, names, mirror, max_length, show_progress, curvature())
     save_mirrors(peft_model, names, adapters)
     save_probes(pool, adapters / "probes.jsonl")
     fit = {"run_key": run_key, "loss_before": report.loss_before, "loss_after": report.loss_after,

@@ -1,0 +1,264 @@
+"""Curvature of the linear layers for the preconditioned mirror: K-FAC and EK-FAC factors, fitted once per model
+on a corpus sample and cached.
+
+For a linear layer ``y = W x`` a document's gradient is ``sum_t d_t x_t^T`` (``d_t`` the gradient of its loss with
+respect to the layer's output at token t). K-FAC approximates the layer's Fisher block by ``A (x) G`` with
+``A = E[x x^T]`` and ``G = E[d d^T]``; in their eigenbases ``Q_A``, ``Q_G`` the inverse is a division by the
+products of eigenvalues. EK-FAC (George et al., 2018) divides instead by the second moments of the documents'
+gradients expressed in that basis, which fit the diagonal exactly. ``precondition(g)`` applies the damped inverse
+to a gradient: ``Q_G [(Q_G^T g Q_A) / (S + damping x mean(S))] Q_A^T``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_mirror.errors import InputError
+from hf_mirror.probes import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("none", "kfac", "ekfac")
+FORMAT = "hf_mirror-curvature-v1"
+
+
+def linear_layers(model) -> dict[str, nn.Module]:
+    """The linear layers (``nn.Linear`` or GPT-2's ``Conv1D``) inside the model's transformer blocks, by qualified
+    name in ``model`` (PEFT's ``base_layer`` of an adapted layer is named as the layer itself)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_mirror.trunk import find_blocks
+
+    blocks = find_blocks(model)
+    inside = {id(m) for m in blocks.modules()}
+    out = {}
+    for name, module in model.named_modules():
+        if id(module) in inside and isinstance(module, (nn.Linear, Conv1D)) and "lora_" not in name:
+            out[plain_name(name)] = module
+    return out
+
+
+def plain_name(name: str) -> str:
+    """A module's name in the model PEFT wrapped (``base_model.model.`` and ``.base_layer`` taken away)."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.removesuffix(".base_layer")
+
+
+@contextmanager
+def capture(model, layers: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Record every layer's inputs ``x`` [batch, length, in] and output gradients ``d`` [batch, length, out] of the
+    next forward and backward pass of ``model`` (the model's own weights need not require grad)."""
+    seen: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+
+    def record(name: str):
+        def hook(module, args, out):
+            seen[name]["x"] = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda g: seen[name].__setitem__("d", g.detach()))
+        return hook
+
+    def leaf(module, args, out):  # gradients flow through the blocks even with frozen weights
+        return out if out.requires_grad else out.detach().requires_grad_(True)
+
+    handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(leaf))
+    try:
+        with torch.enable_grad():
+            yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean next-token loss over its labelled positions (``labels`` aligned with ``input_ids``)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    target = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.sum(dim=1) / (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+@dataclass
+class LayerCurvature:
+    """One layer's eigenbases and the (EK-FAC or K-FAC) scale of each eigen-direction [out, in]."""
+
+    q_in: torch.Tensor
+    q_out: torch.Tensor
+    scale: torch.Tensor
+
+    def precondition(self, grad: torch.Tensor, damping: float) -> torch.Tensor:
+        """The damped inverse applied to ``grad`` [out, in] (or a stack of them [..., out, in])."""
+        rotated = self.q_out.T @ grad.to(self.q_in.dtype) @ self.q_in
+        denominator = self.scale + damping * self.scale.mean()
+        # directions with no curvature at all (no damping) carry no step rather than a division by zero
+        scaled = torch.where(denominator > 0, rotated / denominator.clamp(min=torch.finfo(rotated.dtype).tiny), 0.0)
+        return self.q_out @ scaled @ self.q_in.T
+
+
+@dataclass
+class Curvature:
+    """Every linear layer's :class:`LayerCurvature`, by plain module name, and how they were fitted."""
+
+    kind: str
+    layers: dict[str, LayerCurvature]
+    documents: int
+
+    def precondition(self, name: str, grad: torch.Tensor, damping: float) -> torch.Tensor:
+        try:
+            layer = self.layers[plain_name(name)]
+        except KeyError:
+            raise InputError(f"No curvature for layer {plain_name(name)!r}: the factors were fitted for "
+                             f"{sorted(self.layers)[:4]}...; adapt linear layers inside the blocks only.") from None
+        return layer.precondition(grad, damping)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        from hf_mirror.integrity import atomic_write
+
+        tensors = {f"{n}.{part}": getattr(c, part).contiguous() for n, c in self.layers.items()
+                   for part in ("q_in", "q_out", "scale")}
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "factors.safetensors"))
+        atomic_write(path / "curvature.json", json.dumps({"format": FORMAT, "kind": self.kind,
+                                                          "documents": self.documents,
+                                                          "layers": sorted(self.layers)}).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> Curvature:
+        from safetensors.torch import load_file
+
+        meta = json.loads((path / "curvature.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} directory")
+        tensors = load_file(str(path / "factors.safetensors"))
+        layers = {n: LayerCurvature(*(tensors[f"{n}.{part}"] for part in ("q_in", "q_out", "scale")))
+                  for n in meta["layers"]}
+        return cls(meta["kind"], layers, meta["documents"])
+
+
+def _windows(tokenizer, texts: Sequence[str], max_length: int) -> list[tuple[list[int], int]]:
+    from hf_mirror.corpus import document_tokens, windows
+
+    out = []
+    for text in texts:
+        seq = document_tokens(tokenizer, text)
+        if len(seq) > 1:
+            out += [(ids, ctx) for _, ids, ctx in windows(seq, max_length, max(1, max_length // 8))]
+    return out
+
+
+def _batches(rows: list[tuple[list[int], int]], batch_size: int, pad_id: int, device) -> Iterator[dict]:
+    for lo in range(0, len(rows), batch_size):
+        part = rows[lo : lo + batch_size]
+        width = max(len(ids) for ids, _ in part)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(part), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for i, (row, ctx) in enumerate(part):
+            ids[i, : len(row)] = torch.tensor(row)
+            labels[i, ctx : len(row)] = torch.tensor(row[ctx:])
+            mask[i, : len(row)] = 1
+        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _passes(model, layers, rows, batch_size, pad_id) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Per batch of windows: the captured inputs and output gradients of each row's mean loss, and the mask."""
+    device = next(model.parameters()).device
+    for batch in _batches(rows, batch_size, pad_id, device):
+        with capture(model, layers) as seen:
+            row_losses(model, **batch).sum().backward()
+        yield seen, batch["attention_mask"].bool()
+
+
+@torch.no_grad()
+def fit_curvature(model, tokenizer, texts: Sequence[str], max_length: int, kind: str = "ekfac",
+                  batch_size: int = 8) -> Curvature:
+    """K-FAC (``kind="kfac"``) or EK-FAC factors of every linear layer in the blocks, from ``texts`` (a corpus
+    sample; documents longer than ``max_length`` are windowed). Two passes for EK-FAC: the factors, then the
+    second moments of each window's gradient in their eigenbases."""
+    if kind not in KINDS[1:]:
+        raise InputError(f"curvature kind must be one of {KINDS[1:]}, got {kind!r}.")
+    layers = linear_layers(model)
+    rows = _windows(tokenizer, texts, max_length)
+    if not rows:
+        raise InputError("The corpus sample for the curvature has no tokens.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    a = {n: 0.0 for n in layers}
+    g = {n: 0.0 for n in layers}
+    tokens = 0
+    for seen, mask in _passes(model, layers, rows, batch_size, pad_id):
+        tokens += int(mask.sum())
+        for n in layers:
+            x, d = seen[n]["x"][mask].double(), seen[n]["d"][mask].double()
+            a[n] = a[n] + x.T @ x
+            g[n] = g[n] + d.T @ d
+    bases = {}
+    for n in layers:
+        ea, qa = torch.linalg.eigh(a[n] / tokens)
+        eg, qg = torch.linalg.eigh(g[n] / tokens)
+        bases[n] = (qa.float(), qg.float(), torch.outer(eg.clamp(min=0), ea.clamp(min=0)).float())
+    if kind == "ekfac":
+        second = {n: 0.0 for n in layers}
+        for seen, mask in _passes(model, layers, rows, batch_size, pad_id):
+            for n, (qa, qg, _) in bases.items():
+                x, d = seen[n]["x"] * mask[..., None], seen[n]["d"]
+                grads = torch.einsum("bto,bti->boi", d, x)
+                second[n] = second[n] + ((qg.T @ grads @ qa) ** 2).sum(0)
+        bases = {n: (qa, qg, second[n] / len(rows)) for n, (qa, qg, _) in bases.items()}
+    model.train(was_training)
+    return Curvature(kind, {n: LayerCurvature(*b) for n, b in bases.items()}, len(rows))
+
+
+def corpus_sample(corpus, n_documents: int) -> list[str]:
+    """The texts of the corpus's first ``n_documents`` non-empty documents (stream order)."""
+    texts = []
+    for _, text in corpus.documents():
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+            if len(texts) == n_documents:
+                break
+    return texts
+
+
+def curvature_for(model, tokenizer, corpus, kind: str, n_documents: int, max_length: int,
+                  cache_dir: str | Path | None = None, weights: str | None = None, cache: bool = True) -> Curvature:
+    """The curvature of ``model`` on the first ``n_documents`` documents of ``corpus``: from the cache when this
+    model, tokenizer and sample were fitted before, else fitted and cached (under ``cache_dir``, default
+    ``$HF_MIRROR_CACHE``; ``cache=False``: neither read nor written)."""
+    import time
+
+    from hf_mirror.cache import default_cache_dir, model_fingerprint, tokenizer_fingerprint
+    from hf_mirror.ownership import writable
+
+    texts = corpus_sample(corpus, n_documents)
+    key = hashlib.sha256(json.dumps([FORMAT, kind, weights or model_fingerprint(model),
+                                     tokenizer_fingerprint(tokenizer), max_length, texts]).encode()).hexdigest()[:24]
+    root = Path(cache_dir or default_cache_dir()) / "curvature" / key
+    if cache and (root / "curvature.json").exists():
+        try:
+            return Curvature.load(root)
+        except (ValueError, OSError, KeyError) as e:
+            logger.warning("The cached curvature in %s is damaged (%s); fitting it again.", root, e)
+    t0 = time.perf_counter()
+    curvature = fit_curvature(model, tokenizer, texts, max_length, kind)
+    logger.info("Fitted %s factors of %d layers on %d windows in %.1f s.", kind, len(curvature.layers),
+                curvature.documents, time.perf_counter() - t0)
+    if cache and writable(root.parent.parent):
+        curvature.save(root)
+    return curvature
