@@ -8,7 +8,8 @@ from pathlib import Path
 
 from hf_mirror.errors import InputError
 
-METRICS = ("mrr", "recall_at_k", "average_precision", "precision_at_k", "auroc", "tpr_at_fpr", "spearman")
+METRICS = ("mrr", "recall_at_k", "average_precision", "precision_at_k", "auroc", "tpr_at_fpr", "spearman",
+           "tail_patch")
 
 __all__ = ["METRICS", "load_metric", "metric_path"]
 

@@ -38,6 +38,21 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def top_k_share(scores: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    """Mean true effect of the ``k`` documents a method ranks highest (``scores`` descending, ties in document
+    order, NaN scores last) over the mean of the ``k`` largest true effects: 1 = the best possible top k, about
+    mean(truth) / best for a random order; NaN when the best top k does not raise the probe (its mean <= 0)."""
+    scores, truth = np.asarray(scores, np.float64), np.asarray(truth, np.float64)
+    if scores.shape != truth.shape or scores.ndim != 1:
+        raise ValueError("scores and truth must be 1-D and of the same length.")
+    if k < 1:
+        raise ValueError("k must be at least 1.")
+    k = min(k, len(truth))
+    chosen = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:k]
+    best = np.sort(truth)[::-1][:k].mean() if k else float("nan")
+    return float(truth[chosen].mean() / best) if k and best > 0 else float("nan")
+
+
 def cache_key(payload: object) -> str:
     """A short stable hash of a JSON-able ``payload`` (what a cached benchmark artefact was made from)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -5,7 +5,10 @@ fact-tracing corpus (:mod:`benchmarks.fact_tracing`, a small size), whose probes
 answers to held-out queries; ``corpus="wordnet"`` is real dictionary text, ``n_entries`` evenly spaced entries of the
 bundled WordNet corpus (:func:`hf_mirror.demo.load_facts`) that the model memorises, whose probes are
 ``n_queries`` of those entries' headword prompts (``"bench:"``) with the model's own greedy continuation (its first
-sentence). Then ``n_subsets`` models are
+sentence); ``corpus="docstrings"`` is natural text without a template: ``n_entries`` first paragraphs of the
+docstrings of public functions and classes of the Python standard library (:func:`docstring_pool`,
+``"shutil.rmtree: Recursively delete a directory tree."``), probed the same way (``"shutil.rmtree:"``). Then
+``n_subsets`` models are
 retrained from scratch, each on a random ``fraction`` of the documents, with the full model's tokenizer,
 architecture, hyperparameters, initialisation seed and data order (each epoch's shuffle of the full corpus,
 restricted to the subset). The *actual* output of subset ``S`` on probe ``p`` is the retrained model's probe
@@ -25,6 +28,7 @@ settings and the subsets), so any method or mirror setting can be re-scored agai
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -40,20 +44,20 @@ from hf_mirror.errors import InputError
 
 METHODS = ("mirror", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2", "mirror_top2_linear", "bm25",
            "embedding", "gradsim", "ekfac", "bergson_ekfac", "trackstar")
-CORPORA = ("capitals", "wordnet")
+CORPORA = ("capitals", "wordnet", "docstrings")
 
 
 @dataclass
 class LDSConfig:
     """Corpus, model and retraining sizes (model fields as in :class:`FactTracingConfig`).
 
-    ``corpus="capitals"`` uses ``n_countries`` and ``n_templates``; ``corpus="wordnet"`` uses ``n_entries`` (start
-    from :meth:`wordnet`: its model fields fit real text).
+    ``corpus="capitals"`` uses ``n_countries`` and ``n_templates``; ``corpus="wordnet"`` and ``"docstrings"`` use
+    ``n_entries`` (start from :meth:`wordnet` / :meth:`docstrings`: their model fields fit real text).
     """
 
-    corpus: Literal["capitals", "wordnet"] = "capitals"  # templated capital facts, or real WordNet entries
+    corpus: Literal["capitals", "wordnet", "docstrings"] = "capitals"  # capital facts, WordNet or docstrings
     n_countries: int = 40  # capitals: fact-tracing corpus size (about 7 documents per country)
-    n_entries: int = 400  # wordnet: bundled entries in the corpus (evenly spaced over the 3000)
+    n_entries: int = 400  # wordnet, docstrings: entries in the corpus (evenly spaced over the pool)
     n_queries: int = 20  # probes: the full model's answers to this many held-out queries (wordnet: headwords)
     n_subsets: int = 24  # retrained models
     fraction: float = 0.5  # share of the documents in each subset
@@ -86,12 +90,22 @@ class LDSConfig:
                    max_new_tokens=24)
 
     @classmethod
+    def docstrings(cls, quick: bool = False) -> LDSConfig:
+        """Standard-library docstrings: 400 entries (40 to 300 characters of text), the model of :meth:`wordnet`
+        with a 128-token context, 40 probes; ``quick``: 40 entries, 8 probes, a 2-layer model (tests)."""
+        if quick:
+            return cls(corpus="docstrings", n_entries=40, n_queries=8, n_subsets=6, vocab_size=300, n_layer=2,
+                       n_embd=64, n_positions=96, epochs=30, max_new_tokens=16)
+        return cls(corpus="docstrings", n_entries=400, n_queries=40, vocab_size=1000, n_positions=128,
+                   max_new_tokens=32)
+
+    @classmethod
     def for_corpus(cls, corpus: str = "capitals", quick: bool = False) -> LDSConfig:
         """The default (or ``quick``) configuration of ``corpus``."""
         if corpus not in CORPORA:
             raise InputError(f"Unknown LDS corpus {corpus!r}; choose from {list(CORPORA)}.")
-        if corpus == "wordnet":
-            return cls.wordnet(quick)
+        if corpus in ("wordnet", "docstrings"):
+            return getattr(cls, corpus)(quick)
         return cls.quick() if quick else cls()
 
     def __post_init__(self) -> None:
@@ -211,14 +225,18 @@ def full_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], No
     """Build the corpus, train (or load from the cache) the full model and answer the queries.
 
     ``cfg`` is an :class:`LDSConfig` or :class:`~benchmarks.loo.LOOConfig` (anything with a
-    ``fact_tracing()`` method; ``cfg.corpus="wordnet"`` builds the WordNet setup, :func:`wordnet_setup`). The full
+    ``fact_tracing()`` method; ``cfg.corpus="wordnet"`` builds the WordNet setup, :func:`wordnet_setup`, and
+    ``"docstrings"`` the standard-library docstrings, :func:`docstrings_setup`). The full
     model of the capitals corpus is the fact-tracing benchmark's (:func:`hf_mirror.tiny_lm.train_tiny_lm`);
     retrains reuse its tokenizer and configuration.
     """
     from benchmarks.fact_tracing import answer_queries, build_benchmark
 
-    if getattr(cfg, "corpus", "capitals") == "wordnet":
+    corpus = getattr(cfg, "corpus", "capitals")
+    if corpus == "wordnet":
         return wordnet_setup(cfg, cache_dir, log)
+    if corpus == "docstrings":
+        return docstrings_setup(cfg, cache_dir, log)
     ft = cfg.fact_tracing()
     bench = build_benchmark(ft)
     texts = [d["text"] for d in bench.documents]
@@ -229,36 +247,69 @@ def full_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], No
     return Setup(model, tokenizer, bench.documents, probes, bench.proponents, directory)
 
 
+def spaced_entries(pool: Sequence[dict], n_entries: int, n_queries: int) -> tuple[list[dict], list[dict]]:
+    """``n_entries`` evenly spaced entries of ``pool`` (its order) and ``n_queries`` of them, evenly spaced among
+    those (the probes' entries)."""
+    if not 2 <= n_entries <= len(pool):
+        raise InputError(f"n_entries must be between 2 and {len(pool)} (the entries available), got {n_entries}.")
+    if not 1 <= n_queries <= n_entries:
+        raise InputError(f"Need 1 <= n_queries <= n_entries, got {n_queries} and {n_entries}.")
+    entries = [pool[i * len(pool) // n_entries] for i in range(n_entries)]
+    picks = [entries[(2 * i + 1) * n_entries // (2 * n_queries)] for i in range(n_queries)]
+    return entries, picks
+
+
 def wordnet_entries(n_entries: int, n_queries: int) -> tuple[list[dict], list[dict]]:
     """``n_entries`` evenly spaced bundled WordNet entries (corpus order) and ``n_queries`` of them, evenly spaced
     among those (the probes' entries)."""
     from hf_mirror.demo import load_facts
 
-    facts = load_facts()
-    if not 2 <= n_entries <= len(facts):
-        raise InputError(f"n_entries must be between 2 and {len(facts)} (the bundled entries), got {n_entries}.")
-    if not 1 <= n_queries <= n_entries:
-        raise InputError(f"Need 1 <= n_queries <= n_entries, got {n_queries} and {n_entries}.")
-    entries = [facts[i * len(facts) // n_entries] for i in range(n_entries)]
-    picks = [entries[(2 * i + 1) * n_entries // (2 * n_queries)] for i in range(n_queries)]
-    return entries, picks
+    return spaced_entries(load_facts(), n_entries, n_queries)
 
 
-def first_sentence(text: str) -> str:
-    """``text`` up to and including its first full stop (all of it when there is none)."""
-    cut = text.find(".")
-    return text[: cut + 1] if cut >= 0 else text
+def docstring_pool() -> list[dict]:
+    """Every usable entry of the docstrings corpus (:func:`benchmarks.docstrings.read_pool`: the first paragraphs of
+    the public functions' and classes' docstrings of :data:`~benchmarks.docstrings.MODULES`), as ``id`` (the
+    qualified name, also ``headword``), ``text`` (``"shutil.rmtree: Recursively delete a directory tree."``),
+    ``prompt`` (``"shutil.rmtree:"``) and ``completion``. Read in a fresh isolated interpreter (``python -I -S``):
+    libraries patch the standard library when imported (torch replaces ``inspect.getfile``), and the corpus must not
+    depend on what the caller imported. Deterministic for a given Python version (docstrings change slightly
+    between versions)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("docstrings.py")
+    done = subprocess.run([sys.executable, "-I", "-S", str(script)], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise InputError(f"Reading the standard library's docstrings failed: {done.stderr.strip()[-500:]}")
+    pool = []
+    for qualified, text in json.loads(done.stdout):
+        pool.append({"id": qualified, "headword": qualified, "text": f"{qualified}: {text}", "prompt": f"{qualified}:",
+                     "completion": f" {text}"})
+    return pool
 
 
-def wordnet_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> Setup:
-    """The real-text setup: a GPT-2 trained from scratch on ``cfg.n_entries`` WordNet entries; the probes are
-    ``cfg.n_queries`` entries' headword prompts (``"bench:"``) with the model's greedy continuation
-    (``cfg.max_new_tokens`` tokens cut after the first sentence: the gloss). A probe is ``correct`` when its
-    completion starts the entry's own text (memorised); its proponent is its entry."""
+def docstring_entries(n_entries: int, n_queries: int) -> tuple[list[dict], list[dict]]:
+    """``n_entries`` evenly spaced entries of :func:`docstring_pool` and ``n_queries`` of them (the probes')."""
+    return spaced_entries(docstring_pool(), n_entries, n_queries)
+
+
+def first_sentence(text: str, before_space: bool = False) -> str:
+    """``text`` up to and including its first full stop (all of it when there is none); with ``before_space`` only
+    a full stop followed by whitespace or ending the text counts (the dots of ``os.stat()`` do not)."""
+    match = re.search(r"\.(?=\s|$)" if before_space else r"\.", text)
+    return text[: match.end()] if match else text
+
+
+def memorised_setup(cfg, entries: Sequence[dict], picks: Sequence[dict], cache_dir: str | Path | None = None,
+                    log: Callable[[str], None] = lambda s: None, before_space: bool = False) -> Setup:
+    """A GPT-2 trained from scratch on ``entries`` (``id``, ``text``, ``headword``); the probes are the ``picks``'
+    prompts (``"bench:"``) with the model's greedy continuation (``cfg.max_new_tokens`` tokens cut after the first
+    sentence, :func:`first_sentence` with ``before_space``). A probe is ``correct`` when its completion starts the
+    entry's own ``completion`` (memorised); its proponent is its entry."""
     from hf_mirror.modeling import prepare_tokenizer
     from hf_mirror.probes import Probe, generate_completions
 
-    entries, picks = wordnet_entries(cfg.n_entries, cfg.n_queries)
     documents = [{"id": e["id"], "text": e["text"], "headword": e["headword"]} for e in entries]
     model, tokenizer, directory = _full_model([d["text"] for d in documents], _train_fields(cfg), cache_dir, log)
     prepare_tokenizer(tokenizer)
@@ -266,13 +317,28 @@ def wordnet_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str],
     generated = generate_completions(model, tokenizer, queries, cfg.max_new_tokens)
     probes, proponents = [], {}
     for e, g in zip(picks, generated, strict=True):
-        completion = first_sentence(g.completion or "")
+        completion = first_sentence(g.completion or "", before_space)
         if not completion.strip():
             continue
         probes.append({"id": g.id, "prompt": g.prompt, "completion": completion,
                        "correct": e["completion"].startswith(completion), "answer": e["completion"]})
         proponents[g.id] = [e["id"]]
     return Setup(model, tokenizer, documents, probes, proponents, directory)
+
+
+def wordnet_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> Setup:
+    """The real-text setup (:func:`memorised_setup`): a GPT-2 trained from scratch on ``cfg.n_entries`` WordNet
+    entries; the probes are ``cfg.n_queries`` entries' headword prompts (``"bench:"``) with the model's greedy
+    continuation cut after the first sentence (the gloss)."""
+    return memorised_setup(cfg, *wordnet_entries(cfg.n_entries, cfg.n_queries), cache_dir, log)
+
+
+def docstrings_setup(cfg, cache_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> Setup:
+    """The natural-text setup without a template (:func:`memorised_setup`): a GPT-2 trained from scratch on
+    ``cfg.n_entries`` standard-library docstrings (:func:`docstring_entries`); the probes are ``cfg.n_queries``
+    entries' qualified-name prompts (``"shutil.rmtree:"``) with the model's greedy continuation cut after the
+    first sentence (a full stop before whitespace: the text is full of dotted names)."""
+    return memorised_setup(cfg, *docstring_entries(cfg.n_entries, cfg.n_queries), cache_dir, log, before_space=True)
 
 
 # --- retrained subsets and their cached losses ----------------------------------------------------------------

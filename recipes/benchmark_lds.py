@@ -1,19 +1,21 @@
 """Linear datamodeling score (LDS): do a method's scores predict what retraining on data subsets does?
 
-    python recipes/benchmark_lds.py [--corpus capitals|wordnet] [--quick] [--methods mirror,mirror_raw,bm25,...]
-        [--json runs/lds.json] [--cache-dir DIR] [--n-subsets 24] [--n-countries 40] [--n-entries 400] ...
+    python recipes/benchmark_lds.py [--corpus capitals|wordnet|docstrings] [--quick]
+        [--methods mirror,mirror_raw,bm25,...] [--json runs/lds.json] [--cache-dir DIR] [--n-subsets 24]
+        [--n-countries 40] [--n-entries 400] ...
 
     # mirror settings per row: METHOD:FIELD=VALUE[:FIELD=VALUE...] (MirrorConfig fields)
     python recipes/benchmark_lds.py --corpus wordnet --methods mirror,mirror:steps=3,mirror:target_rise=1:steps=32
 
 Trains a small GPT-2 on a corpus (``--corpus capitals``, the default: the templated fact-tracing corpus;
 ``--corpus wordnet``: 400 real WordNet entries that the model memorises, probes = 40 headword prompts with the
-model's own continuation), retrains it from scratch on random halves of the corpus (same
-tokenizer, hyperparameters, seed and data order), and correlates each method's predicted effect of a subset
-(the sum of its scores over the subset's documents) with the retrained model's negative probe loss (Spearman,
-per probe, averaged over probes); see ``benchmarks.lds``. The retrains' losses are cached under
-``--cache-dir`` (default ``$HF_MIRROR_CACHE/counterfactual``): a second run re-scores methods without
-retraining. Prints a Markdown table.
+model's own continuation; ``--corpus docstrings``: 400 first paragraphs of Python standard-library
+docstrings, probes = 40 qualified-name prompts such as ``shutil.rmtree:``), retrains it from scratch on random
+halves of the corpus (same tokenizer, hyperparameters, seed and data order), and correlates each method's
+predicted effect of a subset (the sum of its scores over the subset's documents) with the retrained model's
+negative probe loss (Spearman, per probe, averaged over probes); see ``benchmarks.lds``. The retrains' losses
+are cached under ``--cache-dir`` (default ``$HF_MIRROR_CACHE/counterfactual``): a second run re-scores methods
+without retraining. Prints a Markdown table.
 """
 
 from __future__ import annotations
