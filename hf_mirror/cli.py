@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from hf_mirror.config import CALIBRATED_STEPS, MirrorConfig, ScanConfig
 from hf_mirror.distributed import is_main_process, set_threads
 from hf_mirror.errors import HfMirrorError, InputError
-from hf_mirror.flags import add_config_flags, config_from_args
+from hf_mirror.flags import add_config_flags, config_from_args, finite
 from hf_mirror.methods import REGISTRY
 from hf_mirror.terminal import escape_log_output, printable
 
@@ -32,19 +32,15 @@ def positive_int(text: str) -> int:
 
 
 def fraction(text: str) -> float:
-    """An argparse type: a share between 0 and 1."""
-    value = float(text)
+    """An argparse type: a share between 0 and 1 (NaN refused)."""
+    value = finite(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
 
 
-def finite(text: str) -> float:
-    """An argparse type: a finite number."""
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+MODEL_HELP = ("from_pretrained name or local path of a causal LM (a Hub id is 'name' or 'org/name'; anything else, "
+              "or a path that exists here, is a local directory and never looked up on the Hub)")
 
 
 def _add_attribute(sub) -> None:
@@ -55,7 +51,7 @@ def _add_attribute(sub) -> None:
         "--output (topk.parquet, scores.parquet, evidence.parquet, probes.jsonl, config.json, adapters/).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="from_pretrained name or local path of a causal LM")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--gguf-file", help="GGUF file inside --model to load (dequantised)")
     p.add_argument(
         "--corpus",
@@ -214,7 +210,7 @@ def _add_provenance(sub) -> None:
         "attribution. Writes provenance.json and provenance.html.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--corpus", required=True)
     p.add_argument("--probes", required=True, help="JSON-lines file of {id, prompt, completion?}")
     p.add_argument("--output", required=True, help="output directory")
@@ -238,7 +234,7 @@ def _add_memorization(sub) -> None:
         "decode S tokens, count exact reproductions of the true next S tokens. Writes memorization.json.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--corpus", required=True)
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--text-column", default="text")

@@ -8,8 +8,9 @@
 
 A field's ``metadata`` may carry ``help`` (shown by ``--help`` with the default), ``min`` (values below it
 are refused by the parser, naming the flag), ``flag`` (extra ``add_argument`` keywords, e.g. a ``type``
-that parses ``bm25:200``) and ``cli=False`` (no flag). :func:`option` builds that metadata. The ``hf-mirror``
-command and the benchmark recipes both build their flags here.
+that parses ``bm25:200``) and ``cli=False`` (no flag). :func:`option` builds that metadata. Every flag refuses
+NaN and infinities, whatever its type. The ``hf-mirror`` command and the benchmark recipes both build their
+flags here.
 
 Importing this module loads neither torch nor the Hugging Face libraries.
 """
@@ -18,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["OFFLINE_ENV", "add_config_flags", "apply_overrides", "config_from_args", "offline_defaults", "option"]
+__all__ = ["OFFLINE_ENV", "add_config_flags", "apply_overrides", "config_from_args", "finite", "offline_defaults",
+           "option"]
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -47,11 +50,26 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "", min: float | N
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def _finite(convert: Any) -> Any:
+    """An argparse type that converts with ``convert`` and refuses a NaN or infinite float (argparse names the flag)."""
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its messages
+    return parse
+
+
+finite = _finite(float)  # an argparse type: a finite float (for flags written by hand)
+
+
 def _at_least(convert: Any, low: float) -> Any:
     """An argparse type that converts with ``convert`` and refuses values below ``low``."""
     def parse(text: str) -> Any:
         value = convert(text)
-        if value < low:
+        if not value >= low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
         return value
 
@@ -128,6 +146,8 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         meta = f.metadata
         flag = meta.get("flag", {})  # a field with a flag type of its own is parsed by it alone
         kwargs = {**({} if "type" in flag else _flag_kwargs(hints[f.name], f"{cls.__name__}.{f.name}")), **flag}
+        if "type" in kwargs:  # every number a flag parses is finite: NaN and infinities are refused, naming the flag
+            kwargs["type"] = _finite(kwargs["type"])
         if meta.get("min") is not None:
             kwargs["type"] = _at_least(kwargs.get("type", int), meta["min"])
         default = str(_field_default(f)).replace("%", "%%")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -41,23 +42,57 @@ def check_causal_lm(model) -> None:
 
 
 _CONFIG_KWARGS = ("gguf_file", "local_files_only")  # what AutoConfig needs of the model's loading options
+HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?")  # 'gpt2', 'org/name'
+
+
+def is_local(name_or_path: str | Path) -> bool:
+    """Whether a model name is a local path, which is never looked up on the Hub.
+
+    The rule: a name that exists on disk, or that is not shaped like a Hub id, is a local path. A Hub id is
+    ``name`` or ``org/name`` (ASCII letters, digits, ``_``, ``-``, ``.``; each part starting with a letter, digit or
+    ``_``). So ``./m``, ``../m``, ``/abs/m``, ``~/m``, ``.m``, ``runs/a/m`` and ``C:\\m`` are local paths; ``gpt2`` and
+    ``org/name`` are Hub ids unless a file or directory of that name exists here.
+    """
+    text = str(name_or_path)
+    return Path(text).exists() or HUB_ID.fullmatch(text) is None
 
 
 def local_only(name_or_path: str, kwargs: dict) -> dict:
-    """A local model directory is loaded without any network call (``local_files_only``)."""
-    return {"local_files_only": True, **kwargs} if Path(str(name_or_path)).is_dir() else kwargs
+    """A local model directory is loaded without any network call (``local_files_only``); a local path that is not
+    a directory (missing, or a file) is refused before anything is loaded."""
+    if not is_local(name_or_path):
+        return kwargs
+    path = Path(str(name_or_path))
+    if not path.is_dir():
+        what = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise InputError(f"The model path {str(name_or_path)!r} {what}; pass a directory written by save_pretrained "
+                         "(for a GGUF file: its directory, and its file name with --gguf-file). A name is looked up "
+                         "on the Hub only when it is shaped like 'name' or 'org/name' and no such path exists here.")
+    gguf = kwargs.get("gguf_file")
+    if gguf and not (path / gguf).is_file():
+        raise InputError(f"The model directory {str(name_or_path)!r} holds no GGUF file {gguf!r} (--gguf-file).")
+    return {"local_files_only": True, **kwargs}
+
+
+def load_config(name_or_path: str, **kwargs):
+    """``AutoConfig.from_pretrained`` with local paths kept local, and an InputError naming the path when it fails."""
+    kwargs = local_only(name_or_path, {k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS})
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"Cannot load a model config from {name_or_path!r}: {e}") from e
 
 
 def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with a clear error for non-causal models."""
+    """``AutoModelForCausalLM.from_pretrained`` with a clear error for non-causal models and missing files."""
     kwargs = local_only(name_or_path, kwargs)
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS})
-    except (OSError, ValueError) as e:
-        raise InputError(f"Cannot load a model config from {name_or_path!r}: {e}") from e
+    config = load_config(name_or_path, **kwargs)
     if not _causal_config(config):
         raise InputError(f"{name_or_path!r} (a {config.model_type!r} model) {NOT_CAUSAL}")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:  # e.g. "no file named model.safetensors, or pytorch_model.bin, found in directory ..."
+        raise InputError(f"Cannot load the model weights from {name_or_path!r}: {e}") from e
     model.eval()
     return model
 
@@ -77,7 +112,17 @@ def prepare_tokenizer(tokenizer):
 
 
 def load_tokenizer(name_or_path: str, **kwargs):
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, **local_only(name_or_path, kwargs)))
+    """``AutoTokenizer.from_pretrained``, refusing a path without a usable tokenizer (transformers builds an empty
+    one from a config.json alone) with an InputError naming it."""
+    kwargs = local_only(name_or_path, kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"Cannot load a tokenizer from {name_or_path!r}: {e}") from e
+    if not tokenizer("a", add_special_tokens=False)["input_ids"]:
+        raise InputError(f"{name_or_path!r} holds no tokenizer (no tokenizer.json or vocabulary files: text becomes "
+                         "no tokens); save the tokenizer there with tokenizer.save_pretrained.")
+    return prepare_tokenizer(tokenizer)
 
 
 def context_length(model, tokenizer=None, cap: int = 1024) -> int:

@@ -60,12 +60,10 @@ def _config_only(name: str, tokenizer, model_kwargs: dict | None):
     """``(config holder, tokenizer, name)`` for a method that reads only the tokenizer and the context length."""
     from types import SimpleNamespace
 
-    from transformers import AutoConfig
-
-    from hf_mirror.modeling import load_tokenizer, local_only, prepare_tokenizer
+    from hf_mirror.modeling import load_config, load_tokenizer, prepare_tokenizer
 
     kwargs = {k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
-    config = AutoConfig.from_pretrained(name, **local_only(name, kwargs))
+    config = load_config(name, **kwargs)
     tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(name, **kwargs)
     return SimpleNamespace(config=config), tokenizer, name
 

@@ -76,16 +76,14 @@ def extractable_memorization(
     ``model`` is a loaded causal LM or a ``from_pretrained`` name/path; with a name (``tokenizer=None`` loads its
     tokenizer) the lengths are checked against its config and the corpus before the model is loaded.
     """
-    from hf_mirror.modeling import load_tokenizer, resolve_model
+    from hf_mirror.modeling import load_config, load_tokenizer, resolve_model
 
     if prefix_tokens < 1 or suffix_tokens < 1 or samples < 1:
         raise InputError("prefix_tokens, suffix_tokens and samples (--prefix-tokens, --suffix-tokens, --samples) "
                          "must be positive.")
     if isinstance(model, (str, Path)):
-        from transformers import AutoConfig
-
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model))
-        check_context(AutoConfig.from_pretrained(str(model)), tokenizer, prefix_tokens, suffix_tokens)
+        check_context(load_config(str(model)), tokenizer, prefix_tokens, suffix_tokens)
     elif model is not None:
         check_context(model.config, tokenizer, prefix_tokens, suffix_tokens)
     docs = sample_documents(corpus, tokenizer, samples, prefix_tokens + suffix_tokens, seed)

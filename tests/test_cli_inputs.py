@@ -1,0 +1,127 @@
+"""Bad input refused up front by the hf-mirror command: every number finite, models that do not load, corpora and
+probes checked before anything is fitted (issue 26, items 3 and 4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+
+from hf_mirror.cli import build_parser, main
+from hf_mirror.modeling import is_local
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tok_dir, texts):
+    """A random 2-layer GPT-2 with the planted tokenizer (nothing trained: these runs stop before fitting or barely
+    fit), a corpus of the planted texts with ids and a probe file."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.save_pretrained(root / "model")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                    ).save_pretrained(root / "model")
+    (root / "c.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    (root / "p.jsonl").write_text(json.dumps({"id": "p", "prompt": texts[0][:12], "completion": texts[0][12:]}) + "\n")
+    return root
+
+
+def _numeric_flags():
+    """``(command, flag, required argv)`` for every option of every subcommand that parses a number."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        required = [x for a in parser._actions if a.required
+                    for x in ([a.option_strings[0], "x"] if a.option_strings else ["x"])]
+        for action in parser._actions:
+            if action.type is None or not action.option_strings:
+                continue
+            try:
+                numeric = isinstance(action.type("1"), (int, float))
+            except Exception:  # noqa: BLE001 - a type that takes no "1" (e.g. auto|all|bm25:M) is not a number
+                numeric = False
+            if numeric:
+                yield command, action.option_strings[0], required
+
+
+NUMERIC = list(_numeric_flags())
+
+
+def test_the_numeric_flags_are_found():
+    found = {(c, f) for c, f, _ in NUMERIC}
+    assert {("attribute", "--lr"), ("attribute", "--mirror-weight"), ("attribute", "--target-rise"),
+            ("audit", "--threshold"), ("audit", "--combined-threshold"), ("provenance", "--ngram"),
+            ("memorization", "--seed"), ("show", "-k")} <= found
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "-Infinity"])
+def test_every_numeric_flag_refuses_nan_and_infinities(value, capsys):
+    for command, flag, required in NUMERIC:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, *required, f"{flag}={value}"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (command, flag)
+        assert f"argument {flag}" in err and value in err, (command, flag, err)
+
+
+@pytest.mark.parametrize(("name", "local"), [
+    ("gpt2", False), ("org/name", False), ("HuggingFaceTB/SmolLM2-135M", False),
+    ("./m", True), ("../m", True), ("/abs/m", True), ("~/m", True), (".m", True), ("runs/a/m", True),
+    ("C:\\models\\m", True), ("org/name/", True), ("", True),
+])
+def test_which_model_names_are_local_paths(name, local):
+    assert is_local(name) is local
+
+
+def test_an_org_name_that_exists_here_is_a_local_path(tmp_path, monkeypatch):
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert is_local("org/name") and not is_local("org/other")
+
+
+def _never_from_the_hub(monkeypatch):
+    """Make every transformers load fail the test: a local path that is not a model is refused before them."""
+    import transformers
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError(f"from_pretrained called with {args} {kwargs}")
+
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", looked_up)
+
+
+@pytest.mark.parametrize("command", ["attribute", "index", "memorization", "provenance", "audit"])
+@pytest.mark.parametrize("model", ["./no-such-model", "no/such/model", "model/model.safetensors"])
+def test_a_local_model_path_that_is_no_directory_is_refused_before_any_lookup(tiny, command, model, monkeypatch,
+                                                                               capsys):
+    _never_from_the_hub(monkeypatch)
+    monkeypatch.chdir(tiny)
+    extra = {"attribute": ["--probes", "p.jsonl"], "provenance": ["--probes", "p.jsonl"],
+             "audit": ["--eval-set", "c.jsonl", "--detectors", "minkprob"]}.get(command, [])
+    rc = main([command, "--model", model, "--corpus", "c.jsonl", "--output", "out", *extra, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    what = "is a file, not a model directory" if model.endswith(".safetensors") else "does not exist"
+    assert f"The model path {model!r} {what}" in err and "Traceback" not in err
+    assert not (tiny / "out").exists()
+
+
+def test_a_model_directory_without_weights_or_tokenizer_is_an_input_error(tiny, tmp_path, capsys):
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text((tiny / "model" / "config.json").read_text())
+    common = ["--corpus", str(tiny / "c.jsonl"), "--no-progress"]
+    rc = main(["attribute", "--model", str(tmp_path / "config-only"), *common, "--probes", str(tiny / "p.jsonl"),
+               "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"Cannot load the model weights from {str(tmp_path / 'config-only')!r}" in err
+    assert "model.safetensors" in err  # what is missing
+    assert main(["index", "--model", str(tmp_path / "config-only"), *common, "--output", str(tmp_path / "ix")]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err  # transformers would build an empty one from config.json
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ix").exists()
+    assert main(["attribute", "--model", str(tiny / "model"), *common, "--probes", str(tiny / "p.jsonl"), "--output",
+                 str(tmp_path / "ok"), "--gguf-file", "m.gguf"]) == 2
+    assert "holds no GGUF file 'm.gguf' (--gguf-file)" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["config-only"]
