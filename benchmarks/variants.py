@@ -61,6 +61,8 @@ def parse_method(spec: str, methods: Sequence[str]) -> tuple[str, dict]:
 
 
 def _value(text: str):
+    if "|" in text:  # a list, as bergson writes them: target_modules=all-linear|lm_head
+        return [_value(part) for part in text.split("|")]
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
         return None

@@ -91,7 +91,8 @@ class MirrorConfig:
     dropout: float = option(0.0, min=0, help="LoRA dropout")
     target_modules: list[str] | str | None = option(
         None, flag={"nargs": "+", "type": str},
-        help="modules to adapt (default: PEFT's mapping for the model, the attention; all-linear: attention and MLP)")
+        help="modules to adapt (default: PEFT's mapping for the model, the attention; all-linear: attention and MLP; "
+        "all-linear lm_head: and the output layer)")
     layers: list[int] | None = option(
         None, help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
     steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep); with --target-rise, "
@@ -168,10 +169,12 @@ class MirrorConfig:
         from hf_mirror.mirror import linear_module_names, uses_conv1d
 
         targets = self.target_modules
-        if targets == "all-linear" and self.layers is not None:
+        if targets == "all-linear" and self.layers is not None or isinstance(targets, list) and "all-linear" in targets:
             if model is None:
-                raise InputError("target_modules='all-linear' with layers needs the model to list its linear layers.")
-            targets = linear_module_names(model)
+                raise InputError("target_modules='all-linear' with layers or other modules needs the model to list its "
+                                 "linear layers.")
+            extra = [t for t in targets if t != "all-linear"] if isinstance(targets, list) else []
+            targets = linear_module_names(model) + extra
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,

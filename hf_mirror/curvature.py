@@ -30,17 +30,21 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("none", "kfac", "ekfac")
 FORMAT = "hf_mirror-curvature-v1"
+MAX_HEAD_VOCAB = 8192  # the output layer's curvature (vocabulary^2 entries) is fitted up to this vocabulary
 
 
-def linear_layers(model) -> dict[str, nn.Module]:
-    """The linear layers (``nn.Linear`` or GPT-2's ``Conv1D``) inside the model's transformer blocks, by qualified
-    name in ``model`` (PEFT's ``base_layer`` of an adapted layer is named as the layer itself)."""
+def linear_layers(model, head: bool = True) -> dict[str, nn.Module]:
+    """The linear layers (``nn.Linear`` or GPT-2's ``Conv1D``) inside the model's transformer blocks and, with
+    ``head``, the output layer (LM head), by qualified name in ``model`` (PEFT's ``base_layer`` of an adapted layer
+    is named as the layer itself)."""
     from transformers.pytorch_utils import Conv1D
 
     from hf_mirror.trunk import find_blocks
 
-    blocks = find_blocks(model)
-    inside = {id(m) for m in blocks.modules()}
+    inside = {id(m) for m in find_blocks(model).modules()}
+    output = model.get_output_embeddings()
+    if head and output is not None:
+        inside |= {id(m) for m in output.modules()}
     out = {}
     for name, module in model.named_modules():
         if id(module) in inside and isinstance(module, (nn.Linear, Conv1D)) and "lora_" not in name:
@@ -192,7 +196,9 @@ def fit_curvature(model, tokenizer, texts: Sequence[str], max_length: int, kind:
     second moments of each window's gradient in their eigenbases."""
     if kind not in KINDS[1:]:
         raise InputError(f"curvature kind must be one of {KINDS[1:]}, got {kind!r}.")
-    layers = linear_layers(model)
+    # the output layer's G is vocabulary x vocabulary: fitted only where that stays small
+    head = model.get_output_embeddings() is None or model.get_output_embeddings().weight.shape[0] <= MAX_HEAD_VOCAB
+    layers = linear_layers(model, head=head)
     rows = _windows(tokenizer, texts, max_length)
     if not rows:
         raise InputError("The corpus sample for the curvature has no tokens.")

@@ -31,6 +31,9 @@ def quiet_peft() -> Iterator[None]:
     PEFT's and transformers' business, not the user's, so it is ignored (only it, only here)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # GPT-2's Conv1D projections need fan_in_fan_out, its output layer is a Linear that does not: PEFT sets it
+        # per layer and says so
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True but the target module is")
         yield
 
 
@@ -208,7 +211,7 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
     adapted = {plain_name(n): m for n, m in peft_model.named_modules() if m in set(lora_layers(peft_model, names[0]))}
     bases = {n: m.base_layer for n, m in adapted.items()}
     if not set(bases) <= set(linear_layers(peft_model)):
-        raise InputError("fit='gradient' adapts linear layers inside the transformer blocks only; "
+        raise InputError("fit='gradient' adapts the linear layers of the transformer blocks and the output layer only; "
                          f"got {sorted(set(bases) - set(linear_layers(peft_model)))}.")
     device = next(peft_model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -218,7 +221,7 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
     mask = batch["attention_mask"].bool()
     steps: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> per probe (B, A) before scaling
     along = torch.zeros(len(names), dtype=torch.float64)  # first-order loss change of each unscaled step
-    for n, base in bases.items():
+    for n in bases:
         x, d = seen[n]["x"] * mask[..., None], seen[n]["d"]
         grads = torch.einsum("bto,bti->boi", d.float(), x.float())
         direction = grads if curvature is None else curvature.precondition(n, grads, cfg.damping)
@@ -259,7 +262,8 @@ def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, se
         if peft_model is None:
             with quiet_peft():
                 return get_peft_model(model, lora, adapter_name=name)
-        peft_model.add_adapter(name, lora)
+        with quiet_peft():
+            peft_model.add_adapter(name, lora)
         return peft_model
     except ValueError as e:
         if "target module" not in str(e).lower():
@@ -367,7 +371,8 @@ def _step(opt, params: Sequence[torch.nn.Parameter], losses: torch.Tensor, stopp
 
 def save_mirrors(model: PeftModel, names: Sequence[str], directory: str | Path) -> None:
     """Save each adapter in the standard PEFT layout: ``directory/<name>/adapter_model.safetensors``."""
-    model.save_pretrained(str(directory), selected_adapters=list(names))
+    with quiet_peft():  # save the LoRA weights only, never a copy of an adapted output layer's full weight
+        model.save_pretrained(str(directory), selected_adapters=list(names), save_embedding_layers=False)
 
 
 def load_mirrors(base_model, directory: str | Path, names: Sequence[str]) -> PeftModel:
@@ -440,7 +445,8 @@ def attach_mirrors(model, names: Sequence[str], cfg: MirrorConfig, states: dict[
             with quiet_peft():
                 peft_model = get_peft_model(model, lora, adapter_name=name)
         else:
-            peft_model.add_adapter(name, lora)
+            with quiet_peft():
+                peft_model.add_adapter(name, lora)
         set_peft_model_state_dict(peft_model, states[name], adapter_name=name)
     for p in peft_model.parameters():
         p.requires_grad_(False)

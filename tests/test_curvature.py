@@ -25,9 +25,9 @@ def model(tok):
                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
 
 
-def _grads(model, batch: dict) -> dict[str, torch.Tensor]:
+def _grads(model, batch: dict, head: bool = False) -> dict[str, torch.Tensor]:
     """The loss's gradient for every linear layer's weight, [out, in], by autograd on the weights themselves."""
-    layers = linear_layers(model)
+    layers = linear_layers(model, head=head)
     weights = [m.weight for m in layers.values()]
     for w in weights:
         w.requires_grad_(True)
@@ -49,20 +49,27 @@ def _doc_batch(tok, text: str) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def test_a_small_gradient_step_reads_the_gradient_inner_product_by_forward_passes(tok, model, tmp_path):
+@pytest.mark.parametrize("head", [False, True])
+def test_a_small_gradient_step_reads_the_gradient_inner_product_by_forward_passes(tok, model, tmp_path, head):
     """Linear regime: each document's mirror score is step_rise x <g_doc, g_probe> / <g_probe, g_probe> (every linear
-    layer, a rank high enough to hold the probe's gradient exactly)."""
+    layer of the blocks, and the output layer with ``head``; a rank high enough to hold the probe's gradient
+    exactly)."""
+    if head:  # an output layer of its own (a tied one's gradient also holds the input embedding's)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(**{**model.config.to_dict(), "tie_word_embeddings": False})).eval()
     probe = Probe("p", "the cat", " sat on the mat")
-    cfg = MirrorConfig(fit="gradient", target_modules="all-linear", rank=32, step_rise=1e-3)
+    targets = ["all-linear", "lm_head"] if head else "all-linear"
+    cfg = MirrorConfig(fit="gradient", target_modules=targets, rank=32, step_rise=1e-3)
     corpus = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
     result = attribute(model, corpus, [probe], tokenizer=tok, output_dir=tmp_path / "run", mirror=cfg,
                        scan=ScanConfig(rank_by="mirror", cache=False, top_k=len(TEXTS)), show_progress=False)
     scores = result.scores().set_index("doc_id")["score"]
-    g_probe = _grads(model, _probe_batch(tok, probe))
+    g_probe = _grads(model, _probe_batch(tok, probe), head)
     norm = sum((g * g).sum() for g in g_probe.values())
     expected = []
     for text in TEXTS:
-        g_doc = _grads(model, _doc_batch(tok, text))
+        g_doc = _grads(model, _doc_batch(tok, text), head)
+        assert ("lm_head" in g_doc) == head
         expected.append(float(1e-3 * sum((g_doc[n] * g_probe[n]).sum() for n in g_probe) / norm))
     got = np.array([scores[str(i)] for i in range(len(TEXTS))])
     expected = np.array(expected)
