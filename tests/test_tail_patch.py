@@ -145,7 +145,7 @@ def test_recipe_quick_end_to_end(tmp_path, capsys):
     assert printed.startswith("docstrings: 40 documents")
     assert ("| method | tail patch | top-10 share | tune | held-out | Spearman | tune | held-out | wall time (s) |"
             in printed)
-    for row in ("| bm25 | sgd 1 step lr 0.01 |", "| mirror | adam 3 steps lr 0.003 |", "| mirror[mirror] | sgd",
+    for row in ("| bm25 | sgd 1 step lr 0.01 |", "| mirror | adam 3 steps lr 0.0003 |", "| mirror[mirror] | sgd",
                 "| (random order, expected) |"):
         assert row in printed
     report = json.loads((tmp_path / "a.json").read_text())
