@@ -5,13 +5,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Json, load_dataset, load_from_disk
 from datasets.distributed import split_dataset_by_node
 
 from hf_mirror.errors import InputError
@@ -66,6 +67,8 @@ class Corpus:
         if isinstance(src, (Dataset, IterableDataset)):
             fp = getattr(src, "_fingerprint", None)
             src = f"<{type(src).__name__} fingerprint={fp}>"
+        elif self._local(src):  # resolved: ./c.jsonl and its absolute path are the same corpus (resume, cache, index)
+            src = Path(src).resolve()
         return {
             "source": str(src),
             "text_column": self.text_column,
@@ -92,6 +95,11 @@ class Corpus:
         revision = self.extra.get("revision")
         return None if revision is None else f"hub:{src}:{self.name}:{self.split}:{revision}"
 
+    @staticmethod
+    def _local(src: object) -> bool:
+        """A path or glob on this machine (as :func:`_load_stream` reads it), not a Hub name or a dataset object."""
+        return isinstance(src, (str, Path)) and (Path(src).exists() or any(ch in str(src) for ch in "*?["))
+
     def _files(self) -> list[Path]:
         """The local files of a path/glob/directory source ([] for other sources)."""
         src = self.source
@@ -105,8 +113,9 @@ class Corpus:
         return [path] if path.is_file() else []
 
     def check(self) -> None:
-        """Validate before any fitting: text files are UTF-8 (naming the line), the columns exist, and the corpus
-        has a document. Reads each local text file once."""
+        """Validate before any fitting: text files are UTF-8 (naming the line), the columns exist, the corpus has a
+        document with a non-empty text, and its ids are unique. Reads each local text file once and the id column
+        once (nothing when ids are running positions)."""
         files = self._files()
         for path in files:
             suffixes = [x.lower() for x in path.suffixes]
@@ -120,6 +129,16 @@ class Corpus:
             raise InputError(f"Cannot read the corpus {self.describe()['source']} ({type(e).__name__}: {e}).") from e
         if first is None:
             raise self._empty()
+        if all(text is None or isinstance(text, str) and not text.strip() for _, text in self.documents()):
+            raise InputError(f"Every document of the corpus {self.describe()['source']} has an empty text (column "
+                             f"{self.text_column!r}); pass the column that holds the text with --text-column.")
+        ids, seen = self._column_ids() or (), set()
+        duplicates = list(itertools.islice((i for i in ids if i in seen or seen.add(i)), 5))
+        if duplicates:
+            more = f" (also {', '.join(map(repr, duplicates[1:]))})" if len(duplicates) > 1 else ""
+            raise InputError(f"Duplicate document id {duplicates[0]!r}{more} in the corpus "
+                             f"{self.describe()['source']}; ids must be unique. Pick a unique --id-column, or pass "
+                             "--id-column none to use each document's running index.")
 
     def _empty(self) -> InputError:
         return InputError(f"The corpus {self.describe()['source']} has no documents; pass a corpus with at least one "
@@ -146,8 +165,22 @@ class Corpus:
             return src
         return _load_stream(str(src), self.format, self.split, self.name, self.extra)
 
+    def _column_ids(self) -> Iterator[object] | None:
+        """Every document id in corpus order, as :meth:`documents` gives them, reading only the id column; None when
+        ids are running positions (unique by construction)."""
+        ds = self._raw_json_ids(self.stream())
+        column = self._id_field(next(_rows(ds)))
+        if column is None:
+            return None
+        as_id = _id_type(ds.features, column)
+        batches = ds.select_columns([column]).iter(batch_size=READ_BATCH)
+        return (as_id(value) for batch in batches for value in batch[column])
+
     def documents(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[object, object]]:
         """Yield ``(doc_id, text)`` for this process's share of the corpus.
+
+        Ids from a column are ints when the column holds integers, else strings (``"0"``, ``1``, ``"2"`` in one JSON
+        column become ``"0"``, ``"1"``, ``"2"``).
 
         With an ``id_column`` the stream is split with ``split_dataset_by_node``; otherwise (the ``id`` field or
         the running index) every process reads the stream and keeps every ``world_size``-th document, so that
@@ -156,7 +189,7 @@ class Corpus:
         files = self._files()
         if self.num_documents() == 0 or files and not any(p.stat().st_size for p in files):
             raise self._empty()  # `datasets` would fail on it with a StopIteration
-        ds = self.stream()
+        ds = self._raw_json_ids(self.stream())
         if self.id_column not in (None, NO_IDS) and world_size > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
             indexed: Iterator = ((None, r) for r in _rows(ds))
@@ -165,18 +198,25 @@ class Corpus:
             if world_size > 1:
                 indexed = itertools.islice(indexed, rank, None, world_size)
         column: str | None = None
-        checked = False
+        as_id = None
         try:
             for index, row in indexed:
-                if not checked:
+                if as_id is None:
                     column = self._id_field(row)
-                    checked = True
-                doc_id = index if column is None else row[column]
+                    as_id = _id_type(ds.features, column)
+                doc_id = index if column is None else as_id(row[column])
                 yield doc_id, row[self.text_column]
         except RuntimeError as e:
             if isinstance(e.__cause__, StopIteration):  # how `datasets` streams a file without records
                 raise self._empty() from e
             raise
+
+    def _raw_json_ids(self, ds: IterableDataset) -> IterableDataset:
+        """An id column of mixed JSON types read as its JSON text: `datasets` would decode the string "0" as 0."""
+        column = self.id_column if self.id_column not in (None, NO_IDS) else DEFAULT_ID
+        if isinstance((ds.features or {}).get(column), Json) and column != self.text_column:
+            ds = ds.cast_column(column, Json(decode=False))
+        return ds
 
     def _id_field(self, row: dict) -> str | None:
         """The field that holds document ids (None: running indexes), after checking the columns exist."""
@@ -205,6 +245,16 @@ class Corpus:
                 raise InputError(
                     f"Corpus has no column {col!r}; columns present: {sorted(row)}. Pass the right one with {flag}."
                 )
+
+
+def _id_type(features, column: str | None):
+    """How a value of the id column becomes a document id: as it is when the column holds integers (or its type is
+    not known), else as a string, so ids of mixed types are all kept as text and never read as numbers."""
+    feature = (features or {}).get(column) if column is not None else None
+    if isinstance(feature, Json):  # JSON text (_raw_json_ids): a string is unquoted, any other value kept as written
+        return lambda raw: json.loads(raw) if isinstance(raw, str) and raw.startswith('"') else str(raw)
+    integers = str(getattr(feature, "dtype", "")).startswith(("int", "uint"))
+    return (lambda value: value) if feature is None or integers else str
 
 
 def _pick_split(dd, split: str):

@@ -16,6 +16,7 @@ from hf_mirror.errors import InputError
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+PROBE_FIELDS = ("id", "prompt", "completion")  # what a probe record is read for; any other key is named in a warning
 
 
 @dataclass
@@ -53,7 +54,11 @@ def adapter_name(probe_id: str, taken: set[str]) -> str:
 
 
 def load_probes(source: str | Path | Iterable[Probe | Mapping | str]) -> list[Probe]:
-    """Read probes from a JSON-lines file or a list of ``Probe``/dicts/prompt strings; validate ids."""
+    """Read probes from a JSON-lines file or a list of ``Probe``/dicts/prompt strings; validate ids.
+
+    A file's keys other than id, prompt and completion are named in a warning (a typo such as ``completon`` would
+    otherwise mean a generated completion); records passed in memory may carry extra keys of the caller's.
+    """
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -74,6 +79,10 @@ def load_probes(source: str | Path | Iterable[Probe | Mapping | str]) -> list[Pr
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one object per line.") from e
+        unread = sorted({str(k) for rec in records if isinstance(rec, Mapping) for k in rec} - set(PROBE_FIELDS))
+        if unread:
+            logger.warning("%s: probe field(s) %s are not read (a probe is %s); rename or drop them.", path,
+                           ", ".join(map(repr, unread)), ", ".join(PROBE_FIELDS))
     else:
         records = list(source)
     probes = []

@@ -125,3 +125,79 @@ def test_a_model_directory_without_weights_or_tokenizer_is_an_input_error(tiny, 
                  str(tmp_path / "ok"), "--gguf-file", "m.gguf"]) == 2
     assert "holds no GGUF file 'm.gguf' (--gguf-file)" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["config-only"]
+
+
+def _attribute(tiny, corpus, out, *extra: str) -> list[str]:
+    return ["attribute", "--model", str(tiny / "model"), "--corpus", str(corpus), "--probes", str(tiny / "p.jsonl"),
+            "--output", str(out), "--steps", "1", "--no-progress", "--no-cache", "--threads", "1", *extra]
+
+
+def _never_fitted(monkeypatch):
+    import hf_mirror.pipeline
+
+    def fitted(*args, **kwargs):
+        raise AssertionError("a mirror was fitted")
+
+    monkeypatch.setattr(hf_mirror.pipeline, "_mirrors_and_scan", fitted)
+
+
+def test_duplicate_document_ids_are_refused_before_fitting(tiny, tmp_path, monkeypatch, capsys):
+    _never_fitted(monkeypatch)
+    corpus = tmp_path / "c.jsonl"
+    ids = ["a", "b", "a", "c", "b", *[f"u{i}" for i in range(3000)], "c"]  # the last one read after several batches
+    corpus.write_text("".join(json.dumps({"id": i, "text": f"text {n}"}) + "\n" for n, i in enumerate(ids)))
+    assert main(_attribute(tiny, corpus, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "Duplicate document id 'a' (also 'b', 'c')" in err and "--id-column" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="a mirror was fitted"):  # running positions are unique: on to the fit
+        main(_attribute(tiny, corpus, tmp_path / "positions", "--id-column", "none"))
+
+
+def test_a_corpus_whose_texts_are_all_empty_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    _never_fitted(monkeypatch)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(["", "  ", "\n"])))
+    assert main(_attribute(tiny, corpus, tmp_path / "out")) == 2
+    assert "Every document of the corpus" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_fields_nothing_reads_are_named_in_a_warning(tiny, tmp_path, caplog):
+    probes = tmp_path / "p.jsonl"
+    probes.write_text(json.dumps({"id": "p", "prompt": "a", "completon": " b", "note": 1}) + "\n")
+    argv = _attribute(tiny, tiny / "c.jsonl", tmp_path / "out")
+    argv[argv.index("--probes") + 1] = str(probes)
+    with caplog.at_level("WARNING", logger="hf_mirror.probes"):
+        assert main(argv) == 0
+    assert "probe field(s) 'completon', 'note' are not read (a probe is id, prompt, completion)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_mirror.probes"):
+        assert main(_attribute(tiny, tiny / "c.jsonl", tmp_path / "out2")) == 0
+    assert "not read" not in caplog.text
+
+
+def test_document_ids_of_mixed_types_are_all_kept_as_strings(tiny, tmp_path):
+    from hf_mirror import AttributionResult
+
+    corpus = tmp_path / "c.jsonl"
+    ids = ["0", 1, "2", "null", "1.50", 1.5, "abc"]
+    corpus.write_text("".join(json.dumps({"id": i, "text": f"{i} keeps a red cat"}) + "\n" for i in ids))
+    assert main(_attribute(tiny, corpus, tmp_path / "out", "--candidates", "all", "--top-k", "7")) == 0
+    got = AttributionResult.load(tmp_path / "out").scores()["doc_id"].tolist()
+    assert sorted(got) == sorted(["0", "1", "2", "null", "1.50", "1.5", "abc"])
+    corpus.write_text("".join(json.dumps({"id": i, "text": f"{i} keeps a red cat"}) + "\n" for i in (0, 1, 2)))
+    assert main(_attribute(tiny, corpus, tmp_path / "ints", "--top-k", "3")) == 0
+    assert sorted(AttributionResult.load(tmp_path / "ints").scores()["doc_id"].tolist()) == [0, 1, 2]
+
+
+def test_paths_spelled_another_way_are_the_same_run(tiny, tmp_path, monkeypatch, capsys):
+    """./c.jsonl and its absolute path (and the output as ./out or absolute) resume the same run."""
+    (tmp_path / "c.jsonl").write_text((tiny / "c.jsonl").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(_attribute(tiny, "./c.jsonl", "./out")) == 0
+    manifest = (tmp_path / "out" / "hf_mirror.json").read_text()
+    capsys.readouterr()
+    assert main(_attribute(tiny, tmp_path / "c.jsonl", tmp_path / "out")) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "hf_mirror.json").read_text() == manifest
+    assert main(_attribute(tiny, "c.jsonl", "out/")) == 0, capsys.readouterr().err
