@@ -43,7 +43,8 @@ from benchmarks.lds import LDSConfig, Setup, cache_root, full_setup, method_scor
 from hf_mirror.errors import InputError
 
 __all__ = ["ADAM_LR", "ADAM_STEPS", "K", "SGD_LR", "SGD_STEPS", "VARIANTS", "evaluate_matrix", "format_table",
-           "ground_truth", "linearity", "run_tail_patch", "tail_patch_matrix", "top_k_share"]
+           "ground_truth", "linearity", "proponent_ranks", "proponent_summary", "run_tail_patch", "tail_patch_matrix",
+           "top_k_share"]
 
 SGD_LR = 1e-2  # one step stays linear: lr vs lr/2 correlate at r >= 0.996 on the full wordnet and capitals models
 SGD_STEPS = 1
@@ -254,6 +255,17 @@ def _chance(truth: np.ndarray, k: int) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def proponent_ranks(truth: np.ndarray, setup: Setup) -> list[int | None]:
+    """Per probe, the best rank (1 = the largest effect) that one of its proponents (``setup.proponents``: the
+    documents that state its answer) has in its true effects; None for a probe without proponents."""
+    column = {d["id"]: j for j, d in enumerate(setup.documents)}
+    ranks = []
+    for row, probe in zip(truth, setup.probes, strict=True):
+        own = [column[d] for d in setup.proponents.get(probe["id"], []) if d in column]
+        ranks.append(int((row > row[own].max()).sum()) + 1 if own else None)
+    return ranks
+
+
 def run_tail_patch(cfg: LDSConfig, methods: Sequence[str], cache_dir: str | Path | None = None,
                    output_dir: str | Path | None = None, show_progress: bool = False,
                    log: Callable[[str], None] = lambda s: None, variants: dict[str, dict] | None = None) -> dict:
@@ -281,7 +293,8 @@ def run_tail_patch(cfg: LDSConfig, methods: Sequence[str], cache_dir: str | Path
         truths[name], seconds, path = ground_truth(setup, name, cache_dir, log, settings)
         variants[name] = {**settings, "seconds": seconds, "cache": str(path), "chance": _chance(truths[name], K),
                           "mean_abs_effect": float(np.abs(truths[name]).mean()),
-                          "positive_share": float((truths[name] > 0).mean())}
+                          "positive_share": float((truths[name] > 0).mean()),
+                          "proponent_ranks": proponent_ranks(truths[name], setup)}
     report = {"config": asdict(cfg), "corpus": cfg.corpus, "python": platform.python_version(),
               "torch": torch.__version__, "documents": len(doc_ids), "probes": len(probe_ids),
               "correct": sum(p["correct"] for p in setup.probes), "k": K, "variants": variants,
@@ -327,6 +340,19 @@ def format_table(report: dict) -> str:
     if "sgd_predicts_adam" in report:
         lines.append(f"| (exact SGD effect as the scores) | {_variant_label(report, 'adam')} | "
                      f"{cells(report['sgd_predicts_adam'])} | |")
+    return "\n".join(lines)
+
+
+def proponent_summary(report: dict) -> str:
+    """One line per variant: how often the documents that state a probe's answer have the largest true effect."""
+    lines = []
+    for variant, info in report["variants"].items():
+        ranks = [r for r in info.get("proponent_ranks", []) if r is not None]
+        if ranks:
+            lines.append(f"{_variant_label(report, variant)}: a document stating the answer has the largest effect "
+                         f"for {sum(r == 1 for r in ranks)}/{len(ranks)} probes, is in the top 10 for "
+                         f"{sum(r <= 10 for r in ranks)}/{len(ranks)} (median best rank {np.median(ranks):g}); "
+                         f"{100 * info['positive_share']:.1f} % of the effects are positive")
     return "\n".join(lines)
 
 

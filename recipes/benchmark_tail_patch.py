@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.lds import METHODS, LDSConfig
-    from benchmarks.tail_patch import ADAM_LR, SGD_LR, VARIANTS, format_table, run_tail_patch
+    from benchmarks.tail_patch import ADAM_LR, SGD_LR, VARIANTS, format_table, proponent_summary, run_tail_patch
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small size for tests (well under a minute)")
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.corpus}: {report['documents']} documents, {report['probes']} probes ({report['correct']} answered "
           f"correctly); ground truth {seconds:.0f} s in this run; Python {report['python']}, torch {report['torch']}")
     print(format_table(report))
+    print()
+    print(proponent_summary(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -151,6 +151,8 @@ def test_recipe_quick_end_to_end(tmp_path, capsys):
     report = json.loads((tmp_path / "a.json").read_text())
     assert set(report["methods"]) == {"bm25", "mirror", "mirror[mirror]"} and report["python"]
     assert report["methods"]["mirror[mirror]"]["column"] == "raw_score"
+    assert "a document stating the answer has the largest effect for" in printed
+    assert all(1 <= r <= 40 for v in report["variants"].values() for r in v["proponent_ranks"])
     assert all(v["seconds"] > 0 for v in report["variants"].values())
     for row in report["methods"].values():
         for variant in row["variants"].values():
