@@ -178,3 +178,13 @@ def test_docstrings_corpus_is_deterministic():
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "123"})
     assert json.loads(other.stdout) == [entries, picks]  # another process, another hash seed: the same corpus
+
+
+def test_lds_runs_on_the_docstrings_corpus(tmp_path, capsys):
+    main = recipe("benchmark_lds").main
+    assert main(["--corpus", "docstrings", "--quick", "--n-subsets", "2", "--cache-dir", str(tmp_path),
+                 "--methods", "bm25", "--json", str(tmp_path / "lds.json")]) == 0
+    assert capsys.readouterr().out.startswith("docstrings: 40 documents")
+    report = json.loads((tmp_path / "lds.json").read_text())
+    assert report["corpus"] == "docstrings" and report["probes"] >= 2 and report["methods"]["bm25"]["n_probes"] >= 1
+
