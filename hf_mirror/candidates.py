@@ -20,7 +20,7 @@ from hf_mirror.integrity import check_hashes, hash_files
 from hf_mirror.probes import Probe
 from hf_mirror.provenance.infinigram import BACKEND as INFINI_GRAM
 from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
-from hf_mirror.provenance.ngram import INDEX_FORMAT, MANIFEST, Extras, NgramIndex, verbatim_part
+from hf_mirror.provenance.ngram import INDEX_FORMAT, MANIFEST, NGRAM, Extras, NgramIndex, verbatim_part
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def _top(scores: np.ndarray, positions: np.ndarray, m: int) -> tuple[np.ndarray,
     return scores[order], positions[order]
 
 
-def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *, n: int = 13, model=None,
+def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *, n: int = NGRAM, model=None,
                 overwrite: bool = False, show_progress: bool = False, resume: bool = True,
                 dense_batch_size: int = 16, checkpoint_ngrams: int | None = None,
                 backend: str = "ngram") -> CandidateIndex:

@@ -78,6 +78,16 @@ def _add_attribute(sub) -> None:
     _progress_flag(p)
 
 
+# the default n-gram length of index, audit and provenance: hf_mirror.provenance.ngram.NGRAM (not imported here: it
+# loads datasets; tests/test_cli_inputs.py checks the number)
+NGRAM_HELP = ("n-gram length in tokens (default: 13 for every command; audit and provenance reuse a built --index at "
+              "its own n)")
+
+
+def _ngram_flag(p) -> None:
+    p.add_argument("--ngram", type=positive_int, default=None, help=NGRAM_HELP)
+
+
 def _progress_flag(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and results are unchanged)")
 
@@ -145,7 +155,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--detectors", default="ngram,minkprob",
                    help="comma-separated among ngram, mirror, minkprob, or 'all' (= ngram,mirror,minkprob: the "
                    "combined detector; costs one mirror scan of the corpus per item)")
-    p.add_argument("--ngram", type=positive_int, default=13, help="n-gram length in tokens")
+    _ngram_flag(p)
     p.add_argument("--threshold", type=fraction, default=0.5, help="ngram: leaked when this share of tokens is copied")
     p.add_argument("--combined-threshold", type=finite, default=None,
                    help="combined: leaked at this score (robust z units; default: the calibrated one)")
@@ -188,7 +198,7 @@ def _add_index(sub) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--format", default=None, help="file format when the extension does not tell (as attribute's)")
     p.add_argument("--dataset-config", default=None, help="Hub dataset configuration name (as attribute's)")
-    p.add_argument("--ngram", type=positive_int, default=13, help="n-gram length in tokens")
+    _ngram_flag(p)
     p.add_argument("--dense", action="store_true", help="also store each document's embedding: the model's last "
                    "hidden states averaged over its tokens (one forward pass over the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
@@ -203,10 +213,11 @@ def _add_index(sub) -> None:
 def _add_provenance(sub) -> None:
     p = sub.add_parser(
         "provenance",
-        help="per generation: memorized from which document, with evidence",
+        help="per generation: which document it was memorized from (or overlaps verbatim), with evidence",
         description="For each probe's generation (given, or the model's greedy one): the verbatim spans it shares "
-        "with the corpus (n-gram index), the source document that covers most of it, the verdict (memorized when "
-        "that document covers --threshold of its tokens), and the source's rank and score under mirror "
+        "with the corpus (n-gram index), the source document that covers most of it, the verdict when that "
+        "document covers --threshold of its tokens (memorized, for the model's own generation of a probe without "
+        "a completion; verbatim overlap, for a completion you gave), and the source's rank and score under mirror "
         "attribution. Writes provenance.json and provenance.html.",
         formatter_class=HelpFormatter,
     )
@@ -217,8 +228,9 @@ def _add_provenance(sub) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None)
     p.add_argument("--split", default="train")
-    p.add_argument("--ngram", type=positive_int, default=8, help="n-gram length in tokens")
-    p.add_argument("--threshold", type=fraction, default=0.5, help="memorized when one document holds this share")
+    _ngram_flag(p)
+    p.add_argument("--threshold", type=fraction, default=0.5,
+                   help="memorized (or verbatim overlap) when one document holds this share")
     p.add_argument("--index", default=None, help="n-gram index directory: reused if built, else built there")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="for probes without a completion")
     p.add_argument("--top-k", type=positive_int, default=5)
@@ -311,27 +323,34 @@ def _demo(args) -> int:
 
 def _open_or_build_index(args, corpus, tokenizer, index_dir):
     from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
-    from hf_mirror.provenance.ngram import NgramIndex, build_key, remove_finished_checkpoint
+    from hf_mirror.provenance.ngram import NGRAM, NgramIndex, build_key, remove_finished_checkpoint
 
     if (index_dir / "manifest.json").exists():
         index = load_index(index_dir, tokenizer)
-        if isinstance(index, InfiniGramIndex):
+        built_n = index.n
+        if isinstance(index, InfiniGramIndex) and args.ngram is not None:
             index.n = args.ngram  # a suffix array answers any n
-        if index.n != args.ngram or index.manifest.get("corpus") != corpus.describe():
-            raise InputError(f"The index in {index_dir} was built for another corpus or n-gram length "
-                             f"(n={index.n}); pass a new --index directory or delete it.")
+        if args.ngram is not None and index.n != args.ngram:
+            raise InputError(f"The index in {index_dir} holds {index.n}-grams and --ngram asks for {args.ngram}: pass "
+                             f"--ngram {index.n} (or leave --ngram out) to use it, or another --index directory for "
+                             f"{args.ngram}-grams.")
+        if (was := index.manifest.get("corpus")) != corpus.describe():
+            raise InputError(f"The index in {index_dir} was built for another corpus ({(was or {}).get('source')}, "
+                             f"columns {(was or {}).get('text_column')}/{(was or {}).get('id_column')}); pass another "
+                             "--index directory for this corpus.")
         built, now = index.manifest.get("corpus_fingerprint"), corpus.fingerprint()
         if built != now:
             raise InputError(f"The index in {index_dir} was built from other corpus content (the corpus changed since, "
-                             f"or its content cannot be verified: fingerprint {built} -> {now}); pass a new --index "
-                             "directory or delete it.")
-        remove_finished_checkpoint(index_dir, build_key(corpus, tokenizer, args.ngram))
+                             f"or its content cannot be verified: fingerprint {built} -> {now}); rebuild it with "
+                             f"`hf-mirror index --overwrite --output {index_dir}`, or pass a new --index directory.")
+        remove_finished_checkpoint(index_dir, build_key(corpus, tokenizer, built_n))
         return index
     if index_dir.is_dir() and any(index_dir.iterdir()):
         raise InputError(f"{index_dir} is not a complete index (no manifest.json: a half-written or damaged index, or "
                          f"another directory); rebuild it with `hf-mirror index --overwrite --output {index_dir}` "
                          "(same --model, --corpus and --ngram), or pass an empty or new --index directory.")
-    return NgramIndex.build(corpus, tokenizer, n=args.ngram, output_dir=index_dir, show_progress=not args.no_progress)
+    return NgramIndex.build(corpus, tokenizer, n=args.ngram or NGRAM, output_dir=index_dir,
+                            show_progress=not args.no_progress)
 
 
 def _audit(args) -> int:
@@ -409,7 +428,9 @@ def _index(args) -> int:
         model.to(process_state().device).eval()
     else:
         tokenizer = load_tokenizer(args.model)
-    index = build_index(corpus, tokenizer, args.output, n=args.ngram, model=model, overwrite=args.overwrite,
+    from hf_mirror.provenance.ngram import NGRAM
+
+    index = build_index(corpus, tokenizer, args.output, n=args.ngram or NGRAM, model=model, overwrite=args.overwrite,
                         show_progress=not args.no_progress, resume=not args.restart, backend=args.backend)
     if is_main_process():
         print(f"{index!r}; wrote {args.output}")
@@ -422,7 +443,7 @@ def _provenance(args) -> int:
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import resolve_model
     from hf_mirror.pipeline import ScanConfig
-    from hf_mirror.provenance.generation import generation_provenance, write_provenance
+    from hf_mirror.provenance.generation import generation_provenance, summary, write_provenance
 
     model, tokenizer, _ = resolve_model(args.model)
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
@@ -438,14 +459,14 @@ def _provenance(args) -> int:
     for r in report["items"]:
         line = f"{printable(r['id'], False)}: {r['verdict']}"
         if r["source"] is not None:
-            line += f" from {printable(r['source'], False)} ({r['copied_tokens']}/{r['n_tokens']} tokens verbatim)"
+            line += (f" {'from' if r['verdict'] == 'memorized' else 'with'} {printable(r['source'], False)} "
+                     f"({r['copied_tokens']}/{r['n_tokens']} tokens verbatim)")
         if r.get("mirror") and r["mirror"]["top"]:
             line += f"; mirror top document {printable(r['mirror']['top'][0]['doc_id'], False)}"
             if r["source"] is not None:
                 line += f", source at rank {r['mirror']['source_rank']}"
         print(line)
-    print(f"{report['memorized']} of {report['generations']} generations memorized; wrote "
-          f"{out / 'provenance.json'} and {out / 'provenance.html'}")
+    print(f"{summary(report)}; wrote {out / 'provenance.json'} and {out / 'provenance.html'}")
     return 0
 
 

@@ -201,3 +201,59 @@ def test_paths_spelled_another_way_are_the_same_run(tiny, tmp_path, monkeypatch,
     assert main(_attribute(tiny, tmp_path / "c.jsonl", tmp_path / "out")) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "hf_mirror.json").read_text() == manifest
     assert main(_attribute(tiny, "c.jsonl", "out/")) == 0, capsys.readouterr().err
+
+
+# ---- #27 item 5: one n-gram default for index, audit and provenance; "verbatim overlap" for given completions ----
+def test_index_audit_and_provenance_share_one_ngram_default():
+    import inspect
+
+    from hf_mirror.candidates import build_index
+    from hf_mirror.cli import NGRAM_HELP
+    from hf_mirror.provenance import InfiniGramIndex, NgramIndex, generation_provenance
+    from hf_mirror.provenance.ngram import NGRAM
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("index", "audit", "provenance"):
+        flag = next(a for a in sub.choices[command]._actions if "--ngram" in a.option_strings)
+        assert flag.default is None and flag.help == NGRAM_HELP  # resolved to NGRAM, or to a built --index's n
+    assert f"default: {NGRAM} for every command" in NGRAM_HELP
+    for function in (NgramIndex.build, InfiniGramIndex.build, build_index, generation_provenance):
+        assert inspect.signature(function).parameters["n"].default == NGRAM, function
+
+
+def test_provenance_reuses_an_index_built_on_defaults_and_names_a_mismatch(tiny, tmp_path, capsys):
+    from hf_mirror.provenance.ngram import NGRAM
+
+    model, corpus, index = str(tiny / "model"), str(tiny / "c.jsonl"), tmp_path / "index"
+    assert main(["index", "--model", model, "--corpus", corpus, "--output", str(index), "--no-progress"]) == 0
+    manifest = (index / "manifest.json").read_text()
+    prov = ["provenance", "--model", model, "--corpus", corpus, "--probes", str(tiny / "p.jsonl"), "--index",
+            str(index), "--no-mirror", "--no-progress", "--threads", "1"]
+    assert main([*prov, "--output", str(tmp_path / "p1")]) == 0  # defaults agree: no --ngram needed
+    assert json.loads((tmp_path / "p1" / "provenance.json").read_text())["n"] == NGRAM
+    capsys.readouterr()
+    assert main([*prov, "--output", str(tmp_path / "p2"), "--ngram", "8"]) == 2
+    err = capsys.readouterr().err
+    assert f"holds {NGRAM}-grams and --ngram asks for 8: pass --ngram {NGRAM}" in err
+    assert "delet" not in err and (index / "manifest.json").read_text() == manifest  # the index is valid: kept
+    assert main([*prov, "--output", str(tmp_path / "p3"), "--ngram", str(NGRAM)]) == 0
+
+
+def test_provenance_says_verbatim_overlap_for_a_given_completion(tiny, texts, tmp_path, capsys):
+    long_doc = " ".join(texts[:4])
+    (tmp_path / "c.jsonl").write_text(json.dumps({"id": "long", "text": long_doc}) + "\n"
+                                      + json.dumps({"id": "other", "text": texts[30]}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "given", "prompt": long_doc[:10], "completion": long_doc[10:]})
+                                      + "\n" + json.dumps({"id": "own", "prompt": texts[30][:8]}) + "\n")
+    assert main(["provenance", "--model", str(tiny / "model"), "--corpus", str(tmp_path / "c.jsonl"), "--probes",
+                 str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "out"), "--no-mirror", "--no-progress",
+                 "--max-new-tokens", "20", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "given: verbatim overlap with long (" in out and "given: memorized" not in out
+    report = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    by_id = {r["id"]: r for r in report["items"]}
+    assert by_id["given"]["verdict"] == "verbatim overlap" and not by_id["given"]["generated"]
+    assert by_id["own"]["generated"] and by_id["own"]["verdict"] in ("memorized", "not memorized", "too short to check")
+    assert "of the model's 1 generations memorized; 1 of 1 given completions overlap one document verbatim" in out
+    page = (tmp_path / "out" / "provenance.html").read_text()
+    assert "verbatim overlap</span> with document <b>long</b>" in page and "Memorization provenance" not in page

@@ -175,7 +175,7 @@ def test_cli_builds_and_reopens_any_n(ig, tok_dir, corpus_file, tmp_path):
     assert main(["index", "--model", str(tok_dir), "--corpus", str(corpus_file), "--id-column", "id",
                  "--output", str(tmp_path / "ngram"), "--ngram", "5"]) == 0
     assert isinstance(_open_or_build_index(args(5), corpus, tokenizer, tmp_path / "ngram"), NgramIndex)
-    with pytest.raises(InputError, match="n-gram length"):
+    with pytest.raises(InputError, match="holds 5-grams and --ngram asks for 9: pass --ngram 5"):
         _open_or_build_index(args(9), corpus, tokenizer, tmp_path / "ngram")
 
 

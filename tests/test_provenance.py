@@ -228,8 +228,8 @@ def test_short_generation_is_flagged_not_silently_clean(index, planted, tiny_mod
     assert by_id["short"]["verdict"] == TOO_SHORT and by_id["short"]["n_tokens"] == N - 1
     assert f"fewer than the n-gram length {N}" in by_id["short"]["note"] and "--ngram" in by_id["short"]["note"]
     assert "'short'" in caplog.text and "fewer than the n-gram length" in caplog.text
-    assert by_id["long"]["verdict"] == "memorized" and "note" not in by_id["long"]
-    assert report["too_short"] == 1 and report["memorized"] == 1
+    assert by_id["long"]["verdict"] == "verbatim overlap" and "note" not in by_id["long"]  # a given completion
+    assert report["too_short"] == 1 and report["verbatim overlap"] == 1 and report["memorized"] == 0
     page = (write_provenance(report, tmp_path) / "provenance.html").read_text()
     assert "1 too short to check" in page and "fewer than the n-gram length" in page and "mirror:" not in page
 
@@ -248,7 +248,7 @@ def test_short_generation_with_infinigram_lowers_n(planted, tiny_model, tmp_path
                                    "completion": short}], tokenizer=tok, index=ig, use_mirror=False)
     item = report["items"][0]
     assert item["n"] == 5 and "checked with n=5" in item["note"]
-    assert item["verdict"] == "memorized" and item["copied_tokens"] == 5
+    assert item["verdict"] == "verbatim overlap" and item["copied_tokens"] == 5
 
 
 def test_provenance_html_has_no_stray_mirror_markup(tmp_path):

@@ -1,12 +1,14 @@
-"""Per-generation memorization report: "this generation was memorized from document X", with the evidence.
+"""Per-generation provenance: "this generation was memorized from document X" (or, for a completion the user
+gave, "it overlaps document X verbatim"), with the evidence.
 
 For each probe (prompt + generation; a probe without a completion gets the model's greedy one) two independent
 checks meet:
 
 - the **n-gram index** finds the generation's verbatim spans in the corpus. The *source* is the document that
-  covers the most generated tokens with its spans; the generation is **memorized** when that document alone
-  covers at least ``threshold`` of them. Each copied span comes with its token range in the generation, its
-  character range, and the token offset in the source document;
+  covers the most generated tokens with its spans; when that document alone covers at least ``threshold`` of
+  them, the model's own generation is **memorized**, and a given completion has **verbatim overlap** with it (a
+  text the user supplied shows nothing about what the model memorized). Each copied span comes with its token
+  range in the generation, its character range, and the token offset in the source document;
 - the **mirror** (:func:`hf_mirror.attribute`) ranks every document by how much unlearning the generation
   raises its loss: the report gives the source document's rank and score there, and the mirror's own top
   documents (for a generation with no verbatim source, the mirror's top document is the best guess).
@@ -27,10 +29,13 @@ from pathlib import Path
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
-from hf_mirror.provenance.ngram import NgramIndex
+from hf_mirror.provenance.ngram import NGRAM, NgramIndex
 
 logger = logging.getLogger(__name__)
 TOO_SHORT = "too short to check"
+# the verdict when one document holds ``threshold`` of the text's tokens verbatim, and when none does: "memorized"
+# only for the model's own (greedy) generation, "verbatim overlap" for a completion the user gave
+VERDICTS = {True: ("memorized", "not memorized"), False: ("verbatim overlap", "no verbatim overlap")}
 
 
 def _char_ranges(tokenizer, text: str, spans) -> list[tuple[int, int]]:
@@ -64,7 +69,7 @@ def generation_provenance(
     *,
     tokenizer=None,
     index: NgramIndex | None = None,
-    n: int = 8,
+    n: int = NGRAM,
     threshold: float = 0.5,
     use_mirror: bool = True,
     mirror=None,
@@ -88,21 +93,36 @@ def generation_provenance(
     model, tokenizer, _ = resolve_model(model, tokenizer)
     if not isinstance(corpus, Corpus):
         corpus = Corpus(corpus)
-    probe_list = generate_completions(model, tokenizer, load_probes(probes), max_new_tokens)
+    given = load_probes(probes)
+    generated = {p.id for p in given if p.completion is None}  # the model's own generations
+    probe_list = generate_completions(model, tokenizer, given, max_new_tokens)
     if index is None:
         index = NgramIndex.build(corpus, tokenizer, n=n, show_progress=show_progress)
     rankings = (_mirror_rankings(model, tokenizer, corpus, probe_list, mirror, scan, top, output_dir, show_progress)
                 if use_mirror else None)
     reports = []
     for p in probe_list:
-        entry = _copied(index, tokenizer, p, threshold)
+        entry = _copied(index, tokenizer, p, threshold, p.id in generated)
         if rankings is not None:
             entry["mirror"] = _mirror_view(rankings.get(p.id, {}), entry["source"], top)
             entry["mirror_agrees"] = entry["source"] is not None and entry["mirror"]["source_rank"] == 1
         reports.append(entry)
-    memorized = sum(r["verdict"] == "memorized" for r in reports)
-    return {"memorized": memorized, "generations": len(reports), "threshold": threshold, "n": index.n,
-            "too_short": sum(r["verdict"] == TOO_SHORT for r in reports), "mirror": use_mirror, "items": reports}
+    counts = {verdict: sum(r["verdict"] == verdict for r in reports) for verdict in ("memorized", "verbatim overlap")}
+    return {**counts, "generations": len(reports), "model_generations": len(generated), "threshold": threshold,
+            "n": index.n, "too_short": sum(r["verdict"] == TOO_SHORT for r in reports), "mirror": use_mirror,
+            "items": reports}
+
+
+def summary(report: dict) -> str:
+    """One line: how many of the model's own generations were memorized, how many given completions overlap."""
+    items = report["items"]
+    own = [r for r in items if r.get("generated", True)]
+    parts = [f"{sum(r['verdict'] == 'memorized' for r in own)} of the model's {len(own)} generations memorized"
+             ] if own else []
+    if len(own) < len(items):
+        parts.append(f"{sum(r['verdict'] == 'verbatim overlap' for r in items)} of {len(items) - len(own)} given "
+                     "completions overlap one document verbatim")
+    return "; ".join(parts)
 
 
 def _mirror_rankings(model, tokenizer, corpus: Corpus, probe_list, mirror, scan, top: int,
@@ -124,8 +144,9 @@ def _mirror_rankings(model, tokenizer, corpus: Corpus, probe_list, mirror, scan,
     return out
 
 
-def _copied(index: NgramIndex, tokenizer, p, threshold: float) -> dict:
-    """One generation's verbatim verdict: its source document (covering most of its tokens) and copied spans."""
+def _copied(index: NgramIndex, tokenizer, p, threshold: float, generated: bool) -> dict:
+    """One generation's verbatim verdict: its source document (covering most of its tokens) and copied spans;
+    ``generated``: the model's own generation (memorized or not), else a given completion (verbatim overlap)."""
     text = p.completion or ""
     match, n_used, note = _find(index, text)
     per_doc: dict[object, set[int]] = {}
@@ -142,13 +163,14 @@ def _copied(index: NgramIndex, tokenizer, p, threshold: float) -> dict:
     spans = [{"text": s.text, "tokens": [s.start, s.end], "chars": list(c),
               "source_offset": next(o.offset for o in s.occurrences if o.doc_id == source)}
              for s, c in zip(src_spans, chars, strict=True)]
-    verdict = "memorized" if source is not None and fraction >= threshold else "not memorized"
-    if verdict != "memorized" and n_used > match.n_tokens > 0:
+    found = source is not None and fraction >= threshold
+    verdict = VERDICTS[generated][0 if found else 1]
+    if not found and n_used > match.n_tokens > 0:
         verdict = TOO_SHORT
     if note:
         logger.warning("Generation %r: %s.", p.id, note)
-    return {"id": p.id, "prompt": p.prompt, "generation": text, "n_tokens": match.n_tokens, "n": n_used,
-            "verdict": verdict, "source": source, "copied_tokens": copied, "copied_fraction": fraction,
+    return {"id": p.id, "prompt": p.prompt, "generation": text, "generated": generated, "n_tokens": match.n_tokens,
+            "n": n_used, "verdict": verdict, "source": source, "copied_tokens": copied, "copied_fraction": fraction,
             "spans": spans, "coverage": match.coverage, **({"note": note} if note else {})}
 
 
@@ -175,11 +197,11 @@ def write_provenance(report: dict, directory: str | Path) -> Path:
             marked.append(f"<mark>{html.escape(r['generation'][a:b])}</mark>")
             last = max(last, b)
         marked.append(html.escape(r["generation"][last:]))
-        head = (f"<b>{html.escape(str(r['id']))}</b>: <span class={'mem' if r['verdict'] == 'memorized' else 'ok'}>"
-                f"{r['verdict']}</span>")
+        found = r["verdict"] in ("memorized", "verbatim overlap")
+        head = (f"<b>{html.escape(str(r['id']))}</b>: <span class={'mem' if found else 'ok'}>{r['verdict']}</span>")
         if r["source"] is not None:
-            head += (f" from document <b>{html.escape(str(r['source']))}</b> ({r['copied_tokens']} of "
-                     f"{r['n_tokens']} tokens copied verbatim)")
+            head += (f" {'from' if r['verdict'] == 'memorized' else 'with'} document <b>"
+                     f"{html.escape(str(r['source']))}</b> ({r['copied_tokens']} of {r['n_tokens']} tokens verbatim)")
         if r.get("note"):
             head += f"<br><i>{html.escape(r['note'])}</i>"
         m = r.get("mirror") or {}
@@ -196,13 +218,12 @@ def write_provenance(report: dict, directory: str | Path) -> Path:
     page = ("<!doctype html><meta charset=utf-8><title>hf-mirror provenance</title><style>body{font:14px sans-serif;"
             "margin:20px}pre{white-space:pre-wrap;background:#f6f8fa;padding:6px}mark{background:#fde2e2}"
             ".mem{color:#b00;font-weight:bold}</style>"
-            f"<h1>Memorization provenance</h1><p>{report['memorized']} of {report['generations']} generations "
-            f"memorized (a single document holds at least {report['threshold']:.0%} of their tokens in "
-            f"{report['n']}-gram spans; highlighted)."
+            f"<h1>Verbatim provenance</h1><p>{html.escape(summary(report))} (a single document holds at least "
+            f"{report['threshold']:.0%} of their tokens in {report['n']}-gram spans; highlighted)."
             + (f" {report['too_short']} too short to check." if report.get("too_short") else "")
             + "</p>" + "".join(blocks))
     (out / "provenance.html").write_text(page)
     return out
 
 
-__all__: Sequence[str] = ["generation_provenance", "write_provenance"]
+__all__: Sequence[str] = ["generation_provenance", "summary", "write_provenance"]

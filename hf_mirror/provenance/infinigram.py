@@ -45,6 +45,7 @@ from hf_mirror.progress import progress_bar
 from hf_mirror.provenance.ngram import (
     INDEX_FORMAT,
     MANIFEST,
+    NGRAM,
     NgramIndex,
     NgramMatch,
     Occurrence,
@@ -120,7 +121,7 @@ class InfiniGramIndex:
         corpus: Corpus | list[str],
         tokenizer,
         output_dir: str | Path,
-        n: int = 13,
+        n: int = NGRAM,
         overwrite: bool = False,
         show_progress: bool = False,
         cpus: int | None = None,

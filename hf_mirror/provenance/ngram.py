@@ -39,6 +39,7 @@ from hf_mirror.errors import InputError
 from hf_mirror.integrity import check_hashes, hash_files, remove_dead_writers, writer_dir
 from hf_mirror.progress import progress_bar
 
+NGRAM = 13  # the n-gram length of every verbatim index, audit and provenance check by default (GPT-3's 13-grams)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX_FORMAT = "hf_mirror.index"  # the top-level manifest of `hf-mirror index` (hf_mirror.candidates)
@@ -142,7 +143,7 @@ class NgramIndex:
         cls,
         corpus: Corpus | list[str],
         tokenizer,
-        n: int = 13,
+        n: int = NGRAM,
         output_dir: str | Path | None = None,
         overwrite: bool = False,
         show_progress: bool = False,
