@@ -58,6 +58,7 @@ def test_metric_on_a_hand_computed_case():
     assert rows["all"]["top_k_share"] == pytest.approx(1.25 / 3)
     assert rows["all"]["top_k_share_stderr"] == pytest.approx(np.std([0.125, 1, 0.125], ddof=1) / np.sqrt(3))
     assert rows["all"]["spearman_probes"] == 3 and np.isnan(rows["held_out"]["spearman_stderr"])
+    assert rows["all"]["top_k_share_median"] == pytest.approx(0.125)
     with pytest.raises(InputError, match="shape"):
         evaluate_matrix(np.zeros((2, 5)), np.zeros((3, 5)), metric=metric)
 
@@ -143,8 +144,8 @@ def test_recipe_quick_end_to_end(tmp_path, capsys):
     assert main([*args, "--methods", "bm25,mirror", "--json", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("docstrings: 40 documents")
-    assert ("| method | tail patch | top-10 share | tune | held-out | Spearman | tune | held-out | wall time (s) |"
-            in printed)
+    assert ("| method | tail patch | top-10 share | tune | held-out | median | Spearman | tune | held-out | "
+            "wall time (s) |" in printed)
     for row in ("| bm25 | sgd 1 step lr 0.01 |", "| mirror | adam 3 steps lr 0.0003 |", "| mirror[mirror] | sgd",
                 "| (random order, expected) |"):
         assert row in printed
