@@ -34,6 +34,8 @@ def quiet_peft() -> Iterator[None]:
         # GPT-2's Conv1D projections need fan_in_fan_out, its output layer is a Linear that does not: PEFT sets it
         # per layer and says so
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True but the target module is")
+        # an adapted tied output layer: the mirror is never merged into the weights, so the tie stays as it is
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
         yield
 
 
