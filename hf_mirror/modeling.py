@@ -48,13 +48,15 @@ HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?
 def is_local(name_or_path: str | Path) -> bool:
     """Whether a model name is a local path, which is never looked up on the Hub.
 
-    The rule: a name that exists on disk, or that is not shaped like a Hub id, is a local path. A Hub id is
-    ``name`` or ``org/name`` (ASCII letters, digits, ``_``, ``-``, ``.``; each part starting with a letter, digit or
-    ``_``). So ``./m``, ``../m``, ``/abs/m``, ``~/m``, ``.m``, ``runs/a/m`` and ``C:\\m`` are local paths; ``gpt2`` and
-    ``org/name`` are Hub ids unless a file or directory of that name exists here.
+    The rule: a name that exists on disk, whose parent directory exists here, or that is not shaped like a Hub id, is
+    a local path. A Hub id is ``name`` or ``org/name`` (ASCII letters, digits, ``_``, ``-``, ``.``; each part
+    starting with a letter, digit or ``_``). So ``./m``, ``../m``, ``/abs/m``, ``~/m``, ``.m``, ``runs/a/m`` and
+    ``C:\\m`` are local paths; ``gpt2`` and ``org/name`` are Hub ids unless ``org/name`` or the directory ``org``
+    exists here.
     """
     text = str(name_or_path)
-    return Path(text).exists() or HUB_ID.fullmatch(text) is None
+    path = Path(text)
+    return HUB_ID.fullmatch(text) is None or path.exists() or "/" in text and path.parent.is_dir()
 
 
 def local_only(name_or_path: str, kwargs: dict) -> dict:

@@ -78,8 +78,10 @@ def test_which_model_names_are_local_paths(name, local):
 
 def test_an_org_name_that_exists_here_is_a_local_path(tmp_path, monkeypatch):
     (tmp_path / "org" / "name").mkdir(parents=True)
+    (tmp_path / "gpt2").write_text("")
     monkeypatch.chdir(tmp_path)
-    assert is_local("org/name") and not is_local("org/other")
+    assert is_local("org/name") and is_local("org/other")  # org/ is a directory here: models under it are local
+    assert is_local("gpt2") and not is_local("gpt3") and not is_local("other/name")
 
 
 def _never_from_the_hub(monkeypatch):
@@ -94,7 +96,7 @@ def _never_from_the_hub(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["attribute", "index", "memorization", "provenance", "audit"])
-@pytest.mark.parametrize("model", ["./no-such-model", "no/such/model", "model/model.safetensors"])
+@pytest.mark.parametrize("model", ["./no-such-model", "no/such/model", "model/model.safetensors", "model/missing"])
 def test_a_local_model_path_that_is_no_directory_is_refused_before_any_lookup(tiny, command, model, monkeypatch,
                                                                                capsys):
     _never_from_the_hub(monkeypatch)
