@@ -168,7 +168,7 @@ def test_a_corpus_whose_texts_are_all_empty_is_refused(tiny, tmp_path, monkeypat
 def test_probe_fields_nothing_reads_are_named_in_a_warning(tiny, tmp_path, caplog):
     probes = tmp_path / "p.jsonl"
     probes.write_text(json.dumps({"id": "p", "prompt": "a", "completon": " b", "note": 1}) + "\n")
-    argv = _attribute(tiny, tiny / "c.jsonl", tmp_path / "out")
+    argv = _attribute(tiny, tiny / "c.jsonl", tmp_path / "out", "--max-new-tokens", "8")  # "completon": generated
     argv[argv.index("--probes") + 1] = str(probes)
     with caplog.at_level("WARNING", logger="hf_mirror.probes"):
         assert main(argv) == 0
@@ -176,7 +176,7 @@ def test_probe_fields_nothing_reads_are_named_in_a_warning(tiny, tmp_path, caplo
     caplog.clear()
     with caplog.at_level("WARNING", logger="hf_mirror.probes"):
         assert main(_attribute(tiny, tiny / "c.jsonl", tmp_path / "out2")) == 0
-    assert "not read" not in caplog.text
+    assert "probe field(s)" not in caplog.text
 
 
 def test_document_ids_of_mixed_types_are_all_kept_as_strings(tiny, tmp_path):
