@@ -102,11 +102,11 @@ def _ngram_ranking(match) -> list:
 def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = None,
                   show_progress: bool = False) -> dict:
     """Build, train, run the four detectors, and return the metrics (see the module docstring)."""
+    from hf_mirror.config import CALIBRATED_MIRROR
     from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig
     from hf_mirror.provenance.leakage import audit_leakage, make_items
     from hf_mirror.provenance.membership import MEMBERSHIP_METHODS, min_k_scores
-    from hf_mirror.provenance.mirror_leakage import CALIBRATED_STEPS
     from hf_mirror.provenance.ngram import NgramIndex
     from hf_mirror.tiny_lm import train_tiny_lm
 
@@ -126,7 +126,7 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     records = [{"id": i["id"], "question": i["prompt"], "answer": i["completion"]} for i in items]
     report = audit_leakage(index, records, model=model, tokenizer=tokenizer,
                            detectors=("ngram", "mirror", "minkprob"), corpus=corpus,
-                           mirror=MirrorConfig(steps=CALIBRATED_STEPS, seed=cfg.seed),
+                           mirror=MirrorConfig(**CALIBRATED_MIRROR, seed=cfg.seed),
                            scan=ScanConfig(top_k=5, batch_size=cfg.batch_size, normalize="loo",
                                            adapters_per_forward=cfg.adapters_per_forward),
                            output_dir=work / "mirror", show_progress=show_progress, membership=cfg.membership)

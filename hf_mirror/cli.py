@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hf_mirror.config import CALIBRATED_STEPS, MirrorConfig, ScanConfig
+from hf_mirror.config import CALIBRATED_MIRROR, CALIBRATED_STEPS, MirrorConfig, ScanConfig
 from hf_mirror.distributed import is_main_process, set_threads
 from hf_mirror.errors import HfMirrorError, InputError
 from hf_mirror.flags import add_config_flags, config_from_args, finite
@@ -353,6 +353,12 @@ def _open_or_build_index(args, corpus, tokenizer, index_dir):
                             show_progress=not args.no_progress)
 
 
+def audit_mirror(args: argparse.Namespace) -> MirrorConfig:
+    """The leakage detector's mirror: the step-fitted mirror its thresholds were calibrated with (``--steps``,
+    ``--lr`` and ``--rank`` from the flags)."""
+    return config_from_args(MirrorConfig, args, **{**CALIBRATED_MIRROR, "steps": args.steps})
+
+
 def _audit(args) -> int:
     from pathlib import Path
 
@@ -387,7 +393,7 @@ def _audit(args) -> int:
     model = load_model(args.model) if ("minkprob" in detectors or "mirror" in detectors) else None
     mirror = scan = None
     if "mirror" in detectors:
-        mirror = config_from_args(MirrorConfig, args)
+        mirror = audit_mirror(args)
         scan = config_from_args(ScanConfig, args, top_k=5, normalize="loo", index=None)  # --index: the n-grams
     report = audit_leakage(
         index, records, args.threshold, model, tokenizer, detectors=detectors, corpus=corpus, mirror=mirror,

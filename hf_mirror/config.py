@@ -7,7 +7,9 @@ libraries.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Literal
 
 from hf_mirror.errors import InputError
@@ -31,6 +33,9 @@ FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to
 # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_details.md, "Benchmark leakage")
 CALIBRATED_STEPS = 3
 GRADIENT_FIELDS = ("fit", "precondition", "step_rise", "damping", "curvature_docs")  # what only fit="gradient" reads
+STEP_FIELDS = ("steps", "target_rise", "lr", "optimizer")  # what only fit="steps" reads
+# the leakage detector's mirror: its thresholds were calibrated with 3 Adam steps on PEFT's default modules
+CALIBRATED_MIRROR = {"fit": "steps", "target_modules": None, "steps": CALIBRATED_STEPS}
 
 
 def parse_candidates(spec: str | int | None) -> int | str | None:
@@ -79,9 +84,17 @@ class MirrorConfig:
     ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture (the
     attention projections), ``"all-linear"`` every linear layer but the output head (attention and MLP);
     ``layers`` restricts the adapter to those transformer block indices (negative ones count from the top: ``[-2, -1]``
-    is the top 2 blocks of any model). The defaults (8 Adam ascent steps,
-    lr 5e-3, rank 16) won the sweep on fact tracing and also lead on LDS (docs/benchmarks.md).
-    ``target_rise`` makes the strength of the perturbation the same for every probe instead of its step count:
+    is the top 2 blocks of any model).
+
+    ``fit="gradient"`` (the default) writes each mirror in closed form: one step along the probe's gradient on every
+    adapted layer (its best rank-``rank`` approximation), scaled so the probe loss moves ``step_rise`` nats to first
+    order; with ``precondition`` the gradient is K-FAC or EK-FAC preconditioned (:mod:`hf_mirror.curvature`). A
+    document's loss then moves by ``step_rise`` x its gradient's inner product with the probe's (over its norm):
+    the influence a training step on the document has on the probe, read by forward passes. The defaults (every
+    linear layer of the blocks, a 0.01-nat step, no preconditioning) were chosen on tune halves of the tail-patch
+    and LDS benchmarks (docs/benchmarks_tail_patch.md). ``fit="steps"`` takes ``steps`` optimizer steps instead
+    (the mirror before 2026-12-07, and the leakage detector's). ``target_rise`` makes the strength of the
+    perturbation the same for every probe instead of its step count:
     each mirror is fitted until its probe loss has risen (unlearn) or fallen (learn) by that many nats, at most
     ``steps`` steps (docs/benchmarks_lds_real_text.md).
     """
@@ -90,9 +103,9 @@ class MirrorConfig:
     alpha: float = option(16.0, help="LoRA alpha")
     dropout: float = option(0.0, min=0, help="LoRA dropout")
     target_modules: list[str] | str | None = option(
-        None, flag={"nargs": "+", "type": str},
-        help="modules to adapt (default: PEFT's mapping for the model, the attention; all-linear: attention and MLP; "
-        "all-linear lm_head: and the output layer)")
+        "all-linear", flag={"nargs": "+", "type": str},
+        help="modules to adapt (default all-linear: attention and MLP of every block; all-linear lm_head: and the "
+        "output layer; none: PEFT's mapping for the model, the attention)")
     layers: list[int] | None = option(
         None, help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
     steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep); with --target-rise, "
@@ -111,13 +124,13 @@ class MirrorConfig:
     fit_batch: int = option(16, min=1, help="probes fitted together in one batch (same adapters as 1, faster; "
                             "lower it to save memory)")
     fit: Literal["steps", "gradient"] = option(
-        "steps", help="steps: --steps optimizer steps on the probe loss; gradient: one step along the probe's "
+        "gradient", help="steps: --steps optimizer steps on the probe loss; gradient: one step along the probe's "
         "(preconditioned) gradient written in closed form as the LoRA adapter (its best rank-R "
         "approximation per layer, R = --rank), scaled so the probe loss moves --step-rise nats to first order")
     precondition: Literal["none", "kfac", "ekfac"] = option(
         "none", help="gradient fit: the curvature that preconditions the probe's gradient (K-FAC or EK-FAC factors "
         "fitted once per model on the corpus's first --curvature-docs documents and cached)")
-    step_rise: float = option(0.1, help="gradient fit: the probe-loss change of the step to first order (nats, > 0)")
+    step_rise: float = option(0.01, help="gradient fit: the probe-loss change of the step to first order (nats, > 0)")
     damping: float = option(0.1, min=0, help="gradient fit: the curvature's damping, a share of its mean eigenvalue")
     curvature_docs: int = option(512, min=1, help="gradient fit: corpus documents the curvature is fitted on")
 
@@ -126,10 +139,12 @@ class MirrorConfig:
             raise InputError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.steps < 0 or self.rank < 1 or self.lr <= 0:
+        if self.steps < 0 or self.rank < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError("Mirror needs steps >= 0, rank >= 1 and lr > 0.")
         if self.target_modules == ["all-linear"]:  # from the command line
             self.target_modules = "all-linear"
+        if self.target_modules in (["none"], "none"):
+            self.target_modules = None
         if self.fit_batch < 1:
             raise InputError("fit_batch (probes fitted together) must be at least 1.")
         if self.target_rise is not None and not self.target_rise > 0:
@@ -139,8 +154,16 @@ class MirrorConfig:
                              f"{self.precondition!r}.")
         if self.fit == "steps" and self.precondition != "none":
             raise InputError("--precondition applies to --fit gradient only (a preconditioned gradient step).")
-        if not self.step_rise > 0 or not self.damping >= 0:
+        if not (math.isfinite(self.step_rise) and self.step_rise > 0 and math.isfinite(self.damping)
+                and self.damping >= 0):
             raise InputError(f"step_rise must be > 0 and damping >= 0, got {self.step_rise} and {self.damping}.")
+        if self.fit == "gradient":
+            defaults = {f.name: f.default for f in fields(self)}
+            moved = [k for k in STEP_FIELDS if getattr(self, k) != defaults[k]]
+            if moved:
+                logging.getLogger(__name__).warning(
+                    "%s set the optimizer steps of fit='steps' and are not read by the gradient mirror (the default "
+                    "fit); pass --fit steps to use them.", ", ".join(f"--{k.replace('_', '-')}" for k in moved))
 
     def block_indices(self, model=None) -> list[int] | None:
         """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
@@ -194,8 +217,7 @@ class MirrorConfig:
 
         Only the settings of the chosen ``fit`` count; ``target_rise`` is left out while it is off (None), so runs
         recorded before these fields existed keep their keys."""
-        unused = ({"fit_batch", *GRADIENT_FIELDS} if self.fit == "steps"
-                  else {"fit_batch", "steps", "target_rise", "lr", "optimizer"})
+        unused = {"fit_batch", *(GRADIENT_FIELDS if self.fit == "steps" else STEP_FIELDS)}
         if self.precondition == "none":
             unused |= {"damping", "curvature_docs"}
         return {k: v for k, v in asdict(self).items()

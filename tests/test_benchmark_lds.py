@@ -207,14 +207,14 @@ def test_lds_recipe_on_real_wordnet_text(cache, tmp_path, capsys):
     """The real-text corpus (``--corpus wordnet``): WordNet entries, headword probes, mirror settings per row."""
     lds = recipe("benchmark_lds")
     assert lds.main(["--corpus", "wordnet", "--quick", "--n-subsets", "3", "--cache-dir", str(cache),
-                     "--methods", "mirror_raw:steps=2,mirror_raw:target_rise=0.5:steps=8,bm25",
+                     "--methods", "mirror_raw:fit=steps:steps=2,mirror_raw:fit=steps:target_rise=0.5:steps=8,bm25",
                      "--json", str(tmp_path / "wn.json")]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("wordnet: 40 documents") and "| mirror_raw:target_rise=0.5:steps=8 |" in printed
+    assert printed.startswith("wordnet: 40 documents") and "| mirror_raw:fit=steps:target_rise=0.5:steps=8 |" in printed
     report = json.loads((tmp_path / "wn.json").read_text())
     assert report["corpus"] == "wordnet" and report["documents"] == 40 and report["probes"] >= 2
-    assert set(report["methods"]) == {"mirror_raw:steps=2", "mirror_raw:target_rise=0.5:steps=8", "bm25"}
-    target = report["methods"]["mirror_raw:target_rise=0.5:steps=8"]
-    assert target["mirror"] == {"target_rise": 0.5, "steps": 8} and target["probe_rise"] >= 0.5
+    assert set(report["methods"]) == {"mirror_raw:fit=steps:steps=2", "mirror_raw:fit=steps:target_rise=0.5:steps=8", "bm25"}
+    target = report["methods"]["mirror_raw:fit=steps:target_rise=0.5:steps=8"]
+    assert target["mirror"] == {"fit": "steps", "target_rise": 0.5, "steps": 8} and target["probe_rise"] >= 0.5
     assert report["methods"]["bm25"]["probe_rise"] is None
     assert all(-1 <= row["lds"] <= 1 for row in report["methods"].values() if row["n_probes"])

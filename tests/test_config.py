@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from hf_mirror.cli import build_parser, main
+from hf_mirror.cli import audit_mirror, build_parser, main
 from hf_mirror.config import CALIBRATED_STEPS, MirrorConfig, ScanConfig
 from hf_mirror.flags import config_from_args
 
@@ -29,16 +29,16 @@ def test_every_attribute_default_is_the_library_default(cls):
 
 
 def test_flags_reach_the_config():
-    args = build_parser().parse_args([*REQUIRED, "--steps", "3", "--layers", "-2", "-1", "--no-cache",
+    args = build_parser().parse_args([*REQUIRED, "--fit", "steps", "--steps", "3", "--layers", "-2", "-1", "--no-cache",
                                       "--candidates", "bm25:50", "--target-modules", "all-linear"])
     mirror, scan = config_from_args(MirrorConfig, args), config_from_args(ScanConfig, args)
-    assert mirror == MirrorConfig(steps=3, layers=[-2, -1], target_modules="all-linear")
+    assert mirror == MirrorConfig(fit="steps", steps=3, layers=[-2, -1], target_modules="all-linear")
     assert scan == ScanConfig(cache=False, candidates=50)
 
 
 def test_audit_mirror_is_the_library_mirror_with_calibrated_steps():
     args = build_parser().parse_args(["audit", "--model", "m", "--corpus", "c", "--eval-set", "e", "--output", "o"])
-    assert config_from_args(MirrorConfig, args) == MirrorConfig(steps=CALIBRATED_STEPS)
+    assert audit_mirror(args) == MirrorConfig(fit="steps", target_modules=None, steps=CALIBRATED_STEPS)
 
 
 def _int_flags(cls) -> list[tuple[str, str]]:

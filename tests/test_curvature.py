@@ -137,11 +137,15 @@ def test_the_curvature_is_cached_and_read_back(tok, model, tmp_path):
 
 
 def test_config_of_the_gradient_fit():
-    assert "fit" not in MirrorConfig().identity()  # the keys of step-fitted runs are unchanged
+    assert "fit" not in MirrorConfig(fit="steps").identity()  # the keys of step-fitted runs are unchanged
+    assert "steps" not in MirrorConfig().identity()  # the default gradient fit reads no optimizer setting
     gradient = MirrorConfig(fit="gradient", precondition="ekfac")
     assert gradient.identity()["precondition"] == "ekfac" and "steps" not in gradient.identity()
     assert gradient.identity() != MirrorConfig(fit="gradient", precondition="ekfac", damping=0.2).identity()
     with pytest.raises(InputError, match="precondition"):
         MirrorConfig(precondition="kfac")  # a preconditioned *gradient* step
-    with pytest.raises(InputError, match="step_rise"):
-        MirrorConfig(fit="gradient", step_rise=0.0)
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="step_rise"):
+            MirrorConfig(fit="gradient", step_rise=bad)
+    with pytest.raises(InputError, match="lr > 0"):
+        MirrorConfig(fit="steps", lr=float("nan"))

@@ -111,7 +111,7 @@ def test_resume_after_an_exception_keeps_finished_work(tiny_model, planted, tmp_
 
     monkeypatch.setattr(corpus, "READ_BATCH", 4)  # the stream is read in batches: fail after some were scanned
     model, tok = tiny_model
-    kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(steps=2),
+    kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(fit="steps", steps=2),
               scan=ScanConfig(rank_by="mirror", checkpoint_every=3, batch_size=2, sort_batches=4, normalize="none"))
     texts = planted.texts
 

@@ -66,7 +66,7 @@ def runs(tiny_model, planted, tmp_path_factory) -> Runs:
 
     def run(out: Path, cache: Path | None = None) -> AttributionResult:
         return attribute(model, corpus, planted.probes()[:2], tokenizer=tok, output_dir=out, show_progress=False,
-                         mirror=MirrorConfig(steps=2),
+                         mirror=MirrorConfig(fit="steps", steps=2),
                          scan=ScanConfig(normalize="none", checkpoint_every=5, batch_size=16, top_k=5,
                                          cache_dir=str(cache or root / "cache")))
 

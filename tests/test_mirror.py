@@ -16,6 +16,7 @@ TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "birds sing", 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = {"fit": "steps", "target_modules": None, "steps": 3}  # the step-fitted mirror on the attention
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def _adapter(weights: dict, name: str) -> dict:
 def test_config_validates_and_keys_the_target():
     assert MirrorConfig().target_rise is None
     assert "target_rise" not in MirrorConfig().identity()  # off: the keys of earlier runs are unchanged
-    assert MirrorConfig(target_rise=1.0).identity()["target_rise"] == 1.0
-    assert MirrorConfig(target_rise=1.0).identity() != MirrorConfig(target_rise=2.0).identity()
+    assert MirrorConfig(fit="steps", target_rise=1.0).identity()["target_rise"] == 1.0
+    one, two = MirrorConfig(fit="steps", target_rise=1.0), MirrorConfig(fit="steps", target_rise=2.0)
+    assert one.identity() != two.identity()
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(InputError, match="target_rise"):
             MirrorConfig(target_rise=bad)
@@ -59,7 +61,8 @@ def test_each_probe_stops_at_its_target_and_fitting_together_gives_the_same_adap
                                                                                       direction):
     model, probes = model_and_probes
     target, cap = 0.3, 20
-    base = {"steps": cap, "lr": 2e-2, "rank": 4, "target_rise": target, "direction": direction}
+    base = {"fit": "steps", "target_modules": None, "steps": cap, "lr": 2e-2, "rank": 4, "target_rise": target,
+            "direction": direction}
     sign = 1.0 if direction == "unlearn" else -1.0
     one, report_one = _fit(model, tok, probes, MirrorConfig(fit_batch=1, **base))
     together, report = _fit(model, tok, probes, MirrorConfig(fit_batch=4, **base))
@@ -86,9 +89,9 @@ def test_each_probe_stops_at_its_target_and_fitting_together_gives_the_same_adap
 
 def test_without_a_target_every_mirror_takes_every_step(tok, model_and_probes):
     model, probes = model_and_probes
-    _, report = _fit(model, tok, probes, MirrorConfig(steps=3, lr=2e-2, rank=4, fit_batch=4))
+    _, report = _fit(model, tok, probes, MirrorConfig(**STEPS, lr=2e-2, rank=4, fit_batch=4))
     assert report.steps == {p.id: 3 for p in probes}
-    huge, _ = _fit(model, tok, probes[:2], MirrorConfig(steps=3, lr=2e-2, rank=4, fit_batch=2, target_rise=1e6))
-    plain, _ = _fit(model, tok, probes[:2], MirrorConfig(steps=3, lr=2e-2, rank=4, fit_batch=2))
+    huge, _ = _fit(model, tok, probes[:2], MirrorConfig(**STEPS, lr=2e-2, rank=4, fit_batch=2, target_rise=1e6))
+    plain, _ = _fit(model, tok, probes[:2], MirrorConfig(**STEPS, lr=2e-2, rank=4, fit_batch=2))
     for n, w in plain.items():  # a target never reached: the plain fit
         torch.testing.assert_close(huge[n], w)

@@ -18,7 +18,7 @@ from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.ownership import MANIFEST, STAGING, Output
 
-MIRROR = MirrorConfig(steps=1)
+MIRROR = MirrorConfig(fit="steps", steps=1)
 
 
 def _run(tiny_model, planted, out, corpus=None, probes=None, **kw) -> AttributionResult:
@@ -162,7 +162,8 @@ def test_inputs_are_validated_before_anything_is_written(tiny_model, planted, tm
     access = ownership.os.access
     with monkeypatch.context() as mp, caplog.at_level(logging.WARNING):
         mp.setattr(ownership.os, "access", lambda path, mode: not Path(path).is_relative_to(ro) and access(path, mode))
-        _run(tiny_model, planted, out, mirror=MirrorConfig(steps=0), scan=ScanConfig(cache_dir=str(ro / "cache")))
+        _run(tiny_model, planted, out, mirror=MirrorConfig(fit="steps", steps=0),
+             scan=ScanConfig(cache_dir=str(ro / "cache")))
     assert "--steps 0" in caplog.text and f"The cache directory {ro / 'cache'} is not writable" in caplog.text
     assert not any(ro.iterdir())
 

@@ -20,7 +20,7 @@ def test_planted_fact_source_ranks_first(planted, tmp_path):
     # the fact-tracing, LDS and SmolLM2 benchmarks chose; docs/benchmarks.md).
     result = attribute(
         str(planted.model_dir), planted.texts, planted.probes(), output_dir=tmp_path, show_progress=False,
-        mirror=MirrorConfig(steps=5, rank=8), scan=ScanConfig(rank_by="mirror", normalize="zscore"),
+        mirror=MirrorConfig(fit="steps", steps=5, rank=8), scan=ScanConfig(rank_by="mirror", normalize="zscore"),
     )
     hits = [result.top(f"fact-{i}", 1)["doc_id"][0] == i for i in range(len(planted.names))]
     assert np.mean(hits) >= 0.9, f"source document ranked first for only {np.mean(hits):.0%} of probes"
@@ -37,7 +37,7 @@ def test_zero_steps_gives_zero_scores(tiny_model, planted, tmp_path):
         planted.probes()[:3],
         tokenizer=tok,
         output_dir=tmp_path,
-        mirror=MirrorConfig(steps=0),
+        mirror=MirrorConfig(fit="steps", steps=0),
         scan=ScanConfig(rank_by="mirror", normalize="none"),
         show_progress=False,
     )
@@ -52,7 +52,7 @@ def _scores(result: AttributionResult) -> pd.DataFrame:
 
 def test_batch_size_does_not_change_scores(tiny_model, planted, tmp_path):
     model, tok = tiny_model
-    kw = dict(tokenizer=tok, mirror=MirrorConfig(steps=2), show_progress=False)
+    kw = dict(tokenizer=tok, mirror=MirrorConfig(fit="steps", steps=2), show_progress=False)
     long_doc = " ".join(planted.facts[:6])  # windowed at max_length=16, padded next to short documents
     corpus = [*planted.texts[:12], long_doc]
     a = attribute(
@@ -197,7 +197,7 @@ def test_normalisations_by_hand():
 def test_aggregations_of_token_deltas(tiny_model, planted, tmp_path):
     """sum = mean x tokens; max is the largest token delta, taken from the same token losses as the evidence."""
     model, tok = tiny_model
-    kw = dict(tokenizer=tok, mirror=MirrorConfig(steps=2), show_progress=False)
+    kw = dict(tokenizer=tok, mirror=MirrorConfig(fit="steps", steps=2), show_progress=False)
     runs = {agg: attribute(model, planted.texts[:10], planted.probes()[:3], output_dir=tmp_path / agg,
                            scan=ScanConfig(rank_by="mirror", normalize="none", aggregate=agg, top_k=10), **kw)
             for agg in ("mean", "sum", "max")}

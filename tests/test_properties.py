@@ -55,7 +55,7 @@ def test_scan_scores_each_nonempty_document_once(
             tokenizer=tok,
             output_dir=tmp_path_factory.mktemp("prop"),
             show_progress=False,
-            mirror=MirrorConfig(steps=1),
+            mirror=MirrorConfig(fit="steps", steps=1),
             scan=ScanConfig(rank_by="mirror", max_length=max_length, overlap=2, normalize=normalize, top_k=3),
         )
     except InputError as e:  # the only acceptable failures are clear input errors

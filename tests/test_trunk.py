@@ -27,7 +27,7 @@ def test_shared_trunk_matches_full_forward(tiny_model, planted, tmp_path, arch):
     _, tok = tiny_model
     model = _models(tok)[arch]
     corpus = [*planted.texts[:12], " ".join(planted.facts[:5])]
-    kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(layers=[2, 3], steps=2, lr=1e-2))
+    kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(fit="steps", layers=[2, 3], steps=2, lr=1e-2))
 
     pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
     probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
@@ -85,7 +85,7 @@ def test_length_sorted_batches_pad_less_and_score_the_same(tiny_model, planted, 
                           sort_batches=sort_batches,
                           cache=False, checkpoint_every=3)
         return attribute(model, corpus, probes, tokenizer=tok, output_dir=tmp_path / name, show_progress=False,
-                         mirror=MirrorConfig(steps=2), scan=scan)
+                         mirror=MirrorConfig(fit="steps", steps=2), scan=scan)
 
     plain, pooled = run("plain", 1), run("pooled", 8)
     stats_plain, stats_pooled = plain.config["stats"], pooled.config["stats"]
@@ -120,14 +120,14 @@ def test_fitting_top_layer_mirrors_runs_the_trunk_once_with_the_same_result(tiny
     model = _models(tok)[arch]
     probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
               for p, fact in zip(planted.probes()[:2], planted.facts[:2], strict=True)]
-    cfg = MirrorConfig(layers=[2, 3], steps=3, lr=1e-2, fit_batch=1)
+    cfg = MirrorConfig(fit="steps", layers=[2, 3], steps=3, lr=1e-2, fit_batch=1)
     calls = []
     first_block = find_blocks(model)[0]
     handle = first_block.register_forward_pre_hook(lambda *a: calls.append(1))
     weights, _ = _fit(model, tok, probes, ["a", "b"], cfg)
     assert len(calls) == 2  # block 0 ran once per probe, not once per step
     calls.clear()
-    _fit(model, tok, probes, ["a", "b"], MirrorConfig(layers=[2, 3], steps=3, lr=1e-2, fit_batch=2))
+    _fit(model, tok, probes, ["a", "b"], MirrorConfig(fit="steps", layers=[2, 3], steps=3, lr=1e-2, fit_batch=2))
     assert len(calls) == 1  # ... and once per group of probes fitted together
     handle.remove()
     monkeypatch.setattr(mirror_mod, "_trunk", lambda *a: None)  # the plain path: every step runs every block
@@ -150,7 +150,7 @@ def test_fitting_probes_together_gives_the_adapters_of_fitting_them_one_by_one(t
               for i, (p, fact) in enumerate(zip(planted.probes()[:5], planted.facts[:5], strict=True))]
     names = [f"m{i}" for i in range(5)]
     for extra in ({}, {"direction": "learn", "optimizer": "sgd", "lr": 0.5}):
-        base = {"layers": layers, "steps": 3, "lr": 1e-2, "rank": 4, **extra}
+        base = {"fit": "steps", "target_modules": None, "layers": layers, "steps": 3, "lr": 1e-2, "rank": 4, **extra}
         one, report_one = _fit(model, tok, probes, names, MirrorConfig(fit_batch=1, **base))
         together, report = _fit(model, tok, probes, names, MirrorConfig(fit_batch=3, **base))  # groups of 3 and 2
         assert one.keys() == together.keys()
@@ -171,7 +171,7 @@ def test_fitting_together_falls_back_to_one_by_one_for_layers_it_cannot_stack(ti
     model = _models(tok)["gpt2"]
     probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
               for p, fact in zip(planted.probes()[:3], planted.facts[:3], strict=True)]
-    base = {"target_modules": ["wte", "c_attn"], "steps": 2, "lr": 1e-2, "rank": 4}
+    base = {"fit": "steps", "target_modules": ["wte", "c_attn"], "steps": 2, "lr": 1e-2, "rank": 4}
     one, _ = _fit(model, tok, probes, ["a0", "a1", "a2"], MirrorConfig(fit_batch=1, **base))
     together, _ = _fit(model, tok, probes, ["a0", "a1", "a2"], MirrorConfig(fit_batch=2, **base))
     assert one.keys() == together.keys()
@@ -186,7 +186,7 @@ def test_grouped_scan_falls_back_to_peft_mixed_batches_for_layers_it_cannot_stac
     model = _models(tok)["gpt2"]
     pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
     probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
-    mirror = MirrorConfig(target_modules=["wte", "c_attn"], steps=2, lr=1e-2, rank=4)
+    mirror = MirrorConfig(fit="steps", target_modules=["wte", "c_attn"], steps=2, lr=1e-2, rank=4)
 
     def run(name, group):
         scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
@@ -209,7 +209,7 @@ def test_fitting_together_halves_the_group_when_out_of_memory(tiny_model, plante
     probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
               for p, fact in zip(planted.probes()[:5], planted.facts[:5], strict=True)]
     names = [f"m{i}" for i in range(5)]
-    base = {"steps": 2, "lr": 1e-2, "rank": 4}
+    base = {"fit": "steps", "target_modules": None, "steps": 2, "lr": 1e-2, "rank": 4}
     one, _ = _fit(model, tok, probes, names, MirrorConfig(fit_batch=1, **base))
     real, sizes = mirror_mod._fit_group, []
 
@@ -235,7 +235,8 @@ def test_all_linear_mirrors_on_the_top_blocks_adapt_attention_and_mlp_there_only
     model = _models(tok)[arch]
     probes = [Probe(p["id"], p["prompt"], fact[len(p["prompt"]) :])
               for p, fact in zip(planted.probes()[:2], planted.facts[:2], strict=True)]
-    cfg = MirrorConfig(layers=[-2, -1], target_modules=["all-linear"], steps=2, lr=1e-2)  # as the CLI passes them
+    # as the CLI passes them
+    cfg = MirrorConfig(fit="steps", layers=[-2, -1], target_modules=["all-linear"], steps=2, lr=1e-2)
     calls = []
     handle = find_blocks(model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
     weights, _ = _fit(model, tok, probes, ["a", "b"], cfg)

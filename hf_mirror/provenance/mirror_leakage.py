@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_mirror.config import CALIBRATED_STEPS
+from hf_mirror.config import CALIBRATED_MIRROR
 from hf_mirror.errors import InputError
 
 # top_z above which an item's best document is said to stand out, for the mirror's verdict on its own. Chosen on
@@ -152,7 +152,7 @@ def mirror_leakage(
     if not items:
         raise InputError("No evaluation items to check.")
     scan = scan or ScanConfig(top_k=top, normalize="loo")
-    mirror = mirror or MirrorConfig(steps=CALIBRATED_STEPS)
+    mirror = mirror or MirrorConfig(**CALIBRATED_MIRROR)
     probe_ids = {}
     probes = []
     for i, it in enumerate(items):
