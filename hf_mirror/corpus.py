@@ -54,7 +54,7 @@ class Corpus:
     name: str | None = None  # a Hub dataset's configuration
     extra: dict = field(default_factory=dict)  # more keyword arguments for `load_dataset`
     _warned: bool = field(default=False, init=False, repr=False, compare=False)
-    _samples: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # file stats -> fingerprint
+    _digests: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # file state -> content hash
 
     def __post_init__(self) -> None:
         if isinstance(self.source, (list, tuple)):
@@ -79,19 +79,28 @@ class Corpus:
         }
 
     def fingerprint(self) -> str | None:
-        """Identifies the corpus content for caching, or None when it cannot be known (generators)."""
+        """Identifies the corpus content for resuming, caching and indexes, or None when it cannot be known.
+
+        Local files: a sha256 of every byte of every file (with its path), so any edit changes it, whatever the
+        file's size and even with its size and mtime kept. Computed once per file state (size, mtime, ctime, inode:
+        a write always changes the ctime) and object. A ``Dataset``: its own fingerprint; a Hub dataset: its
+        ``revision`` (None without one: it could change unseen); an ``IterableDataset`` (a generator): None.
+        """
         src = self.source
         if isinstance(src, Dataset):
             return f"dataset:{src._fingerprint}"
         if isinstance(src, IterableDataset):
             return None
         files = self._files()
-        if files:  # path, size, mtime and a content sample of each file (read once per stat): edits change it
-            stats = repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-            if stats not in self._samples:
-                samples = [_sample_hash(p) for p in files]
-                self._samples[stats] = "files:" + hashlib.sha256((stats + repr(samples)).encode()).hexdigest()[:20]
-            return self._samples[stats]
+        if files:
+            digests = []
+            for path in files:
+                st = path.stat()
+                state = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                if state not in self._digests:
+                    self._digests[state] = content_digest(path)
+                digests.append((state[0], self._digests[state]))
+            return "files:" + hashlib.sha256(repr(digests).encode()).hexdigest()[:20]
         revision = self.extra.get("revision")
         return None if revision is None else f"hub:{src}:{self.name}:{self.split}:{revision}"
 
@@ -302,19 +311,13 @@ def _load_stream(src: str, fmt: str | None, split: str, name: str | None, extra:
         ) from e
 
 
-def _sample_hash(path: Path, block: int = 1 << 20) -> str:
-    """sha256 of a file's first and last MiB (all of it when smaller)."""
+def content_digest(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of every byte of a file, read in ``block``-byte chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
-        h.update(f.read(block))
-        size = f.seek(0, 2)
-        if size > 2 * block:
-            f.seek(size - block)
-            h.update(f.read(block))
-        elif size > block:
-            f.seek(block)
-            h.update(f.read())
-    return h.hexdigest()[:16]
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_utf8(path: Path) -> None:

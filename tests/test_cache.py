@@ -64,6 +64,26 @@ def test_file_corpus_fingerprint_follows_content(tmp_path):
     assert Corpus("some/hub-dataset").fingerprint() is None  # no revision: cannot know it did not change
 
 
+def test_file_corpus_fingerprint_reads_every_byte(tmp_path):
+    """One byte changed in the middle of a 3 MiB file, its size and mtime put back: another fingerprint, also from
+    the Corpus object that fingerprinted it before (its memo is keyed by the ctime, which a write always moves)."""
+    import os
+    import time
+
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(f'{{"text": "document {i:07d} {"x" * 80}"}}\n' for i in range(33_000)))
+    corpus = Corpus(f)
+    first, st = corpus.fingerprint(), f.stat()
+    assert st.st_size > 3 << 20 and Corpus(f).fingerprint() == first
+    time.sleep(0.05)  # past the kernel's coarse ctime tick
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] = ord("y") if data[len(data) // 2] != ord("y") else ord("z")
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert corpus.fingerprint() != first and Corpus(f).fingerprint() == corpus.fingerprint()
+
+
 def test_single_probe_reuses_cached_control_scores(tiny_model, planted, tmp_path):
     """A single probe z-scored against controls: the second run fits and scans only the probe itself."""
     model, tok = tiny_model

@@ -219,3 +219,34 @@ def test_two_processes_into_a_one_process_result_are_refused(planted, tmp_path):
     after = _listing(out)
     assert {k: v for k, v in after.items() if k != "hf_mirror.lock"} == \
         {k: v for k, v in before.items() if k != "hf_mirror.lock"}
+
+
+def test_an_edit_keeping_size_and_mtime_is_seen_by_the_result_and_the_cache(planted, tmp_path, capsys):
+    """A corpus over 2 MiB edited in the middle, its size and mtime put back: the rerun is refused as another run
+    (not the old result), and --overwrite recomputes it without the old content's base losses."""
+    import os
+
+    pad = "x" * (1 << 20) + "y" * 100_000  # more than 1 MiB before and after the edited document
+    rows = [{"id": f"d{i}", "text": t, "pad": pad if i in (0, 7) else ""} for i, t in enumerate(planted.texts[:8])]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probes = tmp_path / "p.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in planted.probes()[:2]))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["attribute", "--model", str(planted.model_dir), "--corpus", str(corpus), "--probes", str(probes),
+            "--output", str(out), "--cache-dir", str(cache), "--steps", "1", "--top-k", "3", "--no-progress"]
+    assert main(argv) == 0
+    before = corpus.stat()
+    rows[3]["text"] = rows[3]["text"].replace(" at home", " at hoem")  # same size
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    where = corpus.read_bytes().index(b"at hoem")
+    assert 1 << 20 < where < before.st_size - (1 << 20)  # neither in the first nor in the last MiB
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (corpus.stat().st_size, corpus.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    capsys.readouterr()
+    assert main(argv) == 2 and "corpus content changed" in capsys.readouterr().err  # not the old result
+    assert main([*argv, "--overwrite"]) == 0
+    result = AttributionResult.load(out)
+    assert result.config["stats"]["base_cache_hits"] == 0  # the old content's base losses are not read
+    assert main([*argv[:8], str(tmp_path / "other"), *argv[9:]]) == 0  # the new content's cache: reused
+    assert AttributionResult.load(tmp_path / "other").config["stats"]["base_cache_hits"] == 1
