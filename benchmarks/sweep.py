@@ -31,6 +31,9 @@ from benchmarks.fact_tracing import (
 )
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig
+
+# the grids below tune the step-fitted mirror (the default before 2026-12-07): its settings start from it
+STEP_MIRROR = MirrorConfig(fit="steps", target_modules=None)
 from hf_mirror.scoring import normalize_scores
 
 
@@ -145,7 +148,7 @@ def run_sweep(cfg: FactTracingConfig, grid: Sequence[Setting] | None = None, out
         t0 = time.perf_counter()
         if not s.ensemble:
             scan = ScanConfig(normalize="none", aggregate=s.aggregate, top_k=cfg.top_k, batch_size=32)
-            result = attribute(model, corpus, probes, tokenizer=tokenizer, mirror=replace(MirrorConfig(), **s.mirror),
+            result = attribute(model, corpus, probes, tokenizer=tokenizer, mirror=replace(STEP_MIRROR, **s.mirror),
                                scan=scan, output_dir=work / "runs" / s.name, show_progress=False, overwrite=True)
             raws[s.name] = result.scores()[["probe_id", "doc_id", "raw_score", "n_tokens"]]
         seconds = time.perf_counter() - t0

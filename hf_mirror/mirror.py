@@ -230,6 +230,10 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
         u, s, vh = torch.linalg.svd(direction, full_matrices=False)
         r = min(cfg.rank, s.shape[-1])
         u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
+        # one sign per singular pair (its largest left entry positive): the same adapter weights however the probes
+        # are grouped, not only the same product
+        flip = torch.sign(torch.gather(u, -2, u.abs().argmax(dim=-2, keepdim=True))).clamp(min=0) * 2 - 1
+        u, vh = u * flip, vh * flip.transpose(-1, -2)
         kept = u @ (s[..., None] * vh)
         along += (kept * grads).sum(dim=(1, 2)).double().cpu()
         root = s.sqrt()[..., None]
