@@ -1,13 +1,17 @@
-"""An output directory is owned: ``hf_mirror.json`` names what hf-mirror wrote there and which run it holds.
+"""An output directory is owned: ``hf_mirror.json`` names the command that wrote it, what it wrote there (every
+file, at every depth) and which run it holds. One rule for every command that writes a folder (``attribute`` and
+``demo``, ``index``, ``audit``, ``provenance``, ``memorization``; each a :class:`Kind`):
 
-- A directory is used when it is empty, holds a manifest, or holds only the names a run writes (an output of an
-  earlier version, adopted). Any other file is refused: hf-mirror never writes next to files it did not write,
-  and never deletes a file its manifest does not name.
-- The manifest records the run's identity (method, model and its weights, tokenizer, corpus and its content,
-  probes, process layout, settings). Another run into a directory holding work (a result or scan checkpoints)
-  is refused with what changed, unless ``overwrite``.
-- ``overwrite`` builds the new run in ``.hf_mirror-new/`` beside the old one and swaps them (renames) when it has
-  finished, so a failed run keeps the previous result; an interrupted one resumes there when rerun.
+- A directory is used when it is empty, holds this command's manifest, or holds only the names this command wrote
+  before manifests existed (adopted). Anything else is refused, with or without ``overwrite``, naming the files: a
+  file the manifest does not list (inside ``shards/`` of a finished run too), another command's output, another
+  command's staging folder. hf-mirror never writes next to files it did not write and never deletes one.
+- The manifest records the run's identity (method or command, model, corpus and its content, probes, settings).
+  Another run into a directory holding a result is refused with what changed, unless ``overwrite``.
+- ``overwrite`` (and every ``index`` build) builds the new output in ``.hf_mirror-new/`` beside the old one and
+  swaps it in by renames when it has finished, after validation; only the old manifest's entries go. A swap cut
+  short is completed by the next command that opens the directory. An unfinished staged run is resumed only by the
+  same run with ``overwrite``, or when finishing it replaces nothing else.
 - ``hf_mirror.lock`` (``fcntl.flock``, held by the main process) keeps two runs off the same directory.
 """
 

@@ -143,7 +143,7 @@ def test_config_of_the_gradient_fit():
     assert gradient.identity()["precondition"] == "ekfac" and "steps" not in gradient.identity()
     assert gradient.identity() != MirrorConfig(fit="gradient", precondition="ekfac", damping=0.2).identity()
     with pytest.raises(InputError, match="precondition"):
-        MirrorConfig(precondition="kfac")  # a preconditioned *gradient* step
+        MirrorConfig(fit="steps", precondition="kfac")  # a preconditioned *gradient* step
     for bad in (0.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="step_rise"):
             MirrorConfig(fit="gradient", step_rise=bad)
