@@ -219,3 +219,13 @@ def test_lds_recipe_on_real_wordnet_text(cache, tmp_path, capsys):
     assert target["mirror"] == {"fit": "steps", "target_rise": 0.5, "steps": 8} and target["probe_rise"] >= 0.5
     assert report["methods"]["bm25"]["probe_rise"] is None
     assert all(-1 <= row["lds"] <= 1 for row in report["methods"].values() if row["n_probes"])
+
+
+def test_cost_recipe_runs_each_method_as_a_user_does(cache, tmp_path, capsys):
+    """``recipes/benchmark_cost.py``: each method through the CLI in its own process, wall time and peak RSS."""
+    cost = recipe("benchmark_cost")
+    assert cost.main(["--corpus", "capitals", "--quick", "--methods", "bm25", "--cache-dir", str(cache),
+                      "--json", str(tmp_path / "c.json")]) == 0
+    assert "| bm25 |" in capsys.readouterr().out
+    row = json.loads((tmp_path / "c.json").read_text())["methods"]["bm25"]
+    assert row["seconds"] > 0 and row["peak_rss_mb"] > 50
