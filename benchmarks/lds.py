@@ -522,24 +522,32 @@ def run_lds(cfg: LDSConfig, methods: Sequence[str] = METHODS, cache_dir: str | P
         where = work / "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
         scores = method_scores(method, setup, where, show_progress, **options)
         seconds = time.perf_counter() - t1
-        row = lds_from_scores(scores, retrains)
-        right = [row["per_probe"][p["id"]] for p in setup.probes if p["correct"]]
-        right = [v for v in right if np.isfinite(v)]
-        row["lds_correct"] = float(np.mean(right)) if right else float("nan")  # probes answered correctly
-        report["methods"][spec] = {**row, "seconds": seconds, "method": method, "mirror": options,
-                                   "probe_rise": _probe_rise(where / method) if method in MIRROR_VARIANTS else None}
-        log(f"{spec}: LDS {row['lds']:.3f} +- {row['stderr']:.3f} over {row['n_probes']} probes ({seconds:.0f} s)")
+        columns = {spec: "score"}  # a mirror's influence column, and its own column beside it as <spec>[mirror]
+        if method in MIRROR_VARIANTS and "raw_score" in scores:
+            columns[f"{spec}[mirror]"] = "raw_score"
+        for name, column in columns.items():
+            row = lds_from_scores(scores, retrains, column)
+            values = np.array([row["per_probe"][p] for p in retrains.probe_ids], np.float64)
+            row["tune"], row["held_out"] = float(np.nanmean(values[0::2])), float(np.nanmean(values[1::2]))
+            right = [row["per_probe"][p["id"]] for p in setup.probes if p["correct"]]
+            right = [v for v in right if np.isfinite(v)]
+            row["lds_correct"] = float(np.mean(right)) if right else float("nan")  # probes answered correctly
+            report["methods"][name] = {**row, "seconds": seconds, "method": method, "mirror": options,
+                                       "column": column, "probe_rise": _probe_rise(where / method)
+                                       if method in MIRROR_VARIANTS else None}
+            log(f"{name}: LDS {row['lds']:.3f} +- {row['stderr']:.3f} over {row['n_probes']} probes ({seconds:.0f} s)")
     return report
 
 
 def format_table(report: dict) -> str:
     """The report's methods as a Markdown table."""
-    lines = ["| method | LDS (mean over probes) | std. error | probes | LDS, correct answers only | wall time (s) | "
-             "mean probe-loss rise (nats) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | LDS (mean over probes) | std. error | tune half | held-out half | probes | LDS, correct "
+             "answers only | wall time (s) | mean probe-loss rise (nats) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, row in report["methods"].items():
         rise = row.get("probe_rise")
-        lines.append(f"| {method} | {row['lds']:.3f} | {row['stderr']:.3f} | {row['n_probes']} | "
+        lines.append(f"| {method} | {row['lds']:.3f} | {row['stderr']:.3f} | {row.get('tune', float('nan')):.3f} | "
+                     f"{row.get('held_out', float('nan')):.3f} | {row['n_probes']} | "
                      f"{row.get('lds_correct', float('nan')):.3f} | {row['seconds']:.1f} | "
                      f"{'' if rise is None else f'{rise:.2f}'} |")
     return "\n".join(lines)

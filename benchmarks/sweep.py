@@ -31,10 +31,10 @@ from benchmarks.fact_tracing import (
 )
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig
+from hf_mirror.scoring import normalize_scores
 
 # the grids below tune the step-fitted mirror (the default before 2026-12-07): its settings start from it
 STEP_MIRROR = MirrorConfig(fit="steps", target_modules=None)
-from hf_mirror.scoring import normalize_scores
 
 
 @dataclass

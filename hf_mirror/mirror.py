@@ -219,6 +219,11 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
     batch = {k: v.to(device) for k, v in batch.items()}
     with peft_model.disable_adapter(), capture(peft_model, bases) as seen:
         losses = _probe_losses(peft_model, batch)
+        finite = torch.isfinite(losses.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise ScoreError(f"Probe {probes[bad].id!r}: non-finite probe loss ({losses[bad].item()}) under the base "
+                             "model; check the model's dtype and weights.")
         losses.sum().backward()  # each row's gradient is its own probe's (rows do not interact)
     mask = batch["attention_mask"].bool()
     steps: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> per probe (B, A) before scaling

@@ -213,8 +213,8 @@ def test_lds_recipe_on_real_wordnet_text(cache, tmp_path, capsys):
     assert printed.startswith("wordnet: 40 documents") and "| mirror_raw:fit=steps:target_rise=0.5:steps=8 |" in printed
     report = json.loads((tmp_path / "wn.json").read_text())
     assert report["corpus"] == "wordnet" and report["documents"] == 40 and report["probes"] >= 2
-    assert set(report["methods"]) == {"mirror_raw:fit=steps:steps=2", "mirror_raw:fit=steps:target_rise=0.5:steps=8",
-                                      "bm25"}
+    mirrors = ("mirror_raw:fit=steps:steps=2", "mirror_raw:fit=steps:target_rise=0.5:steps=8")
+    assert set(report["methods"]) == {*mirrors, *(f"{m}[mirror]" for m in mirrors), "bm25"}  # its own column too
     target = report["methods"]["mirror_raw:fit=steps:target_rise=0.5:steps=8"]
     assert target["mirror"] == {"fit": "steps", "target_rise": 0.5, "steps": 8} and target["probe_rise"] >= 0.5
     assert report["methods"]["bm25"]["probe_rise"] is None

@@ -49,7 +49,8 @@ def test_index_command_builds_bm25_and_ngrams_and_attribute_reuses_it(planted, c
     out = tmp_path / "index"
     assert main(["index", "--model", str(planted.model_dir), "--corpus", str(corpus_file), "--id-column", "id",
                  "--output", str(out), "--ngram", "5"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["bm25", "manifest.json", "ngram"]
+    assert sorted(p.name for p in out.iterdir()) == ["bm25", "hf_mirror.json", "hf_mirror.lock", "manifest.json",
+                                                     "ngram"]  # the index, and its ownership (hf_mirror.ownership)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "index"]  # no build leftovers
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_documents"] == len(planted.texts) + 2 and manifest["bm25"]["documents"] == len(planted.texts)
@@ -100,7 +101,8 @@ def test_infini_gram_backend_serves_attribute_audit_and_provenance(planted, corp
     for backend, out in dirs.items():
         assert main(["index", *common, "--backend", backend, "--output", str(out)]) == 0
     out = dirs["infini-gram"]
-    assert sorted(p.name for p in out.iterdir()) == ["bm25", "infinigram", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["bm25", "hf_mirror.json", "hf_mirror.lock", "infinigram",
+                                                     "manifest.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "infini-gram", "ngram"]  # no leftovers
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["verbatim"] == {"backend": "infini-gram", "dir": "infinigram", "n": 4,
@@ -151,7 +153,7 @@ def test_stale_half_written_and_foreign_indexes_are_refused(planted, tiny_model,
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert build_index(corpus, tok, out, n=4).n_documents == len(planted.texts)  # the same build again: up to date
     assert (out / "manifest.json").stat().st_mtime_ns == stamp  # (not rebuilt)
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(InputError, match="holds a different run.*pass --overwrite"):
         build_index(corpus, tok, out, n=5)  # another index is never written over it without overwrite
     # another tokenizer
     from hf_mirror.tiny_lm import train_tokenizer
@@ -204,14 +206,14 @@ def test_an_interrupted_build_is_never_loaded_and_a_rerun_completes_it(planted, 
     monkeypatch.setattr(ngram, "ngram_hashes", failing)
     with pytest.raises(KeyboardInterrupt):
         build_index(corpus, tok, tmp_path / "index", n=4, checkpoint_ngrams=100)
-    assert not (tmp_path / "index").exists() and (tmp_path / ".index.building").is_dir()
+    assert not (tmp_path / "index" / "manifest.json").exists() and (tmp_path / "index" / ".hf_mirror-new").is_dir()
     with pytest.raises(InputError, match="build was interrupted.*rerun"):
         CandidateIndex.load(tmp_path / "index", tok)
     calls.clear()
     monkeypatch.setattr(ngram, "ngram_hashes", lambda tokens, n: (calls.append(1), real(tokens, n))[1])
     index = build_index(corpus, tok, tmp_path / "index", n=4, checkpoint_ngrams=100)
     assert 0 < len(calls) < len(planted.texts) - 10  # resumed from the checkpoint, the BM25 terms with it
-    assert not (tmp_path / ".index.building").exists()
+    assert not (tmp_path / "index" / ".hf_mirror-new").exists()
     assert {k: v for k, v in index.manifest.items()} == ref.manifest
     probes = _probes(planted)
     assert index.retrieve(probes, 10) == ref.retrieve(probes, 10)
@@ -429,7 +431,11 @@ def test_dense_union_is_the_same_on_two_processes(planted, dense_case, tmp_path)
 
     one, two = AttributionResult.load(tmp_path / "w1"), AttributionResult.load(tmp_path / "w2")
     assert two.config["num_processes"] == 2
-    pd.testing.assert_frame_equal(_scores(one), _scores(two), check_exact=False, atol=1e-6)
+    # the same documents, ranks and BM25 scores; the mirror's columns to float32 rounding: the default gradient
+    # mirror moves a loss by about 1e-3 nats, and how windows are batched on each process changes the rounding of
+    # that delta by up to 1e-4 of it (--fixed-width makes it bit for bit: tests/test_distributed.py)
+    tol = {"check_exact": False, "rtol": 1e-3, "atol": 1e-5}
+    pd.testing.assert_frame_equal(_scores(one), _scores(two), **tol)
     for p in probes:
-        pd.testing.assert_frame_equal(one.top(p.id), two.top(p.id), check_exact=False, atol=1e-6)
+        pd.testing.assert_frame_equal(one.top(p.id), two.top(p.id), **tol)
     assert source in set(two.top("sym")["doc_id"])
