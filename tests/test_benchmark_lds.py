@@ -154,7 +154,8 @@ def test_lds_recipe_runs_and_reuses_cached_retrains(cache, tmp_path, capsys):
     args = ["--quick", "--n-subsets", "3", "--cache-dir", str(cache)]
     assert lds.main([*args, "--methods", "mirror_raw,bm25", "--json", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
-    assert "| method | LDS (mean over probes) | std. error | probes | LDS, correct answers only |" in printed
+    assert ("| method | LDS (mean over probes) | std. error | tune half | held-out half | probes | LDS, correct "
+            "answers only |") in printed
     assert "| mirror_raw |" in printed and "| bm25 |" in printed
     first = json.loads((tmp_path / "a.json").read_text())
     assert first["retrain_seconds"] > 0 and first["probes"] >= 2

@@ -433,8 +433,8 @@ def test_dense_union_is_the_same_on_two_processes(planted, dense_case, tmp_path)
     assert two.config["num_processes"] == 2
     # the same documents, ranks and BM25 scores; the mirror's columns to float32 rounding: the default gradient
     # mirror moves a loss by about 1e-3 nats, and how windows are batched on each process changes the rounding of
-    # that delta by up to 1e-4 of it (--fixed-width makes it bit for bit: tests/test_distributed.py)
-    tol = {"check_exact": False, "rtol": 1e-3, "atol": 1e-5}
+    # that delta by up to 1e-4 of the column's spread (--fixed-width makes it bit for bit: tests/test_distributed.py)
+    tol = {"check_exact": False, "rtol": 1e-3, "atol": 2e-4}
     pd.testing.assert_frame_equal(_scores(one), _scores(two), **tol)
     for p in probes:
         pd.testing.assert_frame_equal(one.top(p.id), two.top(p.id), **tol)
