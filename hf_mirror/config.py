@@ -23,7 +23,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 FITS = ("steps", "gradient")
 CURVATURES = ("none", "kfac", "ekfac")
 PRECISIONS = ("no", "bf16", "fp16")
-LEXICAL_WEIGHT = 0.5  # influence = mirror / sd + this x BM25 / sd (recipes/benchmark_lexical_prior.py)
+# influence = mirror / sd + this x BM25 / sd: 0 with the gradient mirror, chosen on the tune halves of the tail-patch
+# and LDS benchmarks (docs/benchmarks_tail_patch.md; 0.5 with the step-fitted mirror, recipes/benchmark_lexical_prior.py)
+LEXICAL_WEIGHT = 0.0
 RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (ScanConfig.retrievers)
 AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
 # the mirror's say in the final ranking: 0 ranks the candidates by BM25 alone (the mirror's influence stays beside
@@ -289,7 +291,7 @@ class ScanConfig:
         "[0, 1] (0: BM25's order; chosen by the hybrid benchmark, docs/benchmarks_hybrid.md)")
     lexical_weight: float = option(
         LEXICAL_WEIGHT, min=0, help="weight of BM25's prior in the influence column (each term scaled per probe; "
-        "0: the mirror's scores alone; chosen by LDS, docs/benchmarks_lds_real_text.md)")
+        "0, the default: the mirror's scores alone; chosen on tail-patch and LDS, docs/benchmarks_tail_patch.md)")
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
     index: str | None = option(

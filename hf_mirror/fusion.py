@@ -8,10 +8,10 @@ beat BM25 there (docs/benchmarks_hybrid.md). ``rank_by="mirror"`` ranks by the m
 
 Influence. The additive estimate of what each document does to the probe (the column a linear datamodel sums):
 ``influence = mirror / sd(mirror) + lexical_weight * bm25 / sd(bm25)``, each spread taken over the probe's
-scored documents: the mirror's counterfactual signal with a lexical prior of fixed relative strength. The weight
-was chosen on the tune halves of both LDS benchmarks and confirmed on their held-out halves
-(docs/benchmarks_lds_real_text.md); 0 gives the mirror's own scores (rescaled per probe, which no per-probe
-correlation sees).
+scored documents: the mirror's counterfactual signal with an optional lexical prior of fixed relative strength. The
+default weight, 0 (the mirror's own scores, rescaled per probe, which no per-probe correlation sees), was chosen on
+the tune halves of the tail-patch and LDS benchmarks with the gradient mirror (docs/benchmarks_tail_patch.md); 0.5
+suited the step-fitted mirror (docs/benchmarks_lds_real_text.md).
 """
 
 from __future__ import annotations
