@@ -6,7 +6,9 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +19,17 @@ from hf_mirror.config import parse_candidates  # noqa: F401 (re-exported)
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.integrity import check_hashes, hash_files
+from hf_mirror.ownership import STAGING, Kind
 from hf_mirror.probes import Probe
 from hf_mirror.provenance.infinigram import BACKEND as INFINI_GRAM
 from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
 from hf_mirror.provenance.ngram import INDEX_FORMAT, MANIFEST, NGRAM, Extras, NgramIndex, verbatim_part
 
 logger = logging.getLogger(__name__)
+INDEX_ENTRIES = (MANIFEST, "bm25", "ngram", "infinigram", "dense", "extras")  # what `hf-mirror index` writes
+# its output directory (hf_mirror.ownership); one without hf_mirror.json is adopted when it holds an index
+INDEX = Kind("index", INDEX_ENTRIES, frozenset(INDEX_ENTRIES),
+             legacy=lambda d: _manifest_of(d).get("format") == INDEX_FORMAT, stage=True, marker=MANIFEST)
 
 
 @dataclass
@@ -180,8 +187,8 @@ class CandidateIndex:
                         an index is the n-gram layout)
         dense/          (--dense) vectors.npy, float32 [documents, hidden], opened memory-mapped; doc_ids.json
 
-    The whole directory is built in a hidden sibling (``.<name>.building/``) and renamed into place with its
-    manifest, so a directory without a manifest is a half-written index and is refused.
+    The index is built in ``.hf_mirror-new/`` inside the directory and moved into place with its manifest when
+    complete, so a directory without a manifest is a half-written index and is refused.
     """
 
     def __init__(self, directory: Path, manifest: dict) -> None:
@@ -207,7 +214,7 @@ class CandidateIndex:
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
-            building = directory.parent / f".{directory.name}.building"
+            building = directory / STAGING
             why = (f"its build was interrupted ({building} holds the unfinished build: rerun the same `hf-mirror "
                    "index` command to finish it)" if building.exists() else
                    "a half-written index, or another kind of directory" if directory.exists() else "it does not exist")
@@ -394,13 +401,17 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     and the main process merges them in corpus order, so the index does not depend on the number of processes.
     With ``backend="infini-gram"`` the verbatim index is infini-gram's suffix array (``infinigram/``), built by
     :meth:`InfiniGramIndex.build` in a tokenising pass of its own on the main process (the BM25 pass then builds
-    no n-grams). The directory is built in ``.<name>.building/`` beside ``output_dir`` (the n-gram pass
-    checkpoints there: an interrupted build resumes when rerun with the same inputs; the infini-gram backend's
-    build starts over) and renamed into place, manifest included, when complete. It is keyed by the corpus
+    no n-grams). ``output_dir`` is owned (:mod:`hf_mirror.ownership`: ``hf_mirror.json``): a directory holding files
+    ``hf-mirror index`` did not write is refused, even with ``overwrite``. The index is built in
+    ``output_dir/.hf_mirror-new/`` (the n-gram pass checkpoints there: an interrupted build resumes when rerun with
+    the same inputs; the infini-gram backend's build starts over) and swapped in when complete, replacing only an
+    earlier index's files (``overwrite``). It is keyed by the corpus
     fingerprint, its columns and the tokenizer: :meth:`CandidateIndex.load` refuses another corpus or tokenizer.
     """
+    from hf_mirror.ownership import MANIFEST as OWN_MANIFEST
+    from hf_mirror.ownership import Output, open_shared
     from hf_mirror.provenance.infinigram import require_infini_gram
-    from hf_mirror.provenance.ngram import check_target, process_group
+    from hf_mirror.provenance.ngram import process_group
 
     if backend not in VERBATIM_DIRS:
         raise InputError(f"Unknown verbatim index backend {backend!r}; choose among {list(VERBATIM_DIRS)}.")
@@ -409,41 +420,46 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     if not isinstance(corpus, Corpus):
         corpus = Corpus(corpus)
     out = Path(output_dir)
-    tmp = out.parent / f".{out.name}.building"
     rank, world, state = process_group()
     embedder = None if model is None else _Embedder(model, tokenizer, dense_batch_size)
     extras = _IndexExtras(embedder)
     key = _build_key(corpus, tokenizer, n, extras, backend)
+    # a corpus without a stable fingerprint: another build every time (never the same run)
+    identity = {"index": key or f"unverifiable corpus, {os.getpid()}-{time.time_ns()}", "processes": world}
     if not overwrite and key is not None and _manifest_of(out).get("build_key") == key:
+        if rank == 0:
+            Output.check(out, identity, overwrite, INDEX)  # nothing foreign beside it
         logger.info("%s already holds this index (same corpus, tokenizer and settings); --overwrite rebuilds it.", out)
         return CandidateIndex.load(out, tokenizer)
     if rank == 0:
-        check_target(out, overwrite)
         corpus.check()  # readable and not empty, before anything is written
-        tmp.mkdir(parents=True, exist_ok=True)
-        for part in tmp.iterdir():  # what a build killed after its n-gram pass left; its checkpoint is kept
-            if part.name != ".ngram.build":
-                shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
-    if world > 1:
-        state.wait_for_everyone()
-    more = {} if checkpoint_ngrams is None else {"checkpoint_ngrams": checkpoint_ngrams}
-    documents, verbatim = _corpus_passes(corpus, tokenizer, tmp, backend, n, extras,
-                                         dict(show_progress=show_progress, resume=resume, **more))
-    if world > 1:
-        state.wait_for_everyone()  # every process has opened the indexes before the directory moves
-    if rank == 0:
-        _write_index(tmp, out, corpus, tokenizer, documents, embedder, verbatim, world, key, backend)
+    output, tmp = open_shared(out, identity, overwrite, INDEX)
+    try:
+        if rank == 0:
+            for part in tmp.iterdir():  # what a build killed after its n-gram pass left; its checkpoint is kept
+                if part.name not in (".ngram.build", OWN_MANIFEST):
+                    shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
+        if world > 1:
+            state.wait_for_everyone()
+        more = {} if checkpoint_ngrams is None else {"checkpoint_ngrams": checkpoint_ngrams}
+        documents, verbatim = _corpus_passes(corpus, tokenizer, tmp, backend, n, extras,
+                                             dict(show_progress=show_progress, resume=resume, **more))
+        if world > 1:
+            state.wait_for_everyone()  # every process has opened the indexes before the directory moves
+        if output is not None:
+            _write_index(tmp, corpus, tokenizer, documents, embedder, verbatim, world, key, backend)
+            output.finish()  # swapped in for an earlier index
+    finally:
+        if output is not None:
+            output.release()
     if world > 1:
         state.wait_for_everyone()
     return CandidateIndex.load(out, tokenizer)
 
 
-def _write_index(tmp: Path, out: Path, corpus: Corpus, tokenizer, documents: NgramIndex,
-                 embedder: _Embedder | None, verbatim: dict, world: int, key: str | None, backend: str) -> None:
-    """Save BM25 (and the dense vectors) beside the verbatim index in ``tmp``, write the manifest last and publish
-    the whole directory as ``out`` (main process)."""
-    from hf_mirror.provenance.ngram import publish
-
+def _write_index(tmp: Path, corpus: Corpus, tokenizer, documents: NgramIndex, embedder: _Embedder | None,
+                 verbatim: dict, world: int, key: str | None, backend: str) -> None:
+    """Save BM25 (and the dense vectors) beside the verbatim index in ``tmp``, the manifest last (main process)."""
     n_bm25 = _save_bm25(tmp / "bm25", documents)
     dense = None if embedder is None else _save_dense(tmp / "dense", documents, embedder)
     if backend != "ngram":
@@ -463,7 +479,6 @@ def _write_index(tmp: Path, out: Path, corpus: Corpus, tokenizer, documents: Ngr
         "build_key": key,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    publish(tmp, out)
 
 
 def _corpus_passes(corpus: Corpus, tokenizer, tmp: Path, backend: str, n: int, extras: _IndexExtras,

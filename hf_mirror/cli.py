@@ -88,6 +88,12 @@ def _ngram_flag(p) -> None:
     p.add_argument("--ngram", type=positive_int, default=None, help=NGRAM_HELP)
 
 
+def _overwrite_flag(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command in --output that another run wrote (only the files "
+                   "its hf_mirror.json lists; the new one is built beside it and swapped in when finished)")
+
+
 def _progress_flag(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and results are unchanged)")
 
@@ -171,6 +177,7 @@ def _add_audit(sub) -> None:
     add_config_flags(g, ScanConfig, hidden=False, defaults=True,
                      only=["batch_size", "adapters_per_forward", "candidates"])
     p.set_defaults(steps=CALIBRATED_STEPS)  # the detector's thresholds were calibrated with 3-step mirrors
+    _overwrite_flag(p)
     _progress_flag(p)
 
 
@@ -183,10 +190,11 @@ def _add_index(sub) -> None:
         "(`audit`/`provenance --index DIR`) and, with --dense, the model's mean-pooled document embeddings "
         "(memory-mapped). Under accelerate launch / torchrun every process reads its share and the main process "
         "merges them into the same index. Layout: DIR/manifest.json, DIR/bm25/, DIR/ngram/ (--backend infini-gram: "
-        "DIR/infinigram/), DIR/dense/. Built in a "
-        "hidden sibling directory and renamed into place when complete (checkpointed: an interrupted build resumes "
-        "when rerun); keyed by the corpus content and the tokenizer, so an index of another corpus or tokenizer is "
-        "refused.",
+        "DIR/infinigram/), DIR/dense/. Built in "
+        "DIR/.hf_mirror-new/ and moved into place when complete (checkpointed: an interrupted build resumes when "
+        "rerun); keyed by the corpus content and the tokenizer, so an index of another corpus or tokenizer is "
+        "refused. DIR must be empty, new or an index of this command: a directory holding other files is refused, "
+        "even with --overwrite, which replaces only the files of the earlier index.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="model or tokenizer path/name (its tokenizer is used; the model "
@@ -201,7 +209,8 @@ def _add_index(sub) -> None:
     _ngram_flag(p)
     p.add_argument("--dense", action="store_true", help="also store each document's embedding: the model's last "
                    "hidden states averaged over its tokens (one forward pass over the corpus)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing index (only the files its hf_mirror.json lists; swapped in when built)")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint of an interrupted build")
     p.add_argument("--backend", choices=["ngram", "infini-gram"], default="ngram",
                    help="the verbatim index beside BM25 (+ --dense): ngram: hashed n-grams of one --ngram (ngram/); "
@@ -235,6 +244,7 @@ def _add_provenance(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="for probes without a completion")
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--no-mirror", action="store_true", help="verbatim spans only (no mirror attribution)")
+    _overwrite_flag(p)
     _progress_flag(p)
 
 
@@ -256,6 +266,7 @@ def _add_memorization(sub) -> None:
     p.add_argument("--suffix-tokens", type=positive_int, default=32, help="S")
     p.add_argument("--samples", type=positive_int, default=100, help="documents sampled (seeded reservoir)")
     p.add_argument("--seed", type=int, default=0)
+    _overwrite_flag(p)
     _progress_flag(p)
 
 
@@ -360,10 +371,12 @@ def audit_mirror(args: argparse.Namespace) -> MirrorConfig:
 
 
 def _audit(args) -> int:
+    from dataclasses import asdict
     from pathlib import Path
 
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import load_model, load_tokenizer
+    from hf_mirror.ownership import AUDIT, digest, open_shared
     from hf_mirror.provenance.leakage import (
         DEFAULT_COMBINED_THRESHOLD,
         DEFAULT_MIRROR_THRESHOLD,
@@ -386,26 +399,34 @@ def _audit(args) -> int:
                       args.eval_id_column, args.eval_split).records()
     tokenizer = load_tokenizer(args.model)
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
-    index = None
-    if "ngram" in detectors:
-        index_dir = Path(args.index) if args.index else Path(args.output) / "index"
-        index = _open_or_build_index(args, corpus, tokenizer, index_dir)
-    model = load_model(args.model) if ("minkprob" in detectors or "mirror" in detectors) else None
-    mirror = scan = None
-    if "mirror" in detectors:
-        mirror = audit_mirror(args)
-        scan = config_from_args(ScanConfig, args, top_k=5, normalize="loo", index=None)  # --index: the n-grams
-    report = audit_leakage(
-        index, records, args.threshold, model, tokenizer, detectors=detectors, corpus=corpus, mirror=mirror,
-        scan=scan, output_dir=Path(args.output) / "mirror" if "mirror" in detectors else None,
-        mirror_threshold=DEFAULT_MIRROR_THRESHOLD if args.mirror_threshold is None else args.mirror_threshold,
-        combined_threshold=(DEFAULT_COMBINED_THRESHOLD if args.combined_threshold is None
-                            else args.combined_threshold),
-        show_progress=not args.no_progress, membership=args.membership,
-    )
-    if not is_main_process():  # under accelerate launch / torchrun: the main process reports
-        return 0
-    out = write_report(report, args.output)
+    corpus.check()  # before the output directory is touched
+    identity = _identity(args, corpus, items=digest([asdict(r) for r in records]))
+    output, work = open_shared(args.output, identity, args.overwrite, AUDIT)
+    try:
+        index = None
+        if "ngram" in detectors:
+            index = _open_or_build_index(args, corpus, tokenizer, Path(args.index) if args.index else work / "index")
+        model = load_model(args.model) if ("minkprob" in detectors or "mirror" in detectors) else None
+        mirror = scan = None
+        if "mirror" in detectors:
+            mirror = audit_mirror(args)
+            scan = config_from_args(ScanConfig, args, top_k=5, normalize="loo", index=None)  # --index: the n-grams
+        report = audit_leakage(
+            index, records, args.threshold, model, tokenizer, detectors=detectors, corpus=corpus, mirror=mirror,
+            scan=scan, output_dir=work / "mirror" if "mirror" in detectors else None,
+            mirror_threshold=DEFAULT_MIRROR_THRESHOLD if args.mirror_threshold is None else args.mirror_threshold,
+            combined_threshold=(DEFAULT_COMBINED_THRESHOLD if args.combined_threshold is None
+                                else args.combined_threshold),
+            show_progress=not args.no_progress, membership=args.membership,
+        )
+        if output is None:  # under accelerate launch / torchrun: the main process reports
+            return 0
+        write_report(report, work)
+        output.finish()
+    finally:
+        if output is not None:
+            output.release()
+    out = Path(args.output)
     print(f"{report['leaked']} of {len(records)} evaluation items leaked (contamination rate "
           f"{report['contamination_rate']:.1%}, detectors {','.join(detectors)}, verdict by "
           f"{report['detector']['method']}); wrote {out / 'report.json'} and {out / 'report.html'}")
@@ -444,24 +465,36 @@ def _index(args) -> int:
 
 
 def _provenance(args) -> int:
+    from dataclasses import asdict
     from pathlib import Path
 
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import resolve_model
+    from hf_mirror.ownership import PROVENANCE, digest, open_shared
     from hf_mirror.pipeline import ScanConfig
+    from hf_mirror.probes import load_probes
     from hf_mirror.provenance.generation import generation_provenance, summary, write_provenance
 
     model, tokenizer, _ = resolve_model(args.model)
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
-    index = _open_or_build_index(args, corpus, tokenizer, Path(args.index) if args.index else Path(args.output)
-                                 / "index")
-    report = generation_provenance(model, corpus, args.probes, tokenizer=tokenizer, index=index,
-                                   threshold=args.threshold, use_mirror=not args.no_mirror,
-                                   scan=ScanConfig(top_k=args.top_k), max_new_tokens=args.max_new_tokens,
-                                   output_dir=args.output, top=args.top_k, show_progress=not args.no_progress)
-    if not is_main_process():
-        return 0
-    out = write_provenance(report, args.output)
+    corpus.check()  # before the output directory is touched
+    probes = load_probes(args.probes)  # read once: refused before the output directory is touched
+    identity = _identity(args, corpus, probes=digest([asdict(p) for p in probes]))
+    output, work = open_shared(args.output, identity, args.overwrite, PROVENANCE)
+    try:
+        index = _open_or_build_index(args, corpus, tokenizer, Path(args.index) if args.index else work / "index")
+        report = generation_provenance(model, corpus, probes, tokenizer=tokenizer, index=index,
+                                       threshold=args.threshold, use_mirror=not args.no_mirror,
+                                       scan=ScanConfig(top_k=args.top_k), max_new_tokens=args.max_new_tokens,
+                                       output_dir=work, top=args.top_k, show_progress=not args.no_progress)
+        if output is None:
+            return 0
+        write_provenance(report, work)
+        output.finish()
+    finally:
+        if output is not None:
+            output.release()
+    out = Path(args.output)
     for r in report["items"]:
         line = f"{printable(r['id'], False)}: {r['verdict']}"
         if r["source"] is not None:
@@ -481,15 +514,19 @@ def _memorization(args) -> int:
     from pathlib import Path
 
     from hf_mirror.corpus import Corpus
+    from hf_mirror.ownership import MEMORIZATION, Output
     from hf_mirror.provenance.memorization import extractable_memorization
 
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
+    identity = _identity(args, corpus)
+    Output.check(args.output, identity, args.overwrite, MEMORIZATION)  # refused before the work, written after it
     # the model as a path: the lengths are checked against its config and the corpus before the weights load
     report = extractable_memorization(args.model, None, corpus, args.prefix_tokens, args.suffix_tokens, args.samples,
                                       args.seed, show_progress=not args.no_progress)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memorization.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with Output.open(out, identity, args.overwrite, MEMORIZATION) as output:
+        (output.work / "memorization.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        output.finish()
     print(f"extractable memorization: {report['exact']} of {report['samples']} sampled documents "
           f"({report['extractable_rate']:.1%}) reproduce their next {args.suffix_tokens} tokens from "
           f"{args.prefix_tokens}; wrote {out / 'memorization.json'}")
@@ -497,6 +534,21 @@ def _memorization(args) -> int:
 
 
 LOCAL_INPUTS = ("model", "corpus", "probes", "eval_set")
+# flags that change no output file (--fail-above only sets the exit code)
+NOT_SETTINGS = frozenset({"command", "output", "overwrite", "restart", "no_progress", "threads", "corpus",
+                          "fail_above"})
+
+
+def _identity(args: argparse.Namespace, corpus, **content: object) -> dict:
+    """What decides the output of `audit`, `provenance` or `memorization` (its manifest's run, hf_mirror.ownership):
+    the corpus and its content, ``content`` (the items' or probes' digest) and every flag, local paths resolved."""
+    settings = {}
+    for key, value in sorted(vars(args).items()):
+        if key not in NOT_SETTINGS:
+            local = key in (*LOCAL_INPUTS, "index") and isinstance(value, str) and os.path.exists(value)
+            settings[key] = os.path.realpath(value) if local else value
+    return {"command": args.command, "corpus": corpus.describe(), "corpus content": corpus.fingerprint(), **content,
+            "settings": settings}
 
 
 def _offline_when_local(args: argparse.Namespace) -> None:

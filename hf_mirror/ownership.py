@@ -21,8 +21,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -43,8 +43,40 @@ RUN_ENTRIES = ("topk.parquet", "scores.parquet", "evidence.parquet", "probes.jso
                "shards", "adapters")  # what a run writes
 ADOPTABLE = frozenset({*RUN_ENTRIES, "report.html", "demo.json"})  # an output of a version without manifests
 FORMAT = "hf_mirror.output"
+VERSION = 2  # 2: the manifest lists every file ("files") and the command ("kind")
 OVERWRITE = ("pass --overwrite (overwrite=True) to replace it (the new result is built beside it and swapped in when "
              "it has finished), or use a new --output directory")
+
+
+def _attribute_work(d: Path) -> bool:
+    """Whether ``d`` holds a result or scan checkpoints (fitted adapters alone are refitted or reused freely)."""
+    return (d / "config.json").exists() or any(f.is_file() for f in d.glob("shards/*/*"))
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one command writes at the top of its output directory."""
+
+    command: str
+    entries: tuple[str, ...]
+    adoptable: frozenset[str] = frozenset()  # names of its output before manifests existed (taken as its own)
+    legacy: Callable[[Path], bool] | None = None  # whether a directory of adoptable names is really its output
+    has_work: Callable[[Path], bool] | None = None  # whether a directory holds a result (default: any entry)
+    stage: bool = False  # always build in the staging folder: a reader never sees a half-built output
+    marker: str | None = None  # the entry a reader opens first: moved out first and in last by a swap
+
+    def holds_work(self, d: Path) -> bool:
+        if self.has_work is not None:
+            return self.has_work(d)
+        return any((d / name).exists() for name in self.entries)
+
+
+# attribute's (and demo's, audit's and provenance's mirror runs)
+ATTRIBUTE = Kind("attribute", RUN_ENTRIES, ADOPTABLE, has_work=_attribute_work, marker="config.json")
+AUDIT = Kind("audit", ("report.json", "report.html", "index", "mirror"), marker="report.json")
+PROVENANCE = Kind("provenance", ("provenance.json", "provenance.html", "index", "attribution"),
+                  marker="provenance.json")
+MEMORIZATION = Kind("memorization", ("memorization.json",), marker="memorization.json")
 
 
 def digest(value: object) -> str:
@@ -53,13 +85,23 @@ def digest(value: object) -> str:
 
 
 def _owned(name: str, entries: Iterable[str]) -> bool:
+    """An entry, its interrupted atomic write (``NAME.tmp``) or a hidden folder a writer of it keeps beside it
+    (``.NAME.build``, ``.NAME.tmp-HOST-PID-*``)."""
     entries = set(entries)
-    return name in entries or name.endswith(".tmp") and name[:-4] in entries  # an interrupted atomic write
+    return (name in entries or name.endswith(".tmp") and name[:-4] in entries
+            or name.startswith(".") and any(name.startswith(f".{e}.") for e in entries))
 
 
-def _has_work(d: Path) -> bool:
-    """Whether ``d`` holds a result or scan checkpoints (fitted adapters alone are refitted or reused freely)."""
-    return (d / "config.json").exists() or any(f.is_file() for f in d.glob("shards/*/*"))
+def _tree(d: Path, entries: Iterable[str]) -> list[str]:
+    """Every file (or link) under ``d``'s owned entries, as paths relative to ``d``, hf-mirror's own files left out."""
+    out = []
+    for top in sorted(p for p in d.iterdir() if p.name not in INTERNAL and _owned(p.name, entries)):
+        paths = [top] if top.is_symlink() or not top.is_dir() else sorted(top.rglob("*"))
+        for p in paths:
+            rel = p.relative_to(d)
+            if (p.is_symlink() or not p.is_dir()) and not INTERNAL.intersection(rel.parts):
+                out.append(rel.as_posix())
+    return out
 
 
 def _read_manifest(d: Path) -> dict | None:
@@ -76,21 +118,46 @@ def _read_manifest(d: Path) -> dict | None:
     return manifest
 
 
-def _write_manifest(d: Path, identity: dict, entries: Iterable[str], done: bool) -> None:
-    manifest = {"format": FORMAT, "version": 1, "entries": sorted(set(entries)), "run": identity, "done": done}
+def _kind_of(manifest: dict) -> str:
+    return str(manifest.get("kind", ATTRIBUTE.command))  # a manifest before version 2: attribute's
+
+
+def _write_manifest(d: Path, command: str, identity: dict, entries: Iterable[str], done: bool,
+                    files: Iterable[str] | None) -> None:
+    manifest = {"format": FORMAT, "version": VERSION, "kind": command, "entries": sorted(set(entries)),
+                "run": identity, "done": done, "files": None if files is None else sorted(set(files))}
     atomic_write(d / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
 
 
-def _contents(d: Path) -> tuple[dict | None, list[str], list[str]]:
-    """``d``'s manifest, entries and owned entries; InputError when it holds anything hf-mirror did not write."""
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _contents(d: Path, kind: Kind) -> tuple[dict | None, list[str], list[str]]:
+    """``d``'s manifest, names and owned entries; InputError naming what ``kind``'s command did not write there."""
     manifest = _read_manifest(d)
     names = sorted(p.name for p in d.iterdir() if p.name not in INTERNAL)
-    entries = manifest["entries"] if manifest else [n for n in names if n in ADOPTABLE]
+    staged = _read_manifest(d / STAGING) if (d / STAGING).is_dir() else None
+    theirs = [m for m in (manifest, staged) if m is not None and _kind_of(m) != kind.command]
+    if theirs:
+        other = _kind_of(theirs[0])
+        shown = _shown(names if manifest is theirs[0] else [STAGING])
+        raise InputError(f"--output {d} holds the output of `hf-mirror {other}` ({shown}), which `hf-mirror "
+                         f"{kind.command}` never writes into or replaces; use a new --output directory.")
+    if manifest is not None:
+        entries = manifest["entries"]
+    else:
+        entries = [n for n in names if n in kind.adoptable]
+        if entries and kind.legacy is not None and not kind.legacy(d):
+            entries = []
     foreign = [n for n in names if not _owned(n, entries)]
+    listed = manifest.get("files") if manifest is not None and manifest.get("done") else None
+    if listed is not None:  # a finished run lists every file it wrote, at every depth
+        known = set(listed)
+        foreign += [f for f in _tree(d, entries) if f not in known and "/" in f]
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise InputError(f"--output {d} holds files hf-mirror did not write ({shown}); it writes only into an empty "
-                         "directory or one of its own results: use a new --output directory.")
+        raise InputError(f"--output {d} holds files hf-mirror did not write ({_shown(foreign)}); it writes only into "
+                         "an empty directory or one of its own results: use a new --output directory.")
     return manifest, names, entries
 
 
@@ -150,6 +217,46 @@ def _lock(out: Path) -> IO | None:
     return handle
 
 
+def _swap_pending(final: Path, kind: Kind) -> bool:
+    staged = _read_manifest(final / STAGING) if (final / STAGING).is_dir() else None
+    return staged is not None and bool(staged.get("done")) and _kind_of(staged) == kind.command
+
+
+def _swap(final: Path, kind: Kind) -> None:
+    """Move the finished run in ``.hf_mirror-new/`` into ``final`` in place of the previous one (only the entries of
+    the previous manifest go): the reader's entry point (``kind.marker``) out first and in last, the manifest last,
+    so a reader sees the old output, the new one or none, never a mix. Safe to repeat: a swap cut short is
+    completed by running it again, which the next command that opens ``final`` does."""
+    staging, retired = final / STAGING, final / RETIRED
+    new = _read_manifest(staging)
+    old = _read_manifest(final)
+    new_top = {f.split("/")[0] for f in new.get("files") or []} | {p.name for p in staging.iterdir()}
+    # without a manifest: an adopted output, or a first run
+    old_entries = old["entries"] if old is not None else [p.name for p in final.iterdir() if p.name in kind.adoptable]
+    retired.mkdir(exist_ok=True)
+
+    def retire(name: str) -> None:
+        if (final / name).exists() or (final / name).is_symlink():
+            shutil.rmtree(retired / name, ignore_errors=True)
+            os.replace(final / name, retired / name)
+
+    last = [kind.marker] if kind.marker is not None and (staging / kind.marker).exists() else []
+    for name in last:  # still in staging: the one in final is the previous run's
+        retire(name)
+    for p in sorted(staging.iterdir()):
+        if p.name not in (MANIFEST, *last):
+            retire(p.name)
+            os.replace(p, final / p.name)
+    for p in sorted(final.iterdir()):  # the previous run's entries that the new run does not write
+        if p.name not in INTERNAL and p.name not in new_top and _owned(p.name, old_entries):
+            retire(p.name)
+    for name in last:
+        os.replace(staging / name, final / name)
+    os.replace(staging / MANIFEST, final / MANIFEST)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 @dataclass
 class Output:
     """The main process's hold on an output directory: the run writes to ``work``; its answer lands in ``final``."""
@@ -157,69 +264,81 @@ class Output:
     final: Path
     work: Path
     identity: dict
-    replaced: list[str] = field(default_factory=list)  # the entries of the run that ``work`` replaces when done
+    kind: Kind = ATTRIBUTE
     _handle: IO | None = None
 
     @classmethod
-    def open(cls, out: str | Path, identity: dict, overwrite: bool = False) -> Output:
+    def check(cls, out: str | Path, identity: dict, overwrite: bool = False, kind: Kind = ATTRIBUTE) -> None:
+        """Refuse, reading only, what :meth:`open` would refuse (a command that writes only at its end calls it
+        first, and :meth:`open` when it writes)."""
+        final = Path(out)
+        check_output_path(final)
+        if final.is_dir() and not _swap_pending(final, kind):
+            cls._refusal(final, identity, overwrite, kind, *_contents(final, kind))
+
+    @classmethod
+    def open(cls, out: str | Path, identity: dict, overwrite: bool = False, kind: Kind = ATTRIBUTE) -> Output:
         """Lock ``out``, check it holds nothing foreign and no other run, and pick where the run writes."""
         final = Path(out)
         check_output_path(final)
-        if final.is_dir():
-            _contents(final)  # refuse a foreign directory before the lock file is written into it
+        if final.is_dir() and not _swap_pending(final, kind):
+            _contents(final, kind)  # refuse a foreign directory before the lock file is written into it
         try:
             final.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"Cannot create --output {final} ({e.strerror}).") from e
         handle = _lock(final)
         try:
-            return cls._claim(final, identity, overwrite, handle)
+            return cls._claim(final, identity, overwrite, kind, handle)
         except BaseException:
             if handle is not None:
                 handle.close()
             raise
 
+    @staticmethod
+    def _refusal(final: Path, identity: dict, overwrite: bool, kind: Kind, manifest: dict | None, names: list[str],
+                 entries: list[str]) -> bool:
+        """InputError when a run without ``overwrite`` would replace another one; whether a staged run may resume."""
+        staged = _read_manifest(final / STAGING) if (final / STAGING).is_dir() else None
+        resumable = staged is not None and staged["run"] == identity and not staged.get("done")
+        if overwrite or not kind.holds_work(final):
+            return resumable
+        if manifest is None:
+            raise InputError(f"--output {final} holds a result of an earlier hf-mirror version (no {MANIFEST}); "
+                             f"{OVERWRITE}.")
+        changed = changes(manifest["run"], identity)
+        if changed:
+            state = "finished" if manifest.get("done") else "unfinished"
+            staged_note = (f" (the interrupted --overwrite run in {final / STAGING} is this run: pass --overwrite to "
+                           "finish it and replace the result)") if resumable else ""
+            raise InputError(f"--output {final} holds a different run ({state}): {'; '.join(changed)}; "
+                             f"{OVERWRITE}{staged_note}.")
+        return resumable
+
     @classmethod
-    def _claim(cls, final: Path, identity: dict, overwrite: bool, handle: IO | None) -> Output:
-        manifest, names, entries = _contents(final)
+    def _claim(cls, final: Path, identity: dict, overwrite: bool, kind: Kind, handle: IO | None) -> Output:
+        if _swap_pending(final, kind):
+            _swap(final, kind)  # an --overwrite run that finished and was cut short during its swap
+        manifest, names, entries = _contents(final, kind)
         staging = final / STAGING
-        staged = _read_manifest(staging) if staging.is_dir() else None
-        if staged is not None and staged["run"] == identity and not staged.get("done"):
-            return cls(final, staging, identity, entries, handle)  # an interrupted --overwrite run: resume it
-        if not overwrite and _has_work(final):
-            if manifest is None:
-                raise InputError(f"--output {final} holds a result of an earlier hf-mirror version (no {MANIFEST}); "
-                                 f"{OVERWRITE}.")
-            changed = changes(manifest["run"], identity)
-            if changed:
-                state = "finished" if manifest.get("done") else "unfinished"
-                raise InputError(f"--output {final} holds a different run ({state}): {'; '.join(changed)}; "
-                                 f"{OVERWRITE}.")
-        if overwrite and any(_owned(n, entries) for n in names):
+        if cls._refusal(final, identity, overwrite, kind, manifest, names, entries):
+            return cls(final, staging, identity, kind, handle)  # an interrupted staged run of this command: resume
+        if kind.stage or overwrite and any(_owned(n, entries) for n in names):
             shutil.rmtree(staging, ignore_errors=True)  # ours, never a result
             staging.mkdir()
-            _write_manifest(staging, identity, RUN_ENTRIES, done=False)
-            return cls(final, staging, identity, entries, handle)
-        _write_manifest(final, identity, [*entries, *RUN_ENTRIES], done=False)
-        return cls(final, final, identity, [], handle)
+            _write_manifest(staging, kind.command, identity, kind.entries, False, None)
+            return cls(final, staging, identity, kind, handle)
+        if staging.is_dir() and _read_manifest(staging) is None:
+            shutil.rmtree(staging, ignore_errors=True)  # what a swap left after moving its manifest
+        _write_manifest(final, kind.command, identity, [*entries, *kind.entries], False, None)
+        return cls(final, final, identity, kind, handle)
 
     def finish(self) -> None:
-        """Mark the run done; under ``overwrite`` swap it in for the old one (only the old manifest's entries go)."""
-        entries = [*RUN_ENTRIES, *((_read_manifest(self.work) or {}).get("entries", []))]
-        _write_manifest(self.work, self.identity, entries, done=True)
+        """Mark the run done, listing every file it wrote; when staged, swap it in for the previous one."""
+        entries = [*self.kind.entries, *((_read_manifest(self.work) or {}).get("entries", []))]
+        _write_manifest(self.work, self.kind.command, self.identity, entries, True, _tree(self.work, entries))
         if self.work != self.final:
-            retired = self.final / RETIRED
-            shutil.rmtree(retired, ignore_errors=True)
-            retired.mkdir()
-            for p in self.final.iterdir():
-                if p.name not in INTERNAL and _owned(p.name, self.replaced):
-                    os.replace(p, retired / p.name)
-            for p in self.work.iterdir():
-                if p.name != MANIFEST:
-                    os.replace(p, self.final / p.name)
-            os.replace(self.work / MANIFEST, self.final / MANIFEST)
-            shutil.rmtree(self.work, ignore_errors=True)
-            shutil.rmtree(retired, ignore_errors=True)
+            _swap(self.final, self.kind)
             self.work = self.final
         self.release()
 
@@ -235,9 +354,31 @@ class Output:
             self._handle = None
 
 
+def open_shared(out: str | Path, identity: dict | None, overwrite: bool, kind: Kind) -> tuple[Output | None, Path]:
+    """:meth:`Output.open` on the main process (``identity`` is only read there); every process gets the directory
+    the run writes to."""
+    from hf_mirror.distributed import launched_world, process_state
+
+    output = Output.open(out, identity or {}, overwrite, kind) if launched_world() <= 1 or \
+        process_state().is_main_process else None
+    work = [None if output is None else str(output.work)]
+    if launched_world() > 1:
+        from accelerate.utils import broadcast_object_list
+
+        try:
+            work = broadcast_object_list(work, from_process=0)
+        except BaseException:
+            if output is not None:
+                output.release()
+            raise
+    return output, Path(work[0])
+
+
 def claim(directory: str | Path, names: Iterable[str]) -> None:
     """Add ``names`` (files written next to a result, e.g. the demo's report) to the directory's manifest."""
     d = Path(directory)
     manifest = _read_manifest(d)
     if manifest is not None:
-        _write_manifest(d, manifest["run"], [*manifest["entries"], *names], manifest.get("done", False))
+        files = manifest.get("files")
+        _write_manifest(d, _kind_of(manifest), manifest["run"], [*manifest["entries"], *names],
+                        manifest.get("done", False), None if files is None else [*files, *names])

@@ -176,6 +176,28 @@ def test_cli_demo_reuses_cached_model(demo_run, tmp_path, monkeypatch, capsys, c
     assert "[[]]" not in text
 
 
+
+def test_cli_demo_keeps_a_users_files(demo_run, tmp_path, monkeypatch, capsys):
+    """The demo's output follows attribute's ownership rule: a user's file, at the top or inside adapters/, is
+    refused with or without --overwrite and kept; the report files are listed in the manifest."""
+    _, cache, _ = demo_run
+    monkeypatch.setenv(demo.FAST_ENV, "1")
+    argv = ["demo", "--probes", "1", "--cache-dir", str(cache), "--no-progress"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for extra in ((), ("--overwrite",)):
+        assert main([*argv, "--output", str(mine), *extra]) == 2
+        assert "notes.txt" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    out = tmp_path / "out"
+    assert main([*argv, "--output", str(out)]) == 0
+    assert {"report.html", "demo.json"} <= set(json.loads((out / "hf_mirror.json").read_text())["files"])
+    (out / "adapters" / "mine.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*argv, "--output", str(out), "--overwrite"]) == 2
+    assert "adapters/mine.txt" in capsys.readouterr().err and (out / "adapters" / "mine.txt").read_text() == "mine"
+
 # ---- HTML and plots on a synthetic result (exact control over ids, text and deltas) -----------------------
 def _synthetic(tmp_path) -> AttributionResult:
     tokens = ["<b>bold</b>", " & ", "fine", "\n", " bad"]

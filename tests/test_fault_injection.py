@@ -655,8 +655,8 @@ INDEX_KILLS = {  # where `hf-mirror index` dies; "overwrite-" cases rebuild over
     "mid-chunk": _kill_in_savez,
     "before-progress.json": _kill_at_rename(lambda src, dst: dst.name == "progress.json", nth=2),
     "mid-save": _kill_in_save,
-    "before-publish": "publish",  # the complete index, renamed onto --output
-    "overwrite-before-publish": "publish",  # the old index moved aside, the new one not yet in place
+    "before-publish": "publish",  # the complete index, being moved from --output/.hf_mirror-new into --output
+    "overwrite-before-publish": "publish",  # the old index's manifest moved aside, the new files not yet in place
     # --backend infini-gram: its extras pass done, building the suffix array; the complete index, being published
     "infini-gram-mid-suffix-array": _kill_in_suffix_array,
     "infini-gram-before-publish": "publish",
@@ -713,8 +713,8 @@ def test_sigkill_during_the_index_build(index_build, point, capsys):
         if not ref.exists():
             assert main(argv(ref, *extra)) == 0
     kill = INDEX_KILLS[point]
-    if kill == "publish":
-        kill = _kill_at_rename(lambda src, dst: dst == out)
+    if kill == "publish":  # the swap's first move of the new index into --output
+        kill = _kill_at_rename(lambda src, dst: src.parent.name == ".hf_mirror-new" and dst.parent == out)
 
     def child(mp):
         _build_in_small_checkpoints(mp)
@@ -722,11 +722,12 @@ def test_sigkill_during_the_index_build(index_build, point, capsys):
         main(argv(out, *extra))
 
     killed(child)
-    assert not out.exists()  # nothing half-built is ever in place of the index (an --overwrite: nor the old one)
+    # nothing half-built is ever in place of the index (an --overwrite: nor the old one, its manifest moved first)
+    assert not (out / "manifest.json").exists()
     with pytest.raises(InputError, match="not a complete"):
         load_index(out, None)
     if point in ("mid-chunk", "before-progress.json"):  # killed between checkpoints: the rerun resumes
-        (progress,) = [p for p in root.rglob("progress.json") if f".{point}." in str(p)]
+        (progress,) = [p for p in root.rglob("progress.json") if f"/{point}/.hf_mirror-new/" in str(p)]
         state = json.loads(progress.read_text())
         assert state["n_docs"] > 0 and not state["done"]
     capsys.readouterr()

@@ -40,11 +40,14 @@ def test_audit_flags_copies_with_evidence(planted, tmp_path, capsys):
     assert verdicts["exact"]["min_k_prob"] > verdicts["clean"]["min_k_prob"]
     page = (tmp_path / "out" / "report.html").read_text()
     assert "LEAKED" in page and "doc2@" in page
-    # the saved index is reused, and the rate gates CI
-    assert main([*args, "--fail-above", "0.5", "--no-membership"]) == 1
+    # the rate gates CI; other detectors are another run: --overwrite replaces the report (not --fail-above alone)
+    assert main([*args, "--fail-above", "0.5", "--no-membership"]) == 2
+    assert "different run" in capsys.readouterr().err
+    assert main([*args, "--fail-above", "0.5", "--no-membership", "--overwrite"]) == 1
     assert "above --fail-above" in capsys.readouterr().err
     assert main([*args, "--fail-above", "0.9", "--no-membership"]) == 0
-    assert main([*args[:-1], "8"]) == 2  # an index built with another n-gram length is refused
+    assert main([*args[:-1], "8", "--index", str(tmp_path / "out" / "index"), "--output", str(tmp_path / "n8")]) == 2
+    assert "holds 6-grams and --ngram asks for 8" in capsys.readouterr().err  # the index's own n-gram length
     assert main([*args, "--membership", "mink++", "--output", str(tmp_path / "pp")]) == 0  # Min-K%++
     pp = json.loads((tmp_path / "pp" / "report.json").read_text())
     assert pp["detector"]["membership"] == "mink++"

@@ -142,7 +142,8 @@ def test_audit_with_all_detectors(planted, facts_corpus, tmp_path, capsys):
     assert (out / "mirror" / "topk.parquet").exists()
     assert "verdict by combined" in capsys.readouterr().out
     # the default stays the n-gram verdict (with Min-K% as a side score); unknown detectors are refused
-    assert main([*args[:-2], "--index", str(out / "index")]) == 0
+    assert main([*args[:-2], "--index", str(out / "index"), "--output", str(out.parent / "ngram-verdict")]) == 0
+    out = out.parent / "ngram-verdict"
     report = json.loads((out / "report.json").read_text())
     assert report["detector"]["method"] == "ngram" and "mirror" not in report["items"][0]["scores"]
     assert report["items"][0]["score"] == report["items"][0]["scores"]["ngram"]

@@ -250,3 +250,208 @@ def test_an_edit_keeping_size_and_mtime_is_seen_by_the_result_and_the_cache(plan
     assert result.config["stats"]["base_cache_hits"] == 0  # the old content's base losses are not read
     assert main([*argv[:8], str(tmp_path / "other"), *argv[9:]]) == 0  # the new content's cache: reused
     assert AttributionResult.load(tmp_path / "other").config["stats"]["base_cache_hits"] == 1
+
+
+# ---- one ownership rule for every command that writes a folder (#26 item 1) --------------------------------------
+def _inputs(planted, tmp_path: Path) -> tuple[Path, Path]:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(planted.texts[:8])))
+    probes = tmp_path / "p.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in planted.probes()[:2]))
+    return corpus, probes
+
+
+def _attribute_argv(planted, corpus: Path, probes: Path, out: Path, *extra: str) -> list[str]:
+    return ["attribute", "--model", str(planted.model_dir), "--corpus", str(corpus), "--probes", str(probes),
+            "--output", str(out), "--steps", "1", "--top-k", "3", "--no-progress", *extra]
+
+
+def _index_argv(planted, corpus: Path, out: Path | str, *extra: str) -> list[str]:
+    return ["index", "--model", str(planted.model_dir), "--corpus", str(corpus), "--ngram", "4", "--output", str(out),
+            "--no-progress", *extra]
+
+
+def _audit_argv(planted, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["audit", "--model", str(planted.model_dir), "--corpus", str(corpus), "--eval-set", str(corpus),
+            "--eval-split", "train", "--detectors", "ngram", "--ngram", "4", "--output", str(out), "--no-progress",
+            *extra]
+
+
+def test_index_overwrite_keeps_a_users_file_and_an_attribution_run(planted, tmp_path, capsys):
+    corpus, probes = _inputs(planted, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("three years of work")
+    run = tmp_path / "run"
+    assert main(_attribute_argv(planted, corpus, probes, run)) == 0
+    for out, names in ((mine, "thesis.txt"), (run, "config.json")):
+        before = _listing(out)
+        for extra in ((), ("--overwrite",)):
+            capsys.readouterr()
+            assert main(_index_argv(planted, corpus, out, *extra)) == 2
+            assert names in capsys.readouterr().err
+            assert _listing(out) == before
+    index = tmp_path / "index"
+    assert main(_index_argv(planted, corpus, index)) == 0
+    assert main(_index_argv(planted, corpus, index, "--ngram", "5", "--overwrite")) == 0  # its own index: replaced
+    assert json.loads((index / "manifest.json").read_text())["ngram"]["n"] == 5
+    (index / "bm25" / "notes.txt").write_text("mine")  # a user's file inside the index
+    capsys.readouterr()
+    assert main(_index_argv(planted, corpus, index, "--ngram", "6", "--overwrite")) == 2
+    assert "bm25/notes.txt" in capsys.readouterr().err and (index / "bm25" / "notes.txt").read_text() == "mine"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no hidden sibling folders
+
+
+def test_index_into_the_current_directory(planted, tmp_path, monkeypatch, capsys):
+    corpus, _ = _inputs(planted, tmp_path)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(_index_argv(planted, corpus, ".")) == 0
+    assert main(_index_argv(planted, corpus, ".", "--ngram", "5", "--overwrite")) == 0
+    assert json.loads(Path("manifest.json").read_text())["ngram"]["n"] == 5
+    assert sorted(p.name for p in here.iterdir()) == ["bm25", "hf_mirror.json", "hf_mirror.lock", "manifest.json",
+                                                      "ngram"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "here", "p.jsonl"]
+    Path("thesis.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(_index_argv(planted, corpus, ".", "--overwrite")) == 2 and "thesis.txt" in capsys.readouterr().err
+    assert Path("thesis.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "here", "p.jsonl"]
+
+
+def test_audit_refuses_a_users_report_and_an_attribution_run(planted, tmp_path, capsys):
+    corpus, probes = _inputs(planted, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text('{"mine": true}')
+    run = tmp_path / "run"
+    assert main(_attribute_argv(planted, corpus, probes, run)) == 0
+    for out, name in ((mine, "report.json"), (run, "config.json")):
+        before = _listing(out)
+        for extra in ((), ("--overwrite",)):
+            capsys.readouterr()
+            assert main(_audit_argv(planted, corpus, out, *extra)) == 2
+            assert name in capsys.readouterr().err
+            assert _listing(out) == before
+    out = tmp_path / "audit"
+    assert main(_audit_argv(planted, corpus, out)) == 0
+    report = (out / "report.json").read_bytes()
+    assert main(_audit_argv(planted, corpus, out)) == 0  # the same audit again
+    capsys.readouterr()
+    assert main(_audit_argv(planted, corpus, out, "--threshold", "0.9")) == 2
+    assert "different run" in capsys.readouterr().err and (out / "report.json").read_bytes() == report
+    assert main(_audit_argv(planted, corpus, out, "--threshold", "0.9", "--overwrite")) == 0
+    assert json.loads((out / "report.json").read_text())["detector"]["threshold"] == 0.9
+    capsys.readouterr()
+    assert main(_attribute_argv(planted, corpus, probes, out, "--overwrite")) == 2  # an audit is not attribute's
+    assert "holds the output of `hf-mirror audit`" in capsys.readouterr().err
+
+
+def test_provenance_and_memorization_refuse_a_users_file(planted, tmp_path, capsys):
+    corpus, probes = _inputs(planted, tmp_path)
+    for name, argv in (("provenance.json", ["provenance", "--probes", str(probes), "--no-mirror", "--ngram", "4"]),
+                       ("memorization.json", ["memorization", "--samples", "2", "--prefix-tokens", "4",
+                                              "--suffix-tokens", "4"])):
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text("mine")
+        for extra in ((), ("--overwrite",)):
+            capsys.readouterr()
+            assert main([*argv, "--model", str(planted.model_dir), "--corpus", str(corpus), "--output", str(out),
+                         "--no-progress", *extra]) == 2
+            assert f"did not write ({name})" in capsys.readouterr().err
+            assert _listing(out) == {name: b"mine"}
+        (out / name).unlink()
+        assert main([*argv, "--model", str(planted.model_dir), "--corpus", str(corpus), "--output", str(out),
+                     "--no-progress"]) == 0
+        assert (out / name).is_file() and json.loads((out / MANIFEST).read_text())["done"]
+
+
+def test_a_users_file_inside_shards_or_adapters_is_refused(planted, tmp_path, capsys):
+    corpus, probes = _inputs(planted, tmp_path)
+    out = tmp_path / "out"
+    assert main(_attribute_argv(planted, corpus, probes, out)) == 0
+    (shard,) = (out / "shards").iterdir()
+    for mine in (shard / "mine.txt", out / "adapters" / "notes.txt"):
+        mine.write_text("mine")
+        before = _listing(out)
+        for extra in ((), ("--overwrite",), ("--overwrite", "--top-k", "2")):
+            capsys.readouterr()
+            assert main(_attribute_argv(planted, corpus, probes, out, *extra)) == 2
+            assert mine.relative_to(out).as_posix() in capsys.readouterr().err
+            assert _listing(out) == before
+        mine.unlink()
+    assert main(_attribute_argv(planted, corpus, probes, out, "--overwrite", "--top-k", "2")) == 0
+
+
+def _killed(action) -> None:
+    """Run ``action`` in a forked child that SIGKILLs itself where ``action`` patches it to."""
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)
+            action(pytest.MonkeyPatch())
+        finally:
+            os._exit(4)  # not killed
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+
+
+def test_a_killed_overwrite_is_resumed_only_with_overwrite(planted, tmp_path, capsys):
+    """An --overwrite run SIGKILLed after its staging folder holds shards: the same command without --overwrite
+    (another --top-k than the finished result) is refused and the finished result kept; with --overwrite it
+    resumes and swaps in."""
+    import os
+    import signal
+
+    import hf_mirror.pipeline as pipeline
+
+    corpus, probes = _inputs(planted, tmp_path)
+    out = tmp_path / "out"
+    assert main(_attribute_argv(planted, corpus, probes, out)) == 0
+    before = _listing(out)
+    second = _attribute_argv(planted, corpus, probes, out, "--top-k", "2")
+
+    def child(mp):
+        mp.setattr(pipeline, "_merge_and_record", lambda *a, **kw: os.kill(os.getpid(), signal.SIGKILL))
+        main([*second, "--overwrite"])
+
+    _killed(child)
+    assert any((out / STAGING / "shards").rglob("*.parquet"))
+    capsys.readouterr()
+    assert main(second) == 2
+    err = capsys.readouterr().err
+    assert "different run" in err and "pass --overwrite to finish it" in err
+    assert {k: v for k, v in _listing(out).items() if not k.startswith(STAGING)} == before
+    assert main([*second, "--overwrite"]) == 0
+    assert AttributionResult.load(out).config["scan"]["top_k"] == 2 and not (out / STAGING).exists()
+
+
+def test_a_swap_cut_short_is_completed_by_the_next_command(tiny_model, planted, tmp_path, monkeypatch):
+    import hf_mirror.ownership as ownership
+
+    out = tmp_path / "out"
+    _run(tiny_model, planted, out)
+    real, calls = ownership.os.replace, []
+
+    def replace(src, dst):  # (os.replace of every module)
+        if Path(src).parent.name == STAGING and Path(dst).parent.name != STAGING:  # the swap
+            calls.append(dst)
+            if len(calls) == 4:  # some of the new entries in place, others not, the old manifest still there
+                raise OSError("the machine went down")
+        real(src, dst)
+
+    with monkeypatch.context() as mp, pytest.raises(OSError, match="went down"):
+        mp.setattr(ownership.os, "replace", replace)
+        _run(tiny_model, planted, out, scan=ScanConfig(top_k=2), overwrite=True)
+    assert (out / STAGING / MANIFEST).is_file() and json.loads((out / STAGING / MANIFEST).read_text())["done"]
+    again = _run(tiny_model, planted, out, scan=ScanConfig(top_k=2))  # the swap is completed, then resumed
+    assert again.config["scan"]["top_k"] == 2 and not (out / STAGING).exists()
+    assert not (out / ".hf_mirror-old").exists()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["done"] and set(manifest["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*")
+                                                           if p.is_file() and p.name not in ("hf_mirror.json",
+                                                                                             "hf_mirror.lock")}
