@@ -247,6 +247,10 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)  # the process state of distributed.py
     if scan.precision != "no" and not gpu:
         logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.precision)
+    if precision != "no" and mirror.fit == "gradient" and mirror.step_rise < 0.5:
+        logger.warning("--precision %s rounds each token loss to about 1e-2 of itself, more than the %g-nat gradient "
+                       "mirror moves it: scan in fp32 (--precision no) or raise --step-rise.", precision,
+                       mirror.step_rise)
     if output_dir is None:
         if accelerator.num_processes > 1:
             raise InputError("Pass an output directory when running on several processes.")
