@@ -428,7 +428,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     identity = {"index": key or f"unverifiable corpus, {os.getpid()}-{time.time_ns()}", "processes": world}
     if not overwrite and key is not None and _manifest_of(out).get("build_key") == key:
         if rank == 0:
-            Output.check(out, identity, overwrite, INDEX)  # nothing foreign beside it
+            Output.check(out, None, overwrite, INDEX)  # nothing foreign beside it
         logger.info("%s already holds this index (same corpus, tokenizer and settings); --overwrite rebuilds it.", out)
         return CandidateIndex.load(out, tokenizer)
     if rank == 0:

@@ -24,7 +24,7 @@ FITS = ("steps", "gradient")
 CURVATURES = ("none", "kfac", "ekfac")
 PRECISIONS = ("no", "bf16", "fp16")
 # influence = mirror / sd + this x BM25 / sd: 0 with the gradient mirror, chosen on the tune halves of the tail-patch
-# and LDS benchmarks (docs/benchmarks_tail_patch.md; 0.5 with the step-fitted mirror, recipes/benchmark_lexical_prior.py)
+# and LDS benchmarks (docs/benchmarks_tail_patch.md; 0.5 suited the step-fitted mirror: benchmark_lexical_prior.py)
 LEXICAL_WEIGHT = 0.0
 RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (ScanConfig.retrievers)
 AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)

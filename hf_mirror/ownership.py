@@ -141,7 +141,7 @@ def _contents(d: Path, kind: Kind) -> tuple[dict | None, list[str], list[str]]:
     theirs = [m for m in (manifest, staged) if m is not None and _kind_of(m) != kind.command]
     if theirs:
         other = _kind_of(theirs[0])
-        shown = _shown(names if manifest is theirs[0] else [STAGING])
+        shown = _shown((names or [MANIFEST]) if manifest is theirs[0] else [STAGING])
         raise InputError(f"--output {d} holds the output of `hf-mirror {other}` ({shown}), which `hf-mirror "
                          f"{kind.command}` never writes into or replaces; use a new --output directory.")
     if manifest is not None:
@@ -268,13 +268,15 @@ class Output:
     _handle: IO | None = None
 
     @classmethod
-    def check(cls, out: str | Path, identity: dict, overwrite: bool = False, kind: Kind = ATTRIBUTE) -> None:
+    def check(cls, out: str | Path, identity: dict | None, overwrite: bool = False, kind: Kind = ATTRIBUTE) -> None:
         """Refuse, reading only, what :meth:`open` would refuse (a command that writes only at its end calls it
-        first, and :meth:`open` when it writes)."""
+        first, and :meth:`open` when it writes); without ``identity``, only files ``kind`` did not write."""
         final = Path(out)
         check_output_path(final)
         if final.is_dir() and not _swap_pending(final, kind):
-            cls._refusal(final, identity, overwrite, kind, *_contents(final, kind))
+            found = _contents(final, kind)
+            if identity is not None:
+                cls._refusal(final, identity, overwrite, kind, *found)
 
     @classmethod
     def open(cls, out: str | Path, identity: dict, overwrite: bool = False, kind: Kind = ATTRIBUTE) -> Output:

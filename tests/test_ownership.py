@@ -299,6 +299,8 @@ def test_index_overwrite_keeps_a_users_file_and_an_attribution_run(planted, tmp_
     capsys.readouterr()
     assert main(_index_argv(planted, corpus, index, "--ngram", "6", "--overwrite")) == 2
     assert "bm25/notes.txt" in capsys.readouterr().err and (index / "bm25" / "notes.txt").read_text() == "mine"
+    assert main(_index_argv(planted, corpus, index, "--ngram", "5")) == 2  # up to date, but not only its own files
+    assert "bm25/notes.txt" in capsys.readouterr().err
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no hidden sibling folders
 
 
