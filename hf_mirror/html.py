@@ -123,7 +123,10 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
             influence = (f" &middot; influence {float(row.influence):+.2f}"
                          if "influence" in top and row.influence == row.influence else "")
             dense = (f" &middot; dense {float(row.dense):.3f}" if "dense" in top and row.dense == row.dense else "")
-            raw = f'<div class="note">bm25 {bm25}{dense} &middot; mirror {float(row.raw_score):+.4f}{influence}</div>'
+            mirror = (f" &middot; mirror {float(row.mirror):+.4f}" if "mirror" in top and row.mirror == row.mirror
+                      else "")
+            before = f" &middot; raw {float(row.raw_score):+.4f}" if normalized else ""
+            raw = f'<div class="note">bm25 {bm25}{dense}{mirror}{before}{influence}</div>'
         rows.append(
             f'<tr class="{"source" if is_source else ""}"><td class="rank">{int(row.rank)}</td>'
             f'<td class="doc">{_esc(row.doc_id)}{tag}</td>'
@@ -142,10 +145,12 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
 
 
 def _moved_html(result: AttributionResult, probe_id: str, k: int = 5) -> str:
-    """The documents that moved the model most (the mirror's influence alone, every scanned document)."""
+    """The documents that moved the model most (by the mirror's score alone, every scanned document)."""
     moved = result.moved(probe_id, k)
-    items = ", ".join(f"{_esc(d)} ({float(v):+.4f})" for d, v in zip(moved["doc_id"], moved["raw_score"], strict=True))
-    return f'<div class="note">documents that moved the model most (influence alone): {items}</div>'
+    items = ", ".join(f"{_esc(d)} (mirror {float(v):+.4f})"
+                      for d, v in zip(moved["doc_id"], moved["mirror"], strict=True))
+    return (f'<div class="note">documents that moved the model most (by the mirror\'s score alone, over every scanned '
+            f"document): {items}</div>")
 
 
 def render_html(

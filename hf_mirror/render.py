@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from hf_mirror.config import AUTO_CANDIDATES
 from hf_mirror.results import AttributionResult
 from hf_mirror.terminal import printable
 
@@ -22,35 +23,60 @@ _RAW = {
 }
 
 
+def _weight(scan: Mapping, key: str, flag: str) -> str:
+    """A weight of the run, as its config recorded it (older runs that did not record it say so)."""
+    value = scan.get(key)
+    return f"{value:g}" if isinstance(value, (int, float)) else f"w (the run's {flag}, not recorded)"
+
+
+def _per_probe(config: Mapping) -> int:
+    """BM25 candidates per probe, as the run recorded them (``retrieval.per_probe``, else its ``--candidates``)."""
+    per_probe = config.get("retrieval", {}).get("per_probe")
+    if isinstance(per_probe, int):
+        return per_probe
+    candidates = config.get("scan", {}).get("candidates")
+    return candidates if isinstance(candidates, int) else AUTO_CANDIDATES
+
+
+def _normalized(raw: str, normalize: str, name: str) -> str:
+    """What ``name`` (``score`` or ``mirror``) means given the run's normalisation, then what ``raw`` means."""
+    if normalize == "zscore":
+        return (f"{name} = raw standardised across the run's probes for that document (at most sqrt(probes - 1)); "
+                f"raw = {raw}")
+    if normalize == "loo":
+        return (f"{name} = raw compared with the other probes' raw scores for that document (in their standard "
+                f"deviations); raw = {raw}")
+    return f"{name} (raw) = {raw}"
+
+
 def score_meaning(config: Mapping) -> str:
-    """One sentence on what a result's ``score`` (and ``raw``) means, from its saved config."""
+    """One sentence on what a result's ``score``, ``mirror``, ``raw`` and ``influence`` mean, from its saved config."""
     scan, mirror = config.get("scan", {}), config.get("mirror", {})
     raw = _RAW.get(scan.get("aggregate", "mean"), _RAW["mean"])
     verb = "learns" if mirror.get("direction") == "learn" else "unlearns"
     raw = f"{raw} when the model {verb} the generation" + (" (sign flipped)" if verb == "learns" else "")
     normalize = scan.get("normalize", "none")
     if scan.get("rank_by") == "hybrid":
-        per_probe = config.get("retrieval", {}).get("per_probe", 20)
+        per_probe = _per_probe(config)
         dense = "dense" in config.get("retrieval", {}).get("retrievers", ["bm25"])
         candidates = (f"{per_probe} BM25 and {per_probe} dense candidates" if dense else
                       f"{per_probe} BM25 candidates")
-        weight = scan.get("mirror_weight", 0.05)
+        weight = scan.get("mirror_weight")
         lexical = ("score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents "
                    "that state it)")
-        ranking = (f"{lexical}, over the probe's {candidates}; " if not weight else
-                   f"{lexical} + {weight:g} x the mirror's score, standardised over the probe's {candidates}; ")
-        return (f"{ranking}raw = mirror = {raw} (documents that moved the model); "
+        ranking = (f"{lexical}, over the probe's {candidates}; " if weight == 0 else
+                   f"{lexical} + {_weight(scan, 'mirror_weight', '--mirror-weight')} x the mirror's score, "
+                   f"standardised over the probe's {candidates}; ")
+        prior = scan.get("lexical_weight")
+        influence = ("influence = mirror / sd over the probe's scored documents (the additive estimate; no BM25 prior: "
+                     "--lexical-weight 0)" if prior == 0 else
+                     f"influence = mirror / sd + {_weight(scan, 'lexical_weight', '--lexical-weight')} x BM25 / sd "
+                     "over the probe's scored documents (the additive estimate)")
+        return (f"{ranking}{_normalized(raw, normalize, 'mirror')} (mirror: documents that moved the model); "
                 + ("dense = cosine similarity of the model's mean-pooled embeddings of probe and document (shown for "
                    "dense candidates); " if dense else "")
-                + f"influence = mirror / sd + {scan.get('lexical_weight', 0.5):g} x BM25 / sd over the probe's scored "
-                f"documents (the additive estimate); positive = the document supports the generation.")
-    if normalize == "zscore":
-        return (f"score = raw standardised across the run's probes for that document (at most sqrt(probes - 1)); "
-                f"raw = {raw}; positive = the document supports the generation.")
-    if normalize == "loo":
-        return (f"score = raw compared with the other probes' raw scores for that document (in their standard "
-                f"deviations); raw = {raw}; positive = the document supports the generation.")
-    return f"score (raw) = {raw}; positive = the document supports the generation."
+                + f"{influence}; positive = the document supports the generation.")
+    return f"{_normalized(raw, normalize, 'score')}; positive = the document supports the generation."
 
 
 def mark_tokens(tokens: list[str], deltas: np.ndarray, n_marked: int = 5, color: bool = False) -> str:
@@ -79,6 +105,7 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
     probe = next(p for p in result.probes if p.id == str(probe_id))
     b, r = (BOLD, RESET) if color else ("", "")
     lines = [f"{b}probe {printable(probe.id, False)}{r}: {probe.prompt!r} -> {probe.completion!r}"]
+    normalized = result.config.get("scan", {}).get("normalize", "none") != "none"  # else raw == mirror
     for row in result.top(probe.id, min(k, len(result.top(probe.id)))).itertuples():
         if result.has_token_evidence:
             ev = result.token_deltas(probe.id, row.doc_id)
@@ -86,8 +113,11 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
         else:
             text = printable(row.text)
         text = text.replace("\n", " ")
-        both = (f"  bm25 {row.bm25:5.2f}  mirror {row.raw_score:+.4f}"
-                if "bm25" in row._fields and row.bm25 == row.bm25 else "")
+        both = f"  bm25 {row.bm25:5.2f}" if "bm25" in row._fields and row.bm25 == row.bm25 else ""
+        if "mirror" in row._fields and row.mirror == row.mirror:
+            both += f"  mirror {row.mirror:+.4f}"  # the mirror's score (normalised as the run says), as labelled
+        if normalized and "raw_score" in row._fields and row.raw_score == row.raw_score:
+            both += f"  raw {row.raw_score:+.4f}"
         if "dense" in row._fields and row.dense == row.dense:
             both += f"  dense {row.dense:.3f}"
         if "influence" in row._fields and row.influence == row.influence:
@@ -95,8 +125,9 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
         lines.append(f"  {row.rank:>3}. doc {printable(row.doc_id, False)}  score {row.score:+.4f}{both}  {text}")
     if result.config.get("scan", {}).get("rank_by") == "hybrid":
         moved = result.moved(probe.id, 3)
-        lines.append("       moved the model most: " + ", ".join(
-            f"doc {printable(d, False)} ({v:+.4f})" for d, v in zip(moved["doc_id"], moved["raw_score"], strict=True)))
+        lines.append("       moved the model most (by mirror, every scanned document): " + ", ".join(
+            f"doc {printable(d, False)} (mirror {v:+.4f})"
+            for d, v in zip(moved["doc_id"], moved["mirror"], strict=True)))
     return "\n".join(lines)
 
 

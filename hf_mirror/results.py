@@ -108,17 +108,21 @@ class AttributionResult:
 
     def moved(self, probe_id: str, k: int = 5) -> pd.DataFrame:
         """The documents that moved the model most for this probe: every scanned document ranked by the mirror's
-        influence (``raw_score``) alone, whatever ``score`` ranks by. ``doc_id``, ``raw_score``, ``bm25`` (its BM25
-        score; NaN where a candidates-only scan did not keep it)."""
+        score alone (``mirror``: after the run's normalisation; ``score`` where the run ranks by the mirror), whatever
+        ``score`` ranks by. ``doc_id``, ``mirror``, ``raw_score`` (before normalisation), ``bm25`` (its BM25 score;
+        NaN where a candidates-only scan did not keep it)."""
         probe_id = self._check_probe(probe_id)
         path = self.directory / FILES["scores"]
+        columns = ["doc_id", "mirror", "raw_score", "bm25"]
         if not path.exists():
-            return pd.DataFrame(columns=["doc_id", "raw_score", "bm25"])
+            return pd.DataFrame(columns=columns)
         rows = pd.read_parquet(path, filters=[("probe_id", "==", probe_id)])
         if "bm25" not in rows:
             rows["bm25"] = np.nan
-        rows = rows.assign(_neg=-rows["raw_score"]).sort_values(["_neg", "doc_id"], kind="stable").head(k)
-        return rows[["doc_id", "raw_score", "bm25"]].reset_index(drop=True)
+        if "mirror" not in rows:  # no fusion: the score is the mirror's
+            rows["mirror"] = rows["score"]
+        rows = rows.assign(_neg=-rows["mirror"]).sort_values(["_neg", "doc_id"], kind="stable").head(k)
+        return rows[columns].reset_index(drop=True)
 
     def scores_dataset(self):
         """Every probe x document score as a `datasets.Dataset` (memory-mapped, not loaded in RAM)."""

@@ -97,3 +97,52 @@ def test_log_filter_escapes_messages():
     record = logging.LogRecord("hf_mirror.x", logging.WARNING, __file__, 1, "document %s failed", (EVIL,), None)
     assert EscapeControl().filter(record)
     assert "\x1b" not in record.getMessage() and "\\x1b]0;pwned" in record.getMessage()
+
+
+def _hybrid(tmp_path, normalize: str = "zscore", **scan) -> AttributionResult:
+    """A hybrid run whose normalised mirror (``mirror``) and raw score (``raw_score``) disagree in value and order."""
+    scores = pd.DataFrame({"probe_id": "p", "doc_id": ["a", "b", "c"], "score": [1.0, 2 / 3, np.nan],
+                           "raw_score": [0.9, 0.4447, 0.1], "n_tokens": 3, "bm25": [3.0, 2.0, np.nan],
+                           "influence": [0.31, 1.62, -0.61], "mirror": [0.5, 2.6438, -1.0]})
+    scores.to_parquet(tmp_path / "scores.parquet")
+    topk = scores.iloc[:2].assign(rank=[1, 2], text=["alpha text", "beta text"])
+    config = {"model": "m", "scan": {"top_k": 2, "normalize": normalize, "aggregate": "mean", "rank_by": "hybrid",
+                                     **scan},
+              "mirror": {"direction": "unlearn"}, "stats": {"documents": 3},
+              "retrieval": {"retrievers": ["bm25"], "per_probe": scan.get("candidates", 20)}}
+    return AttributionResult(tmp_path, topk, pd.DataFrame(), [{"id": "p", "prompt": "q", "completion": " a"}], [],
+                             config)
+
+
+def test_terminal_prints_what_its_labels_say(tmp_path):
+    out = format_result(_hybrid(tmp_path, mirror_weight=0.0, lexical_weight=0.0), color=False)
+    row = next(line for line in out.splitlines() if "doc b" in line and "score" in line)
+    assert "mirror +2.6438" in row and "raw +0.4447" in row, row  # mirror is the normalised score, raw beside it
+    assert "mirror +0.4447" not in out and "raw = mirror" not in out
+    assert "mirror = raw standardised across the run's probes" in out and "raw = mean change" in out
+    moved = next(line for line in out.splitlines() if "moved the model most" in line)
+    assert moved.index("doc b") < moved.index("doc a") and "(mirror +2.6438)" in moved  # ordered by mirror, shown
+    plain = format_result(_hybrid(tmp_path, normalize="none", mirror_weight=0.0, lexical_weight=0.0), color=False)
+    assert "raw +" not in plain and "mirror (raw) = mean change" in plain  # no normalisation: mirror is raw
+
+
+def test_legend_reads_the_weights_and_candidates_from_the_run(tmp_path):
+    legend = score_meaning(_hybrid(tmp_path, mirror_weight=0.3, lexical_weight=0.7, candidates=7).config)
+    assert "7 BM25 candidates" in legend and "+ 0.3 x the mirror's score" in legend
+    assert "influence = mirror / sd + 0.7 x BM25 / sd" in legend
+    assert "20" not in legend and "0.05" not in legend and "0.5 x" not in legend
+    defaults = score_meaning(_hybrid(tmp_path, mirror_weight=0.0, lexical_weight=0.0).config)
+    assert "20 BM25 candidates; " in defaults and "x the mirror's score" not in defaults  # BM25's order
+    assert "influence = mirror / sd over the probe's scored documents" in defaults and "no BM25 prior" in defaults
+    unknown = score_meaning(_hybrid(tmp_path).config)  # a run that did not record its weights: no guessed number
+    assert "not recorded" in unknown and "0.05" not in unknown and "0.5 x" not in unknown
+
+
+def test_html_heading_and_values_agree(tmp_path):
+    from hf_mirror.html import probe_html
+
+    html = probe_html(_hybrid(tmp_path, mirror_weight=0.0, lexical_weight=0.0), "p")
+    moved = html[html.index("moved the model most"):]
+    assert "influence alone" not in html and "by the mirror&#x27;s score alone" in moved.replace("'", "&#x27;")
+    assert moved.index("b (mirror +2.6438)") < moved.index("a (mirror +0.5000)")
+    assert "mirror +2.6438 &middot; raw +0.4447" in html and "mirror +0.4447" not in html
