@@ -43,8 +43,12 @@ def summary(folder: Path, half: str = "held_out") -> str:
                            "RSS" for c in corpora]
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " --- | --- | --- | --- |" * len(corpora)]
     for spec, cells in rows.items():
+        if spec.endswith("[mirror]") and cells == {**rows.get(spec[: -len("[mirror]")], {}),
+                                                    **{k: v for k, v in cells.items() if k.endswith("cost")}}:
+            continue  # the mirror's own column ranks as the influence column does (lexical weight 0)
         values = [cells.get(f"{c} {k}", "") for c in corpora for k in ("sgd", "adam", "lds", "cost")]
-        lines.append(f"| {spec} | " + " | ".join(values) + " |")
+        name = spec.replace("|", "\\|")  # a list in a spec (all-linear|lm_head) inside a Markdown cell
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
