@@ -44,6 +44,26 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+def _text_bars_in_notebooks() -> None:
+    """In a Jupyter kernel without ipywidgets, the first import of ``tqdm.auto`` (the Hugging Face libraries' bars)
+    warns "IProgress not found. Please update jupyter and ipywidgets" and then draws text bars, which work; nothing in
+    hf-mirror needs widgets, so the reader cannot act on it. Import it once here with that one warning silenced
+    (a kernel only; outside one tqdm.auto is plain tqdm and never warns)."""
+    import contextlib
+    import sys
+    import warnings
+
+    if "ipykernel.zmqshell" not in sys.modules or "tqdm.autonotebook" in sys.modules:
+        return
+    # tqdm comes with the Hugging Face libraries; without them there are no bars to draw
+    with warnings.catch_warnings(), contextlib.suppress(ImportError):
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import tqdm.autonotebook  # noqa: F401
+
+
+_text_bars_in_notebooks()
+
+
 def __getattr__(name: str) -> Any:
     """Import a public name, or a submodule (``hf_mirror.pipeline``), on first access."""
     if name in _EXPORTS:

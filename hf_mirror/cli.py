@@ -559,6 +559,9 @@ def _offline_when_local(args: argparse.Namespace) -> None:
             os.environ.setdefault(key, "1")
 
 
+READ_ONLY = frozenset({"show"})  # commands that only read a finished run: no model, no threads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -571,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore_bars = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
     try:
-        set_threads(args.threads)
+        if args.command not in READ_ONLY:  # only commands that compute use threads (and hear the busy hint)
+            set_threads(args.threads)
         return {"attribute": _attribute, "show": _show, "demo": _demo, "audit": _audit,
                 "memorization": _memorization, "index": _index, "provenance": _provenance}[args.command](args)
     except HfMirrorError as e:

@@ -440,7 +440,7 @@ def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, 
                 {"base_passes": scanner.base_passes, "base_cache_hits": int(cached is not None),
                  "control_cache_hits": int(controls_cached), "forward_passes": scanner.forward_passes,
                  "window_tokens": scanner.window_tokens, "padded_tokens": scanner.padded_tokens})
-    logger.info("Process %d: %d documents, %d base-model passes (%s).", run.rank, scanner.n_documents,
+    logger.info("Process %d: %d documents, %d base-model batches (%s).", run.rank, scanner.n_documents,
                 scanner.base_passes, "base losses from cache" if cached is not None else "no cache hit",
                 main_process_only=False)
 

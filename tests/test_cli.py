@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from hf_mirror.cli import main
 from hf_mirror.errors import InputError
 
 
-def test_attribute_then_show(planted, tmp_path, capsys):
+def test_attribute_then_show(planted, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"doc": f"d{i}", "body": t}) + "\n" for i, t in enumerate(planted.texts)))
     probes = tmp_path / "probes.jsonl"
@@ -48,6 +50,8 @@ def test_attribute_then_show(planted, tmp_path, capsys):
     assert "Loading weights" not in capsys.readouterr().err  # --no-progress silences transformers' bars too
     result = AttributionResult.load(out)
     assert result.config["scan"]["top_k"] == 4 and result.config["corpus"]["text_column"] == "body"
+    batches = result.config["stats"]["base_passes"]  # forward passes of the base model, each over one batch
+    assert f"{len(planted.texts)} documents, {batches} base-model batches" in caplog.text  # not "passes": one pass
     assert [result.top(f"fact-{i}", 1)["doc_id"][0] for i in range(8)].count("d0") <= 1
     assert result.top("fact-3", 1)["doc_id"][0] == "d3"
     capsys.readouterr()
