@@ -6,8 +6,10 @@ import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pandas as pd
+import pytest
 import torch
 
 import hf_mirror.distributed as distributed
@@ -65,3 +67,24 @@ def test_no_ipywidgets_warning_in_a_notebook_kernel():
     assert count("hf_mirror") == 0
     if not widgets:
         assert count("tqdm") == 1  # the warning this guards against exists here
+
+
+@pytest.mark.xfail(strict=True, reason="hf_mirror.mirror.adapter_states calls get_peft_model_state_dict with PEFT's "
+                   "save_embedding_layers='auto' (fix: save_embedding_layers=False, as save_mirrors does); owned by "
+                   "mirror.py, outside this change")
+def test_sharing_mirrors_between_processes_does_not_warn_about_a_missing_config(tmp_path, recwarn):
+    """A model loaded from a GGUF file has no config.json beside it; the 2-process recipe shares each process's
+    mirrors with adapter_states, and PEFT warned "Could not find a config file ... will assume that the vocabulary was
+    not modified": nothing a user can act on (the mirrors never touch the embeddings)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_mirror.mirror import adapter_states
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.name_or_path = str(tmp_path)  # like a GGUF file's directory: no config.json
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    warnings.simplefilter("always")
+    adapter_states(peft_model, ["default"])
+    assert not [w for w in recwarn if "Could not find a config file" in str(w.message)]
