@@ -441,7 +441,8 @@ def adapter_states(model: PeftModel, names: Sequence[str]) -> dict[str, dict[str
     """Each adapter's LoRA weights on the CPU (small: for broadcasting to other processes)."""
     from peft import get_peft_model_state_dict
 
-    return {n: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=n).items()}
+    return {n: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=n,
+                                                                          save_embedding_layers=False).items()}
             for n in names}
 
 

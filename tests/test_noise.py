@@ -9,7 +9,6 @@ import textwrap
 import warnings
 
 import pandas as pd
-import pytest
 import torch
 
 import hf_mirror.distributed as distributed
@@ -69,9 +68,6 @@ def test_no_ipywidgets_warning_in_a_notebook_kernel():
         assert count("tqdm") == 1  # the warning this guards against exists here
 
 
-@pytest.mark.xfail(strict=True, reason="hf_mirror.mirror.adapter_states calls get_peft_model_state_dict with PEFT's "
-                   "save_embedding_layers='auto' (fix: save_embedding_layers=False, as save_mirrors does); owned by "
-                   "mirror.py, outside this change")
 def test_sharing_mirrors_between_processes_does_not_warn_about_a_missing_config(tmp_path, recwarn):
     """A model loaded from a GGUF file has no config.json beside it; the 2-process recipe shares each process's
     mirrors with adapter_states, and PEFT warned "Could not find a config file ... will assume that the vocabulary was
