@@ -40,6 +40,7 @@ def _run(cmd: list[str], env: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     offline_defaults()
+    from benchmarks._common import write_json
     from benchmarks.lds import CORPORA, LDSConfig, full_setup
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for m, row in report["methods"].items():
         print(f"| {m} | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return 0
 
 

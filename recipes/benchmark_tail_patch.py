@@ -15,7 +15,6 @@ documents (mean over probes; the tune and held-out halves). The ground truth is 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     import torch
 
+    from benchmarks._common import write_json
     from benchmarks.lds import METHODS, LDSConfig
     from benchmarks.tail_patch import ADAM_LR, SGD_LR, VARIANTS, format_table, proponent_summary, run_tail_patch
 
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(proponent_summary(report))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return 0
 
 
