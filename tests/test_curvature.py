@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +63,8 @@ def test_a_small_gradient_step_reads_the_gradient_inner_product_by_forward_passe
     targets = ["all-linear", "lm_head"] if head else "all-linear"
     cfg = MirrorConfig(fit="gradient", target_modules=targets, rank=32, step_rise=1e-3)
     corpus = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
-    result = attribute(model, corpus, [probe], tokenizer=tok, output_dir=tmp_path / "run", mirror=cfg,
+    # a copy: attribute gives a tokenizer without one a pad token, and ``tok`` is shared by the whole session
+    result = attribute(model, corpus, [probe], tokenizer=copy.deepcopy(tok), output_dir=tmp_path / "run", mirror=cfg,
                        scan=ScanConfig(rank_by="mirror", cache=False, top_k=len(TEXTS)), show_progress=False)
     scores = result.scores().set_index("doc_id")["score"]
     g_probe = _grads(model, _probe_batch(tok, probe), head)

@@ -171,7 +171,7 @@ def test_cli_demo_reuses_cached_model(demo_run, tmp_path, monkeypatch, capsys, c
     assert "source document ranked first for" in text and "(cached;" in text
     assert "probe " in text and (out / "report.html").exists()
     assert "\x1b[" not in text, "no colour codes when stdout is not a terminal"
-    assert "mirror = mean change in the document's token loss (nats/token)" in text
+    assert "mirror (raw) = mean change in the document's token loss (nats/token)" in text
     assert "influence = mirror / sd" in text
     assert "[[]]" not in text
 
