@@ -210,7 +210,8 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
     from hf_mirror.curvature import capture, linear_layers, plain_name
     from hf_mirror.stacked import lora_layers
 
-    adapted = {plain_name(n): m for n, m in peft_model.named_modules() if m in set(lora_layers(peft_model, names[0]))}
+    layers = set(lora_layers(peft_model, names[0]))
+    adapted = {plain_name(n): m for n, m in peft_model.named_modules() if m in layers}
     bases = {n: m.base_layer for n, m in adapted.items()}
     if not set(bases) <= set(linear_layers(peft_model)):
         raise InputError("fit='gradient' adapts the linear layers of the transformer blocks and the output layer only; "
