@@ -124,14 +124,14 @@ def test_fitting_top_layer_mirrors_runs_the_trunk_once_with_the_same_result(tiny
     calls = []
     first_block = find_blocks(model)[0]
     handle = first_block.register_forward_pre_hook(lambda *a: calls.append(1))
-    weights, _ = _fit(model, tok, probes, ["a", "b"], cfg)
+    weights, _ = _fit(model, tok, probes, ["p0", "p1"], cfg)
     assert len(calls) == 2  # block 0 ran once per probe, not once per step
     calls.clear()
-    _fit(model, tok, probes, ["a", "b"], MirrorConfig(fit="steps", layers=[2, 3], steps=3, lr=1e-2, fit_batch=2))
+    _fit(model, tok, probes, ["p0", "p1"], MirrorConfig(fit="steps", layers=[2, 3], steps=3, lr=1e-2, fit_batch=2))
     assert len(calls) == 1  # ... and once per group of probes fitted together
     handle.remove()
     monkeypatch.setattr(mirror_mod, "_trunk", lambda *a: None)  # the plain path: every step runs every block
-    ref, _ = _fit(model, tok, probes, ["a", "b"], cfg)
+    ref, _ = _fit(model, tok, probes, ["p0", "p1"], cfg)
     assert ref.keys() == weights.keys() and any(float(w.abs().max()) > 0 for n, w in ref.items() if "lora_B" in n)
     for n, w in ref.items():
         torch.testing.assert_close(weights[n], w, atol=1e-5, rtol=1e-4)
@@ -239,7 +239,7 @@ def test_all_linear_mirrors_on_the_top_blocks_adapt_attention_and_mlp_there_only
     cfg = MirrorConfig(fit="steps", layers=[-2, -1], target_modules=["all-linear"], steps=2, lr=1e-2)
     calls = []
     handle = find_blocks(model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
-    weights, _ = _fit(model, tok, probes, ["a", "b"], cfg)
+    weights, _ = _fit(model, tok, probes, ["p0", "p1"], cfg)
     handle.remove()
     assert len(calls) == 1  # the trunk below block 2 ran once for the group
     adapted = {n.split(".lora_")[0].split("base_model.model.")[-1] for n in weights}

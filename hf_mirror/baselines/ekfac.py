@@ -24,6 +24,7 @@ import gc
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -228,7 +229,10 @@ class EKFACBaseline:
     def _fit_and_score(self, train: _Rows) -> np.ndarray:
         """Fit the factors on ``train`` and return the [probes, windows] influence scores."""
         _, _, _, FactorArguments, ScoreArguments, _, _ = self._kf
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler (deprecated in torch), disabled off GPU: its
+            # FutureWarning is kronfluence's to fix, not the user's
+            warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
             torch.manual_seed(self.seed)
             analyzer = self._analyzer()
             factor_args = FactorArguments(strategy=self.strategy, use_empirical_fisher=self.empirical_fisher)
