@@ -54,10 +54,7 @@ def linear_layers(model, head: bool = True) -> dict[str, nn.Module]:
 
 def plain_name(name: str) -> str:
     """A module's name in the model PEFT wrapped (``base_model.model.`` and ``.base_layer`` taken away)."""
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.removesuffix(".base_layer")
+    return name.removeprefix("base_model.model.").removesuffix(".base_layer")
 
 
 @contextmanager
@@ -166,17 +163,16 @@ def _windows(tokenizer, texts: Sequence[str], max_length: int) -> list[tuple[lis
 
 
 def _batches(rows: list[tuple[list[int], int]], batch_size: int, pad_id: int, device) -> Iterator[dict]:
+    """Right-padded batches of windows, each labelled after its ``ctx`` context tokens (the scan's collation)."""
+    from hf_mirror.scan import collate
+
     for lo in range(0, len(rows), batch_size):
         part = rows[lo : lo + batch_size]
-        width = max(len(ids) for ids, _ in part)
-        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(part), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for i, (row, ctx) in enumerate(part):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, ctx : len(row)] = torch.tensor(row[ctx:])
-            mask[i, : len(row)] = 1
-        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        ids, mask = collate([row for row, _ in part], pad_id, device)
+        labels = ids.masked_fill(~mask.bool(), IGNORE_INDEX)
+        for i, (_, ctx) in enumerate(part):
+            labels[i, :ctx] = IGNORE_INDEX
+        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _passes(model, layers, rows, batch_size, pad_id) -> Iterator[tuple[dict, torch.Tensor]]:
