@@ -32,9 +32,17 @@ from hf_mirror.mirror import (
     load_mirrors,
     save_mirrors,
 )
-from hf_mirror.modeling import resolve_model, window_length
+from hf_mirror.modeling import context_length, resolve_model, window_length
 from hf_mirror.ownership import Output, check_output_path, digest, writable
-from hf_mirror.probes import Probe, adapter_name, control_probes, generate_completions, load_probes, save_probes
+from hf_mirror.probes import (
+    Probe,
+    adapter_name,
+    check_probe_lengths,
+    control_probes,
+    generate_completions,
+    load_probes,
+    save_probes,
+)
 from hf_mirror.progress import ScanProgress
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Scanner
@@ -319,7 +327,9 @@ def _probes_and_candidates(run: _Run) -> _Pool:
     shared = [None, None, None]
     if run.main:
         probe_list: list[Probe] = _probes_from_disk(run.out, run.probes) or run.probes
-        probe_list = generate_completions(run.model, run.tokenizer, probe_list, scan.max_new_tokens)
+        probe_list = generate_completions(run.model, run.tokenizer, probe_list, scan.max_new_tokens,
+                                          max_length=run.max_length)
+        check_probe_lengths(run.tokenizer, probe_list, run.max_length, context_length(run.model, None, cap=1 << 62))
         n_controls = scan.n_controls(len(probe_list))
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
                                    span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)

@@ -121,30 +121,103 @@ def save_probes(probes: Iterable[Probe], path: str | Path, extra: Mapping[str, M
     atomic_write(Path(path), "".join(rows).encode("utf-8"))
 
 
+def _start_and_prompt(tokenizer, probe: Probe) -> list[int]:
+    return [start_token_id(tokenizer), *tokenizer(probe.prompt, add_special_tokens=False)["input_ids"]]
+
+
+def probe_length(tokenizer, probe: Probe) -> int:
+    """The probe's tokens as the mirror sees them: the start token, the prompt's and the completion's."""
+    return len(_start_and_prompt(tokenizer, probe)) + len(tokenizer(probe.completion or "", add_special_tokens=False)
+                                                            ["input_ids"])
+
+
+def _model_context(model) -> int:
+    from hf_mirror.modeling import context_length
+
+    return context_length(model, None, cap=1 << 62)
+
+
+def _round_trip_note(completion: str) -> str:
+    if "\ufffd" not in completion:
+        return ""
+    return (" (the generation breaks multi-byte characters: their pieces decode as '\ufffd', which re-tokenises to "
+            "several tokens each)")
+
+
 @torch.no_grad()
 def generate_completions(
-    model, tokenizer, probes: list[Probe], max_new_tokens: int = 32, device: torch.device | None = None, **gen_kwargs
+    model, tokenizer, probes: list[Probe], max_new_tokens: int = 32, device: torch.device | None = None,
+    max_length: int | None = None, **gen_kwargs
 ) -> list[Probe]:
-    """Fill in missing completions with the model's own (greedy by default) generation."""
+    """Fill in missing completions with the model's own (greedy by default) generation.
+
+    The probe, prompt and generation together, must fit ``max_length`` tokens (default: the model's context) as it
+    is tokenised again from its text: fewer than ``max_new_tokens`` tokens are generated (with a warning) where the
+    prompt leaves less room, and a probe whose prompt leaves none, or whose decoded generation re-tokenises to more
+    tokens than fit (partial multi-byte characters decode as U+FFFD), is refused with an InputError that names the
+    ``--max-new-tokens`` that fits. Nothing is cut silently, and the model is never run past its positions.
+    """
     device = device or next(model.parameters()).device
     gen_kwargs.setdefault("do_sample", False)
+    limit = min(max_length or _model_context(model), _model_context(model))
     out = []
     for p in probes:
         if p.completion is not None:
             out.append(p)
             continue
-        prompt = [start_token_id(tokenizer), *tokenizer(p.prompt, add_special_tokens=False)["input_ids"]]
+        prompt = _start_and_prompt(tokenizer, p)
+        room = limit - len(prompt)
+        if room < 1:
+            raise InputError(
+                f"Probe {p.id!r}: its prompt is {len(prompt)} tokens (with the start token), and the context window is "
+                f"{limit} tokens: no room is left to generate a completion. Shorten the prompt, or give the probe its "
+                "completion."
+            )
+        n_new = min(max_new_tokens, room)
+        if n_new < max_new_tokens:
+            logger.warning("Probe %r: generating at most %d tokens, not --max-new-tokens %d: its %d-token prompt "
+                           "leaves only %d of the %d-token context window.", p.id, n_new, max_new_tokens, len(prompt),
+                           room, limit)
         input_ids = torch.tensor([prompt], device=device)
         ids = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=n_new,
             pad_token_id=tokenizer.pad_token_id,
             **gen_kwargs,
-        )[0, len(prompt) :]
+        )[0, len(prompt) :].tolist()
         completion = tokenizer.decode(ids, skip_special_tokens=True)
-        out.append(Probe(p.id, p.prompt, completion))
+        probe = Probe(p.id, p.prompt, completion)
+        total = probe_length(tokenizer, probe)
+        if total > limit:
+            fits = next((k for k in range(len(ids) - 1, 0, -1)
+                         if probe_length(tokenizer, Probe(p.id, p.prompt, tokenizer.decode(
+                             ids[:k], skip_special_tokens=True))) <= limit), 0)
+            fix = (f"Pass --max-new-tokens {fits} (the most that fits for this probe), or give the probe a completion"
+                   if fits else "Give the probe a completion, or shorten its prompt")
+            raise InputError(
+                f"Probe {p.id!r}: the model's {len(ids)} generated tokens decode to text that re-tokenises to "
+                f"{total - len(prompt)} tokens{_round_trip_note(completion)}; with its {len(prompt)}-token prompt the "
+                f"probe is {total} tokens, more than the context window of {limit} tokens. {fix}."
+            )
+        out.append(probe)
     return out
+
+
+def check_probe_lengths(tokenizer, probes: Iterable[Probe], max_length: int, context: int | None = None) -> None:
+    """Refuse (InputError, naming the fix) a probe longer than the window before anything is fitted."""
+    for p in probes:
+        n = probe_length(tokenizer, p)
+        if n > max_length:
+            raise InputError(_too_long(p, n, max_length, context))
+
+
+def _too_long(probe: Probe, n: int, max_length: int, context: int | None) -> str:
+    raise_it = (f", or raise --max-length (the model's context is {context} tokens)"
+                if context is not None and context > max_length else "")
+    return (f"Probe {probe.id!r} has {n} tokens (start token, prompt and completion), more than the context window "
+            f"of {max_length} tokens (--max-length): the mirror reads a probe whole, never cut. Shorten its prompt or "
+            f"completion{raise_it}.")
 
 
 def encode_probe(
@@ -160,15 +233,12 @@ def encode_probe(
             f"Probe {probe.id!r} has an empty completion: there is nothing to attribute. "
             "Give a completion or leave it out so the model generates one."
         )
-    prompt_ids = [start_token_id(tokenizer), *tokenizer(probe.prompt, add_special_tokens=False)["input_ids"]]
+    prompt_ids = _start_and_prompt(tokenizer, probe)
     completion_ids = tokenizer(probe.completion, add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids) + list(completion_ids)
     labels = ([IGNORE_INDEX] * len(prompt_ids) if not include_prompt else list(prompt_ids)) + list(completion_ids)
     if max_length is not None and len(ids) > max_length:
-        raise InputError(
-            f"Probe {probe.id!r} has {len(ids)} tokens, more than the context window ({max_length}); "
-            "shorten the prompt or raise --max-length."
-        )
+        raise InputError(_too_long(probe, len(ids), max_length, None))
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
 
 

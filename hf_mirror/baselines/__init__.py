@@ -137,7 +137,7 @@ def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpu
     top_k, max_length, overlap, max_new_tokens = (settings[k] for k in ("top_k", "max_length", "overlap",
                                                                           "max_new_tokens"))
     probe_list = given if all(p.completion is not None for p in given) else \
-        generate_completions(model, tokenizer, given, max_new_tokens)
+        generate_completions(model, tokenizer, given, max_new_tokens, max_length=max_length)
     ids = [p.id for p in probe_list]
     run_key = hashlib.sha256(json.dumps([method, str(model_name), corpus.describe(), [asdict(p) for p in probe_list],
                                          options, top_k, max_length, overlap], default=str).encode()).hexdigest()[:16]
