@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 FITS = ("steps", "gradient")
-CURVATURES = ("none", "kfac", "ekfac")
+CURVATURES = ("none", "kfac", "ekfac", "rms")
 PRECISIONS = ("no", "bf16", "fp16")
 # influence = mirror / sd + this x BM25 / sd: 0 with the gradient mirror, chosen on the tune halves of the tail-patch
 # and LDS benchmarks (docs/benchmarks_tail_patch.md; 0.5 suited the step-fitted mirror: benchmark_lexical_prior.py)
@@ -107,7 +107,8 @@ class MirrorConfig:
     target_modules: list[str] | str | None = option(
         "all-linear", flag={"nargs": "+", "type": str},
         help="modules to adapt (default all-linear: attention and MLP of every block; all-linear lm_head: and the "
-        "output layer; none: PEFT's mapping for the model, the attention)")
+        "output layer; embeddings: the token (and position) embedding tables; none: PEFT's mapping for the model, "
+        "the attention)")
     layers: list[int] | None = option(
         None, help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
     steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep); with --target-rise, "
@@ -129,9 +130,10 @@ class MirrorConfig:
         "gradient", help="steps: --steps optimizer steps on the probe loss; gradient: one step along the probe's "
         "(preconditioned) gradient written in closed form as the LoRA adapter (its best rank-R "
         "approximation per layer, R = --rank), scaled so the probe loss moves --step-rise nats to first order")
-    precondition: Literal["none", "kfac", "ekfac"] = option(
-        "none", help="gradient fit: the curvature that preconditions the probe's gradient (K-FAC or EK-FAC factors "
-        "fitted once per model on the corpus's first --curvature-docs documents and cached)")
+    precondition: Literal["none", "kfac", "ekfac", "rms"] = option(
+        "none", help="gradient fit: the curvature that preconditions the probe's gradient (K-FAC or EK-FAC factors, "
+        "or rms: each weight's gradient root mean square, Adam's normaliser; fitted once per model on the corpus's "
+        "first --curvature-docs documents and cached)")
     step_rise: float = option(0.01, help="gradient fit: the probe-loss change of the step to first order (nats, > 0)")
     damping: float = option(0.1, min=0, help="gradient fit: the curvature's damping, a share of its mean eigenvalue")
     curvature_docs: int = option(512, min=1, help="gradient fit: corpus documents the curvature is fitted on")
@@ -200,6 +202,12 @@ class MirrorConfig:
                                  "linear layers.")
             extra = [t for t in targets if t != "all-linear"] if isinstance(targets, list) else []
             targets = linear_module_names(model) + extra
+        if isinstance(targets, list) and "embeddings" in targets:
+            from hf_mirror.curvature import embedding_layers
+
+            if model is None:
+                raise InputError("target_modules 'embeddings' needs the model to find its embedding tables.")
+            targets = [t for t in targets if t != "embeddings"] + sorted(embedding_layers(model))
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,

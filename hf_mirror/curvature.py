@@ -6,7 +6,9 @@ respect to the layer's output at token t). K-FAC approximates the layer's Fisher
 ``A = E[x x^T]`` and ``G = E[d d^T]``; in their eigenbases ``Q_A``, ``Q_G`` the inverse is a division by the
 products of eigenvalues. EK-FAC (George et al., 2018) divides instead by the second moments of the documents'
 gradients expressed in that basis, which fit the diagonal exactly. ``precondition(g)`` applies the damped inverse
-to a gradient: ``Q_G [(Q_G^T g Q_A) / (S + damping x mean(S))] Q_A^T``.
+to a gradient: ``Q_G [(Q_G^T g Q_A) / (S + damping x mean(S))] Q_A^T``. ``rms`` keeps the layer's own basis and
+divides each weight's gradient by the root mean square of the documents' gradients for that weight (Adam's
+normaliser, with the sample's gradients in place of the optimizer's history).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hf_mirror.probes import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("none", "kfac", "ekfac")
+KINDS = ("none", "kfac", "ekfac", "rms")
 FORMAT = "hf_mirror-curvature-v1"
 MAX_HEAD_VOCAB = 8192  # the output layer's curvature (vocabulary^2 entries) is fitted up to this vocabulary
 
@@ -52,6 +54,23 @@ def linear_layers(model, head: bool = True) -> dict[str, nn.Module]:
     return out
 
 
+def embedding_layers(model) -> dict[str, nn.Module]:
+    """The embedding tables outside the transformer blocks (tokens and, for GPT-2-style models, positions), by
+    qualified name in ``model``: what ``--target-modules embeddings`` adapts."""
+    from hf_mirror.trunk import find_blocks
+
+    inside = {id(m) for m in find_blocks(model).modules()}
+    return {plain_name(name): m for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and id(m) not in inside and "lora_" not in name}
+
+
+def embedding_gradient(ids: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's gradient for an embedding table, compactly: the distinct ids ``rows`` and the gradient's rows
+    for them [rows, dim] (every other row of the table has zero gradient)."""
+    rows, where = ids.unique(return_inverse=True)
+    return rows, torch.zeros(len(rows), d.shape[-1], dtype=d.dtype, device=d.device).index_add_(0, where, d)
+
+
 def plain_name(name: str) -> str:
     """A module's name in the model PEFT wrapped (``base_model.model.`` and ``.base_layer`` taken away)."""
     return name.removeprefix("base_model.model.").removesuffix(".base_layer")
@@ -63,17 +82,30 @@ def capture(model, layers: dict[str, nn.Module]) -> Iterator[dict[str, dict[str,
     next forward and backward pass of ``model`` (the model's own weights need not require grad)."""
     seen: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
 
+    rows = {}
+
+    def batch(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        rows["n"] = ids.shape[0] if ids is not None else None
+
     def record(name: str):
         def hook(module, args, out):
             seen[name]["x"] = args[0].detach()
+            if isinstance(module, nn.Embedding):
+                # a table's output: the gradient is read here, one row per sequence (positions are shared)
+                n = rows.get("n") or out.shape[0]
+                seen[name]["x"] = args[0].detach().expand(n, *args[0].shape[1:])
+                out = out.detach().expand(n, *out.shape[1:]).clone().requires_grad_(True)
             if out.requires_grad:
                 out.register_hook(lambda g: seen[name].__setitem__("d", g.detach()))
+            return out
         return hook
 
     def leaf(module, args, out):  # gradients flow through the blocks even with frozen weights
         return out if out.requires_grad else out.detach().requires_grad_(True)
 
-    handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
+    handles = [model.register_forward_pre_hook(batch, with_kwargs=True)]
+    handles += [m.register_forward_hook(record(n)) for n, m in layers.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(leaf))
     try:
         with torch.enable_grad():
@@ -94,19 +126,25 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
 
 @dataclass
 class LayerCurvature:
-    """One layer's eigenbases and the (EK-FAC or K-FAC) scale of each eigen-direction [out, in]."""
+    """One layer's eigenbases and the (EK-FAC or K-FAC) scale of each eigen-direction [out, in]; for ``rms`` the
+    bases are empty (the layer's own basis) and the scale is each weight's gradient RMS."""
 
     q_in: torch.Tensor
     q_out: torch.Tensor
     scale: torch.Tensor
 
-    def precondition(self, grad: torch.Tensor, damping: float) -> torch.Tensor:
-        """The damped inverse applied to ``grad`` [out, in] (or a stack of them [..., out, in])."""
-        rotated = self.q_out.T @ grad.to(self.q_in.dtype) @ self.q_in
-        denominator = self.scale + damping * self.scale.mean()
+    def precondition(self, grad: torch.Tensor, damping: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The damped inverse applied to ``grad`` [out, in] (or a stack of them [..., out, in]); ``rows``: ``grad``
+        holds only those rows of the layer's (an embedding table's compact gradient; RMS only)."""
+        rotate = self.q_in.numel() > 0
+        if rows is not None and rotate:
+            raise InputError("Only the rms curvature preconditions an embedding table.")
+        rotated = self.q_out.T @ grad.to(self.q_in.dtype) @ self.q_in if rotate else grad.to(self.scale.dtype)
+        scale = self.scale if rows is None else self.scale[rows.to(self.scale.device)]
+        denominator = scale + damping * self.scale.mean()
         # directions with no curvature at all (no damping) carry no step rather than a division by zero
         scaled = torch.where(denominator > 0, rotated / denominator.clamp(min=torch.finfo(rotated.dtype).tiny), 0.0)
-        return self.q_out @ scaled @ self.q_in.T
+        return self.q_out @ scaled @ self.q_in.T if rotate else scaled
 
 
 @dataclass
@@ -117,13 +155,14 @@ class Curvature:
     layers: dict[str, LayerCurvature]
     documents: int
 
-    def precondition(self, name: str, grad: torch.Tensor, damping: float) -> torch.Tensor:
+    def precondition(self, name: str, grad: torch.Tensor, damping: float,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
         try:
             layer = self.layers[plain_name(name)]
         except KeyError:
             raise InputError(f"No curvature for layer {plain_name(name)!r}: the factors were fitted for "
                              f"{sorted(self.layers)[:4]}...; adapt linear layers inside the blocks only.") from None
-        return layer.precondition(grad, damping)
+        return layer.precondition(grad, damping, rows)
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -187,20 +226,28 @@ def _passes(model, layers, rows, batch_size, pad_id) -> Iterator[tuple[dict, tor
 @torch.no_grad()
 def fit_curvature(model, tokenizer, texts: Sequence[str], max_length: int, kind: str = "ekfac",
                   batch_size: int = 8) -> Curvature:
-    """K-FAC (``kind="kfac"``) or EK-FAC factors of every linear layer in the blocks, from ``texts`` (a corpus
+    """K-FAC (``kind="kfac"``), EK-FAC or RMS factors of every linear layer in the blocks, from ``texts`` (a corpus
     sample; documents longer than ``max_length`` are windowed). Two passes for EK-FAC: the factors, then the
-    second moments of each window's gradient in their eigenbases."""
+    second moments of each window's gradient in their eigenbases; one pass for RMS (those moments in the layer's
+    own basis)."""
     if kind not in KINDS[1:]:
         raise InputError(f"curvature kind must be one of {KINDS[1:]}, got {kind!r}.")
     # the output layer's G is vocabulary x vocabulary: fitted only where that stays small
-    head = model.get_output_embeddings() is None or model.get_output_embeddings().weight.shape[0] <= MAX_HEAD_VOCAB
+    head = (kind == "rms" or model.get_output_embeddings() is None
+            or model.get_output_embeddings().weight.shape[0] <= MAX_HEAD_VOCAB)
     layers = linear_layers(model, head=head)
+    if kind == "rms":
+        layers |= embedding_layers(model)
     rows = _windows(tokenizer, texts, max_length)
     if not rows:
         raise InputError("The corpus sample for the curvature has no tokens.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
+    if kind == "rms":
+        bases = _rms(model, layers, rows, batch_size, pad_id)
+        model.train(was_training)
+        return Curvature(kind, {n: LayerCurvature(*b) for n, b in bases.items()}, len(rows))
     a = {n: 0.0 for n in layers}
     g = {n: 0.0 for n in layers}
     tokens = 0
@@ -225,6 +272,24 @@ def fit_curvature(model, tokenizer, texts: Sequence[str], max_length: int, kind:
         bases = {n: (qa, qg, second[n] / len(rows)) for n, (qa, qg, _) in bases.items()}
     model.train(was_training)
     return Curvature(kind, {n: LayerCurvature(*b) for n, b in bases.items()}, len(rows))
+
+
+def _rms(model, layers, rows, batch_size, pad_id) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each layer's empty bases and the root mean square over windows of each weight's gradient ([out, in]; for an
+    embedding table [entries, dim])."""
+    second = {n: 0.0 if not isinstance(m, nn.Embedding) else torch.zeros(m.weight.shape, dtype=torch.float64)
+              for n, m in layers.items()}
+    for seen, mask in _passes(model, layers, rows, batch_size, pad_id):
+        for n, m in layers.items():
+            if isinstance(m, nn.Embedding):
+                for ids, d, keep in zip(seen[n]["x"], seen[n]["d"].double(), mask, strict=True):
+                    index, grad = embedding_gradient(ids[keep], d[keep])
+                    second[n].index_add_(0, index.cpu(), (grad ** 2).cpu())
+                continue
+            x, d = seen[n]["x"] * mask[..., None], seen[n]["d"]
+            second[n] = second[n] + (torch.einsum("bto,bti->boi", d.double(), x.double()) ** 2).sum(0)
+    empty = torch.empty(0)
+    return {n: (empty, empty, (v / len(rows)).sqrt().float()) for n, v in second.items()}
 
 
 def corpus_sample(corpus, n_documents: int) -> list[str]:

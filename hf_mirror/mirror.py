@@ -207,15 +207,16 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
     first order (up for unlearn, down for learn): a document's loss then moves by about ``step_rise x`` its
     gradient's (preconditioned) inner product with the probe's, the influence estimate read by forward passes.
     """
-    from hf_mirror.curvature import capture, linear_layers, plain_name
+    from hf_mirror.curvature import capture, embedding_layers, linear_layers, plain_name
     from hf_mirror.stacked import lora_layers
 
     layers = set(lora_layers(peft_model, names[0]))
     adapted = {plain_name(n): m for n, m in peft_model.named_modules() if m in layers}
     bases = {n: m.base_layer for n, m in adapted.items()}
-    if not set(bases) <= set(linear_layers(peft_model)):
-        raise InputError("fit='gradient' adapts the linear layers of the transformer blocks and the output layer only; "
-                         f"got {sorted(set(bases) - set(linear_layers(peft_model)))}.")
+    supported = set(linear_layers(peft_model)) | set(embedding_layers(peft_model))
+    if not set(bases) <= supported:
+        raise InputError("fit='gradient' adapts the linear layers of the transformer blocks, the output layer and the "
+                         f"embedding tables only; got {sorted(set(bases) - supported)}.")
     device = next(peft_model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     with peft_model.disable_adapter(), capture(peft_model, bases) as seen:
@@ -230,6 +231,9 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
     steps: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> per probe (B, A) before scaling
     along = torch.zeros(len(names), dtype=torch.float64)  # first-order loss change of each unscaled step
     for n in bases:
+        if isinstance(bases[n], torch.nn.Embedding):
+            steps[n] = _embedding_steps(n, seen[n], mask, cfg, curvature, along, bases[n].num_embeddings)
+            continue
         x, d = seen[n]["x"] * mask[..., None], seen[n]["d"]
         grads = torch.einsum("bto,bti->boi", d.float(), x.float())
         direction = grads if curvature is None else curvature.precondition(n, grads, cfg.damping)
@@ -253,7 +257,10 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
         for i, name in enumerate(names):
             b, a = steps[n][i]
             factor = (scale[i].item() / module.scaling[name]) ** 0.5
-            lora_b, lora_a = module.lora_B[name].weight, module.lora_A[name].weight
+            if name in module.lora_embedding_A:  # the table's change is (B A)^T: A [rank, entries], B [dim, rank]
+                lora_b, lora_a = module.lora_embedding_B[name], module.lora_embedding_A[name]
+            else:
+                lora_b, lora_a = module.lora_B[name].weight, module.lora_A[name].weight
             lora_b.zero_()
             lora_a.zero_()
             lora_b[:, : b.shape[1]] = cfg.sign * factor * b
@@ -266,6 +273,29 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
         report.steps[probe.id] = 1
     for p in peft_model.parameters():
         p.requires_grad_(False)
+
+
+def _embedding_steps(name: str, seen: dict, mask: torch.Tensor, cfg: MirrorConfig, curvature: Curvature | None,
+                     along: torch.Tensor, entries: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per probe, an embedding table's (B [dim, r], A [r, entries]) before scaling: the best rank-``cfg.rank``
+    approximation of its (preconditioned) gradient, whose rows are the probe's distinct ids; adds each step's
+    first-order loss change to ``along``."""
+    from hf_mirror.curvature import embedding_gradient
+
+    out = []
+    for i, (ids, d, keep) in enumerate(zip(seen["x"], seen["d"].float(), mask, strict=True)):
+        rows, grads = embedding_gradient(ids[keep], d[keep])
+        direction = grads if curvature is None else curvature.precondition(name, grads, cfg.damping, rows)
+        u, s, vh = torch.linalg.svd(direction.float(), full_matrices=False)
+        r = min(cfg.rank, s.shape[-1])
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+        flip = torch.sign(u[u.abs().argmax(dim=0), torch.arange(r)]).clamp(min=0) * 2 - 1
+        u, vh = u * flip, vh * flip[:, None]
+        along[i] += ((u @ (s[:, None] * vh)) * grads).sum().double().cpu()
+        a = torch.zeros(r, entries, dtype=u.dtype, device=u.device)
+        a[:, rows] = (u * s.sqrt()).T
+        out.append(((s.sqrt()[:, None] * vh).T, a))
+    return out
 
 
 def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, seed: int) -> PeftModel:

@@ -11,7 +11,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from hf_mirror import InputError, MirrorConfig, ScanConfig, attribute
-from hf_mirror.curvature import Curvature, capture, curvature_for, fit_curvature, linear_layers, row_losses
+from hf_mirror.curvature import (
+    Curvature,
+    capture,
+    curvature_for,
+    embedding_layers,
+    fit_curvature,
+    linear_layers,
+    row_losses,
+)
 from hf_mirror.probes import Probe, encode_probe
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "birds sing in the tall green trees",
@@ -27,9 +35,10 @@ def model(tok):
                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
 
 
-def _grads(model, batch: dict, head: bool = False) -> dict[str, torch.Tensor]:
-    """The loss's gradient for every linear layer's weight, [out, in], by autograd on the weights themselves."""
-    layers = linear_layers(model, head=head)
+def _grads(model, batch: dict, head: bool = False, embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """The loss's gradient for every linear layer's weight, [out, in] (and with ``embeddings`` each embedding table's),
+    by autograd on the weights themselves."""
+    layers = linear_layers(model, head=head) | (embedding_layers(model) if embeddings else {})
     weights = [m.weight for m in layers.values()]
     for w in weights:
         w.requires_grad_(True)
@@ -51,28 +60,30 @@ def _doc_batch(tok, text: str) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-@pytest.mark.parametrize("head", [False, True])
-def test_a_small_gradient_step_reads_the_gradient_inner_product_by_forward_passes(tok, model, tmp_path, head):
+@pytest.mark.parametrize("adapted", ["blocks", "head", "embeddings"])
+def test_a_small_gradient_step_reads_the_gradient_inner_product_by_forward_passes(tok, model, tmp_path, adapted):
     """Linear regime: each document's mirror score is step_rise x <g_doc, g_probe> / <g_probe, g_probe> (every linear
-    layer of the blocks, and the output layer with ``head``; a rank high enough to hold the probe's gradient
-    exactly)."""
+    layer of the blocks; and the output layer; and the token and position embedding tables; a rank high enough to
+    hold the probe's gradient exactly)."""
+    head, embeddings = adapted != "blocks", adapted == "embeddings"
     if head:  # an output layer of its own (a tied one's gradient also holds the input embedding's)
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(**{**model.config.to_dict(), "tie_word_embeddings": False})).eval()
     probe = Probe("p", "the cat", " sat on the mat")
-    targets = ["all-linear", "lm_head"] if head else "all-linear"
+    targets = {"blocks": "all-linear", "head": ["all-linear", "lm_head"],
+               "embeddings": ["all-linear", "lm_head", "embeddings"]}[adapted]
     cfg = MirrorConfig(fit="gradient", target_modules=targets, rank=32, step_rise=1e-3)
     corpus = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
     # a copy: attribute gives a tokenizer without one a pad token, and ``tok`` is shared by the whole session
     result = attribute(model, corpus, [probe], tokenizer=copy.deepcopy(tok), output_dir=tmp_path / "run", mirror=cfg,
                        scan=ScanConfig(rank_by="mirror", cache=False, top_k=len(TEXTS)), show_progress=False)
     scores = result.scores().set_index("doc_id")["score"]
-    g_probe = _grads(model, _probe_batch(tok, probe), head)
+    g_probe = _grads(model, _probe_batch(tok, probe), head, embeddings)
     norm = sum((g * g).sum() for g in g_probe.values())
     expected = []
     for text in TEXTS:
-        g_doc = _grads(model, _doc_batch(tok, text), head)
-        assert ("lm_head" in g_doc) == head
+        g_doc = _grads(model, _doc_batch(tok, text), head, embeddings)
+        assert ("lm_head" in g_doc) == head and ("transformer.wpe" in g_doc) == embeddings
         expected.append(float(1e-3 * sum((g_doc[n] * g_probe[n]).sum() for n in g_probe) / norm))
     got = np.array([scores[str(i)] for i in range(len(TEXTS))])
     expected = np.array(expected)
@@ -124,6 +135,31 @@ def test_ekfac_scales_are_the_second_moments_of_the_window_gradients(tok, model)
         g = _grads(model, {**batch})[name]
         moments = moments + (layer.q_out.T @ g @ layer.q_in) ** 2
     assert torch.allclose(layer.scale, moments / len(TEXTS), rtol=1e-3, atol=1e-6 * float(layer.scale.max()))
+
+
+def test_rms_scales_are_the_gradient_rms_and_precondition_divides_by_them(tok, model, tmp_path):
+    curvature = fit_curvature(model, tok, TEXTS, max_length=64, kind="rms")
+    name = "transformer.h.1.mlp.c_proj"
+    layer = curvature.layers[name]
+    moments = sum(_grads(model, _doc_batch(tok, text))[name] ** 2 for text in TEXTS)
+    assert torch.allclose(layer.scale, (moments / len(TEXTS)).sqrt(), rtol=1e-3, atol=1e-6 * float(layer.scale.max()))
+    grad = torch.randn(layer.scale.shape)
+    expected = grad / (layer.scale + 0.1 * layer.scale.mean())
+    assert torch.allclose(curvature.precondition(name, grad, damping=0.1), expected)
+    curvature.save(tmp_path / "rms")
+    again = Curvature.load(tmp_path / "rms")
+    assert again.kind == "rms" and torch.equal(again.precondition(name, grad, 0.1), expected)
+    # the position table (not tied to the output layer): the RMS of each entry's gradient, and an embedding's
+    # compact gradient (its rows only) preconditioned row by row
+    positions = curvature.layers["transformer.wpe"]
+    moments = sum(_grads(model, _doc_batch(tok, text), embeddings=True)["transformer.wpe"] ** 2 for text in TEXTS)
+    assert torch.allclose(positions.scale, (moments / len(TEXTS)).sqrt(), rtol=1e-3,
+                          atol=1e-6 * float(positions.scale.max()))
+    rows, part = torch.tensor([0, 3]), torch.randn(2, positions.scale.shape[1])
+    full = torch.zeros(positions.scale.shape)
+    full[rows] = part
+    assert torch.allclose(curvature.precondition("transformer.wpe", part, 0.1, rows),
+                          curvature.precondition("transformer.wpe", full, 0.1)[rows])
 
 
 def test_the_curvature_is_cached_and_read_back(tok, model, tmp_path):
