@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import Embedding as LoraEmbedding
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
@@ -23,8 +24,15 @@ def lora_layers(peft_model: PeftModel, name: str) -> list[LoraLayer]:
             if isinstance(m, LoraLayer) and any(name in getattr(m, attr) for attr in m.adapter_layer_names)]
 
 
+def _plain_embedding(m, name: str) -> bool:
+    """A LoRA embedding table without a variant or an embedding scale (what the stacks implement)."""
+    return (isinstance(m, LoraEmbedding) and name not in m.lora_variant
+            and getattr(m, "_get_embed_scale", lambda: None)() is None)
+
+
 class StackedLora:
-    """The LoRA weights of adapters ``names`` stacked per layer (A: ``[G, r, in]``, B: ``[G, out, r]``).
+    """The LoRA weights of adapters ``names`` stacked per layer (A: ``[G, r, in]``, B: ``[G, out, r]``; for an
+    embedding table A: ``[G, r, entries]``, B: ``[G, dim, r]``).
 
     Inside :meth:`applied`, the PEFT adapters are switched off and every adapted layer adds, to the rows of group
     g, adapter g's update: a batch of ``G x k`` rows is read as G consecutive groups of k rows.
@@ -32,23 +40,31 @@ class StackedLora:
 
     def __init__(self, peft_model: PeftModel, names: Sequence[str], trainable: bool = False) -> None:
         if not self.supports(peft_model, names[0]):
-            raise ValueError("Stacked LoRA supports plain LoRA on linear layers only.")
+            raise ValueError("Stacked LoRA supports plain LoRA on linear layers and embedding tables only.")
         self.model = peft_model
         self.names = list(names)
         self.layers = lora_layers(peft_model, names[0])
-        self.A = [self._stack(m.lora_A, trainable) for m in self.layers]
-        self.B = [self._stack(m.lora_B, trainable) for m in self.layers]
+        self.A = [self._stack(self._weights(m, "A"), trainable) for m in self.layers]
+        self.B = [self._stack(self._weights(m, "B"), trainable) for m in self.layers]
         self.scaling = [m.scaling[names[0]] for m in self.layers]
 
-    def _stack(self, modules, trainable: bool) -> torch.Tensor:
-        return torch.stack([modules[n].weight.detach() for n in self.names]).requires_grad_(trainable)
+    def _weights(self, m, part: str) -> list[torch.Tensor]:
+        if isinstance(m, LoraEmbedding):
+            return [getattr(m, f"lora_embedding_{part}")[n] for n in self.names]
+        return [getattr(m, f"lora_{part}")[n].weight for n in self.names]
+
+    @staticmethod
+    def _stack(weights: list[torch.Tensor], trainable: bool) -> torch.Tensor:
+        return torch.stack([w.detach() for w in weights]).requires_grad_(trainable)
 
     @staticmethod
     def supports(peft_model: PeftModel, name: str) -> bool:
-        """Plain LoRA on linear layers (no DoRA or other variant, no LoRA bias): what the stacks implement."""
+        """Plain LoRA on linear layers and embedding tables (no DoRA or other variant, no LoRA bias): what the
+        stacks implement."""
         layers = lora_layers(peft_model, name)
-        return bool(layers) and all(isinstance(m, LoraLinear) and name not in m.lora_variant
-                                    and not m.lora_bias.get(name, False) for m in layers)
+        return bool(layers) and all(
+            isinstance(m, LoraLinear) and name not in m.lora_variant and not m.lora_bias.get(name, False)
+            or _plain_embedding(m, name) for m in layers)
 
     def parameters(self) -> list[torch.Tensor]:
         return self.A + self.B
@@ -57,6 +73,24 @@ class StackedLora:
     def applied(self) -> Iterator[None]:
         """Run the base model plus each group's own LoRA update (the PEFT adapters themselves are off)."""
         g = len(self.names)
+        rows = {}
+
+        def batch(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            rows["n"] = ids.shape[0] if ids is not None else None
+
+        def lookup(a: torch.Tensor, b: torch.Tensor, scaling: float):
+            def add(module, args, kwargs, out):
+                ids = args[0] if args else kwargs["input"]
+                if ids.shape[0] == 1 and (rows.get("n") or 1) > 1:  # positions shared by every row
+                    ids = ids.expand(rows["n"], *ids.shape[1:])
+                if ids.shape[0] % g:
+                    raise AssertionError(f"A batch for {g} stacked adapters needs a multiple of {g} rows, got "
+                                         f"{ids.shape[0]}.")
+                picked = a.transpose(1, 2)[torch.arange(g, device=ids.device)[:, None], ids.reshape(g, -1)]
+                delta = torch.bmm(picked, b.transpose(1, 2)) * scaling  # [G, k x length, dim]
+                return out + delta.reshape(*ids.shape, -1).to(out.dtype)
+            return add
 
         def hook(a: torch.Tensor, b: torch.Tensor, scaling: float):
             def add(module, args, kwargs, out):
@@ -69,8 +103,10 @@ class StackedLora:
                 return out + delta.reshape(*out.shape).to(out.dtype)
             return add
 
-        handles = [m.register_forward_hook(hook(a, b, s), with_kwargs=True)
-                   for m, a, b, s in zip(self.layers, self.A, self.B, self.scaling, strict=True)]
+        handles = [self.model.register_forward_pre_hook(batch, with_kwargs=True)]
+        handles += [m.register_forward_hook((lookup if isinstance(m, LoraEmbedding) else hook)(a, b, s),
+                                            with_kwargs=True)
+                    for m, a, b, s in zip(self.layers, self.A, self.B, self.scaling, strict=True)]
         try:
             with self.model.disable_adapter():
                 yield
@@ -82,6 +118,6 @@ class StackedLora:
         """Copy the (fitted) stacks into the PEFT adapters."""
         with torch.no_grad():
             for m, a, b in zip(self.layers, self.A, self.B, strict=True):
-                for i, n in enumerate(self.names):
-                    m.lora_A[n].weight.copy_(a[i])
-                    m.lora_B[n].weight.copy_(b[i])
+                for i, (wa, wb) in enumerate(zip(self._weights(m, "A"), self._weights(m, "B"), strict=True)):
+                    wa.copy_(a[i])
+                    wb.copy_(b[i])

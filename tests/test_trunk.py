@@ -180,13 +180,22 @@ def test_fitting_together_falls_back_to_one_by_one_for_layers_it_cannot_stack(ti
         torch.testing.assert_close(together[n], w, atol=1e-5, rtol=1e-4)
 
 
-def test_grouped_scan_falls_back_to_peft_mixed_batches_for_layers_it_cannot_stack(tiny_model, planted, tmp_path):
-    """With LoRA on the embeddings too, several probes per forward go through PEFT's mixed-adapter batches."""
+@pytest.mark.parametrize("fit", ["steps", "gradient"])
+def test_grouped_scan_stacks_the_embedding_tables(tiny_model, planted, tmp_path, fit):
+    """LoRA on the token and position tables is stacked too (the positions, shared by every row, are read per row):
+    several probes per forward give the scores of one probe at a time."""
+    from hf_mirror.mirror import fit_mirrors
+    from hf_mirror.probes import Probe
+    from hf_mirror.stacked import StackedLora
+
     _, tok = tiny_model
     model = _models(tok)["gpt2"]
     pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
     probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
-    mirror = MirrorConfig(fit="steps", target_modules=["wte", "c_attn"], steps=2, lr=1e-2, rank=4)
+    mirror = MirrorConfig(fit=fit, target_modules=["wte", "wpe", "c_attn"], steps=2, lr=1e-2, rank=4)
+    peft_model, _ = fit_mirrors(model, tok, [Probe("p", "a b", " c")], ["m"], mirror, show_progress=False)
+    assert StackedLora.supports(peft_model, "m")
+    peft_model.unload()
 
     def run(name, group):
         scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
