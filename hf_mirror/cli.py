@@ -304,7 +304,7 @@ def _attribute(args) -> int:
                        method=args.method)
     if is_main_process():
         print(format_result(result, k=min(3, args.top_k), color=sys.stdout.isatty()))
-        print(f"\nwrote {result.directory}")
+        print(f"\nwrote {result.directory} (open {result.directory / 'report.html'})")
     return 0
 
 

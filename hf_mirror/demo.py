@@ -321,12 +321,15 @@ class DemoReport:
             f"{acc.get(f'first_{n_words}_words')} with the first {n_words} words right",
             f"source document ranked first for {self.top1}/{len(self.source_ranks)} probes ({ranks})",
             *([f"score of the source vs the best other document: {margins}"] if margins else []),
+            (f"time of the run that made this result: model {t['model']:.1f}s, attribution {t['attribute']:.1f}s, "
+             f"total {t['total']:.1f}s" if {"model", "attribute", "total"} <= set(t) else
+             "time of the run that made this result: not recorded") if self.reused else
             f"time: model {t.get('model', 0):.1f}s, attribution {t.get('attribute', 0):.1f}s, "
             f"total {t.get('total', 0):.1f}s",
         ]
         if self.reused:
-            lines.append(f"reused the finished run in {self.result.directory} (nothing refitted or rescanned); "
-                         "delete that folder or choose another output to run again")
+            lines.append(f"reused the finished run in {self.result.directory} in {t.get('rerun', 0):.1f}s (nothing "
+                         "refitted or rescanned); delete that folder or choose another output to run again")
         return "\n".join(lines)
 
 
@@ -377,11 +380,24 @@ def run_demo(
     )
     t2 = time.perf_counter()
     ranks = _source_ranks(result, sources)
-    report = DemoReport(result, Path(info["path"]), info, sources, ranks,
-                        {"model": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}, trained,
-                        previous is not None and previous == result.config.get("run_key"))
+    timings = {"model": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}
+    reused = previous is not None and previous == result.config.get("run_key")
+    if reused:  # the report keeps the timings of the run that made the result; this rerun's are told apart
+        timings = {**(_finished_timings(Path(output_dir)) or {}), "rerun": t2 - t0}
+    report = DemoReport(result, Path(info["path"]), info, sources, ranks, timings, trained, reused)
     _write_report(report, Path(output_dir))
     return report
+
+
+def _finished_timings(out: Path) -> dict | None:
+    """The timings of the run that made the result in ``out`` (from its demo.json), None when unreadable."""
+    try:
+        timings = json.loads((out / "demo.json").read_text()).get("timings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(timings, dict):
+        return None
+    return {k: v for k, v in timings.items() if k in ("model", "attribute", "total") and isinstance(v, (int, float))}
 
 
 def _source_ranks(result, sources: dict[str, object]) -> dict[str, int | None]:
@@ -396,12 +412,12 @@ def _source_ranks(result, sources: dict[str, object]) -> dict[str, int | None]:
 
 def _write_report(report: DemoReport, out: Path) -> None:
     """``report.html`` (sources tagged) and ``demo.json`` (model, source ranks, timings) beside the result."""
-    from hf_mirror.html import write_html
+    from hf_mirror.report import write_report
 
     claim(out, ["report.html", "demo.json"])  # hf-mirror's files: --overwrite may replace them
-    write_html(report.result, out / "report.html", sources=report.sources,
-               title="hf-mirror demo: which bundled WordNet entries made the default model say this?",
-               preamble=_preamble_html(report))
+    write_report(report.result, out, sources=report.sources,
+                 title="hf-mirror demo: which bundled WordNet entries made the default model say this?",
+                 preamble=_preamble_html(report))
     summary = {"model": str(report.model_path), "trained": report.trained, "reused": report.reused,
                "fact_accuracy": report.model_info.get("fact_accuracy"), "sources": report.sources,
                "source_ranks": report.source_ranks, "top1": report.top1, "timings": report.timings}

@@ -40,7 +40,7 @@ STAGING = ".hf_mirror-new"  # an --overwrite run is built here, then swapped in
 RETIRED = ".hf_mirror-old"  # the replaced run, during the swap
 INTERNAL = frozenset({MANIFEST, MANIFEST + ".tmp", LOCK, STAGING, RETIRED})
 RUN_ENTRIES = ("topk.parquet", "scores.parquet", "evidence.parquet", "probes.jsonl", "skipped.jsonl", "config.json",
-               "shards", "adapters")  # what a run writes
+               "shards", "adapters", "report.html")  # what a run writes
 ADOPTABLE = frozenset({*RUN_ENTRIES, "report.html", "demo.json"})  # an output of a version without manifests
 FORMAT = "hf_mirror.output"
 VERSION = 2  # 2: the manifest lists every file ("files") and the command ("kind")
@@ -71,8 +71,15 @@ class Kind:
         return any((d / name).exists() for name in self.entries)
 
 
+def _attribute_legacy(d: Path) -> bool:
+    """Whether a directory of adoptable names is an attribution of a version without manifests: it holds what a run
+    writes first (its config, checkpoints or mirrors), not only a report.html or demo.json someone put there."""
+    return (d / "config.json").is_file() or (d / "shards").is_dir() or (d / "adapters").is_dir()
+
+
 # attribute's (and demo's, audit's and provenance's mirror runs)
-ATTRIBUTE = Kind("attribute", RUN_ENTRIES, ADOPTABLE, has_work=_attribute_work, marker="config.json")
+ATTRIBUTE = Kind("attribute", RUN_ENTRIES, ADOPTABLE, legacy=_attribute_legacy, has_work=_attribute_work,
+                 marker="config.json")
 AUDIT = Kind("audit", ("report.json", "report.html", "index", "mirror"), marker="report.json")
 PROVENANCE = Kind("provenance", ("provenance.json", "provenance.html", "index", "attribution"),
                   marker="provenance.json")

@@ -44,9 +44,11 @@ from hf_mirror.probes import (
     save_probes,
 )
 from hf_mirror.progress import ScanProgress
+from hf_mirror.regime import probe_stats, warnings_for
+from hf_mirror.report import write_report
 from hf_mirror.results import AttributionResult
 from hf_mirror.scan import Scanner
-from hf_mirror.scoring import ScoreBook
+from hf_mirror.scoring import EVIDENCE_COLUMNS, ScoreBook, token_pieces
 from hf_mirror.trunk import SharedTrunk
 
 logger = get_logger(__name__)  # accelerate's: logs once, from the main process, unless told otherwise
@@ -482,7 +484,82 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
         "torch_dtype": str(next(run.model.parameters()).dtype),
         "stats": merged["stats"],
     }
-    AttributionResult(run.out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(run.out)
+    stats = probe_stats(records, _raw_scores(run.out, [p.id for p in pool.probes]), run.mirror.direction)
+    config["regime"] = {"probes": stats, "warnings": warnings_for(stats, config["mirror"])}
+    for warning in config["regime"]["warnings"]:
+        logger.warning(warning)
+    result = AttributionResult(run.out, merged["topk"], merged["evidence"], records, merged["skipped"], config)
+    texts = _report_evidence(run, pool, result)
+    result.save(run.out)
+    write_report(result, run.out, texts=texts)
+
+
+def _raw_scores(out: Path, probe_ids: list[str]) -> dict[str, np.ndarray]:
+    """Each probe's raw score of every scanned document (from the merged ``scores.parquet``)."""
+    import pyarrow.parquet as pq
+
+    path = out / "scores.parquet"
+    if not path.exists():
+        return {}
+    table = pq.read_table(path, columns=["probe_id", "raw_score"]).to_pandas()
+    return {pid: rows.to_numpy(np.float64) for pid, rows in table.groupby("probe_id")["raw_score"]}
+
+
+def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult) -> dict[str, str]:
+    """What report.html shows that the scan did not keep: the token evidence of each probe's "moved the model" list
+    (added to ``result.evidence``: its documents are scored again under the saved mirrors, a few forward passes) and
+    the texts of the listed documents outside the top-k (one pass over the corpus's text, only when some are missing).
+    Returns those texts by document id."""
+    from hf_mirror.report import missing_texts, moved_without_evidence
+
+    need = moved_without_evidence(result)
+    wanted = missing_texts(result) | {str(d) for docs in need.values() for d in docs}
+    if not wanted:
+        return {}
+    texts: dict[str, str] = {}
+    for doc_id, text in run.corpus.documents():
+        if str(doc_id) in wanted and isinstance(text, str):
+            texts[str(doc_id)] = text
+            if len(texts) == len(wanted):
+                break
+    if not need:
+        return texts
+    index = {p.id: i for i, p in enumerate(pool.probes)}
+    ids = [p for p in result.probe_ids if p in need]
+    names = [pool.names[index[p]] for p in ids]
+    docs, seen = [], set()
+    for pid in ids:
+        for d in need[pid]:
+            if str(d) in texts and str(d) not in seen:
+                seen.add(str(d))
+                docs.append((d, texts[str(d)]))
+    trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}
+    peft_model = None
+    rows = []
+    try:
+        peft_model = load_mirrors(run.model, run.out / "adapters", names)
+        scanner = Scanner(peft_model, run.tokenizer, names, ids, run.max_length, run.overlap, run.scan.batch_size,
+                          autocast=run.accelerator.autocast)
+        for doc in scanner(docs):
+            pieces = token_pieces(run.tokenizer, doc.text, doc.token_ids)
+            for p, pid in enumerate(ids):
+                if str(doc.doc_id) not in {str(d) for d in need[pid]}:
+                    continue
+                delta = run.mirror.sign * (doc.mirror[p] - doc.base)
+                rows += [{"probe_id": pid, "doc_id": doc.doc_id, "position": i, "token": piece,
+                          "base_loss": float(doc.base[i]), "mirror_loss": float(doc.mirror[p, i]),
+                          "delta": float(delta[i])} for i, piece in enumerate(pieces)]
+    finally:
+        if peft_model is not None:
+            peft_model.unload()
+        for name, p in run.model.named_parameters():
+            p.requires_grad_(trainable.get(name, p.requires_grad))
+    if rows:
+        import pandas as pd
+
+        extra = pd.DataFrame(rows, columns=EVIDENCE_COLUMNS)
+        result.evidence = extra if result.evidence.empty else pd.concat([result.evidence, extra], ignore_index=True)
+    return texts
 
 
 def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: int, overlap: int,

@@ -139,6 +139,8 @@ def format_result(
     for pid in ids:
         result._check_probe(pid)
     legend = (f"{score_meaning(result.config)}\nmarked: the tokens whose loss moved most in the probe's favour.")
+    warnings = "".join(f"\n{BOLD if color else ''}warning:{RESET if color else ''} {w}"
+                       for w in result.config.get("regime", {}).get("warnings", []))
     body = "\n\n".join(format_probe(result, pid, k, n_marked, color) for pid in ids)
     skipped = f"\n\n{len(result.skipped)} document(s) skipped (see skipped.jsonl)" if result.skipped else ""
-    return f"{DIM if color else ''}{legend}{RESET if color else ''}\n\n{body}{skipped}"
+    return f"{DIM if color else ''}{legend}{RESET if color else ''}{warnings}\n\n{body}{skipped}"

@@ -73,7 +73,10 @@ def test_demo_end_to_end(demo_run):
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page.split("</title>")[1]
     for doc_id in result.topk["doc_id"]:
         assert f">{doc_id}<" in page
-    assert page.count('class="tag">source<') == sum(r is not None for r in report.source_ranks.values())
+    states = [part.split('<div class="list moved">')[0] for part in page.split('<div class="list states">')[1:]]
+    assert len(states) == len(report.source_ranks)  # every probe: "states it" beside "moved the model"
+    assert sum('class="tag">source<' in part for part in states) == sum(
+        r is not None for r in report.source_ranks.values())
     assert "source document ranked first" in page
     # the library's defaults: raw mean delta, explained in one sentence; no z-score ceiling
     assert result.config["scan"]["normalize"] == "none" and result.config["mirror"]["steps"] == 8
@@ -87,7 +90,12 @@ def test_demo_rerun_reuses_the_finished_run(demo_run):
                           show_progress=False)
     assert again.reused and not again.trained and "reused the finished run" in again.summary()
     assert again.result.topk.equals(first.result.topk)
-    assert json.loads((out / "demo.json").read_text())["reused"]
+    saved = json.loads((out / "demo.json").read_text())
+    assert saved["reused"]
+    # the report keeps the timings of the run that made the result, not the reuse's (#27 item 3)
+    assert {k: saved["timings"][k] for k in ("model", "attribute", "total")} == first.timings
+    assert f"attribution {first.timings['attribute']:.1f}s" in (out / "report.html").read_text()
+    assert "time of the run that made this result" in again.summary()
 
 
 def test_complete_batched_matches_one_by_one(demo_run):

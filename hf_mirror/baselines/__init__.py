@@ -185,4 +185,8 @@ def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpu
         "torch_dtype": str(next(model.parameters()).dtype) if cls.needs_model else None,
         "stats": {**merged["stats"], "seconds": time.perf_counter() - t0},
     }
-    AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config).save(out)
+    result = AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config)
+    result.save(out)
+    from hf_mirror.report import write_report
+
+    write_report(result, out)
