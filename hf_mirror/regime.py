@@ -68,10 +68,10 @@ def warnings_for(stats: Mapping[str, Mapping], mirror: Mapping) -> list[str]:
                if not step_rise / FIRST_ORDER_FACTOR <= r <= FIRST_ORDER_FACTOR * step_rise]
         if far:
             lo, hi = min(rises[p] for p in far), max(rises[p] for p in far)
-            out.append(f"The gradient mirror moved the probe loss by {lo:.3g} to {hi:.3g} nats for {_shown(far)}, not "
-                       f"within {FIRST_ORDER_FACTOR:g}x of its first-order target (--step-rise {step_rise:g}): the step "
-                       "is no longer first order, so the deltas are not the influence estimate; lower --step-rise "
-                       "(default 0.01).")
+            out.append(f"The gradient mirror moved the probe loss by {lo:.3g} to {hi:.3g} nats for {_shown(far)}, "
+                       f"not within {FIRST_ORDER_FACTOR:g}x of its first-order target (--step-rise {step_rise:g}): the "
+                       "step is no longer first order, so the deltas are not the influence estimate; lower "
+                       "--step-rise (default 0.01).")
     else:
         far = [p for p, r in rises.items() if r > RISE_LIMIT]
         if far:
