@@ -100,6 +100,9 @@ class AdapterSwitch:
         self.model.active_adapter = self.model.base_model.active_adapter = name  # as PeftModel.set_adapter records
 
 
+LOGITS_BUDGET = 2**26  # logits entries per forward pass (256 MB in fp32) that adapters_per_forward=0 may fill
+
+
 class Scanner:
     """Streams documents through the base model and every mirror adapter, window batch by window batch.
 
@@ -137,7 +140,8 @@ class Scanner:
         self.progress = progress or ScanProgress(show=False)
         self.autocast = autocast
         self.trunk = trunk
-        self.adapters_per_forward = max(1, adapters_per_forward)
+        self.adapters_per_forward = adapters_per_forward or self.auto_group(model, len(adapter_names), batch_size,
+                                                                            max_length)
         self.width = max_length if fixed_width else None  # fixed: every batch has the same shape
         # windows pooled before batching: sorted by length, they pad less (pointless at a fixed width)
         self.pool_size = batch_size * (1 if fixed_width else sort_batches)
@@ -157,6 +161,15 @@ class Scanner:
         self.forward_passes = 0  # all forward passes, base and mirrors
         self.window_tokens = 0  # real tokens fed to the model per pass
         self.padded_tokens = 0  # batch cells per pass (real tokens + padding)
+
+    @staticmethod
+    def auto_group(model, n_adapters: int, batch_size: int, max_length: int) -> int:
+        """Adapters per forward pass when left to the scan (``adapters_per_forward=0``): as many as keep a pass's
+        logits within :data:`LOGITS_BUDGET` entries at full width (1 for gpt2-small's 50k-token vocabulary at 8
+        windows of 1024 tokens, every probe for the benchmarks' 1000-token models)."""
+        head = model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+        return max(1, min(n_adapters, LOGITS_BUDGET // max(1, batch_size * max_length * vocab)))
 
     def __call__(
         self,

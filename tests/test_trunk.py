@@ -256,3 +256,28 @@ def test_all_linear_mirrors_on_the_top_blocks_adapt_attention_and_mlp_there_only
     blocks = {"gpt2": "transformer.h", "llama": "model.layers"}[arch]
     assert all(n.startswith((f"{blocks}.2.", f"{blocks}.3.")) for n in adapted)
     assert all(f"{blocks}.{i}.{m}" in adapted for i in (2, 3) for m in mlp)
+
+
+def test_auto_group_fills_the_logits_budget(tiny_model, planted, tmp_path):
+    """adapters_per_forward=0 (the default): every probe per pass for a small vocabulary, one for gpt2-small's at
+    full width; the scores are those of one probe per pass."""
+    from hf_mirror.scan import LOGITS_BUDGET, Scanner
+
+    _, tok = tiny_model
+    model = _models(tok)["gpt2"]
+    assert Scanner.auto_group(model, 40, 8, 128) == 40
+    big = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=8, n_embd=4, n_layer=1, n_head=1))
+    assert Scanner.auto_group(big, 40, 8, 1024) == 1 and LOGITS_BUDGET < 8 * 1024 * 50257
+    pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
+    probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
+
+    def run(name, group):
+        scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
+                          adapters_per_forward=group)
+        result = attribute(model, planted.texts[:10], probes, tokenizer=tok, output_dir=tmp_path / name,
+                           show_progress=False, scan=scan)
+        return result.scores().sort_values(["probe_id", "doc_id"]), result.config["stats"]["forward_passes"]
+
+    (one, passes_one), (auto, passes_auto) = run("one", 1), run("auto", 0)
+    assert ScanConfig().adapters_per_forward == 0 and passes_auto < passes_one
+    np.testing.assert_allclose(one["raw_score"], auto["raw_score"], atol=1e-6)
