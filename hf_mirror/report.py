@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from hf_mirror.html import CSS, token_color
 from hf_mirror.render import _RAW, _per_probe
@@ -128,10 +129,12 @@ def states_list(result: AttributionResult, probe_id: str, k: int = LIST_K) -> tu
                  "BM25 candidates" + (f", + {weight:g} x the mirror's z-score" if weight else "")
                  + "; marked: the words the document shares with the probe (what BM25 matched)")
         return top, order
-    scores = result.scores()
-    if "bm25" not in scores or scores["bm25"].isna().all():
+    path = result.directory / "scores.parquet"
+    if not path.exists() or "bm25" not in pq.read_schema(path).names:
         return pd.DataFrame(), ""
-    rows = scores[scores["probe_id"] == probe_id].dropna(subset=["bm25"])
+    rows = pd.read_parquet(path, filters=[("probe_id", "==", probe_id)]).dropna(subset=["bm25"])
+    if rows.empty:
+        return pd.DataFrame(), ""
     rows = rows.assign(_neg=-rows["bm25"]).sort_values(["_neg", "doc_id"], kind="stable").head(k)
     return (rows.drop(columns="_neg").reset_index(drop=True),
             f"ordered by bm25 (prompt + generation as the query) {_over(result.config)}; marked: the words the "
