@@ -101,6 +101,10 @@ class SpeedConfig:
             raise InputError("probes must hold at least one probe count.")
 
 
+# the mirrors fitted directly (fit_mirrors, no corpus): the default's adapters without its RMS preconditioner, whose
+# factors are a one-time per-model cost (recipes/benchmark_cost.py reports it); the scan costs the same either way
+UNFITTED = {"precondition": "none"}
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else the CPU; ``cuda`` without CUDA is an :class:`InputError`."""
     if name == "auto":
@@ -221,7 +225,7 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
 
         if "naive" in variants or "cached" in variants:
             t0 = time.perf_counter()
-            all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(), max_length,
+            all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(**UNFITTED), max_length,
                                         show_progress=False)
             row["fit_s"] = time.perf_counter() - t0
             if "naive" in variants:
@@ -235,7 +239,7 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
             all_layers.unload()
         if "trunk" in variants or "mixed" in variants:
             t0 = time.perf_counter()
-            top_only, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(layers=top), max_length,
+            top_only, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(layers=top, **UNFITTED), max_length,
                                       show_progress=False)
             row["fit_top2_s"] = time.perf_counter() - t0
             base = base or base_only(top_only)
@@ -291,7 +295,8 @@ def bench_padding(name: str, spec: dict, texts: list[str], facts: list[dict], pr
         floor, n_tokens = min(_floor_seconds(model, tok, docs, max_length, batch_size, autocast) for _ in range(2))
         row = _row(name, t, len(docs), n_tokens, floor, device, precision)
         names = [f"p{i}" for i in range(t)]
-        peft_model, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(), max_length, show_progress=False)
+        peft_model, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(**UNFITTED), max_length,
+                                    show_progress=False)
         scans = {}
         for key, pool in (("stream", 1), ("sorted", 16)):
             row[f"{key}_s"], scans[key], scanner = _scan(peft_model, tok, names, names, docs, max_length, batch_size,
@@ -319,7 +324,7 @@ def bench_fit(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
     model, tok = build_model(spec, texts, max_length, device)
     probes = [Probe(f["headword"], f["prompt"], f["completion"]) for f in facts[-max(probe_counts):]]
     together = MirrorConfig().fit_batch
-    fit_mirrors(model, tok, probes[:2], ["w0", "w1"], MirrorConfig(fit_batch=2), max_length,
+    fit_mirrors(model, tok, probes[:2], ["w0", "w1"], MirrorConfig(fit_batch=2, **UNFITTED), max_length,
                 show_progress=False)[0].unload()  # warm-up
     rows = []
     for t in probe_counts:
@@ -331,7 +336,7 @@ def bench_fit(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
                 _sync(device)
                 t0 = time.perf_counter()
                 peft_model, report = fit_mirrors(model, tok, probes[:t], names,
-                                                 MirrorConfig(layers=layers, fit_batch=size), max_length,
+                                                 MirrorConfig(layers=layers, fit_batch=size, **UNFITTED), max_length,
                                                  show_progress=False)
                 _sync(device)
                 row[f"{tag}_{'one' if size == 1 else 'together'}_s"] = time.perf_counter() - t0

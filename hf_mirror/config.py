@@ -36,6 +36,9 @@ FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to
 CALIBRATED_STEPS = 3
 GRADIENT_FIELDS = ("fit", "precondition", "step_rise", "damping", "curvature_docs")  # what only fit="gradient" reads
 STEP_FIELDS = ("steps", "target_rise", "lr", "optimizer")  # what only fit="steps" reads
+# the mirror's default modules: every linear layer of the blocks, the output layer and the embedding tables (chosen on
+# the tune halves of the tail-patch and LDS benchmarks, docs/benchmarks_tail_patch.md)
+DEFAULT_TARGETS = ("all-linear", "lm_head", "embeddings")
 # the leakage detector's mirror: its thresholds were calibrated with 3 Adam steps on PEFT's default modules
 CALIBRATED_MIRROR = {"fit": "steps", "target_modules": None, "steps": CALIBRATED_STEPS}
 
@@ -90,14 +93,15 @@ class MirrorConfig:
 
     ``fit="gradient"`` (the default) writes each mirror in closed form: one step along the probe's gradient on every
     adapted layer (its best rank-``rank`` approximation), scaled so the probe loss moves ``step_rise`` nats to first
-    order; with ``precondition`` the gradient is K-FAC or EK-FAC preconditioned (:mod:`hf_mirror.curvature`). A
+    order; with ``precondition`` the gradient is RMS, K-FAC or EK-FAC preconditioned (:mod:`hf_mirror.curvature`). A
     document's loss then moves by ``step_rise`` x its gradient's inner product with the probe's (over its norm):
     the influence a training step on the document has on the probe, read by forward passes. The defaults (every
-    linear layer of the blocks, a 0.01-nat step, no preconditioning) were chosen on tune halves of the tail-patch
-    and LDS benchmarks (docs/benchmarks_tail_patch.md). ``fit="steps"`` takes ``steps`` optimizer steps instead
-    (the mirror before 2026-12-07, and the leakage detector's). ``target_rise`` makes the strength of the
-    perturbation the same for every probe instead of its step count:
-    each mirror is fitted until its probe loss has risen (unlearn) or fallen (learn) by that many nats, at most
+    linear layer of the blocks, the output layer and the embedding tables; the gradient divided by its root mean
+    square over a corpus sample, Adam's normaliser, ``precondition="rms"``; a 0.01-nat step) were chosen on tune
+    halves of the tail-patch and LDS benchmarks (docs/benchmarks_tail_patch.md). ``fit="steps"`` takes ``steps``
+    optimizer steps instead (the mirror before 2026-12-07, and the leakage detector's). ``target_rise`` makes the
+    strength of the perturbation the same for every probe instead of its step count: each mirror is fitted until its
+    probe loss has risen (unlearn) or fallen (learn) by that many nats, at most
     ``steps`` steps (docs/benchmarks_lds_real_text.md).
     """
 
@@ -105,10 +109,10 @@ class MirrorConfig:
     alpha: float = option(16.0, help="LoRA alpha")
     dropout: float = option(0.0, min=0, help="LoRA dropout")
     target_modules: list[str] | str | None = option(
-        "all-linear", flag={"nargs": "+", "type": str},
-        help="modules to adapt (default all-linear: attention and MLP of every block; all-linear lm_head: and the "
-        "output layer; embeddings: the token (and position) embedding tables; none: PEFT's mapping for the model, "
-        "the attention)")
+        default_factory=lambda: list(DEFAULT_TARGETS), flag={"nargs": "+", "type": str},
+        help="modules to adapt (default all-linear lm_head embeddings: attention and MLP of every block, the output "
+        "layer and the token (and position) embedding tables; all-linear: the blocks' linear layers alone; none: "
+        "PEFT's mapping for the model, the attention)")
     layers: list[int] | None = option(
         None, help="block indices to adapt, negative from the top (-2 -1: the top 2; default: all)")
     steps: int = option(8, min=0, help="optimizer steps per mirror (chosen by the sweep); with --target-rise, "
@@ -131,7 +135,7 @@ class MirrorConfig:
         "(preconditioned) gradient written in closed form as the LoRA adapter (its best rank-R "
         "approximation per layer, R = --rank), scaled so the probe loss moves --step-rise nats to first order")
     precondition: Literal["none", "kfac", "ekfac", "rms"] = option(
-        "none", help="gradient fit: the curvature that preconditions the probe's gradient (K-FAC or EK-FAC factors, "
+        "rms", help="gradient fit: the curvature that preconditions the probe's gradient (K-FAC or EK-FAC factors, "
         "or rms: each weight's gradient root mean square, Adam's normaliser; fitted once per model on the corpus's "
         "first --curvature-docs documents and cached)")
     step_rise: float = option(0.01, help="gradient fit: the probe-loss change of the step to first order (nats, > 0)")
@@ -145,6 +149,8 @@ class MirrorConfig:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.steps < 0 or self.rank < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError("Mirror needs steps >= 0, rank >= 1 and lr > 0.")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
         if self.target_modules == ["all-linear"]:  # from the command line
             self.target_modules = "all-linear"
         if self.target_modules in (["none"], "none"):
@@ -156,18 +162,22 @@ class MirrorConfig:
         if self.fit not in FITS or self.precondition not in CURVATURES:
             raise InputError(f"fit must be one of {FITS} and precondition one of {CURVATURES}, got {self.fit!r} and "
                              f"{self.precondition!r}.")
-        if self.fit == "steps" and self.precondition != "none":
-            raise InputError("--precondition applies to --fit gradient only (a preconditioned gradient step).")
         if not (math.isfinite(self.step_rise) and self.step_rise > 0 and math.isfinite(self.damping)
                 and self.damping >= 0):
             raise InputError(f"step_rise must be > 0 and damping >= 0, got {self.step_rise} and {self.damping}.")
+        defaults = {f.name: f.default for f in fields(self)}
         if self.fit == "gradient":
-            defaults = {f.name: f.default for f in fields(self)}
             moved = [k for k in STEP_FIELDS if getattr(self, k) != defaults[k]]
             if moved:
                 logging.getLogger(__name__).warning(
                     "%s set the optimizer steps of fit='steps' and are not read by the gradient mirror (the default "
                     "fit); pass --fit steps to use them.", ", ".join(f"--{k.replace('_', '-')}" for k in moved))
+        else:
+            moved = [k for k in GRADIENT_FIELDS[1:] if getattr(self, k) != defaults[k]]
+            if moved:
+                logging.getLogger(__name__).warning(
+                    "%s shape the gradient mirror's step and are not read by fit='steps'; drop --fit steps to use "
+                    "them.", ", ".join(f"--{k.replace('_', '-')}" for k in moved))
 
     def block_indices(self, model=None) -> list[int] | None:
         """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""

@@ -22,6 +22,7 @@ from hf_mirror.stacked import StackedLora
 from hf_mirror.trunk import SharedTrunk, find_blocks
 
 logger = logging.getLogger(__name__)
+GRADIENT_BUDGET = 2**27  # dense gradient entries [probes, out, in] a closed-form step holds at once (512 MB fp32)
 
 
 
@@ -33,7 +34,7 @@ def quiet_peft() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         # GPT-2's Conv1D projections need fan_in_fan_out, its output layer is a Linear that does not: PEFT sets it
         # per layer and says so
-        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True but the target module is")
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to (True|False) but the target module is")
         # an adapted tied output layer: the mirror is never merged into the weights, so the tie stays as it is
         warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
         yield
@@ -124,7 +125,8 @@ def fit_mirrors(
     ``curvature`` preconditions it when ``cfg.precondition`` asks for it).
     """
     if cfg.fit == "gradient" and cfg.precondition != "none" and curvature is None:
-        raise InputError(f"precondition={cfg.precondition!r} needs the curvature (hf_mirror.curvature.curvature_for).")
+        raise InputError(f"precondition={cfg.precondition!r} needs the curvature: pass curvature=curvature_for(...) "
+                         "(hf_mirror.curvature), or precondition='none'.")
     device = next(model.parameters()).device
     lora = cfg.lora_config(model)
     # encode every probe first: bad input fails before the model is touched
@@ -235,19 +237,13 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
             steps[n] = _embedding_steps(n, seen[n], mask, cfg, curvature, along, bases[n].num_embeddings)
             continue
         x, d = seen[n]["x"] * mask[..., None], seen[n]["d"]
-        grads = torch.einsum("bto,bti->boi", d.float(), x.float())
-        direction = grads if curvature is None else curvature.precondition(n, grads, cfg.damping)
-        u, s, vh = torch.linalg.svd(direction, full_matrices=False)
-        r = min(cfg.rank, s.shape[-1])
-        u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
-        # one sign per singular pair (its largest left entry positive): the same adapter weights however the probes
-        # are grouped, not only the same product
-        flip = torch.sign(torch.gather(u, -2, u.abs().argmax(dim=-2, keepdim=True))).clamp(min=0) * 2 - 1
-        u, vh = u * flip, vh * flip.transpose(-1, -2)
-        kept = u @ (s[..., None] * vh)
-        along += (kept * grads).sum(dim=(1, 2)).double().cpu()
-        root = s.sqrt()[..., None]
-        steps[n] = [(u[i] * root[i].T, root[i] * vh[i]) for i in range(len(names))]
+        # probes in slices that keep each slice's dense gradient [probes, out, in] within GRADIENT_BUDGET entries
+        # (one at a time for a large vocabulary's output layer)
+        size = max(1, GRADIENT_BUDGET // (d.shape[-1] * x.shape[-1]))
+        steps[n] = []
+        for lo in range(0, len(names), size):
+            part = slice(lo, lo + size)
+            steps[n] += _linear_steps(n, d[part], x[part], cfg, curvature, along[part])
     if not bool((along > 0).all()):
         bad = int((along <= 0).nonzero()[0, 0])
         raise ScoreError(f"Probe {probes[bad].id!r}: its gradient vanishes on the adapted layers (first-order change "
@@ -273,6 +269,25 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
         report.steps[probe.id] = 1
     for p in peft_model.parameters():
         p.requires_grad_(False)
+
+
+def _linear_steps(name: str, d: torch.Tensor, x: torch.Tensor, cfg: MirrorConfig, curvature: Curvature | None,
+                  along: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per probe, a linear layer's (B [out, r], A [r, in]) before scaling: the best rank-``cfg.rank`` approximation
+    of its (preconditioned) gradient ``sum_t d_t x_t^T``; adds each step's first-order loss change to ``along`` (a
+    view of the group's)."""
+    grads = torch.einsum("bto,bti->boi", d.float(), x.float())
+    direction = grads if curvature is None else curvature.precondition(name, grads, cfg.damping)
+    u, s, vh = torch.linalg.svd(direction, full_matrices=False)
+    r = min(cfg.rank, s.shape[-1])
+    u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
+    # one sign per singular pair (its largest left entry positive): the same adapter weights however the probes are
+    # grouped, not only the same product
+    flip = torch.sign(torch.gather(u, -2, u.abs().argmax(dim=-2, keepdim=True))).clamp(min=0) * 2 - 1
+    u, vh = u * flip, vh * flip.transpose(-1, -2)
+    along += (u @ (s[..., None] * vh) * grads).sum(dim=(1, 2)).double().cpu()
+    root = s.sqrt()[..., None]
+    return [(u[i] * root[i].T, root[i] * vh[i]) for i in range(len(u))]
 
 
 def _embedding_steps(name: str, seen: dict, mask: torch.Tensor, cfg: MirrorConfig, curvature: Curvature | None,
@@ -429,7 +444,8 @@ def load_mirrors(base_model, directory: str | Path, names: Sequence[str]) -> Pef
             with quiet_peft():
                 model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name)
         else:
-            model.load_adapter(str(path), adapter_name=name)
+            with quiet_peft():
+                model.load_adapter(str(path), adapter_name=name)
     if model is None:
         raise InputError("No adapter names given to load.")
     model.eval()

@@ -38,7 +38,8 @@ def summary(folder: Path, half: str = "held_out") -> str:
             row = lds.get(spec)
             cells[f"{corpus} lds"] = "" if row is None else f"{row.get(half, row['lds']):.3f}"
             c = cost.get(spec.split("[")[0])  # the run's cost, for the influence and the [mirror] column alike
-            cells[f"{corpus} cost"] = "" if c is None else f"{c['seconds']:.0f} s, {c['peak_rss_mb']:.0f} MB"
+            cells[f"{corpus} cost"] = "" if c is None else f"{c['seconds']:.0f} s, {c['peak_rss_mb']:.0f} MB" + (
+                f" ({c['seconds_factors_cached']:.0f} s factors cached)" if "seconds_factors_cached" in c else "")
     header = ["method"] + [f"{c}: tail-patch SGD share / Spearman | {c}: tail-patch Adam | {c}: LDS | {c}: wall, peak "
                            "RSS" for c in corpora]
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " --- | --- | --- | --- |" * len(corpora)]

@@ -225,11 +225,14 @@ def test_lds_recipe_on_real_wordnet_text(cache, tmp_path, capsys):
 def test_cost_recipe_runs_each_method_as_a_user_does(cache, tmp_path, capsys):
     """``recipes/benchmark_cost.py``: each method through the CLI in its own process, wall time and peak RSS."""
     cost = recipe("benchmark_cost")
-    assert cost.main(["--corpus", "capitals", "--quick", "--methods", "bm25", "--cache-dir", str(cache),
+    assert cost.main(["--corpus", "capitals", "--quick", "--methods", "bm25,mirror", "--cache-dir", str(cache),
                       "--json", str(tmp_path / "c.json")]) == 0
     assert "| bm25 |" in capsys.readouterr().out
-    row = json.loads((tmp_path / "c.json").read_text())["methods"]["bm25"]
-    assert row["seconds"] > 0 and row["peak_rss_mb"] > 50
+    rows = json.loads((tmp_path / "c.json").read_text())["methods"]
+    assert rows["bm25"]["seconds"] > 0 and rows["bm25"]["peak_rss_mb"] > 50
+    assert "seconds_factors_cached" not in rows["bm25"]
+    # the default mirror fits its RMS factors once per model: the rerun with them cached reports apart
+    assert rows["mirror"]["seconds_factors_cached"] > 0
 
 
 def test_summary_table_from_the_benchmarks_json(tmp_path):
@@ -241,9 +244,9 @@ def test_summary_table_from_the_benchmarks_json(tmp_path):
         "mirror:target_modules=all-linear|lm_head": {"variants": variants(0.25)}}}))
     (tmp_path / "lds_capitals.json").write_text(json.dumps({"methods": {
         "mirror": {"lds": 0.3, "held_out": 0.125}, "mirror[mirror]": {"lds": 0.3, "held_out": 0.125}}}))
-    (tmp_path / "cost_capitals.json").write_text(json.dumps({"methods": {"mirror": {"seconds": 12.0,
-                                                                                     "peak_rss_mb": 600.0}}}))
+    (tmp_path / "cost_capitals.json").write_text(json.dumps({"methods": {"mirror": {
+        "seconds": 12.0, "peak_rss_mb": 600.0, "seconds_factors_cached": 9.0}}}))
     table = recipe("benchmark_summary").summary(tmp_path)
-    assert "| mirror | 0.500 / 0.250 | 0.500 / 0.250 | 0.125 | 12 s, 600 MB |" in table
+    assert "| mirror | 0.500 / 0.250 | 0.500 / 0.250 | 0.125 | 12 s, 600 MB (9 s factors cached) |" in table
     assert "mirror[mirror]" not in table  # the same ranking as the influence column
     assert "| mirror:target_modules=all-linear\\|lm_head | 0.250 / 0.125 |" in table

@@ -72,7 +72,7 @@ def test_a_small_gradient_step_reads_the_gradient_inner_product_by_forward_passe
     probe = Probe("p", "the cat", " sat on the mat")
     targets = {"blocks": "all-linear", "head": ["all-linear", "lm_head"],
                "embeddings": ["all-linear", "lm_head", "embeddings"]}[adapted]
-    cfg = MirrorConfig(fit="gradient", target_modules=targets, rank=32, step_rise=1e-3)
+    cfg = MirrorConfig(fit="gradient", target_modules=targets, rank=32, step_rise=1e-3, precondition="none")
     corpus = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
     # a copy: attribute gives a tokenizer without one a pad token, and ``tok`` is shared by the whole session
     result = attribute(model, corpus, [probe], tokenizer=copy.deepcopy(tok), output_dir=tmp_path / "run", mirror=cfg,
@@ -175,14 +175,17 @@ def test_the_curvature_is_cached_and_read_back(tok, model, tmp_path):
     assert curvature_for(model, tok, corpus, "ekfac", 4, 64, tmp_path).layers.keys() == first.layers.keys()
 
 
-def test_config_of_the_gradient_fit():
+def test_config_of_the_gradient_fit(caplog):
     assert "fit" not in MirrorConfig(fit="steps").identity()  # the keys of step-fitted runs are unchanged
     assert "steps" not in MirrorConfig().identity()  # the default gradient fit reads no optimizer setting
     gradient = MirrorConfig(fit="gradient", precondition="ekfac")
     assert gradient.identity()["precondition"] == "ekfac" and "steps" not in gradient.identity()
     assert gradient.identity() != MirrorConfig(fit="gradient", precondition="ekfac", damping=0.2).identity()
-    with pytest.raises(InputError, match="precondition"):
-        MirrorConfig(fit="steps", precondition="kfac")  # a preconditioned *gradient* step
+    with caplog.at_level("WARNING", logger="hf_mirror.config"):
+        MirrorConfig(fit="steps")  # the default preconditioner is the gradient fit's: nothing to say
+        assert not caplog.records
+        MirrorConfig(fit="steps", precondition="kfac")  # a preconditioned *gradient* step: not read
+    assert "--precondition shape the gradient mirror's step and are not read by fit='steps'" in caplog.text
     for bad in (0.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="step_rise"):
             MirrorConfig(fit="gradient", step_rise=bad)
