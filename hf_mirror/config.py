@@ -155,6 +155,8 @@ class MirrorConfig:
             self.target_modules = "all-linear"
         if self.target_modules in (["none"], "none"):
             self.target_modules = None
+        if self.precondition is None:  # "none" read as a value (benchmark specs, JSON)
+            self.precondition = "none"
         if self.fit_batch < 1:
             raise InputError("fit_batch (probes fitted together) must be at least 1.")
         if self.target_rise is not None and not self.target_rise > 0:
