@@ -43,7 +43,8 @@ from benchmarks.lds import LDSConfig, Setup, cache_root, full_setup, method_scor
 from hf_mirror.errors import InputError
 
 __all__ = ["ADAM_LR", "ADAM_STEPS", "K", "SGD_LR", "SGD_STEPS", "VARIANTS", "evaluate_matrix", "format_table",
-           "ground_truth", "linearity", "proponent_ranks", "proponent_summary", "run_tail_patch", "tail_patch_matrix",
+           "ground_truth", "linearity", "proponent_ranks", "proponent_summary", "run_tail_patch", "source_mrr",
+           "tail_patch_matrix",
            "top_k_share"]
 
 SGD_LR = 1e-2  # one step stays linear: lr vs lr/2 correlate at r >= 0.996 on the full wordnet and capitals models
@@ -249,6 +250,20 @@ def evaluate_matrix(scores: np.ndarray, truth: np.ndarray, k: int = K, metric=No
             "spearman_per_probe": spearmans.tolist()}
 
 
+def source_mrr(scores: np.ndarray, setup: Setup) -> dict:
+    """Retrieval of the documents that state each probe's answer (``setup.proponents``): per probe the reciprocal
+    rank of its best-ranked proponent in ``scores`` (ties broken against it), then the mean over all probes, the tune
+    half (even positions) and the held-out half (odd); probes without proponents are left out."""
+    column = {d["id"]: j for j, d in enumerate(setup.documents)}
+    per_probe = []
+    for row, probe in zip(scores, setup.probes, strict=True):
+        own = [column[d] for d in setup.proponents.get(probe["id"], []) if d in column]
+        per_probe.append(1.0 / (int((row >= row[own].max()).sum() - 1) + 1) if own else float("nan"))
+    values = np.array(per_probe, np.float64)
+    return {"all": float(np.nanmean(values)), "tune": float(np.nanmean(values[0::2])),
+            "held_out": float(np.nanmean(values[1::2])), "per_probe": per_probe}
+
+
 def _chance(truth: np.ndarray, k: int) -> float:
     """The expected top-k share of a random order: mean over probes of mean(effect) / mean(best k effects)."""
     best = [np.sort(row)[::-1][:k].mean() for row in truth]
@@ -313,7 +328,7 @@ def run_tail_patch(cfg: LDSConfig, methods: Sequence[str], cache_dir: str | Path
             matrix = score_matrix(scores, probe_ids, doc_ids, column)
             rows = {v: evaluate_matrix(matrix, truth, K, metric) for v, truth in truths.items()}
             report["methods"][name] = {"method": method, "mirror": options, "column": column, "seconds": seconds,
-                                       "variants": rows}
+                                       "variants": rows, "source_mrr": source_mrr(matrix, setup)}
             log(f"{name}: " + ", ".join(f"{v} top-{K} share {r['all']['top_k_share']:.3f} spearman "
                                         f"{r['all']['spearman']:.3f}" for v, r in rows.items()) + f" ({seconds:.0f} s)")
     return report

@@ -1,5 +1,5 @@
 """The headline table of docs/benchmarks.md from the benchmarks' JSON reports: every method x every corpus x
-(tail-patch, LDS, wall time, peak RSS), held-out halves.
+(source MRR, tail-patch, LDS, wall time, peak RSS), held-out halves.
 
     python recipes/benchmark_summary.py runs/summary   # reads the reports below from that folder
 
@@ -32,6 +32,8 @@ def summary(folder: Path, half: str = "held_out") -> str:
         for spec in dict.fromkeys([*tail, *lds]):
             cells = rows.setdefault(spec, {})
             variants = tail.get(spec, {}).get("variants", {})
+            mrr = tail.get(spec, {}).get("source_mrr", {}).get(half)
+            cells[f"{corpus} mrr"] = "" if mrr is None else f"{mrr:.3f}"
             for v in ("sgd", "adam"):
                 x = variants.get(v, {}).get(half)
                 cells[f"{corpus} {v}"] = "" if x is None else f"{x['top_k_share']:.3f} / {x['spearman']:.3f}"
@@ -40,14 +42,14 @@ def summary(folder: Path, half: str = "held_out") -> str:
             c = cost.get(spec.split("[")[0])  # the run's cost, for the influence and the [mirror] column alike
             cells[f"{corpus} cost"] = "" if c is None else f"{c['seconds']:.0f} s, {c['peak_rss_mb']:.0f} MB" + (
                 f" ({c['seconds_factors_cached']:.0f} s factors cached)" if "seconds_factors_cached" in c else "")
-    header = ["method"] + [f"{c}: tail-patch SGD share / Spearman | {c}: tail-patch Adam | {c}: LDS | {c}: wall, peak "
-                           "RSS" for c in corpora]
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " --- | --- | --- | --- |" * len(corpora)]
+    header = ["method"] + [f"{c}: source MRR | {c}: tail-patch SGD share / Spearman | {c}: tail-patch Adam | "
+                           f"{c}: LDS | {c}: wall, peak RSS" for c in corpora]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " --- | --- | --- | --- | --- |" * len(corpora)]
     for spec, cells in rows.items():
         if spec.endswith("[mirror]") and cells == {**rows.get(spec[: -len("[mirror]")], {}),
                                                     **{k: v for k, v in cells.items() if k.endswith("cost")}}:
             continue  # the mirror's own column ranks as the influence column does (lexical weight 0)
-        values = [cells.get(f"{c} {k}", "") for c in corpora for k in ("sgd", "adam", "lds", "cost")]
+        values = [cells.get(f"{c} {k}", "") for c in corpora for k in ("mrr", "sgd", "adam", "lds", "cost")]
         name = spec.replace("|", "\\|")  # a list in a spec (all-linear|lm_head) inside a Markdown cell
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return "\n".join(lines)

@@ -240,13 +240,14 @@ def test_summary_table_from_the_benchmarks_json(tmp_path):
     half = lambda share, rho: {"top_k_share": share, "spearman": rho}  # noqa: E731
     variants = lambda s: {v: {"held_out": half(s, s / 2), "tune": half(0.0, 0.0)} for v in ("sgd", "adam")}  # noqa: E731
     (tmp_path / "tail_patch_capitals.json").write_text(json.dumps({"methods": {
-        "mirror": {"variants": variants(0.5)}, "mirror[mirror]": {"variants": variants(0.5)},
+        "mirror": {"variants": variants(0.5), "source_mrr": {"held_out": 0.75, "tune": 1.0}},
+        "mirror[mirror]": {"variants": variants(0.5), "source_mrr": {"held_out": 0.75, "tune": 1.0}},
         "mirror:target_modules=all-linear|lm_head": {"variants": variants(0.25)}}}))
     (tmp_path / "lds_capitals.json").write_text(json.dumps({"methods": {
         "mirror": {"lds": 0.3, "held_out": 0.125}, "mirror[mirror]": {"lds": 0.3, "held_out": 0.125}}}))
     (tmp_path / "cost_capitals.json").write_text(json.dumps({"methods": {"mirror": {
         "seconds": 12.0, "peak_rss_mb": 600.0, "seconds_factors_cached": 9.0}}}))
     table = recipe("benchmark_summary").summary(tmp_path)
-    assert "| mirror | 0.500 / 0.250 | 0.500 / 0.250 | 0.125 | 12 s, 600 MB (9 s factors cached) |" in table
+    assert "| mirror | 0.750 | 0.500 / 0.250 | 0.500 / 0.250 | 0.125 | 12 s, 600 MB (9 s factors cached) |" in table
     assert "mirror[mirror]" not in table  # the same ranking as the influence column
-    assert "| mirror:target_modules=all-linear\\|lm_head | 0.250 / 0.125 |" in table
+    assert "| mirror:target_modules=all-linear\\|lm_head |  | 0.250 / 0.125 |" in table

@@ -152,6 +152,9 @@ def test_recipe_quick_end_to_end(tmp_path, capsys):
     report = json.loads((tmp_path / "a.json").read_text())
     assert set(report["methods"]) == {"bm25", "mirror", "mirror[mirror]"} and report["python"]
     assert report["methods"]["mirror[mirror]"]["column"] == "raw_score"
+    # the documents that state each answer: BM25 (prompt + generation as the query) ranks them near the top
+    assert report["methods"]["bm25"]["source_mrr"]["all"] > 0.5
+    assert all(0 < row["source_mrr"]["all"] <= 1 for row in report["methods"].values())
     assert "a document stating the answer has the largest effect for" in printed
     assert all(1 <= r <= 40 for v in report["variants"].values() for r in v["proponent_ranks"])
     assert all(v["seconds"] > 0 for v in report["variants"].values())
