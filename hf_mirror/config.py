@@ -89,7 +89,7 @@ class MirrorConfig:
     ``"learn"`` takes descent steps. ``target_modules=None`` uses PEFT's default for the architecture (the
     attention projections), ``"all-linear"`` every linear layer but the output head (attention and MLP);
     ``layers`` restricts the adapter to those transformer block indices (negative ones count from the top: ``[-2, -1]``
-    is the top 2 blocks of any model).
+    is the top 2 blocks of any model; the default modules then become the blocks' linear layers alone).
 
     ``fit="gradient"`` (the default) writes each mirror in closed form: one step along the probe's gradient on every
     adapted layer (its best rank-``rank`` approximation), scaled so the probe loss moves ``step_rise`` nats to first
@@ -157,6 +157,10 @@ class MirrorConfig:
             self.target_modules = None
         if self.precondition is None:  # "none" read as a value (benchmark specs, JSON)
             self.precondition = "none"
+        if (self.layers is not None and isinstance(self.target_modules, list) and "embeddings" in self.target_modules
+                and self.target_modules != list(DEFAULT_TARGETS)):
+            raise InputError("--layers restricts the mirror to those blocks, and the embedding tables lie below every "
+                             "block: drop 'embeddings' from --target-modules or drop --layers.")
         if self.fit_batch < 1:
             raise InputError("fit_batch (probes fitted together) must be at least 1.")
         if self.target_rise is not None and not self.target_rise > 0:
@@ -208,6 +212,8 @@ class MirrorConfig:
         from hf_mirror.mirror import linear_module_names, uses_conv1d
 
         targets = self.target_modules
+        if self.layers is not None and targets == list(DEFAULT_TARGETS):
+            targets = ["all-linear"]  # the default's modules inside the chosen blocks (a shared trunk below them)
         if targets == "all-linear" and self.layers is not None or isinstance(targets, list) and "all-linear" in targets:
             if model is None:
                 raise InputError("target_modules='all-linear' with layers or other modules needs the model to list its "

@@ -18,7 +18,7 @@ from hf_mirror.curvature import Curvature
 from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
 from hf_mirror.progress import progress_bar
-from hf_mirror.stacked import StackedLora
+from hf_mirror.stacked import StackedLora, adapters_off
 from hf_mirror.trunk import SharedTrunk, find_blocks
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
                          f"embedding tables only; got {sorted(set(bases) - supported)}.")
     device = next(peft_model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    with peft_model.disable_adapter(), capture(peft_model, bases) as seen:
+    with adapters_off(peft_model), capture(peft_model, bases) as seen:
         losses = _probe_losses(peft_model, batch)
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):

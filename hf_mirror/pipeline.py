@@ -7,6 +7,8 @@ import hashlib
 import itertools
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -205,11 +207,11 @@ def attribute(
         pool = _probes_and_candidates(run)  # 1. probes, controls, BM25 candidates
         caches = _caches(run, pool)
         book = _score_book(run, pool)  # before the costly fit: refuses another run's shard, or resumes this one's
-        report = _mirrors_and_scan(run, pool, caches, book)  # 2. fit or reload the mirrors, 3. scan this shard
-        run.accelerator.wait_for_everyone()
-        if run.main:
-            _merge_and_record(run, pool, report, book.run_key, model_kwargs)  # 4. merge, 5. record
-            run.output.finish()  # under overwrite: swapped in for the previous result
+        with _mirrors_and_scan(run, pool, caches, book) as (report, peft_model):  # 2. fit or reload, 3. scan
+            run.accelerator.wait_for_everyone()
+            if run.main:
+                _merge_and_record(run, pool, report, book.run_key, model_kwargs, peft_model)  # 4. merge, 5. record
+                run.output.finish()  # under overwrite: swapped in for the previous result
         run.accelerator.wait_for_everyone()
     finally:
         if run.output is not None:
@@ -217,9 +219,11 @@ def attribute(
     return AttributionResult.load(run.final)
 
 
-def _mirrors_and_scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook) -> FitReport:
-    """Fit or reload the mirrors (main process, shared), scan this process's shard unless it is finished, and give
-    the caller back their model without LoRA layers, as trainable as it was."""
+@contextmanager
+def _mirrors_and_scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook) -> Iterator[tuple[FitReport, object]]:
+    """Fit or reload the mirrors (main process, shared), scan this process's shard unless it is finished, and yield
+    the fit's report and the model with its mirrors (the report's evidence is read with them); on leaving, give the
+    caller back their model without LoRA layers, as trainable as it was."""
     trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}  # PEFT freezes them
     n_fit = len(pool.probes) if caches.controls_cached else len(pool.all)
     peft_model = None
@@ -227,12 +231,12 @@ def _mirrors_and_scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook) 
         peft_model, report = _mirrors(run, pool, n_fit)
         if not book.done:
             _scan(run, pool, caches, book, peft_model, n_fit)
+        yield report, peft_model
     finally:  # also when a fit fails (a non-finite probe loss): the caller's model comes back as it was
         if peft_model is not None:
             peft_model.unload()
         for name, p in run.model.named_parameters():
             p.requires_grad_(trainable.get(name, p.requires_grad))
-    return report
 
 
 def _other_method(method: str, model, corpus, probes, tokenizer, scan: ScanConfig, output_dir, model_kwargs,
@@ -457,7 +461,8 @@ def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, 
                 main_process_only=False)
 
 
-def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, model_kwargs: dict | None) -> None:
+def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, model_kwargs: dict | None,
+                      peft_model) -> None:
     """Merge every process's shard and write the result with the record of how it was made (main process)."""
     scan = run.scan
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
@@ -489,7 +494,7 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     for warning in config["regime"]["warnings"]:
         logger.warning(warning)
     result = AttributionResult(run.out, merged["topk"], merged["evidence"], records, merged["skipped"], config)
-    texts = _report_evidence(run, pool, result)
+    texts = _report_evidence(run, pool, result, peft_model)
     result.save(run.out)
     write_report(result, run.out, texts=texts)
 
@@ -505,9 +510,10 @@ def _raw_scores(out: Path, probe_ids: list[str]) -> dict[str, np.ndarray]:
     return {pid: rows.to_numpy(np.float64) for pid, rows in table.groupby("probe_id")["raw_score"]}
 
 
-def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult) -> dict[str, str]:
+def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_model) -> dict[str, str]:
     """What report.html shows that the scan did not keep: the token evidence of each probe's "moved the model" list
-    (added to ``result.evidence``: its documents are scored again under the saved mirrors, a few forward passes) and
+    (added to ``result.evidence``: its documents are scored again under the run's mirrors, ``peft_model``, a few
+    forward passes) and
     the texts of the listed documents outside the top-k (one pass over the corpus's text, only when some are missing).
     Returns those texts by document id."""
     from hf_mirror.report import missing_texts, moved_without_evidence
@@ -533,27 +539,18 @@ def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult) -> dict[
             if str(d) in texts and str(d) not in seen:
                 seen.add(str(d))
                 docs.append((d, texts[str(d)]))
-    trainable = {name: p.requires_grad for name, p in run.model.named_parameters()}
-    peft_model = None
     rows = []
-    try:
-        peft_model = load_mirrors(run.model, run.out / "adapters", names)
-        scanner = Scanner(peft_model, run.tokenizer, names, ids, run.max_length, run.overlap, run.scan.batch_size,
-                          autocast=run.accelerator.autocast)
-        for doc in scanner(docs):
-            pieces = token_pieces(run.tokenizer, doc.text, doc.token_ids)
-            for p, pid in enumerate(ids):
-                if str(doc.doc_id) not in {str(d) for d in need[pid]}:
-                    continue
-                delta = run.mirror.sign * (doc.mirror[p] - doc.base)
-                rows += [{"probe_id": pid, "doc_id": doc.doc_id, "position": i, "token": piece,
-                          "base_loss": float(doc.base[i]), "mirror_loss": float(doc.mirror[p, i]),
-                          "delta": float(delta[i])} for i, piece in enumerate(pieces)]
-    finally:
-        if peft_model is not None:
-            peft_model.unload()
-        for name, p in run.model.named_parameters():
-            p.requires_grad_(trainable.get(name, p.requires_grad))
+    scanner = Scanner(peft_model, run.tokenizer, names, ids, run.max_length, run.overlap, run.scan.batch_size,
+                      autocast=run.accelerator.autocast, adapters_per_forward=run.scan.adapters_per_forward)
+    for doc in scanner(docs):
+        pieces = token_pieces(run.tokenizer, doc.text, doc.token_ids)
+        for p, pid in enumerate(ids):
+            if str(doc.doc_id) not in {str(d) for d in need[pid]}:
+                continue
+            delta = run.mirror.sign * (doc.mirror[p] - doc.base)
+            rows += [{"probe_id": pid, "doc_id": doc.doc_id, "position": i, "token": piece,
+                      "base_loss": float(doc.base[i]), "mirror_loss": float(doc.mirror[p, i]),
+                      "delta": float(delta[i])} for i, piece in enumerate(pieces)]
     if rows:
         import pandas as pd
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hf_mirror.corpus import Window, document_tokens, windows
 from hf_mirror.errors import InputError, ScoreError, StateError
 from hf_mirror.progress import ScanProgress
-from hf_mirror.stacked import StackedLora
+from hf_mirror.stacked import StackedLora, adapters_off
 from hf_mirror.trunk import SharedTrunk
 
 
@@ -250,13 +250,13 @@ class Scanner:
         record = self.trunk.capture if self.trunk is not None else nullcontext
         reuse = self.trunk.reuse if self.trunk is not None else nullcontext
         if run_base:
-            with self.model.disable_adapter(), self.autocast(), record():
+            with adapters_off(self.model, self.switch.layers), self.autocast(), record():
                 base = token_losses(self.model, ids, mask).cpu().numpy()
             self.base_passes += 1
             self.forward_passes += 1
             self._store(batch, pending, base, None)
         elif self.trunk is not None:  # base losses are cached: run the trunk alone
-            with self.model.disable_adapter(), self.autocast(), self.trunk.capture(stop=True):
+            with adapters_off(self.model, self.switch.layers), self.autocast(), self.trunk.capture(stop=True):
                 self.model(input_ids=ids, attention_mask=mask)
         if self.adapters_per_forward == 1:
             for p, name in enumerate(self.adapter_names):

@@ -18,6 +18,29 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
 
+@contextmanager
+def adapters_off(peft_model: PeftModel, layers: Sequence | None = None) -> Iterator[None]:
+    """The base model inside: every adapter layer (``layers``, default all of the model's) switched off and back.
+
+    What ``PeftModel.disable_adapter`` does for LoRA, without the walk over every parameter of every adapter it
+    takes first to report the model's status (0.4 s per call with 40 mirrors on a 3-block model, once per batch)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)] if layers is None else list(layers)
+    if not all(hasattr(m, "_disable_adapters") for m in layers):
+        with peft_model.disable_adapter():
+            yield
+        return
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before, strict=True):
+            m._disable_adapters = flag
+
+
 def lora_layers(peft_model: PeftModel, name: str) -> list[LoraLayer]:
     """The LoRA layers that hold adapter ``name`` (linear, embedding or other)."""
     return [m for m in peft_model.modules()
@@ -108,7 +131,7 @@ class StackedLora:
                                             with_kwargs=True)
                     for m, a, b, s in zip(self.layers, self.A, self.B, self.scaling, strict=True)]
         try:
-            with self.model.disable_adapter():
+            with adapters_off(self.model):
                 yield
         finally:
             for h in handles:

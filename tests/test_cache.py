@@ -11,7 +11,8 @@ from hf_mirror.cache import model_fingerprint
 
 def _run(model, tok, corpus, probes, out, cache_dir, **scan):
     return attribute(model, corpus, probes, tokenizer=tok, output_dir=out, show_progress=False,
-                     scan=ScanConfig(rank_by="mirror", cache_dir=str(cache_dir), normalize="none", **scan))
+                     scan=ScanConfig(rank_by="mirror", cache_dir=str(cache_dir), normalize="none",
+                                     **{"adapters_per_forward": 1, **scan}))  # passes counted one mirror at a time
 
 
 def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_path):
@@ -88,7 +89,7 @@ def test_single_probe_reuses_cached_control_scores(tiny_model, planted, tmp_path
     """A single probe z-scored against controls: the second run fits and scans only the probe itself."""
     model, tok = tiny_model
     corpus = Corpus(planted.texts)
-    scan = dict(cache_dir=str(tmp_path / "cache"), normalize="zscore", rank_by="mirror")
+    scan = dict(cache_dir=str(tmp_path / "cache"), normalize="zscore", rank_by="mirror", adapters_per_forward=1)
     # the step-fitted mirror: its deltas are far above float32's resolution, so cached and fresh scores agree to
     # 1e-5 (the default gradient mirror's 0.01-nat step moves a document's loss by about 1e-3 nats, where batching
     # changes the float32 rounding of a delta by up to 5e-4 of it)

@@ -35,7 +35,7 @@ def test_shared_trunk_matches_full_forward(tiny_model, planted, tmp_path, arch):
     def run(name, **scan):
         return attribute(model, corpus, probes, output_dir=tmp_path / name,
                          scan=ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4,
-                                         **scan), **kw)
+                                         **{"adapters_per_forward": 1, **scan}), **kw)
 
     plain = run("plain", shared_trunk=False, cache=False)
     shared = run("shared", cache=False)
@@ -192,7 +192,8 @@ def test_grouped_scan_stacks_the_embedding_tables(tiny_model, planted, tmp_path,
     model = _models(tok)["gpt2"]
     pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
     probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
-    mirror = MirrorConfig(fit=fit, target_modules=["wte", "wpe", "c_attn"], steps=2, lr=1e-2, rank=4)
+    mirror = MirrorConfig(fit=fit, target_modules=["wte", "wpe", "c_attn"], steps=2, lr=1e-2, rank=4,
+                          precondition="none" if fit == "gradient" else "rms")
     peft_model, _ = fit_mirrors(model, tok, [Probe("p", "a b", " c")], ["m"], mirror, show_progress=False)
     assert StackedLora.supports(peft_model, "m")
     peft_model.unload()
