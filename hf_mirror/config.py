@@ -270,7 +270,7 @@ class ScanConfig:
     runs the blocks below the mirror's lowest adapted layer once per batch when ``MirrorConfig.layers`` is set;
     ``adapters_per_forward`` > 1 scores that many probes per forward pass (stacked LoRA weights and batched matmuls;
     PEFT mixed-adapter batches for adapter types the stacks lack); 0 (the default) as many as keep a pass's logits
-    within 2^26 entries (:meth:`hf_mirror.scan.Scanner.auto_group`). ``precision`` ("bf16"/"fp16") autocasts on GPU.
+    within 2^22 entries (:meth:`hf_mirror.scan.Scanner.auto_group`). ``precision`` ("bf16"/"fp16") autocasts on GPU.
     Checkpoints are written every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads
     every batch to ``max_length`` so that scores do not depend on how documents are batched or split over processes,
     down to the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
@@ -302,7 +302,7 @@ class ScanConfig:
     precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast on GPU (the CPU scans in fp32)")
     shared_trunk: bool = option(True, help="run the blocks below the mirrors' layers once per batch")
     adapters_per_forward: int = option(0, min=0, help="probes scored per forward pass (stacked LoRA); 0: as many as "
-                                       "keep a pass's logits within 2^26 entries (1 for gpt2-small)")
+                                       "keep a pass's logits within 2^22 entries (1 for gpt2-small)")
     fixed_width: bool = option(False, help="pad every batch to max_length: scores independent of batching and "
                                "process count, down to the last bit")
     candidates: int | str | None = option(

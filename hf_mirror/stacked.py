@@ -122,7 +122,13 @@ class StackedLora:
                     raise AssertionError(f"A batch for {g} stacked adapters needs a multiple of {g} rows, got "
                                        f"{x.shape[0]}.")
                 rows = x.to(a.dtype).reshape(g, -1, x.shape[-1])  # [G, k x length, in]
-                delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+                low = torch.bmm(rows, a.transpose(1, 2))  # [G, k x length, r]
+                if not torch.is_grad_enabled() and out.dtype == low.dtype and out.is_contiguous():
+                    # scoring: accumulate into the layer's output in place (no [rows, length, out] copy: for the
+                    # output layer that is a vocabulary-wide tensor)
+                    out.view(g, -1, out.shape[-1]).baddbmm_(low, b.transpose(1, 2), alpha=scaling)
+                    return out
+                delta = torch.bmm(low, b.transpose(1, 2)) * scaling
                 return out + delta.reshape(*out.shape).to(out.dtype)
             return add
 

@@ -266,7 +266,8 @@ def test_auto_group_fills_the_logits_budget(tiny_model, planted, tmp_path):
 
     _, tok = tiny_model
     model = _models(tok)["gpt2"]
-    assert Scanner.auto_group(model, 40, 8, 128) == 40
+    assert Scanner.auto_group(model, 40, 8, 128) == min(40, LOGITS_BUDGET // (8 * 128 * len(tok))) > 1
+    assert Scanner.auto_group(model, 2, 8, 128) == 2  # never more than there are probes
     big = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=8, n_embd=4, n_layer=1, n_head=1))
     assert Scanner.auto_group(big, 40, 8, 1024) == 1 and LOGITS_BUDGET < 8 * 1024 * 50257
     pairs = zip(planted.probes()[:3], planted.facts[:3], strict=True)
