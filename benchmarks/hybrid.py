@@ -344,9 +344,9 @@ def union_rows(inputs: tuple, answers: dict[str, list[str]], mirror: pd.DataFram
     candidates; with dense, also among the dense top-M alone) and the default hybrid ranking's MRR / recall@k over
     those candidates, on both halves. The candidates are what ``attribute --index`` retrieves
     (``CandidateIndex.retrieve``, M = the default's)."""
-    from hf_mirror.candidates import build_index
     from hf_mirror.config import ScanConfig
     from hf_mirror.probes import Probe
+    from hf_mirror.retrieval import build_index
 
     model, corpus, probes, tokenizer = inputs
     scan = ScanConfig()

@@ -107,7 +107,7 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     from hf_mirror.pipeline import ScanConfig
     from hf_mirror.provenance.leakage import audit_leakage, make_items
     from hf_mirror.provenance.membership import MEMBERSHIP_METHODS, min_k_scores
-    from hf_mirror.provenance.ngram import NgramIndex
+    from hf_mirror.retrieval.ngram import NgramIndex
     from hf_mirror.tiny_lm import train_tiny_lm
 
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_leak_"))

@@ -78,7 +78,7 @@ def _add_attribute(sub) -> None:
     _progress_flag(p)
 
 
-# the default n-gram length of index, audit and provenance: hf_mirror.provenance.ngram.NGRAM (not imported here: it
+# the default n-gram length of index, audit and provenance: hf_mirror.retrieval.ngram.NGRAM (not imported here: it
 # loads datasets; tests/test_cli_inputs.py checks the number)
 NGRAM_HELP = ("n-gram length in tokens (default: 13 for every command; audit and provenance reuse a built --index at "
               "its own n)")
@@ -333,8 +333,8 @@ def _demo(args) -> int:
 
 
 def _open_or_build_index(args, corpus, tokenizer, index_dir):
-    from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
-    from hf_mirror.provenance.ngram import NGRAM, NgramIndex, build_key, remove_finished_checkpoint
+    from hf_mirror.retrieval.infinigram import InfiniGramIndex, load_index
+    from hf_mirror.retrieval.ngram import NGRAM, NgramIndex, build_key, remove_finished_checkpoint
 
     if (index_dir / "manifest.json").exists():
         index = load_index(index_dir, tokenizer)
@@ -444,7 +444,7 @@ def _index(args) -> int:
 
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split,
                     format=args.format, name=args.dataset_config)  # the corpus attribute --index will check
-    from hf_mirror.candidates import build_index
+    from hf_mirror.retrieval import build_index
 
     model = None
     if args.dense:
@@ -455,7 +455,7 @@ def _index(args) -> int:
         model.to(process_state().device).eval()
     else:
         tokenizer = load_tokenizer(args.model)
-    from hf_mirror.provenance.ngram import NGRAM
+    from hf_mirror.retrieval.ngram import NGRAM
 
     index = build_index(corpus, tokenizer, args.output, n=args.ngram or NGRAM, model=model, overwrite=args.overwrite,
                         show_progress=not args.no_progress, resume=not args.restart, backend=args.backend)

@@ -10,13 +10,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from hf_mirror.errors import InputError
 from hf_mirror.flags import option
-
-if TYPE_CHECKING:
-    from peft import LoraConfig
 
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -204,39 +201,6 @@ class MirrorConfig:
         """+1 when a supporting document's loss rises under the mirror (unlearn), -1 when it falls."""
         return 1.0 if self.direction == "unlearn" else -1.0
 
-    def lora_config(self, model=None) -> LoraConfig:
-        """PEFT's LoRA config. ``"all-linear"`` with ``layers`` needs ``model``: PEFT takes layer indices only with
-        module names, so the names of the linear layers inside the transformer blocks are listed."""
-        from peft import LoraConfig
-
-        from hf_mirror.mirror import linear_module_names, uses_conv1d
-
-        targets = self.target_modules
-        if self.layers is not None and targets == list(DEFAULT_TARGETS):
-            targets = ["all-linear"]  # the default's modules inside the chosen blocks (a shared trunk below them)
-        if targets == "all-linear" and self.layers is not None or isinstance(targets, list) and "all-linear" in targets:
-            if model is None:
-                raise InputError("target_modules='all-linear' with layers or other modules needs the model to list its "
-                                 "linear layers.")
-            extra = [t for t in targets if t != "all-linear"] if isinstance(targets, list) else []
-            targets = linear_module_names(model) + extra
-        if isinstance(targets, list) and "embeddings" in targets:
-            from hf_mirror.curvature import embedding_layers
-
-            if model is None:
-                raise InputError("target_modules 'embeddings' needs the model to find its embedding tables.")
-            targets = [t for t in targets if t != "embeddings"] + sorted(embedding_layers(model))
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=targets,
-            layers_to_transform=self.block_indices(model),
-            fan_in_fan_out=uses_conv1d(model),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -277,7 +241,7 @@ class ScanConfig:
     top-M BM25 documents (retrieve-then-rerank); other documents get no score. ``sort_batches`` pools that many
     batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
     ``index`` reuses the BM25 index that ``hf-mirror index`` saved for the corpus
-    (:class:`hf_mirror.candidates.CandidateIndex`): the same candidates, without indexing the corpus again.
+    (:class:`hf_mirror.retrieval.CandidateIndex`): the same candidates, without indexing the corpus again.
     ``retrievers=["bm25", "dense"]`` makes each probe's candidates the union of its top-M BM25 documents and its
     top-M by cosine similarity in the index's dense vectors (``hf-mirror index --dense``; needs ``index``).
     ``lexical_weight`` sets the influence column (``influence`` in the results, the additive estimate a linear

@@ -9,9 +9,12 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hf_mirror.render import score_meaning
-from hf_mirror.results import AttributionResult
+
+if TYPE_CHECKING:  # annotations only: results.py imports the views, not the other way round
+    from hf_mirror.results import AttributionResult
 
 # diverging colours: green = the token supports the probe, red = it works against it
 SUPPORT_RGB = (22, 163, 74)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from hf_mirror.config import MirrorConfig
+from hf_mirror.config import DEFAULT_TARGETS, MirrorConfig
 from hf_mirror.curvature import Curvature
 from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
@@ -54,6 +54,36 @@ def linear_module_names(model) -> list[str]:
     blocks = find_blocks(model)
     return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules()
                    if isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def lora_config(cfg: MirrorConfig, model=None) -> LoraConfig:
+    """PEFT's LoRA config of ``cfg``'s mirrors. ``"all-linear"`` with ``layers`` needs ``model``: PEFT takes layer
+    indices only with module names, so the names of the linear layers inside the transformer blocks are listed."""
+    targets = cfg.target_modules
+    if cfg.layers is not None and targets == list(DEFAULT_TARGETS):
+        targets = ["all-linear"]  # the default's modules inside the chosen blocks (a shared trunk below them)
+    if targets == "all-linear" and cfg.layers is not None or isinstance(targets, list) and "all-linear" in targets:
+        if model is None:
+            raise InputError("target_modules='all-linear' with layers or other modules needs the model to list its "
+                             "linear layers.")
+        extra = [t for t in targets if t != "all-linear"] if isinstance(targets, list) else []
+        targets = linear_module_names(model) + extra
+    if isinstance(targets, list) and "embeddings" in targets:
+        from hf_mirror.curvature import embedding_layers
+
+        if model is None:
+            raise InputError("target_modules 'embeddings' needs the model to find its embedding tables.")
+        targets = [t for t in targets if t != "embeddings"] + sorted(embedding_layers(model))
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        layers_to_transform=cfg.block_indices(model),
+        fan_in_fan_out=uses_conv1d(model),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 @dataclass
@@ -128,7 +158,7 @@ def fit_mirrors(
         raise InputError(f"precondition={cfg.precondition!r} needs the curvature: pass curvature=curvature_for(...) "
                          "(hf_mirror.curvature), or precondition='none'.")
     device = next(model.parameters()).device
-    lora = cfg.lora_config(model)
+    lora = lora_config(cfg, model)
     # encode every probe first: bad input fails before the model is touched
     batches = [{k: v.to(device) for k, v in encode_probe(tokenizer, p, cfg.include_prompt, max_length).items()}
                for p in probes]
@@ -497,7 +527,7 @@ def attach_mirrors(model, names: Sequence[str], cfg: MirrorConfig, states: dict[
     """Recreate fitted mirrors on ``model`` from :func:`adapter_states` (on processes that did not fit them)."""
     from peft import set_peft_model_state_dict
 
-    lora = cfg.lora_config(model)
+    lora = lora_config(cfg, model)
     peft_model: PeftModel | None = None
     for name in names:
         if peft_model is None:

@@ -20,7 +20,6 @@ from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
-from hf_mirror.candidates import CandidateIndex, Candidates, retrieve
 from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import on_gpu
@@ -49,6 +48,7 @@ from hf_mirror.progress import ScanProgress
 from hf_mirror.regime import probe_stats, warnings_for
 from hf_mirror.report import write_report
 from hf_mirror.results import AttributionResult
+from hf_mirror.retrieval import CandidateIndex, Candidates, retrieve
 from hf_mirror.scan import Scanner
 from hf_mirror.scoring import EVIDENCE_COLUMNS, ScoreBook, token_pieces
 from hf_mirror.trunk import SharedTrunk

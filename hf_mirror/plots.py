@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hf_mirror.errors import InputError
-from hf_mirror.results import AttributionResult
+
+if TYPE_CHECKING:  # annotations only: results.py imports the views, not the other way round
+    from hf_mirror.results import AttributionResult
 
 
 def _pyplot():

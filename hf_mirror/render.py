@@ -7,12 +7,15 @@ Everything that comes from the user's data (document text, probe text, ids) pass
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hf_mirror.config import AUTO_CANDIDATES
-from hf_mirror.results import AttributionResult
 from hf_mirror.terminal import printable
+
+if TYPE_CHECKING:  # annotations only: results.py imports the views, not the other way round
+    from hf_mirror.results import AttributionResult
 
 BOLD, GREEN, DIM, RESET = "\x1b[1m", "\x1b[42;30m", "\x1b[2m", "\x1b[0m"
 

@@ -20,7 +20,7 @@ one run, side by side:
 The forward pass is timed before and after the rest (the faster is the unit), so a change in the machine's load
 shows in the JSON (``forward_passes_s``, ``attribute_runs_s``).
 
-Uses only the public API (``hf_mirror.attribute``, ``ScanConfig``, ``Corpus``, ``hf_mirror.candidates``).
+Uses only the public API (``hf_mirror.attribute``, ``ScanConfig``, ``Corpus``, ``hf_mirror.retrieval``).
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hf_mirror import Corpus, ScanConfig, attribute
-    from hf_mirror.candidates import CandidateIndex, build_index, retrieve
     from hf_mirror.probes import load_probes
+    from hf_mirror.retrieval import CandidateIndex, build_index, retrieve
     from hf_mirror.tiny_lm import train_tiny_lm
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hf_mirror import InputError, ScanConfig, attribute
-from hf_mirror.candidates import parse_candidates
+from hf_mirror.config import parse_candidates
 
 
 def test_parse_candidates():
@@ -74,9 +74,9 @@ def test_the_influence_column_is_the_mirror_plus_the_lexical_prior_over_every_do
                                                                                        tmp_path):
     """``influence`` = mirror / sd + lexical_weight x BM25 / sd over each probe's scored documents (BM25 of every
     document, 0 where it shares no word), in scores.parquet and the top-k alike; weight 0 is the mirror alone."""
-    from hf_mirror.candidates import retrieve
     from hf_mirror.fusion import influence
     from hf_mirror.probes import Probe
+    from hf_mirror.retrieval import retrieve
 
     model, tok = tiny_model
     probes = planted.probes()[:3]

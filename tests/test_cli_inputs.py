@@ -209,10 +209,10 @@ def test_paths_spelled_another_way_are_the_same_run(tiny, tmp_path, monkeypatch,
 def test_index_audit_and_provenance_share_one_ngram_default():
     import inspect
 
-    from hf_mirror.candidates import build_index
     from hf_mirror.cli import NGRAM_HELP
     from hf_mirror.provenance import InfiniGramIndex, NgramIndex, generation_provenance
-    from hf_mirror.provenance.ngram import NGRAM
+    from hf_mirror.retrieval import build_index
+    from hf_mirror.retrieval.ngram import NGRAM
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for command in ("index", "audit", "provenance"):
@@ -224,7 +224,7 @@ def test_index_audit_and_provenance_share_one_ngram_default():
 
 
 def test_provenance_reuses_an_index_built_on_defaults_and_names_a_mismatch(tiny, tmp_path, capsys):
-    from hf_mirror.provenance.ngram import NGRAM
+    from hf_mirror.retrieval.ngram import NGRAM
 
     model, corpus, index = str(tiny / "model"), str(tiny / "c.jsonl"), tmp_path / "index"
     assert main(["index", "--model", model, "--corpus", corpus, "--output", str(index), "--no-progress"]) == 0

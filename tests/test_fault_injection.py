@@ -346,8 +346,8 @@ def data_files(indexed, planted, tiny_model):
     """Reference indexes (`--dense`, and infini-gram when installed) and each reader's undamaged answer."""
     import json
 
-    from hf_mirror.candidates import CandidateIndex
     from hf_mirror.cli import main
+    from hf_mirror.retrieval import CandidateIndex
 
     model, tok = tiny_model
     root = indexed.root / "data_files"
@@ -446,7 +446,7 @@ def test_a_verified_index_is_not_read_again_unless_asked(data_files, tiny_model,
     """The second open of an unchanged index hashes nothing; HF_MIRROR_VERIFY=always hashes every file each time;
     a cache directory that cannot be written only costs the full check."""
     from hf_mirror import integrity
-    from hf_mirror.candidates import CandidateIndex
+    from hf_mirror.retrieval import CandidateIndex
 
     _, tok = tiny_model
     root, refs, _, _ = data_files
@@ -633,7 +633,7 @@ def test_sigkill_while_writing_the_cache(runs, point, caplog, monkeypatch):
 
 def _build_in_small_checkpoints(mp):
     """`hf-mirror index` checkpoints every 1M n-grams: every 100 here, so that a kill lands between checkpoints."""
-    from hf_mirror.provenance.ngram import NgramIndex
+    from hf_mirror.retrieval.ngram import NgramIndex
 
     real = NgramIndex.build.__func__
 
@@ -689,7 +689,7 @@ def _kill_in_save(mp):  # the finished index, written to its temporary folder: h
 
 
 def _kill_in_suffix_array(mp):  # infini-gram: the corpus tokenised into its temporary folder, no suffix array yet
-    from hf_mirror.provenance import infinigram
+    from hf_mirror.retrieval import infinigram
 
     mp.setattr(infinigram, "_suffix_array", lambda *a, **kw: sigkill())
 
@@ -742,7 +742,7 @@ def test_sigkill_during_the_index_build(index_build, point, capsys):
 
     from hf_mirror.cli import main
     from hf_mirror.errors import InputError
-    from hf_mirror.provenance.infinigram import load_index
+    from hf_mirror.retrieval.infinigram import load_index
 
     root, argv = index_build
     out, ref = root / point, root / "ref"

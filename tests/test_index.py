@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 
 from hf_mirror import InputError, ScanConfig, attribute
-from hf_mirror.candidates import CandidateIndex, build_index, retrieve
 from hf_mirror.cli import main
 from hf_mirror.corpus import Corpus
 from hf_mirror.probes import Probe
-from hf_mirror.provenance import NgramIndex, load_index, ngram
+from hf_mirror.provenance import NgramIndex, load_index
+from hf_mirror.retrieval import CandidateIndex, build_index, ngram, retrieve
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -271,7 +271,7 @@ def test_dense_index_is_the_models_mean_pooled_embedding_memory_mapped(planted, 
             assert len(set(got)) == len(got) == min(m, len(ids))
             np.testing.assert_allclose([s for _, s in found], np.sort(row)[::-1][:m], atol=1e-5)  # the best m, in order
             np.testing.assert_allclose(row[got], [s for _, s in found], atol=1e-5)  # and they are those documents
-    from hf_mirror.candidates import _top
+    from hf_mirror.retrieval.dense import top as _top
 
     scores, positions = _top(np.array([1.0, 3.0, 3.0, 2.0, 3.0], np.float32), np.arange(5), 2)
     assert positions.tolist() == [1, 2] and scores.tolist() == [3.0, 3.0]

@@ -14,7 +14,8 @@ from conftest import planted_corpus
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
-from hf_mirror.provenance import InfiniGramIndex, NgramIndex, infinigram, load_index
+from hf_mirror.provenance import InfiniGramIndex, NgramIndex, load_index
+from hf_mirror.retrieval import infinigram
 from hf_mirror.tiny_lm import train_tokenizer
 
 

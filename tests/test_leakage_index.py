@@ -13,7 +13,8 @@ import pytest
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
-from hf_mirror.provenance import NgramIndex, ngram
+from hf_mirror.provenance import NgramIndex
+from hf_mirror.retrieval import ngram
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -152,7 +153,8 @@ def test_killed_build_leaves_no_loadable_index(texts, tok, tok_dir, tmp_path):
         "import sys, time\n"
         "from transformers import AutoTokenizer\n"
         "from hf_mirror.corpus import Corpus\n"
-        "from hf_mirror.provenance import NgramIndex, ngram\n"
+        "from hf_mirror.provenance import NgramIndex\n"
+        "from hf_mirror.retrieval import ngram\n"
         "real = ngram.ngram_hashes\n"
         "def slow(tokens, n):\n"
         "    time.sleep(0.003)\n"

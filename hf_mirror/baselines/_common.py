@@ -43,14 +43,3 @@ def iter_documents(
             skipped.append(Skipped(doc_id, "no tokens after tokenization", seq))
             continue
         yield Document(seq, doc_id, text, ids[1:], windows(ids, max_length, overlap))
-
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from hf_mirror.baselines._common import Document
 from hf_mirror.probes import Probe
-
-WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    """The lowercase word tokens of ``text`` (runs of letters, digits and underscores)."""
-    return WORD.findall(text.lower())
+from hf_mirror.retrieval.bm25 import BM25, words
 
 
 class BM25Baseline:
@@ -30,9 +23,6 @@ class BM25Baseline:
     needs_model = False
 
     def __init__(self, probes: Sequence[Probe], *, k1: float = 1.5, b: float = 0.75, variant: str = "lucene") -> None:
-        import bm25s
-
-        self._bm25s = bm25s
         self.queries = [words(p.text) for p in probes]
         self.params = {"k1": k1, "b": b, "method": variant}
 
@@ -41,9 +31,7 @@ class BM25Baseline:
         docs = list(documents)
         if not docs:
             return
-        retriever = self._bm25s.BM25(**self.params)
-        # bm25s cannot index an empty token list: a document without words gets a placeholder no query contains
-        retriever.index([words(d.text) or [" "] for d in docs], show_progress=False)
-        scores = np.stack([retriever.get_scores(q) if q else np.zeros(len(docs)) for q in self.queries], axis=1)
+        index = BM25.index([words(d.text) or [" "] for d in docs], **self.params)
+        scores = np.stack([index.scores(q) for q in self.queries], axis=1)
         for doc, row in zip(docs, scores, strict=True):
             yield doc, row.astype(np.float64)

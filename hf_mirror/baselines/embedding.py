@@ -7,10 +7,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from hf_mirror.baselines._common import Document, batched
+from hf_mirror.baselines._common import Document
 from hf_mirror.corpus import document_tokens, windows
 from hf_mirror.probes import Probe
-from hf_mirror.scan import collate
+from hf_mirror.retrieval.dense import batched, mean_pooled
 
 
 class EmbeddingBaseline:
@@ -40,25 +40,6 @@ class EmbeddingBaseline:
         for batch in batched(documents, self.batch_size):
             vectors = _unit(self._embed([d.windows for d in batch]))
             yield from zip(batch, (vectors @ self.probe_vectors.T).numpy(), strict=True)
-
-
-@torch.no_grad()
-def mean_pooled(model, texts: Sequence[Sequence[tuple[int, list[int], int]]], pad_id: int,
-                batch_size: int = 16) -> torch.Tensor:
-    """Mean last hidden state per text, given each text's windows ``(start, input_ids, n_context)`` (float64, CPU):
-    each window pools the tokens it scores, so every token of a long text counts once."""
-    device = next(model.parameters()).device
-    flat = [(i, ids, ctx) for i, wins in enumerate(texts) for _, ids, ctx in wins]
-    sums = torch.zeros(len(texts), model.config.hidden_size, dtype=torch.float64)
-    counts = torch.zeros(len(texts), dtype=torch.float64)
-    for batch in batched(flat, batch_size):
-        ids, mask = collate([w[1] for w in batch], pad_id, device)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        hidden = hidden.double().cpu()
-        for row, (i, seq, ctx) in enumerate(batch):
-            sums[i] += hidden[row, ctx : len(seq)].sum(0)
-            counts[i] += len(seq) - ctx
-    return sums / counts.clamp(min=1).unsqueeze(1)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

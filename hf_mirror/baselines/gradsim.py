@@ -18,7 +18,7 @@ from peft import get_peft_model
 
 from hf_mirror.baselines._common import Document
 from hf_mirror.errors import InputError
-from hf_mirror.mirror import MirrorConfig, quiet_peft
+from hf_mirror.mirror import MirrorConfig, lora_config, quiet_peft
 from hf_mirror.probes import Probe, encode_probe
 from hf_mirror.scan import collate
 
@@ -52,7 +52,7 @@ class GradSimBaseline:
         self._base = model
         self._trainable = {n: p.requires_grad for n, p in model.named_parameters()}  # PEFT freezes them
         with quiet_peft():
-            self.model = get_peft_model(model, lora.lora_config(model))
+            self.model = get_peft_model(model, lora_config(lora, model))
         self.model.eval()
         self.device = next(model.parameters()).device
         self.params = [p for n, p in self.model.named_parameters() if "lora_" in n]

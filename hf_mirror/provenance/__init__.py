@@ -2,12 +2,12 @@
 membership scores; benchmark leakage audits and memorization reports."""
 
 from hf_mirror.provenance.generation import generation_provenance, write_provenance
-from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
 from hf_mirror.provenance.leakage import EvalSet, audit_leakage, combined_scores, robust_z, write_report
 from hf_mirror.provenance.membership import min_k_percent, min_k_scores, token_logprobs
 from hf_mirror.provenance.memorization import extractable_memorization
 from hf_mirror.provenance.mirror_leakage import EvalItem, make_items, mirror_leakage, split_item, stand_out
-from hf_mirror.provenance.ngram import NgramIndex, NgramMatch, Occurrence, Span, ngram_hashes
+from hf_mirror.retrieval.infinigram import InfiniGramIndex, load_index
+from hf_mirror.retrieval.ngram import NgramIndex, NgramMatch, Occurrence, Span, ngram_hashes
 
 __all__ = [
     "EvalItem",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
-from hf_mirror.provenance.ngram import NGRAM, NgramIndex
+from hf_mirror.retrieval.ngram import NGRAM, NgramIndex
 
 logger = logging.getLogger(__name__)
 TOO_SHORT = "too short to check"

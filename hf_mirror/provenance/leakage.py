@@ -36,7 +36,7 @@ from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.provenance.membership import min_k_scores
 from hf_mirror.provenance.mirror_leakage import DEFAULT_MIRROR_THRESHOLD, EvalItem, make_items, mirror_leakage
-from hf_mirror.provenance.ngram import NgramIndex
+from hf_mirror.retrieval.ngram import NgramIndex
 
 DETECTORS = ("ngram", "mirror", "minkprob")
 # robust-z units; on the injection benchmark clean items reach 0.36 (docs/benchmarks_details.md, "Benchmark leakage")

@@ -16,7 +16,7 @@ memory whatever the corpus size. On disk::
 
 Like ``NgramIndex``, the index is built in a temporary sibling directory, manifest last, and renamed into place,
 so an interrupted build never loads as valid; there is no checkpoint to resume from, a rerun starts over.
-``hf-mirror index --backend infini-gram`` (``hf_mirror.candidates.build_index``) builds one as the ``infinigram/``
+``hf-mirror index --backend infini-gram`` (``hf_mirror.retrieval.build_index``) builds one as the ``infinigram/``
 folder of its candidate index, beside BM25 (``load_index`` and ``CandidateIndex.verbatim`` open it there). The
 build runs in one process: under ``accelerate launch``/``torchrun`` the main process builds while the others wait
 at a barrier (so a build longer than the process group's timeout should be run without a launcher), then every
@@ -42,7 +42,7 @@ from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError, RunError
 from hf_mirror.integrity import check_hashes, hash_files, remove_dead_writers, writer_dir
 from hf_mirror.progress import progress_bar
-from hf_mirror.provenance.ngram import (
+from hf_mirror.retrieval.ngram import (
     INDEX_FORMAT,
     MANIFEST,
     NGRAM,
@@ -198,7 +198,7 @@ class InfiniGramIndex:
         directory = Path(directory)
         path = directory / MANIFEST
         python = ("InfiniGramIndex.build(corpus, tokenizer, output_dir, overwrite=True)" if output is None else
-                  "hf_mirror.candidates.build_index(corpus, tokenizer, output_dir, backend='infini-gram', "
+                  "hf_mirror.retrieval.build_index(corpus, tokenizer, output_dir, backend='infini-gram', "
                   "overwrite=True)")
         rebuild = (f"rebuild it with `hf-mirror index --backend infini-gram --overwrite --output "
                    f"{output or directory}` or {python}")

@@ -42,7 +42,7 @@ from hf_mirror.progress import progress_bar
 NGRAM = 13  # the n-gram length of every verbatim index, audit and provenance check by default (GPT-3's 13-grams)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-INDEX_FORMAT = "hf_mirror.index"  # the top-level manifest of `hf-mirror index` (hf_mirror.candidates)
+INDEX_FORMAT = "hf_mirror.index"  # the top-level manifest of `hf-mirror index` (hf_mirror.retrieval.index)
 _REBUILD = ("`hf-mirror index --overwrite --output INDEX_DIR` (the directory given to --index), or "
             "NgramIndex.build(corpus, tokenizer, output_dir=..., overwrite=True)")
 _ARRAYS = ("hashes", "docs", "offsets")

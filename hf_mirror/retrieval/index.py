@@ -1,4 +1,5 @@
-"""The candidate stage: each probe's top-M BM25 documents (the lexical answer, and what a rerank scans)."""
+"""The saved index (``hf-mirror index``): a corpus's BM25 index, its verbatim index (n-grams or infini-gram) and its
+dense vectors, built in one streaming pass over the corpus and reopened by :class:`CandidateIndex`."""
 
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from hf_mirror.config import parse_candidates  # noqa: F401 (re-exported)
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.integrity import check_hashes, hash_files
 from hf_mirror.ownership import STAGING, Kind
 from hf_mirror.probes import Probe
-from hf_mirror.provenance.infinigram import BACKEND as INFINI_GRAM
-from hf_mirror.provenance.infinigram import InfiniGramIndex, load_index
-from hf_mirror.provenance.ngram import INDEX_FORMAT, MANIFEST, NGRAM, Extras, NgramIndex, verbatim_part
+from hf_mirror.retrieval.bm25 import BM25, PARAMS, document_words
+from hf_mirror.retrieval.candidates import Candidates, _chosen, ranked
+from hf_mirror.retrieval.dense import Embedder, nearest
+from hf_mirror.retrieval.infinigram import BACKEND as INFINI_GRAM
+from hf_mirror.retrieval.infinigram import InfiniGramIndex, load_index
+from hf_mirror.retrieval.ngram import INDEX_FORMAT, MANIFEST, NGRAM, Extras, NgramIndex, verbatim_part
 
 logger = logging.getLogger(__name__)
 INDEX_ENTRIES = (MANIFEST, "bm25", "ngram", "infinigram", "dense", "extras")  # what `hf-mirror index` writes
@@ -32,86 +34,10 @@ INDEX = Kind("index", INDEX_ENTRIES, frozenset(INDEX_ENTRIES),
              legacy=lambda d: _manifest_of(d).get("format") == INDEX_FORMAT, stage=True, marker=MANIFEST)
 
 
-@dataclass
-class Candidates:
-    """Each probe's candidates with their BM25 scores: its top-M documents by BM25 of its prompt + completion (best
-    first) and, with the dense retriever, also its top-M by cosine similarity (after them, with their BM25 score,
-    0 where they share no word with the probe; their similarities in ``dense``)."""
-
-    n_documents: int  # documents in the corpus (with text)
-    scores: dict[str, dict]  # probe id -> {doc id: BM25 score}
-    dense: dict[str, dict] | None = None  # probe id -> {doc id: cosine similarity} of its dense top-M (None: no dense)
-    every: tuple[list, dict[str, np.ndarray]] | None = None  # (doc ids, probe id -> BM25 score of each) when kept
-    _rows: dict | None = field(default=None, init=False, repr=False, compare=False)
-
-    def union(self) -> set:
-        """Every probe's candidates: what a candidates-only scan reads."""
-        return {d for chosen in self.scores.values() for d in chosen}
-
-    def bm25(self, probes: Sequence, docs: Sequence) -> np.ndarray:
-        """Each (probe id, doc id) pair's BM25 score: of every document when kept (``every``: 0 for a document
-        without text), else of the candidates (NaN for the others)."""
-        if self.every is None:
-            table = {(p, str(d)): s for p, chosen in self.scores.items() for d, s in chosen.items()}
-            return np.array([table.get((p, str(d)), np.nan) for p, d in zip(probes, docs, strict=True)], np.float64)
-        ids, scores = self.every
-        if self._rows is None:
-            self._rows = {str(d): i for i, d in enumerate(ids)}
-        row = self._rows
-        return np.array([scores[p][row[str(d)]] if str(d) in row else 0.0 for p, d in zip(probes, docs, strict=True)],
-                        np.float64)
-
-
-def retrieve(documents: Iterable[tuple[object, object]], probes: Sequence[Probe], m: int,
-             k1: float = 1.5, b: float = 0.75, keep_all: Callable[[int], bool] = lambda n: False) -> Candidates:
-    """Each probe's top-``m`` documents by BM25 (bm25s), from one pass over the corpus; with ``keep_all(n)`` true
-    for the corpus's ``n`` documents with text, every document's score too (``Candidates.every``)."""
-    import bm25s
-
-    from hf_mirror.baselines.bm25 import words
-
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # its per-index notes are not the user's business
-
-    ids, texts = [], []
-    for doc_id, text in documents:
-        if isinstance(text, str) and text.strip():
-            ids.append(doc_id)
-            texts.append(words(text) or [" "])
-    if not ids:
-        return Candidates(0, {p.id: {} for p in probes})
-    retriever = bm25s.BM25(k1=k1, b=b)
-    retriever.index(texts, show_progress=False)
-    per_probe, every = {}, {}
-    for p in probes:
-        query = words(p.text)
-        scores = retriever.get_scores(query) if query else np.zeros(len(ids))
-        top = np.argsort(-scores, kind="stable")[:m]
-        per_probe[p.id] = {ids[i]: float(scores[i]) for i in top}
-        every[p.id] = np.asarray(scores, np.float32)
-    return _chosen(Candidates(len(ids), per_probe, every=(ids, every) if keep_all(len(ids)) else None), m)
-
-
-def _chosen(found: Candidates, m: int, dense: bool = False) -> Candidates:
-    """The documented fallbacks: M above the corpus size keeps every document; a probe that shares no word with
-    the corpus (every BM25 score 0) has no BM25 candidates, with a warning (its top-M would be arbitrary): only
-    its dense ones where ``dense``, else none."""
-    if m > found.n_documents:
-        logger.info("%d BM25 candidates per probe asked of a corpus of %d documents with text: every document is a "
-                    "candidate.", m, found.n_documents)
-    for probe_id, chosen in found.scores.items():
-        if chosen and not any(s > 0 for s in chosen.values()):
-            logger.warning("Probe %r shares no word with the corpus (every BM25 score is 0): %s", probe_id,
-                           "it has only its dense candidates, which the hybrid ranks by the mirror." if dense else
-                           "it has no candidates, so the hybrid ranks no document for it; rank it by the mirror "
-                           "alone with --rank-by mirror --candidates all.")
-            found.scores[probe_id] = {}
-    return found
-
-
 # ---------------------------------------------------------------------------------------------------- the saved index
 INDEX_VERSION = 1
 VERBATIM_DIRS = {"ngram": "ngram", INFINI_GRAM: "infinigram"}  # the verbatim index's backend -> its folder
-BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}  # what retrieve() uses: bm25s's defaults
+BM25_PARAMS = PARAMS  # what retrieve() uses: bm25s's defaults
 _COLUMNS = ("text_column", "id_column", "split", "format", "name")  # what picks the documents and their ids
 
 
@@ -123,38 +49,10 @@ def tokenizer_key(tokenizer) -> str:
     return tokenizer_fingerprint(tokenizer, exclude=("pad_token",))
 
 
-def _document_words(text: str) -> list[str] | None:
-    """A document's BM25 terms as :func:`retrieve` indexes them (None: no text, not indexed)."""
-    from hf_mirror.baselines.bm25 import words
-
-    return (words(text) or [" "]) if isinstance(text, str) and text.strip() else None
-
-
-class _Embedder:
-    """Mean-pooled last hidden states of the model, per document (as :class:`EmbeddingBaseline` embeds them)."""
-
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None) -> None:
-        from hf_mirror.cache import model_fingerprint
-        from hf_mirror.modeling import context_length
-
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.max_length = max_length or context_length(model, tokenizer)
-        self.overlap = max(1, self.max_length // 8)
-        self.weights = model_fingerprint(model)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
-        from hf_mirror.baselines.embedding import mean_pooled
-        from hf_mirror.corpus import document_tokens, windows
-
-        per_text = [windows(document_tokens(self.tokenizer, t), self.max_length, self.overlap) for t in texts]
-        return list(mean_pooled(self.model, per_text, self.pad_id, self.batch_size).numpy().astype(np.float32))
-
-
 class _IndexExtras(Extras):
     """What the candidate index needs of each document besides its n-grams: BM25 terms, and a dense vector."""
 
-    def __init__(self, embedder: _Embedder | None) -> None:
+    def __init__(self, embedder: Embedder | None) -> None:
         self.embedder = embedder
         self.key = ["bm25-words-v1", None if embedder is None else ["mean-last-hidden-v1", embedder.weights,
                                                                      embedder.max_length]]
@@ -162,7 +60,7 @@ class _IndexExtras(Extras):
         self.batch_size = 64
 
     def __call__(self, batch: list[tuple[object, str, list[int]]]) -> list[dict]:
-        out = [{"words": _document_words(text)} for _, text, _ in batch]
+        out = [{"words": document_words(text)} for _, text, _ in batch]
         if self.embedder is not None:
             for o, v in zip(out, self.embedder([text for _, text, _ in batch]), strict=True):
                 o["vector"] = v
@@ -262,14 +160,11 @@ class CandidateIndex:
             raise InputError(f"The index in {self.directory} was built with other corpus settings ({', '.join(changed)}"
                              f"); pass the same ones, or {_rebuild_hint(self.directory)}.")
 
-    def _bm25_index(self):
+    def _bm25_index(self) -> BM25 | None:
         if self._bm25 is None and self.n_documents:
-            import bm25s
-
-            logging.getLogger("bm25s").setLevel(logging.WARNING)
             try:
                 self._verify("bm25")
-                self._bm25 = bm25s.BM25.load(str(self.directory / "bm25"), show_progress=False)
+                self._bm25 = BM25.load(self.directory / "bm25", self.n_documents)
                 self._bm25_ids = json.loads((self.directory / "bm25" / "doc_ids.json").read_text())
             except (OSError, ValueError) as e:
                 raise InputError(f"The BM25 index in {self.directory} is damaged ({type(e).__name__}: {e}); "
@@ -279,29 +174,22 @@ class CandidateIndex:
                                  f"{_rebuild_hint(self.directory)}.")
         return self._bm25
 
-    def retrieve(self, probes: Sequence[Probe], m: int, embedder: _Embedder | None = None,
+    def retrieve(self, probes: Sequence[Probe], m: int, embedder: Embedder | None = None,
                  keep_all: Callable[[int], bool] = lambda n: False) -> Candidates:
         """Each probe's top-``m`` documents by BM25 from the saved index: what :func:`retrieve` gives on the corpus.
 
         With ``embedder`` (:meth:`embedder`: the dense retriever), the union with each probe's top-``m`` documents
         by cosine similarity of its prompt + completion's embedding to theirs; every candidate has its BM25 score.
         """
-        from hf_mirror.baselines.bm25 import words
-
         retriever = self._bm25_index()
         if retriever is None:
             return _chosen(Candidates(0, {p.id: {} for p in probes}, None if embedder is None else
                                       {p.id: {} for p in probes}), m)
         near = None if embedder is None else self._dense_candidates(probes, m, embedder)
-        per_probe, added, every = {}, {}, {}
-        for p in probes:
-            query = words(p.text)
-            scores = retriever.get_scores(query) if query else np.zeros(self.n_documents)
-            top = np.argsort(-scores, kind="stable")[:m]
-            per_probe[p.id] = {self._bm25_ids[i]: float(scores[i]) for i in top}
-            every[p.id] = np.asarray(scores, np.float32)
-            if near is not None:  # the dense candidates' BM25 scores (bm25s scores every document)
-                added[p.id] = {d: float(scores[self._bm25_rows[d]]) for d in near[p.id]}
+        per_probe, every = ranked(retriever, self._bm25_ids, probes, m)
+        # the dense candidates' BM25 scores (bm25s scores every document)
+        added = {} if near is None else {p.id: {d: float(every[p.id][self._bm25_rows[d]]) for d in near[p.id]}
+                                         for p in probes}
         kept = (self._bm25_ids, every) if keep_all(self.n_documents) else None
         found = _chosen(Candidates(self.n_documents, per_probe, near, kept), m, dense=near is not None)
         for probe_id, docs in added.items():
@@ -309,7 +197,7 @@ class CandidateIndex:
                 found.scores[probe_id].setdefault(d, score)
         return found
 
-    def embedder(self, model, tokenizer, batch_size: int = 16) -> _Embedder:
+    def embedder(self, model, tokenizer, batch_size: int = 16) -> Embedder:
         """The dense retriever's query embedder: ``model`` pooled as the index's documents were. Refuses an index
         without dense vectors, or one whose vectors another model made."""
         dense = self.manifest.get("dense")
@@ -318,13 +206,13 @@ class CandidateIndex:
         if dense is None:
             raise InputError(f"--retrievers dense needs dense vectors, and the index in {self.directory} has none "
                              f"(it was built without --dense); {fix}.")
-        embedder = _Embedder(model, tokenizer, batch_size, dense["max_length"])
+        embedder = Embedder(model, tokenizer, batch_size, dense["max_length"])
         if dense.get("model_weights") != embedder.weights:
             raise InputError(f"The dense vectors in {self.directory} were made by other model weights (fingerprint "
                              f"{dense.get('model_weights')}, this model's is {embedder.weights}); {fix}.")
         return embedder
 
-    def _dense_candidates(self, probes: Sequence[Probe], m: int, embedder: _Embedder) -> dict[str, dict]:
+    def _dense_candidates(self, probes: Sequence[Probe], m: int, embedder: Embedder) -> dict[str, dict]:
         """Each probe's ``m`` documents with text nearest its embedding: {doc id: cosine similarity}, best first."""
         if not probes:
             return {}
@@ -369,25 +257,7 @@ class CandidateIndex:
         if found is None:
             raise InputError(f"The index in {self.directory} has no dense index; rebuild it with --dense.")
         vectors, ids = found
-        q = np.asarray(queries, np.float32)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in q]
-        for lo in range(0, len(ids), block):  # the vectors stay on disk
-            rows = np.asarray(vectors[lo: lo + block], np.float32)
-            sims = q @ (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).T
-            where = np.arange(lo, lo + len(rows))
-            best = [_top(np.concatenate([s, row]), np.concatenate([i, where]), m)
-                    for (s, i), row in zip(best, sims, strict=True)]
-        return [[(ids[i], float(s)) for s, i in zip(scores, idx, strict=True)] for scores, idx in best]
-
-
-def _top(scores: np.ndarray, positions: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best ``m`` of ``scores`` (ties: the lower position), best first."""
-    if len(scores) > m > 0:
-        keep = scores >= np.partition(scores, len(scores) - m)[len(scores) - m]  # every tie at the cut stays
-        scores, positions = scores[keep], positions[keep]
-    order = np.lexsort((positions, -scores))[:m]
-    return scores[order], positions[order]
+        return nearest(vectors, ids, queries, m, block)
 
 
 def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *, n: int = NGRAM, model=None,
@@ -410,8 +280,8 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     """
     from hf_mirror.ownership import MANIFEST as OWN_MANIFEST
     from hf_mirror.ownership import Output, open_shared
-    from hf_mirror.provenance.infinigram import require_infini_gram
-    from hf_mirror.provenance.ngram import process_group
+    from hf_mirror.retrieval.infinigram import require_infini_gram
+    from hf_mirror.retrieval.ngram import process_group
 
     if backend not in VERBATIM_DIRS:
         raise InputError(f"Unknown verbatim index backend {backend!r}; choose among {list(VERBATIM_DIRS)}.")
@@ -421,7 +291,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
         corpus = Corpus(corpus)
     out = Path(output_dir)
     rank, world, state = process_group()
-    embedder = None if model is None else _Embedder(model, tokenizer, dense_batch_size)
+    embedder = None if model is None else Embedder(model, tokenizer, dense_batch_size)
     extras = _IndexExtras(embedder)
     key = _build_key(corpus, tokenizer, n, extras, backend)
     # a corpus without a stable fingerprint: another build every time (never the same run)
@@ -457,7 +327,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     return CandidateIndex.load(out, tokenizer)
 
 
-def _write_index(tmp: Path, corpus: Corpus, tokenizer, documents: NgramIndex, embedder: _Embedder | None,
+def _write_index(tmp: Path, corpus: Corpus, tokenizer, documents: NgramIndex, embedder: Embedder | None,
                  verbatim: dict, world: int, key: str | None, backend: str) -> None:
     """Save BM25 (and the dense vectors) beside the verbatim index in ``tmp``, the manifest last (main process)."""
     n_bm25 = _save_bm25(tmp / "bm25", documents)
@@ -500,7 +370,7 @@ def _corpus_passes(corpus: Corpus, tokenizer, tmp: Path, backend: str, n: int, e
 def _build_key(corpus: Corpus, tokenizer, n: int, extras: _IndexExtras, backend: str = "ngram") -> str | None:
     """What an index's content depends on: its n-gram part's, BM25's parameters, the verbatim backend (None: never
     reused)."""
-    from hf_mirror.provenance.ngram import build_key
+    from hf_mirror.retrieval.ngram import build_key
 
     ngram = build_key(corpus, tokenizer, n, extras)
     if ngram is None:
@@ -520,22 +390,17 @@ def _manifest_of(directory: Path) -> dict:
 
 def _save_bm25(directory: Path, ngram: NgramIndex) -> int:
     """The BM25 index of the documents that have words (bm25s's own save) and their ids; returns their number."""
-    import bm25s
-
-    logging.getLogger("bm25s").setLevel(logging.WARNING)
     words = ngram.extras.get("words", [])
     keep = [i for i, w in enumerate(words) if w is not None]
     ids = [ngram.doc_ids[i] for i in keep]
     directory.mkdir()
     if ids:
-        retriever = bm25s.BM25(**BM25_PARAMS)
-        retriever.index([words[i] for i in keep], show_progress=False)
-        retriever.save(str(directory), show_progress=False)
+        BM25.index([words[i] for i in keep], **BM25_PARAMS).save(directory)
     (directory / "doc_ids.json").write_text(json.dumps(ids))
     return len(ids)
 
 
-def _save_dense(directory: Path, ngram: NgramIndex, embedder: _Embedder) -> dict:
+def _save_dense(directory: Path, ngram: NgramIndex, embedder: Embedder) -> dict:
     """Every document's vector as one ``.npy`` (opened memory-mapped) and their ids; returns its manifest entry."""
     directory.mkdir()
     vectors = np.stack(ngram.extras["vector"]).astype(np.float32)
