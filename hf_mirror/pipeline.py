@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +17,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 
+from hf_mirror import methods
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
 from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
 from hf_mirror.merge import merge_shards
+from hf_mirror.methods import Method, Request
 from hf_mirror.mirror import (
     FitReport,
     adapter_states,
@@ -34,7 +34,7 @@ from hf_mirror.mirror import (
     save_mirrors,
 )
 from hf_mirror.modeling import context_length, resolve_model, window_length
-from hf_mirror.ownership import Output, check_output_path, digest, writable
+from hf_mirror.ownership import Output, check_output_path, writable
 from hf_mirror.probes import (
     Probe,
     adapter_name,
@@ -49,24 +49,12 @@ from hf_mirror.regime import probe_stats, warnings_for
 from hf_mirror.report import write_report
 from hf_mirror.results import AttributionResult
 from hf_mirror.retrieval import CandidateIndex, Candidates, retrieve
+from hf_mirror.runs import package_versions, run_identity, stable_key
 from hf_mirror.scan import Scanner
 from hf_mirror.scoring import EVIDENCE_COLUMNS, ScoreBook, token_pieces
 from hf_mirror.trunk import SharedTrunk
 
 logger = get_logger(__name__)  # accelerate's: logs once, from the main process, unless told otherwise
-
-PACKAGES = ("hf-mirror", "torch", "transformers", "datasets", "accelerate", "peft", "evaluate")
-
-
-def package_versions() -> dict[str, str | None]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
 
 def _as_corpus(corpus) -> Corpus:
     if isinstance(corpus, Corpus):
@@ -74,10 +62,6 @@ def _as_corpus(corpus) -> Corpus:
     if isinstance(corpus, (str, Path, Dataset, IterableDataset, list, tuple)):
         return Corpus(corpus)
     raise InputError(f"Cannot use a {type(corpus).__name__} as a corpus; pass a path, a Hub name or a Dataset.")
-
-
-def _run_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -192,17 +176,41 @@ def attribute(
     one and swaps it in when finished, removing only the files the manifest names (:mod:`hf_mirror.ownership`).
 
     ``method`` picks another method of the registry (:mod:`hf_mirror.methods`: ``bm25``, ``embedding``,
-    ``gradsim``, ``ekfac``) on the same inputs, with ``scan``'s top_k/max_length/overlap/max_new_tokens and
-    ``options`` for its scorer; the result has the same form.
+    ``gradsim``, ``ekfac``, ...) on the same inputs, with ``scan``'s top_k/max_length/overlap/max_new_tokens and
+    ``options`` for its scorer; the result has the same form. What a method does not support (several processes,
+    resuming, token evidence: :class:`hf_mirror.methods.Method`) is refused, naming the alternative.
     """
-    if method != "mirror":
-        return _other_method(method, model, corpus, probes, tokenizer, scan or ScanConfig(), output_dir,
-                             model_kwargs, show_progress, overwrite, options)
-    if options:
-        raise InputError(f"Unknown option(s) {sorted(options)} for the mirror: its settings are MirrorConfig and "
-                         "ScanConfig.")
-    run = _start(model, corpus, probes, tokenizer, mirror or MirrorConfig(), scan or ScanConfig(), output_dir,
-                 model_kwargs, show_progress, overwrite)
+    request = Request(model=model, corpus=corpus, probes=probes, tokenizer=tokenizer, mirror=mirror,
+                      scan=scan or ScanConfig(), output_dir=output_dir, model_kwargs=model_kwargs,
+                      show_progress=show_progress, overwrite=overwrite, options=options)
+    return methods.run(method, request)
+
+
+class Mirror(Method):
+    """The mirror (this toolkit's method) under the method contract: it needs the model and its gradients (the
+    fit), scans one shard of the corpus per process, resumes from its checkpoints and keeps token evidence."""
+
+    name = "mirror"
+    needs_model = True
+    needs_grad = True
+    multi_process = True
+    resumes = True
+    token_evidence = True
+
+    @classmethod
+    def attribute(cls, request: Request) -> AttributionResult:
+        if request.options:
+            raise InputError(f"Unknown option(s) {sorted(request.options)} for the mirror: its settings are "
+                             "MirrorConfig and ScanConfig.")
+        return _attribute_mirror(request)
+
+
+def _attribute_mirror(request: Request) -> AttributionResult:
+    """The mirror's run: probes and candidates, the mirrors, the scan of this process's shard, the merge."""
+    model_kwargs = request.model_kwargs
+    run = _start(request.model, request.corpus, request.probes, request.tokenizer, request.mirror or MirrorConfig(),
+                 request.scan or ScanConfig(), request.output_dir, model_kwargs, request.show_progress,
+                 request.overwrite)
     try:
         pool = _probes_and_candidates(run)  # 1. probes, controls, BM25 candidates
         caches = _caches(run, pool)
@@ -237,17 +245,6 @@ def _mirrors_and_scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook) 
             peft_model.unload()
         for name, p in run.model.named_parameters():
             p.requires_grad_(trainable.get(name, p.requires_grad))
-
-
-def _other_method(method: str, model, corpus, probes, tokenizer, scan: ScanConfig, output_dir, model_kwargs,
-                  show_progress: bool, overwrite: bool, options: dict) -> AttributionResult:
-    """A registry method other than the mirror, on the same inputs."""
-    from hf_mirror.baselines import attribute_baseline
-
-    return attribute_baseline(method, model, corpus, probes, tokenizer=tokenizer, output_dir=output_dir,
-                              top_k=scan.top_k, show_progress=show_progress, max_length=scan.max_length,
-                              overlap=scan.overlap, max_new_tokens=scan.max_new_tokens, model_kwargs=model_kwargs,
-                              overwrite=overwrite, **options)
 
 
 def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanConfig, output_dir, model_kwargs,
@@ -317,15 +314,6 @@ def _retrieval_settings(scan: ScanConfig) -> dict:
     return {} if scan.retrievers == ["bm25"] else {"retrievers": scan.retrievers}
 
 
-def run_identity(method: str, model_name: object, weights: str | None, tokenizer, corpus: Corpus,
-                 probes: list[Probe], processes: int, settings: dict) -> dict:
-    """Everything that decides a run's answer, as recorded in its output directory's manifest."""
-    return {"method": method, "model": str(model_name), "model weights": weights,
-            "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus.describe(),
-            "corpus content": corpus.fingerprint(), "probes": digest([asdict(p) for p in probes]),
-            "processes": processes, "settings": json.loads(json.dumps(settings, default=str))}
-
-
 def _probes_and_candidates(run: _Run) -> _Pool:
     """Probes (completions generated where missing), control probes and candidates (BM25, with the dense ones where
     asked), made on the main process and shared."""
@@ -366,8 +354,8 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
                         run.rank, run.world, run.model_fingerprint) if pool.keep is None else None)
     controls = None
     if base is not None and pool.controls and pool.normalize != "none":
-        key = _run_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
-                       run.scan.aggregate)
+        key = stable_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
+                         run.scan.aggregate)
         controls = BaseLossCache(base.dir.parents[2], key, run.rank, run.world, kind="control_scores")
     cached = controls is not None and controls.complete
     if run.world > 1:  # every process must scan the same adapters
@@ -381,11 +369,11 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
     """This process's score book, keyed by everything that decides the scores (a resume continues it)."""
     scan = run.scan
     hybrid = scan.rank_by == "hybrid"
-    run_key = _run_key(run.model_name, run.model_fingerprint, run.corpus.describe(), run.corpus.fingerprint(),
-                       run.mirror.identity(), [asdict(p) for p in pool.all],
-                       pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
-                       None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by,
-                       *_retrieval_settings(scan).values())
+    run_key = stable_key(run.model_name, run.model_fingerprint, run.corpus.describe(), run.corpus.fingerprint(),
+                         run.mirror.identity(), [asdict(p) for p in pool.all],
+                         pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
+                         None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by,
+                         *_retrieval_settings(scan).values())
     # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
     eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
     most = scan.n_candidates * len(scan.retrievers)  # a probe's candidates: the union of each retriever's top-M
@@ -398,8 +386,8 @@ def _mirrors(run: _Run, pool: _Pool, n_fit: int):
     """The first ``n_fit`` mirrors of the pool, fitted (or reloaded) on the main process and attached everywhere."""
     names = pool.names[:n_fit]
     # the fit key holds only what decides the adapters: the model, the mirror settings, the probes, the windowing
-    fit_key = _run_key(run.model_name, run.model_fingerprint, run.mirror.identity(),
-                       [asdict(p) for p in pool.all[:n_fit]], run.max_length)
+    fit_key = stable_key(run.model_name, run.model_fingerprint, run.mirror.identity(),
+                         [asdict(p) for p in pool.all[:n_fit]], run.max_length)
     shared = [None, None]
     if run.main:
         peft_model, report = _fit_or_reload(run.model, run.tokenizer, pool.all[:n_fit], names, run.mirror,
@@ -567,9 +555,9 @@ def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: 
         if scan.cache:
             logger.info("Corpus has no stable fingerprint (a generator?): base losses are not cached.")
         return None
-    key = _run_key("base-losses-v1", weights or model_fingerprint(model), tokenizer_fingerprint(tokenizer), fingerprint,
-                   corpus.text_column, corpus.id_column, max_length, overlap, precision, scan.fixed_width,
-                   str(next(model.parameters()).dtype))
+    key = stable_key("base-losses-v1", weights or model_fingerprint(model), tokenizer_fingerprint(tokenizer),
+                     fingerprint, corpus.text_column, corpus.id_column, max_length, overlap, precision,
+                     scan.fixed_width, str(next(model.parameters()).dtype))
     root = Path(scan.cache_dir or default_cache_dir())
     cache = BaseLossCache(root, key, rank, world)
     if not writable(root) and not cache.complete:  # a read-only cache is still read

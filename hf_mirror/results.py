@@ -89,7 +89,9 @@ class AttributionResult:
         ev = self.evidence
         rows = ev[(ev["probe_id"] == probe_id) & (ev["doc_id"].astype(str) == str(doc_id))]
         if not self.has_token_evidence:
-            raise InputError(f"This result ({self.config.get('method', 'mirror')}) has no token-level evidence.")
+            method = self.config.get("method", "mirror")
+            raise InputError(f"This result ({method}) has no token-level evidence: method {method!r} scores whole "
+                             "documents; --method mirror keeps the per-token losses of each probe's top documents.")
         if rows.empty:
             raise InputError(
                 f"No token evidence for document {doc_id!r} and probe {probe_id!r}: evidence is kept for each "

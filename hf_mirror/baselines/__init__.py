@@ -1,192 +1,23 @@
 """Baseline attribution methods (BM25, embedding similarity, LoRA gradient similarity, EK-FAC influence via the
-optional ``kronfluence``), same result type.
+optional ``kronfluence``, bergson's EK-FAC and TrackStar), same result type.
 
 ``attribute_baseline(method, model, corpus, probes, ...)`` returns an :class:`~hf_mirror.AttributionResult`
 written like :func:`hf_mirror.attribute`'s (``topk``, ``scores``, ``probes``, ``skipped``, ``config``; the
 evidence table is empty: baselines give no per-token losses). Scores are reported raw (``normalize="none"``),
-higher = more supporting. Baselines run in a single process and do not resume.
+higher = more supporting. Every baseline is a :class:`Scorer` (:mod:`hf_mirror.baselines.scorer`): it runs in a
+single process and does not resume.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
-import shutil
-import tempfile
-import time
-from dataclasses import asdict
-from pathlib import Path
-
-import torch
-
 from hf_mirror import methods
-from hf_mirror.baselines._common import iter_documents
 from hf_mirror.baselines.bm25 import BM25Baseline
 from hf_mirror.baselines.ekfac import EKFACBaseline
 from hf_mirror.baselines.embedding import EmbeddingBaseline
 from hf_mirror.baselines.gradsim import GradSimBaseline
-from hf_mirror.cache import model_fingerprint
-from hf_mirror.corpus import Corpus
-from hf_mirror.errors import InputError
-from hf_mirror.merge import merge_shards
-from hf_mirror.modeling import resolve_model, window_length
-from hf_mirror.ownership import Output, check_output_path
-from hf_mirror.probes import generate_completions, load_probes
-from hf_mirror.results import AttributionResult
-from hf_mirror.scan import Skipped
-from hf_mirror.scoring import ScoreBook
+from hf_mirror.baselines.scorer import Scorer, attribute_baseline
 
 METHODS = {name: methods.load(name) for name in methods.BASELINES}  # the registry's scorers
 
-__all__ = ["METHODS", "BM25Baseline", "EKFACBaseline", "EmbeddingBaseline", "GradSimBaseline", "attribute_baseline"]
-
-
-def _as_corpus(corpus) -> Corpus:
-    return corpus if isinstance(corpus, Corpus) else Corpus(corpus)
-
-
-def _options(method: str, options: dict) -> dict:
-    """Check ``options`` against the method's keyword-only parameters."""
-    params = inspect.signature(METHODS[method].__init__).parameters
-    allowed = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise InputError(f"Unknown option(s) {unknown} for baseline {method!r}; it accepts {sorted(allowed)}.")
-    return options
-
-
-def _config_only(name: str, tokenizer, model_kwargs: dict | None):
-    """``(config holder, tokenizer, name)`` for a method that reads only the tokenizer and the context length."""
-    from types import SimpleNamespace
-
-    from hf_mirror.modeling import load_config, load_tokenizer, prepare_tokenizer
-
-    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
-    config = load_config(name, **kwargs)
-    tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(name, **kwargs)
-    return SimpleNamespace(config=config), tokenizer, name
-
-
-def attribute_baseline(
-    method: str,
-    model,
-    corpus,
-    probes,
-    *,
-    tokenizer=None,
-    output_dir: str | Path | None = None,
-    top_k: int = 10,
-    show_progress: bool = True,
-    max_length: int | None = None,
-    overlap: int | None = None,
-    max_new_tokens: int = 32,
-    model_kwargs: dict | None = None,
-    overwrite: bool = False,
-    **options,
-) -> AttributionResult:
-    """Rank the corpus documents for each probe with a baseline ``method`` (one of :data:`METHODS`).
-
-    Inputs are those of :func:`hf_mirror.attribute`: ``model`` a name/path or a loaded causal LM (then pass
-    ``tokenizer``), ``corpus`` a :class:`Corpus`/path/Dataset/list, ``probes`` a JSON-lines path or a list;
-    probes without a completion get the model's greedy generation. ``options`` go to the method's class
-    (e.g. ``k1=``/``b=`` for bm25, ``similarity="dot"`` for gradsim, ``batch_size=`` for embedding,
-    ``damping=``/``strategy=`` for ekfac, which needs the optional ``kronfluence``). ``output_dir`` is owned like
-    :func:`hf_mirror.attribute`'s: another run there is refused unless ``overwrite``.
-    """
-    from hf_mirror.pipeline import run_identity  # pipeline imports accelerate
-
-    if method not in METHODS:
-        raise InputError(f"Unknown baseline {method!r}; choose one of {sorted(METHODS)}.")
-    options = _options(method, options)
-    if top_k < 1:
-        raise InputError("top_k must be at least 1.")
-    t0 = time.perf_counter()
-    corpus = _as_corpus(corpus)
-    final = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"hf_mirror_{method}_"))
-    check_output_path(final)
-    cls = METHODS[method]
-    given = load_probes(probes)
-    corpus.check()
-    if not cls.needs_model and isinstance(model, (str, Path)) and all(p.completion is not None for p in given):
-        model, tokenizer, model_name = _config_only(str(model), tokenizer, model_kwargs)  # the weights are not used
-    else:
-        model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
-        model.eval()
-    max_length = window_length(model, tokenizer, max_length)
-    overlap = overlap if overlap is not None else max(1, max_length // 8)
-    if not 1 <= overlap < max_length:
-        raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
-
-    settings = {"options": options, "top_k": top_k, "max_length": max_length, "overlap": overlap,
-                "max_new_tokens": max_new_tokens}
-    weights = model_fingerprint(model) if hasattr(model, "state_dict") else None  # None: the weights are not read
-    identity = run_identity(method, model_name, weights, tokenizer, corpus, given, 1, settings)
-    with Output.open(final, identity, overwrite) as output:
-        _score(output.work, method, cls, model, tokenizer, str(model_name), corpus, given, options, settings,
-               show_progress, model_kwargs, t0)
-        output.finish()
-    return AttributionResult.load(final)
-
-
-def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpus: Corpus, given: list,
-           options: dict, settings: dict, show_progress: bool, model_kwargs: dict | None, t0: float) -> None:
-    """Score the corpus with the method's class ``cls`` and write the result to ``out``."""
-    from hf_mirror.pipeline import package_versions  # imports accelerate: only when running
-
-    top_k, max_length, overlap, max_new_tokens = (settings[k] for k in ("top_k", "max_length", "overlap",
-                                                                          "max_new_tokens"))
-    probe_list = given if all(p.completion is not None for p in given) else \
-        generate_completions(model, tokenizer, given, max_new_tokens, max_length=max_length)
-    ids = [p.id for p in probe_list]
-    run_key = hashlib.sha256(json.dumps([method, str(model_name), corpus.describe(), [asdict(p) for p in probe_list],
-                                         options, top_k, max_length, overlap], default=str).encode()).hexdigest()[:16]
-
-    scorer = (cls(model, tokenizer, probe_list, max_length, overlap, **options) if cls.needs_model
-              else cls(probe_list, **options))
-    shard = out / "shards" / method
-    if shard.exists():
-        shutil.rmtree(shard)  # baselines do not resume: start this method's shard afresh
-    skipped: list[Skipped] = []
-    next_seq = 0
-    try:
-        book = ScoreBook(ids, 1.0, "none", top_k, shard, 0, run_key)
-        from hf_mirror.progress import progress_bar
-
-        bar = progress_bar(total=corpus.num_documents(), desc=method, unit="doc", disable=not show_progress)
-        docs = iter_documents(corpus.documents(), tokenizer, max_length, overlap, skipped)
-        with torch.enable_grad() if getattr(cls, "needs_grad", False) else torch.no_grad():
-            for doc, scores in scorer.score(docs):
-                book.add_scores(doc.doc_id, doc.text, doc.token_ids, scores, doc.seq, skipped)
-                next_seq = doc.seq + 1
-                bar.update(1)
-        bar.close()
-        if skipped:
-            next_seq = max(next_seq, skipped[-1].seq + 1)
-        book.finish(next_seq, skipped, tokenizer)
-    finally:
-        if hasattr(scorer, "close"):
-            scorer.close()
-
-    merged = merge_shards([shard], out, ids, top_k)
-    records = [asdict(p) for p in probe_list]
-    config = {
-        "method": method,
-        "model": str(model_name),
-        "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
-        "corpus": corpus.describe(),
-        "options": options,
-        "scan": {"top_k": top_k, "max_length": max_length, "overlap": overlap, "normalize": "none",
-                 "max_new_tokens": max_new_tokens},
-        "device": str(next(model.parameters()).device) if cls.needs_model else None,
-        "num_processes": 1,
-        "run_key": run_key,
-        "versions": package_versions(),
-        "torch_dtype": str(next(model.parameters()).dtype) if cls.needs_model else None,
-        "stats": {**merged["stats"], "seconds": time.perf_counter() - t0},
-    }
-    result = AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config)
-    result.save(out)
-    from hf_mirror.report import write_report
-
-    write_report(result, out)
+__all__ = ["METHODS", "BM25Baseline", "EKFACBaseline", "EmbeddingBaseline", "GradSimBaseline", "Scorer",
+           "attribute_baseline"]

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from hf_mirror.baselines._common import Document
+from hf_mirror.baselines.scorer import Scorer
 from hf_mirror.errors import InputError, RunError
 from hf_mirror.modeling import context_length
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe, start_token_id
@@ -102,7 +103,7 @@ def probe_rows(bg: SimpleNamespace, tokenizer, probes: Sequence[Probe], max_leng
     return batch
 
 
-class _BergsonBaseline:
+class _BergsonBaseline(Scorer):
     """Shared part: scratch inputs for bergson, one of its commands, its scores back per document.
 
     ``token_batch_size`` is bergson's tokens per batch (default: the model's context window, at most 2,048;
@@ -114,7 +115,7 @@ class _BergsonBaseline:
 
     needs_model = True
     needs_grad = True
-    method = ""
+    method = ""  # bergson's name for it (= the registry name)
 
     def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
                  token_batch_size: int | None = None, precision: str = "fp32", seed: int = 0) -> None:
@@ -209,7 +210,7 @@ class BergsonEKFACBaseline(_BergsonBaseline):
     K-FAC; ``token_batch_size``, ``precision`` and ``seed`` as for every bergson method.
     """
 
-    method = "bergson_ekfac"
+    name = method = "bergson_ekfac"
 
     def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
                  damping: float = 0.1, ev_correction: bool = True, token_batch_size: int | None = None,
@@ -239,7 +240,7 @@ class TrackStarBaseline(_BergsonBaseline):
     ``token_batch_size``, ``precision`` and ``seed`` as for every bergson method.
     """
 
-    method = "trackstar"
+    name = method = "trackstar"
 
     def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
                  projection_dim: int = 16, unit_normalize: bool = True, mix_hessians: bool = True,

@@ -7,11 +7,12 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from hf_mirror.baselines._common import Document
+from hf_mirror.baselines.scorer import Scorer
 from hf_mirror.probes import Probe
 from hf_mirror.retrieval.bm25 import BM25, words
 
 
-class BM25Baseline:
+class BM25Baseline(Scorer):
     """Scores every document against each probe's text (prompt + completion) with Okapi BM25.
 
     The index is built from one pass over the documents; BM25 needs corpus-wide statistics (document
@@ -20,9 +21,11 @@ class BM25Baseline:
     ``"lucene"``, ``"robertson"`` or ``"bm25+"``) are passed to ``bm25s.BM25``.
     """
 
-    needs_model = False
+    name = "bm25"
+    needs_model = False  # the model is not read: only its tokenizer, for the windows
 
-    def __init__(self, probes: Sequence[Probe], *, k1: float = 1.5, b: float = 0.75, variant: str = "lucene") -> None:
+    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *, k1: float = 1.5,
+                 b: float = 0.75, variant: str = "lucene") -> None:
         self.queries = [words(p.text) for p in probes]
         self.params = {"k1": k1, "b": b, "method": variant}
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_mirror.baselines._common import Document
+from hf_mirror.baselines.scorer import Scorer
 from hf_mirror.errors import InputError
 from hf_mirror.probes import IGNORE_INDEX, Probe, encode_probe
 
@@ -157,7 +158,7 @@ def _make_task(task_base, tracked: list[str]):
     return LanguageModelingTask()
 
 
-class EKFACBaseline:
+class EKFACBaseline(Scorer):
     """Score = EK-FAC influence of each document on each probe (kronfluence), higher = more supporting.
 
     ``strategy`` is kronfluence's Hessian approximation (``"ekfac"`` default, ``"kfac"``, ``"diagonal"``,
@@ -169,6 +170,7 @@ class EKFACBaseline:
     targets.
     """
 
+    name = "ekfac"
     needs_model = True
     needs_grad = True
 

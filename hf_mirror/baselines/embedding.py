@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from hf_mirror.baselines._common import Document
+from hf_mirror.baselines.scorer import Scorer
 from hf_mirror.corpus import document_tokens, windows
 from hf_mirror.probes import Probe
 from hf_mirror.retrieval.dense import batched, mean_pooled
 
 
-class EmbeddingBaseline:
+class EmbeddingBaseline(Scorer):
     """A text's embedding is the mean of the model's last hidden states over its tokens (no gradients).
 
     Probes are embedded from prompt + completion. Documents longer than the context are split into the same
@@ -21,6 +22,7 @@ class EmbeddingBaseline:
     counts once. The start token is not pooled (it is the same in every text).
     """
 
+    name = "embedding"
     needs_model = True
 
     def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 from hf_mirror.baselines._common import Document
+from hf_mirror.baselines.scorer import Scorer
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig, lora_config, quiet_peft
 from hf_mirror.probes import Probe, encode_probe
@@ -25,7 +26,7 @@ from hf_mirror.scan import collate
 SIMILARITIES = ("cosine", "dot")
 
 
-class GradSimBaseline:
+class GradSimBaseline(Scorer):
     """Score = similarity of the probe's completion-loss gradient and the document's mean-token-loss gradient.
 
     ``similarity`` is ``"cosine"`` (default) or ``"dot"`` (TracIn's raw inner product, which favours
@@ -34,6 +35,7 @@ class GradSimBaseline:
     the probe loss. Call :meth:`close` to remove the adapter from the model.
     """
 
+    name = "gradsim"
     needs_model = True
     needs_grad = True
 
