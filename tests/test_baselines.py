@@ -8,8 +8,8 @@ import torch
 
 from hf_mirror import AttributionResult, InputError
 from hf_mirror.baselines import METHODS, attribute_baseline
-from hf_mirror.baselines.bm25 import words
 from hf_mirror.results import FILES
+from hf_mirror.retrieval.bm25 import words
 from hf_mirror.scoring import EVIDENCE_COLUMNS, TOPK_COLUMNS
 
 # share of planted probes whose source document must rank first (measured: bm25 1.0, embedding 1.0, gradsim 0.82)

@@ -70,9 +70,11 @@ class Scorer(Method):
 
 
 def _scorer(method: str) -> type[Scorer]:
-    cls = methods.load(method) if method in methods.BASELINES else None
+    """The scorer registered under ``method`` (:mod:`hf_mirror.methods`)."""
+    cls = methods.load(method) if method in methods.REGISTRY else None
     if cls is None or not issubclass(cls, Scorer):
-        raise InputError(f"Unknown baseline {method!r}; choose one of {sorted(methods.BASELINES)}.")
+        names = sorted(n for n in methods.REGISTRY if n != methods.MIRROR)
+        raise InputError(f"Unknown baseline {method!r}; choose one of {names}.")
     return cls
 
 
