@@ -190,7 +190,8 @@ def _scan(model, tok, names: list[str], ids: list[str], docs: list[tuple[int, st
           batch_size: int, base: list | None = None, trunk: SharedTrunk | None = None, group: int = 1,
           autocast: Autocast = nullcontext, sort_batches: int = 1) -> tuple[float, list, Scanner]:
     """One timed scan of ``docs``: seconds, the scanned documents and the scanner (for its counters)."""
-    scanner = Scanner(model, tok, names, ids, max_length, max_length // 8, batch_size, trunk=trunk,
+    scanner = Scanner(model, tok, adapter_names=names, probe_ids=ids, max_length=max_length, overlap=max_length // 8,
+                      batch_size=batch_size, trunk=trunk,
                       adapters_per_forward=group, autocast=autocast, sort_batches=sort_batches)
     device = next(model.parameters()).device
     _sync(device)

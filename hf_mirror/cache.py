@@ -68,7 +68,7 @@ class BaseLossCache:
     scores of each document (so that a later run with the same controls need not fit or scan them).
     """
 
-    def __init__(self, root: str | Path, key: str, rank: int, world: int, kind: str = "base_losses") -> None:
+    def __init__(self, root: str | Path, key: str, *, rank: int, world: int, kind: str = "base_losses") -> None:
         self.key = key
         self.dir = Path(root) / kind / key / f"rank-{rank:05d}-of-{world:05d}"
         self._tmp = self.dir.with_name(f"{self.dir.name}.tmp-{HOST}-{os.getpid()}")

@@ -395,8 +395,8 @@ def _audit(args) -> int:
         detectors.remove("minkprob")
         if not detectors:
             raise InputError("--no-membership leaves no detector; add ngram or mirror to --detectors.")
-    records = EvalSet(args.eval_set, args.eval_text_column, args.question_column, args.answer_column,
-                      args.eval_id_column, args.eval_split).records()
+    records = EvalSet(args.eval_set, text_column=args.eval_text_column, question_column=args.question_column,
+                      answer_column=args.answer_column, id_column=args.eval_id_column, split=args.eval_split).records()
     tokenizer = load_tokenizer(args.model)
     corpus = Corpus(args.corpus, text_column=args.text_column, id_column=args.id_column, split=args.split)
     corpus.check()  # before the output directory is touched

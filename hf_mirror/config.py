@@ -78,7 +78,7 @@ def positive_nats(text: str) -> float:
     return value
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MirrorConfig:
     """How each probe's LoRA mirror is fitted.
 
@@ -182,20 +182,6 @@ class MirrorConfig:
                     "%s shape the gradient mirror's step and are not read by fit='steps'; drop --fit steps to use "
                     "them.", ", ".join(f"--{k.replace('_', '-')}" for k in moved))
 
-    def block_indices(self, model=None) -> list[int] | None:
-        """``layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
-        if self.layers is None or all(i >= 0 for i in self.layers):
-            return self.layers
-        if model is None:
-            raise InputError("Negative --layers count from the top block: the model is needed to resolve them.")
-        from hf_mirror.trunk import find_blocks
-
-        n = len(find_blocks(model))
-        resolved = sorted({i + n if i < 0 else i for i in self.layers})
-        if not all(0 <= i < n for i in resolved):
-            raise InputError(f"--layers {self.layers} is out of range for a model with {n} blocks.")
-        return resolved
-
     @property
     def sign(self) -> float:
         """+1 when a supporting document's loss rises under the mirror (unlearn), -1 when it falls."""
@@ -217,7 +203,7 @@ class MirrorConfig:
 
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScanConfig:
     """How the corpus is scanned and scored.
 

@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Json, load_dataset, load_from_disk
@@ -47,6 +47,7 @@ class Corpus:
     """
 
     source: str | Path | Dataset | IterableDataset | list
+    _: KW_ONLY
     text_column: str = "text"
     id_column: str | None = None
     split: str = "train"

@@ -62,7 +62,7 @@ def bundled_corpus(stride: int = 1) -> Corpus:
     return Corpus(load_facts()[::stride], id_column="id")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoModelConfig:
     """What the default model is trained on and how.
 
@@ -281,7 +281,7 @@ DEMO_MIRROR = MirrorConfig()  # the library's defaults: raw mean token-loss delt
 DEMO_SCAN = ScanConfig(batch_size=128, top_k=5, max_new_tokens=48)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DemoReport:
     """What ``run_demo`` did: the result, where the source documents ranked, and how long each part took."""
 
@@ -384,7 +384,8 @@ def run_demo(
     reused = previous is not None and previous == result.config.get("run_key")
     if reused:  # the report keeps the timings of the run that made the result; this rerun's are told apart
         timings = {**(_finished_timings(Path(output_dir)) or {}), "rerun": t2 - t0}
-    report = DemoReport(result, Path(info["path"]), info, sources, ranks, timings, trained, reused)
+    report = DemoReport(result=result, model_path=Path(info["path"]), model_info=info, sources=sources,
+                        source_ranks=ranks, timings=timings, trained=trained, reused=reused)
     _write_report(report, Path(output_dir))
     return report
 

@@ -41,7 +41,7 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
     states = [_final_state(d, fix) for d in shard_dirs]
     bm25 = _Lookup(retrieval)
     topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
-    estimate = None if prior is None else _Influence(shard_dirs, states, *prior, fix)
+    estimate = None if prior is None else _Influence(shard_dirs, states, bm25=prior[0], weight=prior[1], fix=fix)
     if estimate is not None and not topk.empty:
         topk["influence"] = estimate(topk["probe_id"], topk["doc_id"], topk["score"])
     if retrieval is not None and not topk.empty:
@@ -91,7 +91,7 @@ class _Influence:
     """The influence column: each probe's mirror and BM25 scores, scaled by their spread over its scored documents
     (one read of every score part to measure the spreads)."""
 
-    def __init__(self, shard_dirs: Sequence[Path], states: list[dict], bm25: Callable, weight: float,
+    def __init__(self, shard_dirs: Sequence[Path], states: list[dict], *, bm25: Callable, weight: float,
                  fix: str) -> None:
         self.bm25, self.weight = bm25, weight
         sums: dict[str, np.ndarray] = {}  # probe id -> [n, sum m, sum m^2, sum b, sum b^2]

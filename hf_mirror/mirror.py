@@ -56,6 +56,19 @@ def linear_module_names(model) -> list[str]:
                    if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
+def block_indices(cfg: MirrorConfig, model=None) -> list[int] | None:
+    """``cfg.layers`` as block indices of ``model`` (negative ones counted from the top); None for all blocks."""
+    if cfg.layers is None or all(i >= 0 for i in cfg.layers):
+        return cfg.layers
+    if model is None:
+        raise InputError("Negative --layers count from the top block: the model is needed to resolve them.")
+    n = len(find_blocks(model))
+    resolved = sorted({i + n if i < 0 else i for i in cfg.layers})
+    if not all(0 <= i < n for i in resolved):
+        raise InputError(f"--layers {cfg.layers} is out of range for a model with {n} blocks.")
+    return resolved
+
+
 def lora_config(cfg: MirrorConfig, model=None) -> LoraConfig:
     """PEFT's LoRA config of ``cfg``'s mirrors. ``"all-linear"`` with ``layers`` needs ``model``: PEFT takes layer
     indices only with module names, so the names of the linear layers inside the transformer blocks are listed."""
@@ -79,7 +92,7 @@ def lora_config(cfg: MirrorConfig, model=None) -> LoraConfig:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
-        layers_to_transform=cfg.block_indices(model),
+        layers_to_transform=block_indices(cfg, model),
         fan_in_fan_out=uses_conv1d(model),
         bias="none",
         task_type="CAUSAL_LM",
@@ -364,7 +377,7 @@ def _attach(model, peft_model: PeftModel | None, name: str, lora: LoraConfig, se
 def _trunk(peft_model: PeftModel, params: Sequence[torch.nn.Parameter], cfg: MirrorConfig) -> SharedTrunk | None:
     """The shared trunk under the lowest adapted block: when there is one, the blocks can be found, and every
     adapter weight in ``params`` sits in the blocks above it."""
-    layers = cfg.block_indices(peft_model)
+    layers = block_indices(cfg, peft_model)
     first = min(layers) if layers else 0
     if first <= 0:
         return None

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import IO
 
@@ -59,6 +59,7 @@ class Kind:
 
     command: str
     entries: tuple[str, ...]
+    _: KW_ONLY
     adoptable: frozenset[str] = frozenset()  # names of its output before manifests existed (taken as its own)
     legacy: Callable[[Path], bool] | None = None  # whether a directory of adoptable names is really its output
     has_work: Callable[[Path], bool] | None = None  # whether a directory holds a result (default: any entry)
@@ -78,7 +79,7 @@ def _attribute_legacy(d: Path) -> bool:
 
 
 # attribute's (and demo's, audit's and provenance's mirror runs)
-ATTRIBUTE = Kind("attribute", RUN_ENTRIES, ADOPTABLE, legacy=_attribute_legacy, has_work=_attribute_work,
+ATTRIBUTE = Kind("attribute", RUN_ENTRIES, adoptable=ADOPTABLE, legacy=_attribute_legacy, has_work=_attribute_work,
                  marker="config.json")
 AUDIT = Kind("audit", ("report.json", "report.html", "index", "mirror"), marker="report.json")
 PROVENANCE = Kind("provenance", ("provenance.json", "provenance.html", "index", "attribution"),
@@ -264,7 +265,7 @@ def _swap(final: Path, kind: Kind) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Output:
     """The main process's hold on an output directory: the run writes to ``work``; its answer lands in ``final``."""
 
@@ -331,16 +332,17 @@ class Output:
         manifest, names, entries = _contents(final, kind)
         staging = final / STAGING
         if cls._refusal(final, identity, overwrite, kind, manifest, names, entries):
-            return cls(final, staging, identity, kind, handle)  # an interrupted staged run of this command: resume
+            # an interrupted staged run of this command: resume
+            return cls(final=final, work=staging, identity=identity, kind=kind, _handle=handle)
         if kind.stage or overwrite and any(_owned(n, entries) for n in names):
             shutil.rmtree(staging, ignore_errors=True)  # ours, never a result
             staging.mkdir()
             _write_manifest(staging, kind.command, identity, kind.entries, False, None)
-            return cls(final, staging, identity, kind, handle)
+            return cls(final=final, work=staging, identity=identity, kind=kind, _handle=handle)
         if staging.is_dir() and _read_manifest(staging) is None:
             shutil.rmtree(staging, ignore_errors=True)  # what a swap left after moving its manifest
         _write_manifest(final, kind.command, identity, [*entries, *kind.entries], False, None)
-        return cls(final, final, identity, kind, handle)
+        return cls(final=final, work=final, identity=identity, kind=kind, _handle=handle)
 
     def finish(self) -> None:
         """Mark the run done, listing every file it wrote; when staged, swap it in for the previous one."""

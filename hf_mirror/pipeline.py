@@ -29,6 +29,7 @@ from hf_mirror.mirror import (
     FitReport,
     adapter_states,
     attach_mirrors,
+    block_indices,
     fit_mirrors,
     load_mirrors,
     save_mirrors,
@@ -64,7 +65,7 @@ def _as_corpus(corpus) -> Corpus:
     raise InputError(f"Cannot use a {type(corpus).__name__} as a corpus; pass a path, a Hub name or a Dataset.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Run:
     """What the stages of one run share: the process group, the output directory, the model and the windowing.
 
@@ -112,7 +113,7 @@ class _Run:
         return broadcast_object_list(values, from_process=0) if self.world > 1 else values
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Pool:
     """The probes, the control probes that pool with them, and each probe's BM25 candidates."""
 
@@ -300,8 +301,10 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
         if output is not None:
             output.release()
         raise
-    return _Run(accelerator, Path(work[0]), final, model, tokenizer, str(model_name), fingerprint, corpus, mirror, scan,
-                max_length, overlap, precision, show_progress, given, output, index, embedder)
+    return _Run(accelerator=accelerator, out=Path(work[0]), final=final, model=model, tokenizer=tokenizer,
+                model_name=str(model_name), model_fingerprint=fingerprint, corpus=corpus, mirror=mirror, scan=scan,
+                max_length=max_length, overlap=overlap, precision=precision, show_progress=show_progress,
+                probes=given, output=output, index=index, embedder=embedder)
 
 
 # the scan settings that change a result (the others only change how fast it is made)
@@ -345,7 +348,7 @@ def _probes_and_candidates(run: _Run) -> _Pool:
         logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")
         normalize = "none"
     keep = retrieval.union() if scan.candidates_only(retrieval.n_documents) else None
-    return _Pool(probe_list, controls, retrieval, keep, normalize)
+    return _Pool(probes=probe_list, controls=controls, retrieval=retrieval, keep=keep, normalize=normalize)
 
 
 def _caches(run: _Run, pool: _Pool) -> _Caches:
@@ -356,7 +359,7 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
     if base is not None and pool.controls and pool.normalize != "none":
         key = stable_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
                          run.scan.aggregate)
-        controls = BaseLossCache(base.dir.parents[2], key, run.rank, run.world, kind="control_scores")
+        controls = BaseLossCache(base.dir.parents[2], key, rank=run.rank, world=run.world, kind="control_scores")
     cached = controls is not None and controls.complete
     if run.world > 1:  # every process must scan the same adapters
         cached = all(gather_object([cached]))
@@ -377,9 +380,10 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
     # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
     eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
     most = scan.n_candidates * len(scan.retrievers)  # a probe's candidates: the union of each retriever's top-M
-    return ScoreBook(pool.ids, run.mirror.sign, pool.normalize, max(scan.top_k, most) if hybrid
-                     else scan.top_k, run.shard, len(pool.controls), run_key, scan.checkpoint_every,
-                     scan.checkpoint_seconds, scan.aggregate, eligible)
+    return ScoreBook(pool.ids, sign=run.mirror.sign, normalize=pool.normalize,
+                     top_k=max(scan.top_k, most) if hybrid else scan.top_k, shard_dir=run.shard,
+                     n_controls=len(pool.controls), run_key=run_key, checkpoint_every=scan.checkpoint_every,
+                     checkpoint_seconds=scan.checkpoint_seconds, aggregate=scan.aggregate, eligible=eligible)
 
 
 def _mirrors(run: _Run, pool: _Pool, n_fit: int):
@@ -405,12 +409,13 @@ def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, 
     scan, main, world = run.scan, run.main, run.world
     peers = [run.out / "shards" / f"rank-{r:05d}-of-{world:05d}" / "progress.json" for r in range(1, world)]
     progress = ScanProgress(run.shard / "progress.json" if not main else None, peers if main else [],
-                            run.corpus.num_documents(), run.show_progress and main)
-    layers = run.mirror.block_indices(run.model)
+                            total=run.corpus.num_documents(), show=run.show_progress and main)
+    layers = block_indices(run.mirror, run.model)
     first = min(layers) if layers else 0
     trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
-    scanner = Scanner(peft_model, run.tokenizer, pool.names[:n_fit], pool.ids[:n_fit], run.max_length, run.overlap,
-                      scan.batch_size, progress, autocast=run.accelerator.autocast, trunk=trunk,
+    scanner = Scanner(peft_model, run.tokenizer, adapter_names=pool.names[:n_fit], probe_ids=pool.ids[:n_fit],
+                      max_length=run.max_length, overlap=run.overlap, batch_size=scan.batch_size, progress=progress,
+                      autocast=run.accelerator.autocast, trunk=trunk,
                       adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width,
                       sort_batches=scan.sort_batches)
     docs = run.corpus.documents(run.rank, world)
@@ -481,7 +486,8 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     config["regime"] = {"probes": stats, "warnings": warnings_for(stats, config["mirror"])}
     for warning in config["regime"]["warnings"]:
         logger.warning(warning)
-    result = AttributionResult(run.out, merged["topk"], merged["evidence"], records, merged["skipped"], config)
+    result = AttributionResult(run.out, topk=merged["topk"], evidence=merged["evidence"], probes=records,
+                               skipped=merged["skipped"], config=config)
     texts = _report_evidence(run, pool, result, peft_model)
     result.save(run.out)
     write_report(result, run.out, texts=texts)
@@ -528,8 +534,9 @@ def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_mod
                 seen.add(str(d))
                 docs.append((d, texts[str(d)]))
     rows = []
-    scanner = Scanner(peft_model, run.tokenizer, names, ids, run.max_length, run.overlap, run.scan.batch_size,
-                      autocast=run.accelerator.autocast, adapters_per_forward=run.scan.adapters_per_forward)
+    scanner = Scanner(peft_model, run.tokenizer, adapter_names=names, probe_ids=ids, max_length=run.max_length,
+                      overlap=run.overlap, batch_size=run.scan.batch_size, autocast=run.accelerator.autocast,
+                      adapters_per_forward=run.scan.adapters_per_forward)
     for doc in scanner(docs):
         pieces = token_pieces(run.tokenizer, doc.text, doc.token_ids)
         for p, pid in enumerate(ids):
@@ -559,7 +566,7 @@ def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: 
                      fingerprint, corpus.text_column, corpus.id_column, max_length, overlap, precision,
                      scan.fixed_width, str(next(model.parameters()).dtype))
     root = Path(scan.cache_dir or default_cache_dir())
-    cache = BaseLossCache(root, key, rank, world)
+    cache = BaseLossCache(root, key, rank=rank, world=world)
     if not writable(root) and not cache.complete:  # a read-only cache is still read
         logger.warning("The cache directory %s is not writable: base losses are not cached (pass --cache-dir or "
                        "--no-cache).", root)

@@ -24,7 +24,7 @@ class ScanProgress:
     documents, documents/s and tokens/s, with an ETA when ``total`` (the corpus length) is known.
     """
 
-    def __init__(self, own: Path | None = None, peers: Sequence[Path] = (), total: int | None = None,
+    def __init__(self, own: Path | None = None, peers: Sequence[Path] = (), *, total: int | None = None,
                  show: bool = True, interval: float = 1.0) -> None:
         self.own, self.peers, self.interval = own, list(peers), interval
         self.docs = self.tokens = 0

@@ -36,6 +36,7 @@ class AttributionResult:
     def __init__(
         self,
         directory: str | Path,
+        *,
         topk: pd.DataFrame,
         evidence: pd.DataFrame,
         probes: list[dict],
@@ -201,7 +202,7 @@ class AttributionResult:
         config = checked(d / FILES["config"], _read_config, REWRITE)
         if len(skipped) != config.get("stats", {}).get("skipped", len(skipped)):
             raise StateError(f"{d / FILES['skipped']} is damaged (documents missing); {REWRITE}.")
-        return cls(d, topk, evidence, probes, skipped, config)
+        return cls(d, topk=topk, evidence=evidence, probes=probes, skipped=skipped, config=config)
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from hf_mirror.stacked import StackedLora, adapters_off
 from hf_mirror.trunk import SharedTrunk
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScannedDoc:
     """One document's token losses: ``base[i]`` and ``mirror[p, i]`` for its i-th token and probe p."""
 
@@ -37,7 +37,7 @@ class Skipped:
     seq: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Pending:
     doc_id: object
     text: str
@@ -114,6 +114,7 @@ class Scanner:
         self,
         model,
         tokenizer,
+        *,
         adapter_names: Sequence[str],
         probe_ids: Sequence[str],
         max_length: int,
@@ -207,7 +208,8 @@ class Scanner:
                 continue
             wins = windows(seq, self.max_length, self.overlap)
             base = np.empty(n, np.float32) if base_losses is None else self._cached(base_losses, seq_no, doc_id, n)
-            pending[seq_no] = _Pending(doc_id, text, seq[1:], base, np.empty((n_probes, n), np.float32), len(wins))
+            pending[seq_no] = _Pending(doc_id=doc_id, text=text, token_ids=seq[1:], base=base,
+                                       mirror=np.empty((n_probes, n), np.float32), remaining=len(wins))
             for w_start, ids, ctx in wins:
                 pool.append(Window(seq_no, w_start, ids, ctx))
                 if len(pool) == self.pool_size:
@@ -231,7 +233,8 @@ class Scanner:
             self.n_documents += 1
             self.n_tokens += len(d.token_ids)
             self.progress.update(1, len(d.token_ids))
-            yield ScannedDoc(d.doc_id, d.text, np.asarray(d.token_ids, np.int64), d.base, d.mirror, seq)
+            yield ScannedDoc(doc_id=d.doc_id, text=d.text, token_ids=np.asarray(d.token_ids, np.int64), base=d.base,
+                             mirror=d.mirror, seq=seq)
 
     @staticmethod
     def _cached(base_losses: Iterator, seq_no: int, doc_id: object, n: int) -> np.ndarray:

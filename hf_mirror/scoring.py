@@ -73,7 +73,7 @@ def normalize_scores(raw: np.ndarray, method: str) -> np.ndarray:
     return np.divide(raw - mean, std, out=np.zeros_like(raw), where=std > 0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Candidate:
     """A top-k document of one probe, with just that probe's token losses (bounded memory)."""
 
@@ -98,6 +98,7 @@ class ScoreBook:
     def __init__(
         self,
         probe_ids: Sequence[str],
+        *,
         sign: float,
         normalize: str,
         top_k: int,
@@ -241,8 +242,8 @@ class ScoreBook:
             doc_id, text, token_ids, base = docs[d]
             mirror = arrays["mirror"][m : m + n_mirror]
             m += n_mirror
-            self._top[p].append(_Candidate(float(score), float(raw), doc_sort_key(doc_id), doc_id, text, token_ids,
-                                           base, mirror))
+            self._top[p].append(_Candidate(score=float(score), raw=float(raw), key=doc_sort_key(doc_id), doc_id=doc_id,
+                                           text=text, token_ids=token_ids, base=base, mirror=mirror))
         for p in range(len(self._top)):
             self._prune(p)
 
@@ -301,8 +302,9 @@ class ScoreBook:
                 continue  # not one of this probe's candidates
             if floor is not None and (-s, key) > floor:
                 continue  # worse than the k-th best so far: cannot enter this probe's top-k
-            evidence = (base, mirror[p].copy()) if base is not None and mirror is not None else (empty, empty)
-            self._top[p].append(_Candidate(s, float(raw[p]), key, doc_id, text, token_ids, *evidence))
+            base_p, mirror_p = (base, mirror[p].copy()) if base is not None and mirror is not None else (empty, empty)
+            self._top[p].append(_Candidate(score=s, raw=float(raw[p]), key=key, doc_id=doc_id, text=text,
+                                           token_ids=token_ids, base=base_p, mirror=mirror_p))
             if len(self._top[p]) >= 2 * self.top_k:
                 self._prune(p)
         self._since += 1

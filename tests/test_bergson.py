@@ -133,9 +133,10 @@ def test_options_are_checked_and_the_caller_keeps_its_model_and_tokenizer(tiny_m
     model, tok = tiny_model
     probes = [Probe(**p) for p in fact_probes(planted)[:2]]
     with pytest.raises(InputError, match="token_batch_size"):
-        TrackStarBaseline(model, tok, probes, 128, 16, token_batch_size=4096)  # beyond the 128-token context
+        # beyond the 128-token context
+        TrackStarBaseline(model, tok, probes=probes, max_length=128, overlap=16, token_batch_size=4096)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    scorer = TrackStarBaseline(model, tok, probes, 128, 16)
+    scorer = TrackStarBaseline(model, tok, probes=probes, max_length=128, overlap=16)
     try:
         assert scorer.workdir.exists() and tok.chat_template is None
     finally:

@@ -67,7 +67,7 @@ def test_attribute_then_show(planted, tmp_path, capsys, caplog):
 
 def test_mirror_flags_parse():
     from hf_mirror.cli import build_parser
-    from hf_mirror.mirror import MirrorConfig
+    from hf_mirror.mirror import MirrorConfig, block_indices
 
     args = build_parser().parse_args(["attribute", "--model", "m", "--corpus", "c", "--probes", "p", "--output", "o",
                                       "--layers", "-2", "-1", "--target-modules", "all-linear", "--fit-batch", "4"])
@@ -75,11 +75,11 @@ def test_mirror_flags_parse():
     cfg = MirrorConfig(layers=args.layers, target_modules=args.target_modules)
     assert cfg.target_modules == "all-linear"
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=4, n_head=2))
-    assert cfg.block_indices(model) == [2, 3]
+    assert block_indices(cfg, model) == [2, 3]
     with pytest.raises(InputError, match="model is needed"):
-        cfg.block_indices()
+        block_indices(cfg)
     with pytest.raises(InputError, match="out of range for a model with 4 blocks"):
-        MirrorConfig(layers=[-5]).block_indices(model)
+        block_indices(MirrorConfig(layers=[-5]), model)
 
 
 def test_errors_are_reported_without_traceback(planted, tmp_path, capsys):

@@ -239,7 +239,8 @@ def _synthetic(tmp_path) -> AttributionResult:
     scores.to_parquet(tmp_path / "scores.parquet")
     probes = [{"id": "p<1>", "prompt": "x <y>:", "completion": " 'z' & w", "probe_loss_before": 0.5}]
     config = {"model": "m", "scan": {"top_k": 2, "normalize": "zscore"}, "stats": {"documents": 50}}
-    return AttributionResult(tmp_path, topk, pd.concat([ev, ev2]), probes, [], config)
+    return AttributionResult(tmp_path, topk=topk, evidence=pd.concat([ev, ev2]), probes=probes, skipped=[],
+                             config=config)
 
 
 def test_html_escapes_and_shades(tmp_path):

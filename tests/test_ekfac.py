@@ -80,7 +80,8 @@ def test_writes_a_loadable_result_like_the_other_baselines(ekfac_result, planted
 def test_scorer_sums_windows_and_removes_its_scratch(tiny_model, planted):
     model, tok = tiny_model
     probes = [Probe(**p) for p in fact_probes(planted)[:2]]
-    scorer = EKFACBaseline(model, tok, probes, 32, 2, batch_size=4)  # the probes' context: 32 tokens
+    # the probes' context: 32 tokens
+    scorer = EKFACBaseline(model, tok, probes=probes, max_length=32, overlap=2, batch_size=4)
     skipped = []
     docs = list(iter_documents(enumerate(planted.texts[:4]), tok, 6, 2, skipped))
     assert all(len(d.windows) >= 2 for d in docs)  # 6-token windows: every document is split

@@ -627,7 +627,7 @@ def test_sigkill_while_writing_the_cache(runs, point, caplog, monkeypatch):
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # the killed writer's leftovers removed
     from hf_mirror.cache import BaseLossCache
 
-    rows = list(BaseLossCache(cache, entry.parent.name, 0, 1).read())
+    rows = list(BaseLossCache(cache, entry.parent.name, rank=0, world=1).read())
     assert [r[0] for r in rows] == list(range(30)) and len({r[1] for r in rows}) == 30
 
 

@@ -253,7 +253,7 @@ def test_dense_index_is_the_models_mean_pooled_embedding_memory_mapped(planted, 
     assert isinstance(vectors, np.memmap) and vectors.dtype == np.float32 and len(ids) == len(planted.texts) + 2
     length = context_length(model, tok)
     probe = Probe("p", planted.texts[7], "")
-    baseline = EmbeddingBaseline(model, tok, [probe], length, max(1, length // 8))
+    baseline = EmbeddingBaseline(model, tok, probes=[probe], max_length=length, overlap=max(1, length // 8))
     expected = baseline._embed([windows(document_tokens(tok, t), length, max(1, length // 8))
                                 for t in planted.texts[:5]]).numpy()
     np.testing.assert_allclose(vectors[:5], expected, rtol=1e-4, atol=1e-5)

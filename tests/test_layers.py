@@ -193,3 +193,13 @@ def test_retrieval_stands_below_the_pipeline_and_provenance():
         if module.split(".")[0] == "retrieval":
             above = {t for t in targets if t.split(".")[0] in ("pipeline", "provenance", "baselines", "methods")}
             assert not above, f"{module} imports {above}"
+
+
+def test_config_is_data_only():
+    """config.py holds the settings (the dataclasses, every default, the parsing of their values) and imports only the
+    errors and the flags; what reads a model (block_indices, lora_config) is in mirror.py."""
+    assert GRAPH["config"] <= {"errors", "flags"}
+    tree = ast.parse(MODULES["config"].read_text())
+    takes_a_model = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                     and any(a.arg == "model" for a in f.args.args + f.args.kwonlyargs)]
+    assert not takes_a_model

@@ -29,7 +29,8 @@ def shards(root, world: int, top_k: int = 2, skip: int | None = None, eligible=N
     """The documents dealt round-robin to ``world`` finished shards, as ``world`` processes would write them."""
     dirs = []
     for rank in range(world):
-        book = ScoreBook(PROBES, 1.0, "none", top_k, root / f"rank-{rank}", eligible=eligible)
+        book = ScoreBook(PROBES, sign=1.0, normalize="none", top_k=top_k, shard_dir=root / f"rank-{rank}",
+                         eligible=eligible)
         mine = [d for d in DELTAS if d % world == rank]
         skipped = []
         for seq, d in enumerate(mine):
@@ -37,8 +38,8 @@ def shards(root, world: int, top_k: int = 2, skip: int | None = None, eligible=N
                 skipped.append(Skipped(d, "empty or whitespace-only", seq))
                 continue
             a, b = DELTAS[d]
-            book.add(ScannedDoc(d, f"doc {d}", np.array([100, 111]), np.zeros(2, np.float32),
-                                np.array([[a, a], [b, b]], np.float32), seq), skipped)
+            book.add(ScannedDoc(doc_id=d, text=f"doc {d}", token_ids=np.array([100, 111]), base=np.zeros(2, np.float32),
+                                mirror=np.array([[a, a], [b, b]], np.float32), seq=seq), skipped)
         book.finish(len(mine), skipped, Chars(), {"forward_passes": 3})
         dirs.append(book.dir)
     return dirs
@@ -111,7 +112,8 @@ def test_the_influence_column_scales_each_term_by_its_spread_over_the_scored_doc
 
 
 def test_an_unfinished_shard_is_refused(tmp_path):
-    book = ScoreBook(PROBES, 1.0, "none", 2, tmp_path / "rank-0")
-    book.add(ScannedDoc(0, "x", np.array([120]), np.zeros(1, np.float32), np.zeros((2, 1), np.float32), 0))
+    book = ScoreBook(PROBES, sign=1.0, normalize="none", top_k=2, shard_dir=tmp_path / "rank-0")
+    book.add(ScannedDoc(doc_id=0, text="x", token_ids=np.array([120]), base=np.zeros(1, np.float32),
+                        mirror=np.zeros((2, 1), np.float32), seq=0))
     with pytest.raises(StateError):
         merge_shards([book.dir], tmp_path, PROBES, 2)

@@ -29,7 +29,8 @@ def test_busy_hint_only_on_commands_that_compute(tmp_path, monkeypatch, caplog):
     config = {"model": "m", "scan": {"top_k": 1, "normalize": "none"}, "stats": {"documents": 1}}
     evidence = pd.DataFrame({"probe_id": ["p"], "doc_id": ["d"], "position": [0], "token": ["x"], "base_loss": [1.0],
                              "mirror_loss": [1.4], "delta": [0.4]})
-    AttributionResult(tmp_path, topk, evidence, [{"id": "p", "prompt": "q"}], [], config).save(tmp_path / "run")
+    AttributionResult(tmp_path, topk=topk, evidence=evidence, probes=[{"id": "p", "prompt": "q"}], skipped=[],
+                      config=config).save(tmp_path / "run")
     _busy(monkeypatch)
     caplog.set_level(logging.WARNING)
     assert main(["show", str(tmp_path / "run")]) == 0  # read-only: no threads to tune

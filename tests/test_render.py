@@ -33,7 +33,8 @@ def _result(tmp_path, evidence: bool = True, normalize: str = "none") -> Attribu
     probes = [{"id": pid, "prompt": f"q{EVIL}:", "completion": f" a{EVIL}"}]
     config = {"model": "m", "scan": {"top_k": 1, "normalize": normalize, "aggregate": "mean"},
               "mirror": {"direction": "unlearn"}, "stats": {"documents": 1}}
-    return AttributionResult(tmp_path, topk, ev if evidence else ev.iloc[:0], probes, [], config)
+    return AttributionResult(tmp_path, topk=topk, evidence=ev if evidence else ev.iloc[:0], probes=probes, skipped=[],
+                             config=config)
 
 
 def test_printable_escapes_control_characters():
@@ -110,8 +111,8 @@ def _hybrid(tmp_path, normalize: str = "zscore", **scan) -> AttributionResult:
                                      **scan},
               "mirror": {"direction": "unlearn"}, "stats": {"documents": 3},
               "retrieval": {"retrievers": ["bm25"], "per_probe": scan.get("candidates", 20)}}
-    return AttributionResult(tmp_path, topk, pd.DataFrame(), [{"id": "p", "prompt": "q", "completion": " a"}], [],
-                             config)
+    probes = [{"id": "p", "prompt": "q", "completion": " a"}]
+    return AttributionResult(tmp_path, topk=topk, evidence=pd.DataFrame(), probes=probes, skipped=[], config=config)
 
 
 def test_terminal_prints_what_its_labels_say(tmp_path):

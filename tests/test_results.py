@@ -34,8 +34,8 @@ def saved(tmp_path) -> AttributionResult:
     out = tmp_path / "run"
     out.mkdir()
     SCORES.to_parquet(out / FILES["scores"], index=False)
-    AttributionResult(out, TOPK, EVIDENCE, probes, [{"doc_id": 9, "reason": "empty or whitespace-only"}],
-                      CONFIG).save(out)
+    skipped = [{"doc_id": 9, "reason": "empty or whitespace-only"}]
+    AttributionResult(out, topk=TOPK, evidence=EVIDENCE, probes=probes, skipped=skipped, config=CONFIG).save(out)
     return AttributionResult.load(out)
 
 
@@ -75,8 +75,8 @@ def test_moved_ranks_every_scanned_document_by_the_mirror_whatever_the_score_ran
 def test_a_result_without_evidence_refuses_token_deltas_naming_the_mirror(tmp_path):
     out = tmp_path / "bm25"
     config = {**CONFIG, "method": "bm25", "stats": {"documents": 0, "skipped": 0}}
-    AttributionResult(out, TOPK, EVIDENCE.iloc[:0], [{"id": "p", "prompt": "x"}, {"id": "q", "prompt": "z"}], [],
-                      config).save(out)
+    probes = [{"id": "p", "prompt": "x"}, {"id": "q", "prompt": "z"}]
+    AttributionResult(out, topk=TOPK, evidence=EVIDENCE.iloc[:0], probes=probes, skipped=[], config=config).save(out)
     result = AttributionResult.load(out)
     assert not result.has_token_evidence
     with pytest.raises(InputError, match=r"\(bm25\) has no token-level evidence.*--method mirror"):

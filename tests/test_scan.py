@@ -46,7 +46,7 @@ def mirrors(tok):
 def scan(mirrors, texts=TEXTS, **kwargs):
     model, tokenizer = mirrors
     settings = {"max_length": 64, "overlap": 8, "batch_size": 2, **kwargs}
-    scanner = Scanner(model, tokenizer, ["m0", "m1"], ["p0", "p1"], **settings)
+    scanner = Scanner(model, tokenizer, adapter_names=["m0", "m1"], probe_ids=["p0", "p1"], **settings)
     return scanner, list(scanner(list(enumerate(texts))))
 
 
@@ -94,7 +94,8 @@ def test_batching_does_not_change_the_losses(mirrors, settings):
 
 def test_documents_come_in_stream_order_and_the_empty_ones_are_skipped(mirrors):
     model, tokenizer = mirrors
-    scanner = Scanner(model, tokenizer, ["m0", "m1"], ["p0", "p1"], 64, 8, batch_size=4)
+    scanner = Scanner(model, tokenizer, adapter_names=["m0", "m1"], probe_ids=["p0", "p1"], max_length=64, overlap=8,
+                      batch_size=4)
     stream = [("a", TEXTS[1]), ("b", None), ("c", "   "), ("d", TEXTS[2]), ("e", TEXTS[0])]
     docs = list(scanner(stream, start=10))
     assert [(d.doc_id, d.seq) for d in docs] == [("a", 10), ("d", 13), ("e", 14)]
@@ -109,13 +110,14 @@ def test_cached_base_losses_replace_the_base_model_and_must_match_the_corpus(mir
     model, tokenizer = mirrors
     _, first = scan(mirrors)
     cache = [(d.seq, str(d.doc_id), d.base) for d in first]
-    scanner = Scanner(model, tokenizer, ["m0", "m1"], ["p0", "p1"], 64, 8)
+    scanner = Scanner(model, tokenizer, adapter_names=["m0", "m1"], probe_ids=["p0", "p1"], max_length=64, overlap=8)
     again = list(scanner(list(enumerate(TEXTS)), base_losses=iter(cache)))
     assert scanner.base_passes == 0
     for a, b in zip(first, again, strict=True):
         assert np.array_equal(a.base, b.base) and np.allclose(a.mirror, b.mirror, atol=1e-6)
     with pytest.raises(StateError, match="base-loss cache does not match"):
-        list(Scanner(model, tokenizer, ["m0"], ["p0"], 64, 8)(list(enumerate(TEXTS)), base_losses=iter(cache[1:])))
+        scanner = Scanner(model, tokenizer, adapter_names=["m0"], probe_ids=["p0"], max_length=64, overlap=8)
+        list(scanner(list(enumerate(TEXTS)), base_losses=iter(cache[1:])))
 
 
 def test_a_non_finite_loss_names_the_probe(mirrors):
@@ -127,7 +129,9 @@ def test_a_non_finite_loss_names_the_probe(mirrors):
         with torch.no_grad():
             weight.fill_(float("nan"))
         with pytest.raises(ScoreError, match="mirror of probe 'p1'"):
-            list(Scanner(model, tokenizer, ["m0", "m1"], ["p0", "p1"], 64, 8)(list(enumerate(TEXTS))))
+            scanner = Scanner(model, tokenizer, adapter_names=["m0", "m1"], probe_ids=["p0", "p1"], max_length=64,
+                              overlap=8)
+            list(scanner(list(enumerate(TEXTS))))
     finally:
         with torch.no_grad():
             weight.copy_(saved)

@@ -10,7 +10,7 @@ from hf_mirror.errors import InputError
 from hf_mirror.scan import Skipped
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Document:
     """One non-empty corpus document: ``token_ids`` are its model tokens (start token excluded)."""
 
@@ -42,4 +42,4 @@ def iter_documents(
         if len(ids) < 2:
             skipped.append(Skipped(doc_id, "no tokens after tokenization", seq))
             continue
-        yield Document(seq, doc_id, text, ids[1:], windows(ids, max_length, overlap))
+        yield Document(seq=seq, doc_id=doc_id, text=text, token_ids=ids[1:], windows=windows(ids, max_length, overlap))

@@ -117,7 +117,7 @@ class _BergsonBaseline(Scorer):
     needs_grad = True
     method = ""  # bergson's name for it (= the registry name)
 
-    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
+    def __init__(self, model, tokenizer, *, probes: Sequence[Probe], max_length: int, overlap: int,
                  token_batch_size: int | None = None, precision: str = "fp32", seed: int = 0) -> None:
         self._bg = _bergson()
         self.seed = seed
@@ -212,14 +212,14 @@ class BergsonEKFACBaseline(_BergsonBaseline):
 
     name = method = "bergson_ekfac"
 
-    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
+    def __init__(self, model, tokenizer, *, probes: Sequence[Probe], max_length: int, overlap: int,
                  damping: float = 0.1, ev_correction: bool = True, token_batch_size: int | None = None,
                  precision: str = "fp32", seed: int = 0) -> None:
         if damping < 0:
             raise InputError(f"damping must be non-negative, got {damping}.")
         self.damping, self.ev_correction = damping, ev_correction
-        super().__init__(model, tokenizer, probes, max_length, overlap, token_batch_size=token_batch_size,
-                         precision=precision, seed=seed)
+        super().__init__(model, tokenizer, probes=probes, max_length=max_length, overlap=overlap,
+                         token_batch_size=token_batch_size, precision=precision, seed=seed)
 
     def _command(self):
         bg = self._bg
@@ -242,7 +242,7 @@ class TrackStarBaseline(_BergsonBaseline):
 
     name = method = "trackstar"
 
-    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
+    def __init__(self, model, tokenizer, *, probes: Sequence[Probe], max_length: int, overlap: int,
                  projection_dim: int = 16, unit_normalize: bool = True, mix_hessians: bool = True,
                  target_downweight_components: int = 1000, token_batch_size: int | None = None,
                  precision: str = "fp32", seed: int = 0) -> None:
@@ -250,8 +250,8 @@ class TrackStarBaseline(_BergsonBaseline):
             raise InputError(f"projection_dim must be at least 1, got {projection_dim}.")
         self.projection_dim, self.unit_normalize, self.mix_hessians = projection_dim, unit_normalize, mix_hessians
         self.target_downweight_components = target_downweight_components
-        super().__init__(model, tokenizer, probes, max_length, overlap, token_batch_size=token_batch_size,
-                         precision=precision, seed=seed)
+        super().__init__(model, tokenizer, probes=probes, max_length=max_length, overlap=overlap,
+                         token_batch_size=token_batch_size, precision=precision, seed=seed)
 
     def _command(self):
         bg = self._bg

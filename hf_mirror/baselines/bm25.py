@@ -24,7 +24,7 @@ class BM25Baseline(Scorer):
     name = "bm25"
     needs_model = False  # the model is not read: only its tokenizer, for the windows
 
-    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *, k1: float = 1.5,
+    def __init__(self, model, tokenizer, *, probes: Sequence[Probe], max_length: int, overlap: int, k1: float = 1.5,
                  b: float = 0.75, variant: str = "lucene") -> None:
         self.queries = [words(p.text) for p in probes]
         self.params = {"k1": k1, "b": b, "method": variant}

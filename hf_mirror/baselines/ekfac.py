@@ -174,7 +174,7 @@ class EKFACBaseline(Scorer):
     needs_model = True
     needs_grad = True
 
-    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
+    def __init__(self, model, tokenizer, *, probes: Sequence[Probe], max_length: int, overlap: int,
                  strategy: str = "ekfac", damping: float | None = None, modules: list[str] | None = None,
                  empirical_fisher: bool = False, batch_size: int = 16, include_prompt: bool = False,
                  seed: int = 0) -> None:

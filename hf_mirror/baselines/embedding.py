@@ -25,8 +25,8 @@ class EmbeddingBaseline(Scorer):
     name = "embedding"
     needs_model = True
 
-    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int,
-                 *, batch_size: int = 16) -> None:
+    def __init__(self, model, tokenizer, *, probes: Sequence[Probe], max_length: int, overlap: int,
+                 batch_size: int = 16) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.overlap, self.batch_size = max_length, overlap, batch_size
         self.device = next(model.parameters()).device

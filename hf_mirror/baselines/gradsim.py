@@ -39,7 +39,7 @@ class GradSimBaseline(Scorer):
     needs_model = True
     needs_grad = True
 
-    def __init__(self, model, tokenizer, probes: Sequence[Probe], max_length: int, overlap: int, *,
+    def __init__(self, model, tokenizer, *, probes: Sequence[Probe], max_length: int, overlap: int,
                  similarity: str = "cosine", rank: int = 8, alpha: float = 16.0,
                  target_modules: str | list[str] | None = "all-linear", layers: list[int] | None = None, seed: int = 0,
                  include_prompt: bool = False) -> None:

@@ -41,9 +41,9 @@ logger = logging.getLogger(__name__)
 class Scorer(Method):
     """A baseline method: it scores each document of its shard (the whole corpus) for every probe.
 
-    Every scorer is built the same way, ``cls(model, tokenizer, probes, max_length, overlap, **options)`` (its
-    options keyword-only; ``model`` holds only the config when the class does not need the model and every probe has
-    its completion), scores with :meth:`score` and releases what it held with :meth:`close`. A scorer runs in one
+    Every scorer is built the same way, ``cls(model, tokenizer, probes=, max_length=, overlap=, **options)`` (its
+    options keyword-only too; ``model`` holds only the config when the class does not need the model and every probe
+    has its completion), scores with :meth:`score` and releases what it held with :meth:`close`. A scorer runs in one
     process, does not resume (a rerun scores the corpus again) and keeps no token evidence: its results have the
     same columns as the mirror's, with an empty evidence table. Scores are reported raw, higher = more supporting.
     """
@@ -51,6 +51,7 @@ class Scorer(Method):
     multi_process = False
     resumes = False
     token_evidence = False
+    INPUTS = ("probes", "max_length", "overlap")  # what the run gives every scorer; the other keywords are options
 
     @abstractmethod
     def score(self, documents: Iterable[Document]) -> Iterator[tuple[Document, np.ndarray]]:
@@ -85,7 +86,7 @@ def _as_corpus(corpus) -> Corpus:
 def _options(cls: type[Scorer], options: dict) -> dict:
     """Check ``options`` against the scorer's keyword-only parameters."""
     params = inspect.signature(cls.__init__).parameters
-    allowed = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    allowed = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} - set(Scorer.INPUTS)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InputError(f"Unknown option(s) {unknown} for baseline {cls.name!r}; it accepts {sorted(allowed)}.")
@@ -173,7 +174,7 @@ def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpu
     run_key = hashlib.sha256(json.dumps([method, str(model_name), corpus.describe(), [asdict(p) for p in probe_list],
                                          options, top_k, max_length, overlap], default=str).encode()).hexdigest()[:16]
 
-    scorer = cls(model, tokenizer, probe_list, max_length, overlap, **options)
+    scorer = cls(model, tokenizer, probes=probe_list, max_length=max_length, overlap=overlap, **options)
     shard = out / "shards" / method
     if shard.exists():  # an earlier run of this method (interrupted, or rerun): scorers do not resume
         logger.warning("%s does not resume: the scores an earlier run left in %s are discarded and the corpus is "
@@ -183,7 +184,7 @@ def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpu
     skipped: list[Skipped] = []
     next_seq = 0
     try:
-        book = ScoreBook(ids, 1.0, "none", top_k, shard, 0, run_key)
+        book = ScoreBook(ids, sign=1.0, normalize="none", top_k=top_k, shard_dir=shard, run_key=run_key)
         from hf_mirror.progress import progress_bar
 
         bar = progress_bar(total=corpus.num_documents(), desc=method, unit="doc", disable=not show_progress)
@@ -217,7 +218,8 @@ def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpu
         "torch_dtype": str(next(model.parameters()).dtype) if cls.needs_model else None,
         "stats": {**merged["stats"], "seconds": time.perf_counter() - t0},
     }
-    result = AttributionResult(out, merged["topk"], merged["evidence"], records, merged["skipped"], config)
+    result = AttributionResult(out, topk=merged["topk"], evidence=merged["evidence"], probes=records,
+                               skipped=merged["skipped"], config=config)
     result.save(out)
     from hf_mirror.report import write_report
 

@@ -27,7 +27,7 @@ import html
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ class EvalSet:
     """Evaluation items: a ``text_column``, or ``question_column`` + ``answer_column`` joined by a space."""
 
     source: object
+    _: KW_ONLY
     text_column: str | None = "text"
     question_column: str | None = None
     answer_column: str | None = None
@@ -83,7 +84,7 @@ class EvalSet:
         return make_items(out)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ItemVerdict:
     id: object
     text: str
@@ -173,10 +174,10 @@ def audit_leakage(
         mirrored = mirror_leakage(model, corpus, records, tokenizer=tokenizer, mirror=mirror, scan=scan,
                                   threshold=mirror_threshold, output_dir=output_dir, show_progress=show_progress,
                                   overwrite=True)
-    signals = _Signals([index.find(t) for t in texts] if "ngram" in detectors else None, mirrored, records,
-                       member_scores if "minkprob" in detectors else None,
-                       "combined" if "mirror" in detectors or detectors == ("minkprob",) else "ngram",
-                       threshold, combined_threshold, max_evidence)
+    signals = _Signals(matches=[index.find(t) for t in texts] if "ngram" in detectors else None, mirrored=mirrored,
+                       records=records, min_k=member_scores if "minkprob" in detectors else None,
+                       verdict_by="combined" if "mirror" in detectors or detectors == ("minkprob",) else "ngram",
+                       threshold=threshold, combined_threshold=combined_threshold, max_evidence=max_evidence)
     verdicts = [signals.verdict(i, rec, mk) for i, (rec, mk) in enumerate(zip(records, member_scores, strict=True))]
     leaked = sum(v.leaked for v in verdicts)
     detector = {"method": signals.verdict_by, "detectors": list(detectors), "threshold": threshold,
@@ -206,7 +207,7 @@ def _detectors(detectors: Sequence[str] | None, index, model, corpus) -> tuple[s
 class _Signals:
     """Every detector's output over the items, and how one item's verdict is made from them."""
 
-    def __init__(self, matches: list | None, mirrored: dict | None, records: Sequence[EvalItem],
+    def __init__(self, *, matches: list | None, mirrored: dict | None, records: Sequence[EvalItem],
                  min_k: np.ndarray | None, verdict_by: str, threshold: float, combined_threshold: float,
                  max_evidence: int) -> None:
         self.matches, self.mirrored, self.min_k, self.verdict_by = matches, mirrored, min_k, verdict_by
@@ -246,7 +247,8 @@ class _Signals:
         else:
             score = float(self.combined[i]) if np.isfinite(self.combined[i]) else float("nan")
             leaked = bool(np.isfinite(self.combined[i]) and self.combined[i] >= self.combined_threshold)
-        return ItemVerdict(rec.id, rec.text, leaked, score, longest, _num(mk), evidence, scores, mirror_ev)
+        return ItemVerdict(id=rec.id, text=rec.text, leaked=leaked, score=score, longest_span_tokens=longest,
+                           min_k_prob=_num(mk), evidence=evidence, scores=scores, mirror=mirror_ev)
 
 
 def _num(x) -> float | None:

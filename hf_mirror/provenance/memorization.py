@@ -15,7 +15,7 @@ from hf_mirror.probes import start_token_id
 from hf_mirror.progress import progress_bar
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MemorizationSample:
     doc_id: object
     prefix: str
@@ -99,8 +99,9 @@ def extractable_memorization(
         out = out[0, input_ids.shape[1] :].tolist()
         mismatches = (i for i, (a, b) in enumerate(zip(out, truth, strict=False)) if a != b)
         matched = next(mismatches, min(len(out), len(truth)))
-        results.append(MemorizationSample(doc_id, tokenizer.decode(prefix), tokenizer.decode(truth),
-                                          tokenizer.decode(out), out == truth, matched))
+        results.append(MemorizationSample(doc_id=doc_id, prefix=tokenizer.decode(prefix),
+                                          true_suffix=tokenizer.decode(truth), generated_suffix=tokenizer.decode(out),
+                                          exact=out == truth, matched_tokens=matched))
     exact = sum(r.exact for r in results)
     return {"extractable_rate": exact / len(results), "exact": exact, "samples": len(results),
             "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "seed": seed,

@@ -91,7 +91,7 @@ def make_items(records: Sequence[tuple[object, str] | tuple[object, str, str] | 
     return items
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MirrorEvidence:
     """An item's mirror verdict and evidence: its best documents and how far the first stands out."""
 
@@ -170,11 +170,11 @@ def mirror_leakage(
                 for r, (d, s, raw) in enumerate(zip(group["doc_id"][:top], group["score"][:top],
                                                     group["raw_score"][:top], strict=True))]
         item_id = probe_ids[pid]
-        out[item_id] = MirrorEvidence(item_id, float(top_z), float(margin),
-                                      bool(np.isfinite(top_z) and top_z >= threshold), best,
-                                      [_plain(d) for d in group["doc_id"]])
+        out[item_id] = MirrorEvidence(id=item_id, top_z=float(top_z), margin=float(margin),
+                                      leaked=bool(np.isfinite(top_z) and top_z >= threshold), top=best,
+                                      ranking=[_plain(d) for d in group["doc_id"]])
     for item_id in probe_ids.values():  # a probe with no scored document (empty corpus)
-        out.setdefault(item_id, MirrorEvidence(item_id, float("nan"), float("nan"), False))
+        out.setdefault(item_id, MirrorEvidence(id=item_id, top_z=float("nan"), margin=float("nan"), leaked=False))
     return {it.id: out[it.id] for it in items}
 
 

@@ -30,7 +30,7 @@ from hf_mirror.retrieval.ngram import INDEX_FORMAT, MANIFEST, NGRAM, Extras, Ngr
 logger = logging.getLogger(__name__)
 INDEX_ENTRIES = (MANIFEST, "bm25", "ngram", "infinigram", "dense", "extras")  # what `hf-mirror index` writes
 # its output directory (hf_mirror.ownership); one without hf_mirror.json is adopted when it holds an index
-INDEX = Kind("index", INDEX_ENTRIES, frozenset(INDEX_ENTRIES),
+INDEX = Kind("index", INDEX_ENTRIES, adoptable=frozenset(INDEX_ENTRIES),
              legacy=lambda d: _manifest_of(d).get("format") == INDEX_FORMAT, stage=True, marker=MANIFEST)
 
 

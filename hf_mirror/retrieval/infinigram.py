@@ -96,7 +96,7 @@ class InfiniGramIndex:
     ``doc_ids`` are as in ``NgramIndex``.
     """
 
-    def __init__(self, tokenizer, directory: Path, doc_ids: list, manifest: dict, engine) -> None:
+    def __init__(self, tokenizer, directory: Path, *, doc_ids: list, manifest: dict, engine) -> None:
         self.tokenizer, self.directory = tokenizer, Path(directory)
         self.doc_ids, self.manifest = doc_ids, manifest
         self.n = int(manifest["n"])
@@ -236,7 +236,7 @@ class InfiniGramIndex:
                 or positions != manifest["n_tokens"] + manifest["n_documents"]):
             raise InputError(f"The infini-gram index in {directory} does not match its manifest's counts; "
                              f"{rebuild}.")
-        return cls(tokenizer, directory, doc_ids, manifest, _open_engine(directory, manifest))
+        return cls(tokenizer, directory, doc_ids=doc_ids, manifest=manifest, engine=_open_engine(directory, manifest))
 
     # ---------------------------------------------------------------- querying
     def _ids(self, text: str) -> list[int]:

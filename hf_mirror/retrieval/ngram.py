@@ -119,6 +119,7 @@ class NgramIndex:
         self,
         tokenizer,
         n: int,
+        *,
         hashes: np.ndarray,
         docs: np.ndarray,
         offsets: np.ndarray,
@@ -219,7 +220,8 @@ class NgramIndex:
         arrays, doc_ids, n_tokens, extras = _merge(parts, corpus, world)
         manifest = {**verbatim_manifest("hf_mirror.ngram_index", FORMAT_VERSION, n, tokenizer, corpus, len(doc_ids),
                                         n_tokens), "n_ngrams": len(arrays["hashes"]), "build_key": built}
-        index = cls(tokenizer, n, arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids, manifest)
+        index = cls(tokenizer, n, hashes=arrays["hashes"], docs=arrays["docs"], offsets=arrays["offsets"],
+                    doc_ids=doc_ids, manifest=manifest)
         index.extras = extras
         return index
 
@@ -289,8 +291,8 @@ class NgramIndex:
                 f"The n-gram index in {directory} does not match its manifest's counts; rebuild it with "
                 "NgramIndex.build."
             )
-        return cls(tokenizer, int(manifest["n"]), arrays["hashes"], arrays["docs"], arrays["offsets"], doc_ids,
-                   manifest)
+        return cls(tokenizer, int(manifest["n"]), hashes=arrays["hashes"], docs=arrays["docs"],
+                   offsets=arrays["offsets"], doc_ids=doc_ids, manifest=manifest)
 
     # ---------------------------------------------------------------- querying
     def find(self, text: str, max_postings: int = 1000) -> NgramMatch:
