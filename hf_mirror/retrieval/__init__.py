@@ -2,7 +2,8 @@
 (:mod:`.dense`), each probe's candidates (:mod:`.candidates`), the verbatim indexes (:mod:`.ngram`, the streaming
 corpus pass that also feeds the saved index; :mod:`.infinigram`) and the saved index (:mod:`.index`).
 
-Nothing here imports torch at import time, nor any module above it (tests/test_layers.py checks the import graph).
+Nothing here imports a module above it: not the pipeline, provenance, the baselines or the method registry
+(tests/test_layers.py checks the import graph).
 """
 
 from hf_mirror.retrieval.bm25 import BM25, words
