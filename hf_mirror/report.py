@@ -208,7 +208,7 @@ def _moved_html(result: AttributionResult, probe_id: str, k: int, texts: Mapping
 def probe_section(result: AttributionResult, probe_id: str, k: int = LIST_K, texts: Mapping[str, str] | None = None,
                   source: object = None) -> str:
     """One probe: its generation, then "states it" beside "moved the model" (``source``: a document id to tag)."""
-    from hf_mirror.baselines.bm25 import words
+    from hf_mirror.retrieval.bm25 import words
 
     probe_id = result._check_probe(probe_id)
     record = next(r for r in result.probe_records if str(r["id"]) == probe_id)

@@ -16,9 +16,9 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"errors", "distributed", "progress", "terminal", "flags", "integrity", "stacked", "trunk", "fusion",
                     "methods"}),
     ("inputs", {"cache", "ownership", "probes", "corpus", "modeling", "config"}),
-    ("mechanics", {"scan", "scoring", "merge", "curvature", "mirror", "runs"}),
+    ("mechanics", {"scan", "scoring", "merge", "curvature", "mirror", "runs", "regime"}),
     ("retrieval", {"retrieval"}),
-    ("results", {"results", "html", "render", "plots"}),
+    ("results", {"results", "html", "render", "plots", "report"}),
     ("methods", {"pipeline", "baselines"}),
     ("applications", {"provenance", "demo", "tiny_lm"}),
     ("entry points", {"cli", ""}),  # "": hf_mirror/__init__.py, the public API

@@ -13,11 +13,11 @@ from html.parser import HTMLParser
 import pytest
 
 from hf_mirror import MirrorConfig, ScanConfig, attribute
-from hf_mirror.baselines.bm25 import words
 from hf_mirror.errors import InputError
 from hf_mirror.regime import ABOVE_FACTOR, BELOW_FACTOR, DRIFT_LIMIT, RISE_LIMIT, warnings_for
 from hf_mirror.render import format_result
 from hf_mirror.report import REPORT, marked_terms
+from hf_mirror.retrieval.bm25 import words
 
 
 class Page(HTMLParser):
