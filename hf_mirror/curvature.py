@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_mirror.errors import InputError
+from hf_mirror.errors import InputError, ScoreError
 from hf_mirror.probes import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -190,14 +190,19 @@ class Curvature:
         return cls(meta["kind"], layers, meta["documents"])
 
 
-def _windows(tokenizer, texts: Sequence[str], max_length: int) -> list[tuple[list[int], int]]:
+def _windows(tokenizer, texts: Sequence[str], max_length: int, owners: list[int] | None = None
+             ) -> list[tuple[list[int], int]]:
+    """Every text's scan windows (ids, context tokens); ``owners`` gets each window's text index."""
     from hf_mirror.corpus import document_tokens, windows
 
     out = []
-    for text in texts:
+    for n, text in enumerate(texts):
         seq = document_tokens(tokenizer, text)
         if len(seq) > 1:
-            out += [(ids, ctx) for _, ids, ctx in windows(seq, max_length, max(1, max_length // 8))]
+            parts = [(ids, ctx) for _, ids, ctx in windows(seq, max_length, max(1, max_length // 8))]
+            out += parts
+            if owners is not None:
+                owners += [n] * len(parts)
     return out
 
 
@@ -214,22 +219,31 @@ def _batches(rows: list[tuple[list[int], int]], batch_size: int, pad_id: int, de
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _passes(model, layers, rows, batch_size, pad_id) -> Iterator[tuple[dict, torch.Tensor]]:
-    """Per batch of windows: the captured inputs and output gradients of each row's mean loss, and the mask."""
+def _passes(model, layers, rows, batch_size, pad_id, names: Sequence | None = None
+            ) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Per batch of windows: the captured inputs and output gradients of each row's mean loss, and the mask; a
+    non-finite loss is refused naming its document (``names``: each window's document id)."""
     device = next(model.parameters()).device
-    for batch in _batches(rows, batch_size, pad_id, device):
+    for b, batch in enumerate(_batches(rows, batch_size, pad_id, device)):
         with capture(model, layers) as seen:
-            row_losses(model, **batch).sum().backward()
+            losses = row_losses(model, **batch)
+            bad = (~torch.isfinite(losses.detach())).nonzero()
+            if len(bad):
+                at = b * batch_size + int(bad[0, 0])
+                who = repr(names[at]) if names is not None else f"window {at} of the sample"
+                raise ScoreError(f"Non-finite token loss under the base model on document {who} (fitting the "
+                                 "curvature); check the model's dtype and weights, or pass --precondition none.")
+            losses.sum().backward()
         yield seen, batch["attention_mask"].bool()
 
 
 @torch.no_grad()
 def fit_curvature(model, tokenizer, texts: Sequence[str], max_length: int, kind: str = "ekfac",
-                  batch_size: int = 8) -> Curvature:
+                  batch_size: int = 8, ids: Sequence | None = None) -> Curvature:
     """K-FAC (``kind="kfac"``), EK-FAC or RMS factors of every linear layer in the blocks, from ``texts`` (a corpus
     sample; documents longer than ``max_length`` are windowed). Two passes for EK-FAC: the factors, then the
     second moments of each window's gradient in their eigenbases; one pass for RMS (those moments in the layer's
-    own basis)."""
+    own basis). ``ids`` (the texts' document ids) name a document whose loss is not finite."""
     if kind not in KINDS[1:]:
         raise InputError(f"curvature kind must be one of {KINDS[1:]}, got {kind!r}.")
     # the output layer's G is vocabulary x vocabulary: fitted only where that stays small
@@ -238,20 +252,31 @@ def fit_curvature(model, tokenizer, texts: Sequence[str], max_length: int, kind:
     layers = linear_layers(model, head=head)
     if kind == "rms":
         layers |= embedding_layers(model)
-    rows = _windows(tokenizer, texts, max_length)
+    owners: list[int] = []
+    rows = _windows(tokenizer, texts, max_length, owners)
     if not rows:
         raise InputError("The corpus sample for the curvature has no tokens.")
+    names = [ids[o] for o in owners] if ids is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    if kind == "rms":
-        bases = _rms(model, layers, rows, batch_size, pad_id)
+    try:
+        if kind == "rms":
+            bases = _rms(model, layers, rows, batch_size, pad_id, names)
+        else:
+            bases = _kronecker(model, layers, rows, batch_size, pad_id, names, kind)
+    finally:
         model.train(was_training)
-        return Curvature(kind, {n: LayerCurvature(*b) for n, b in bases.items()}, len(rows))
+    return Curvature(kind, {n: LayerCurvature(*b) for n, b in bases.items()}, len(rows))
+
+
+def _kronecker(model, layers, rows, batch_size, pad_id, names, kind: str) -> dict[str, tuple]:
+    """K-FAC's eigenbases and eigenvalue products per layer; for EK-FAC a second pass replaces the products by the
+    second moments of each window's gradient in those bases."""
     a = {n: 0.0 for n in layers}
     g = {n: 0.0 for n in layers}
     tokens = 0
-    for seen, mask in _passes(model, layers, rows, batch_size, pad_id):
+    for seen, mask in _passes(model, layers, rows, batch_size, pad_id, names):
         tokens += int(mask.sum())
         for n in layers:
             x, d = seen[n]["x"][mask].double(), seen[n]["d"][mask].double()
@@ -264,22 +289,21 @@ def fit_curvature(model, tokenizer, texts: Sequence[str], max_length: int, kind:
         bases[n] = (qa.float(), qg.float(), torch.outer(eg.clamp(min=0), ea.clamp(min=0)).float())
     if kind == "ekfac":
         second = {n: 0.0 for n in layers}
-        for seen, mask in _passes(model, layers, rows, batch_size, pad_id):
+        for seen, mask in _passes(model, layers, rows, batch_size, pad_id, names):
             for n, (qa, qg, _) in bases.items():
                 x, d = seen[n]["x"] * mask[..., None], seen[n]["d"]
                 grads = torch.einsum("bto,bti->boi", d, x)
                 second[n] = second[n] + ((qg.T @ grads @ qa) ** 2).sum(0)
         bases = {n: (qa, qg, second[n] / len(rows)) for n, (qa, qg, _) in bases.items()}
-    model.train(was_training)
-    return Curvature(kind, {n: LayerCurvature(*b) for n, b in bases.items()}, len(rows))
+    return bases
 
 
-def _rms(model, layers, rows, batch_size, pad_id) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _rms(model, layers, rows, batch_size, pad_id, names=None) -> dict[str, tuple[torch.Tensor, ...]]:
     """Each layer's empty bases and the root mean square over windows of each weight's gradient ([out, in]; for an
     embedding table [entries, dim])."""
     second = {n: 0.0 if not isinstance(m, nn.Embedding) else torch.zeros(m.weight.shape, dtype=torch.float64)
               for n, m in layers.items()}
-    for seen, mask in _passes(model, layers, rows, batch_size, pad_id):
+    for seen, mask in _passes(model, layers, rows, batch_size, pad_id, names):
         for n, m in layers.items():
             if isinstance(m, nn.Embedding):
                 for ids, d, keep in zip(seen[n]["x"], seen[n]["d"].double(), mask, strict=True):
@@ -292,15 +316,19 @@ def _rms(model, layers, rows, batch_size, pad_id) -> dict[str, tuple[torch.Tenso
     return {n: (empty, empty, (v / len(rows)).sqrt().float()) for n, v in second.items()}
 
 
-def corpus_sample(corpus, n_documents: int) -> list[str]:
-    """The texts of the corpus's first ``n_documents`` non-empty documents (stream order)."""
-    texts = []
-    for _, text in corpus.documents():
+def corpus_sample(corpus, n_documents: int) -> list[tuple[object, str]]:
+    """The ids and texts of the corpus's first ``n_documents`` non-empty documents (stream order); a document whose
+    text is not a string is refused as the scan refuses it."""
+    sample = []
+    for doc_id, text in corpus.documents():
+        if text is not None and not isinstance(text, str):
+            raise InputError(f"Document {doc_id!r} has non-string text ({type(text).__name__}); point --text-column "
+                             "at a string column.")
         if isinstance(text, str) and text.strip():
-            texts.append(text)
-            if len(texts) == n_documents:
+            sample.append((doc_id, text))
+            if len(sample) == n_documents:
                 break
-    return texts
+    return sample
 
 
 def curvature_for(model, tokenizer, corpus, kind: str, n_documents: int, max_length: int,
@@ -313,7 +341,8 @@ def curvature_for(model, tokenizer, corpus, kind: str, n_documents: int, max_len
     from hf_mirror.cache import default_cache_dir, model_fingerprint, tokenizer_fingerprint
     from hf_mirror.ownership import writable
 
-    texts = corpus_sample(corpus, n_documents)
+    sample = corpus_sample(corpus, n_documents)
+    texts = [text for _, text in sample]
     key = hashlib.sha256(json.dumps([FORMAT, kind, weights or model_fingerprint(model),
                                      tokenizer_fingerprint(tokenizer), max_length, texts]).encode()).hexdigest()[:24]
     root = Path(cache_dir or default_cache_dir()) / "curvature" / key
@@ -323,7 +352,7 @@ def curvature_for(model, tokenizer, corpus, kind: str, n_documents: int, max_len
         except (ValueError, OSError, KeyError) as e:
             logger.warning("The cached curvature in %s is damaged (%s); fitting it again.", root, e)
     t0 = time.perf_counter()
-    curvature = fit_curvature(model, tokenizer, texts, max_length, kind)
+    curvature = fit_curvature(model, tokenizer, texts, max_length, kind, ids=[doc_id for doc_id, _ in sample])
     logger.info("Fitted %s factors of %d layers on %d windows in %.1f s.", kind, len(curvature.layers),
                 curvature.documents, time.perf_counter() - t0)
     if cache and writable(root.parent.parent):
