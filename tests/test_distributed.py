@@ -161,7 +161,8 @@ def test_worker_failure_names_rank_and_document(planted, tmp_path):
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     rows[7]["text"] = ["not", "a", "string"]  # lands in process 1's shard (every other document)
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _launch_two(_cli(planted, corpus, probes, tmp_path / "out"))
+    # the curvature sample (the first 4 documents) is read before the scan: it leaves document 7 to process 1's shard
+    proc = _launch_two(_cli(planted, corpus, probes, tmp_path / "out", "--curvature-docs", "4"))
     assert proc.returncode != 0
     assert "Process 1 of 2 failed while scanning document 'c0-d7'" in proc.stderr
     assert "error (process 1 of 2): Document 'c0-d7' has non-string text" in proc.stderr
