@@ -314,6 +314,17 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
         p.requires_grad_(False)
 
 
+def _best_rank(direction: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` approximation of ``direction`` [..., out, in] as its singular triples (u, s, vh), one
+    sign per singular pair (its largest left entry positive): the same adapter weights however the probes are grouped,
+    not only the same product."""
+    u, s, vh = torch.linalg.svd(direction, full_matrices=False)
+    r = min(rank, s.shape[-1])
+    u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
+    flip = torch.sign(torch.gather(u, -2, u.abs().argmax(dim=-2, keepdim=True))).clamp(min=0) * 2 - 1
+    return u * flip, s, vh * flip.transpose(-1, -2)
+
+
 def _linear_steps(name: str, d: torch.Tensor, x: torch.Tensor, cfg: MirrorConfig, curvature: Curvature | None,
                   along: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per probe, a linear layer's (B [out, r], A [r, in]) before scaling: the best rank-``cfg.rank`` approximation
@@ -321,13 +332,7 @@ def _linear_steps(name: str, d: torch.Tensor, x: torch.Tensor, cfg: MirrorConfig
     view of the group's)."""
     grads = torch.einsum("bto,bti->boi", d.float(), x.float())
     direction = grads if curvature is None else curvature.precondition(name, grads, cfg.damping)
-    u, s, vh = torch.linalg.svd(direction, full_matrices=False)
-    r = min(cfg.rank, s.shape[-1])
-    u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
-    # one sign per singular pair (its largest left entry positive): the same adapter weights however the probes are
-    # grouped, not only the same product
-    flip = torch.sign(torch.gather(u, -2, u.abs().argmax(dim=-2, keepdim=True))).clamp(min=0) * 2 - 1
-    u, vh = u * flip, vh * flip.transpose(-1, -2)
+    u, s, vh = _best_rank(direction, cfg.rank)
     along += (u @ (s[..., None] * vh) * grads).sum(dim=(1, 2)).double().cpu()
     root = s.sqrt()[..., None]
     return [(u[i] * root[i].T, root[i] * vh[i]) for i in range(len(u))]
@@ -344,11 +349,8 @@ def _embedding_steps(name: str, seen: dict, mask: torch.Tensor, cfg: MirrorConfi
     for i, (ids, d, keep) in enumerate(zip(seen["x"], seen["d"].float(), mask, strict=True)):
         rows, grads = embedding_gradient(ids[keep], d[keep])
         direction = grads if curvature is None else curvature.precondition(name, grads, cfg.damping, rows)
-        u, s, vh = torch.linalg.svd(direction.float(), full_matrices=False)
-        r = min(cfg.rank, s.shape[-1])
-        u, s, vh = u[:, :r], s[:r], vh[:r]
-        flip = torch.sign(u[u.abs().argmax(dim=0), torch.arange(r)]).clamp(min=0) * 2 - 1
-        u, vh = u * flip, vh * flip[:, None]
+        u, s, vh = _best_rank(direction.float(), cfg.rank)
+        r = len(s)
         along[i] += ((u @ (s[:, None] * vh)) * grads).sum().double().cpu()
         a = torch.zeros(r, entries, dtype=u.dtype, device=u.device)
         a[:, rows] = (u * s.sqrt()).T
