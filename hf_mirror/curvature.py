@@ -82,18 +82,16 @@ def capture(model, layers: dict[str, nn.Module]) -> Iterator[dict[str, dict[str,
     next forward and backward pass of ``model`` (the model's own weights need not require grad)."""
     seen: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
 
-    rows = {}
+    from hf_mirror.stacked import BatchRows
 
-    def batch(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        rows["n"] = ids.shape[0] if ids is not None else None
+    rows = BatchRows()
 
     def record(name: str):
         def hook(module, args, out):
             seen[name]["x"] = args[0].detach()
             if isinstance(module, nn.Embedding):
                 # a table's output: the gradient is read here, one row per sequence (positions are shared)
-                n = rows.get("n") or out.shape[0]
+                n = rows.n or out.shape[0]
                 seen[name]["x"] = args[0].detach().expand(n, *args[0].shape[1:])
                 out = out.detach().expand(n, *out.shape[1:]).clone().requires_grad_(True)
             if out.requires_grad:
@@ -104,7 +102,7 @@ def capture(model, layers: dict[str, nn.Module]) -> Iterator[dict[str, dict[str,
     def leaf(module, args, out):  # gradients flow through the blocks even with frozen weights
         return out if out.requires_grad else out.detach().requires_grad_(True)
 
-    handles = [model.register_forward_pre_hook(batch, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(rows, with_kwargs=True)]
     handles += [m.register_forward_hook(record(n)) for n, m in layers.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(leaf))
     try:

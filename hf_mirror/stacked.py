@@ -18,6 +18,18 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
 
+class BatchRows:
+    """A forward pre-hook on a model that records its batch's row count (``n``, from ``input_ids``): what an embedding
+    table's hook needs to read positions shared by every row (GPT-2's ``[1, length]`` position ids) per row."""
+
+    def __init__(self) -> None:
+        self.n: int | None = None
+
+    def __call__(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.n = ids.shape[0] if ids is not None else None
+
+
 @contextmanager
 def adapters_off(peft_model: PeftModel, layers: Sequence | None = None) -> Iterator[None]:
     """The base model inside: every adapter layer (``layers``, default all of the model's) switched off and back.
@@ -96,17 +108,13 @@ class StackedLora:
     def applied(self) -> Iterator[None]:
         """Run the base model plus each group's own LoRA update (the PEFT adapters themselves are off)."""
         g = len(self.names)
-        rows = {}
-
-        def batch(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            rows["n"] = ids.shape[0] if ids is not None else None
+        rows = BatchRows()
 
         def lookup(a: torch.Tensor, b: torch.Tensor, scaling: float):
             def add(module, args, kwargs, out):
                 ids = args[0] if args else kwargs["input"]
-                if ids.shape[0] == 1 and (rows.get("n") or 1) > 1:  # positions shared by every row
-                    ids = ids.expand(rows["n"], *ids.shape[1:])
+                if ids.shape[0] == 1 and (rows.n or 1) > 1:  # positions shared by every row
+                    ids = ids.expand(rows.n, *ids.shape[1:])
                 if ids.shape[0] % g:
                     raise AssertionError(f"A batch for {g} stacked adapters needs a multiple of {g} rows, got "
                                          f"{ids.shape[0]}.")
@@ -132,7 +140,7 @@ class StackedLora:
                 return out + delta.reshape(*out.shape).to(out.dtype)
             return add
 
-        handles = [self.model.register_forward_pre_hook(batch, with_kwargs=True)]
+        handles = [self.model.register_forward_pre_hook(rows, with_kwargs=True)]
         handles += [m.register_forward_hook((lookup if isinstance(m, LoraEmbedding) else hook)(a, b, s),
                                             with_kwargs=True)
                     for m, a, b, s in zip(self.layers, self.A, self.B, self.scaling, strict=True)]
