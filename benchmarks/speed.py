@@ -10,6 +10,11 @@ ways (:data:`VARIANTS`):
   trunk        mirrors on the top 2 blocks (1 of 2), base losses cached, lower blocks run once
                ("trunk+cache")                                     -> about T x 2 / n_layer + trunk
   mixed        trunk+cache, scoring up to 8 probes per forward (stacked LoRA, batched matmuls) ("+mixed8")
+  linear       the default: every mirror on all blocks, the output layer and the tables, read to first order
+               (hf_mirror.linear_read)                             -> about 3 + T x 2r / width
+
+The scan table ends with #25's goals for the default read (gpt2-small: T = 8 within 1.5x and T = 64 within 4x one
+forward pass), met or not, from the T measured.
 
 The ``e2e`` part times whole calls, fitting included, of :func:`hf_mirror.attribute` (all-block mirrors; top-2-block
 mirrors with the shared trunk, first run and again with the base losses cached) and of
@@ -43,6 +48,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_mirror.corpus import Window, document_tokens, windows
 from hf_mirror.errors import InputError
+from hf_mirror.linear_read import LinearRead
 from hf_mirror.mirror import MirrorConfig, fit_mirrors
 from hf_mirror.modeling import prepare_tokenizer
 from hf_mirror.probes import Probe
@@ -57,7 +63,8 @@ MODELS = {
     "smollm2": dict(n_layer=30, pretrained=True),
 }
 PARTS = ("scan", "e2e", "padding", "fit")
-VARIANTS = ("naive", "cached", "trunk", "mixed")
+VARIANTS = ("naive", "cached", "trunk", "mixed", "linear")
+GOALS = {("gpt2-small", 8): 1.5, ("gpt2-small", 64): 4.0}  # issue #25: the default scan, x one forward pass
 E2E_MIRRORS = ("mirror", "mirror_top2", "mirror_top2_warm")
 GRADIENT_METHODS = ("gradsim", "ekfac", "bergson_ekfac", "trackstar")
 OPTIONAL = {"ekfac": "kronfluence", "bergson_ekfac": "bergson", "trackstar": "bergson"}  # method -> package
@@ -188,11 +195,13 @@ def _floor_seconds(model, tok, docs: list[tuple[int, str]], max_length: int, bat
 
 def _scan(model, tok, names: list[str], ids: list[str], docs: list[tuple[int, str]], max_length: int,
           batch_size: int, base: list | None = None, trunk: SharedTrunk | None = None, group: int = 1,
-          autocast: Autocast = nullcontext, sort_batches: int = 1) -> tuple[float, list, Scanner]:
+          autocast: Autocast = nullcontext, sort_batches: int = 1, read: str = "forward"
+          ) -> tuple[float, list, Scanner]:
     """One timed scan of ``docs``: seconds, the scanned documents and the scanner (for its counters)."""
     scanner = Scanner(model, tok, adapter_names=names, probe_ids=ids, max_length=max_length, overlap=max_length // 8,
                       batch_size=batch_size, trunk=trunk,
-                      adapters_per_forward=group, autocast=autocast, sort_batches=sort_batches)
+                      adapters_per_forward=group, autocast=autocast, sort_batches=sort_batches,
+                      linear=LinearRead(model, names) if read == "linear" else None)
     device = next(model.parameters()).device
     _sync(device)
     t0 = time.perf_counter()
@@ -224,7 +233,7 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
             _, scanned, _ = _scan(peft_model, tok, [], [], docs, max_length, batch_size, autocast=autocast)
             return [(d.seq, str(d.doc_id), d.base) for d in scanned]
 
-        if "naive" in variants or "cached" in variants:
+        if {"naive", "cached", "linear"} & set(variants):
             t0 = time.perf_counter()
             all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(**UNFITTED), max_length,
                                         show_progress=False)
@@ -237,6 +246,9 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
                 base = base or base_only(all_layers)
                 row["cached_s"], *_ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base,
                                            autocast=autocast)
+            if "linear" in variants:
+                row["linear_s"], *_ = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
+                                           autocast=autocast, read="linear")
             all_layers.unload()
         if "trunk" in variants or "mixed" in variants:
             t0 = time.perf_counter()
@@ -252,7 +264,7 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
                 row["mixed_s"], *_ = _scan(top_only, tok, names, names, docs, max_length, batch_size, base=base,
                                           trunk=trunk, group=min(t, 8), autocast=autocast)
             top_only.unload()
-        for k in ("naive", "cached", "trunk_cached", "mixed"):
+        for k in ("naive", "cached", "trunk_cached", "mixed", "linear"):
             if f"{k}_s" in row:
                 row[f"{k}_x_floor"] = row[f"{k}_s"] / floor
                 row[f"{k}_tok_s"] = n_tokens / row[f"{k}_s"]
@@ -521,14 +533,27 @@ def _x(row: dict, key: str) -> str:
 def format_scan(rows: list[dict], header: bool = True) -> str:
     """The scan rows as a Markdown table (multiples of one plain forward pass; '-' = not measured)."""
     lines = _head(["model", "T", "docs", "floor s", "fit s", "naive x", "cached x", "trunk+cache x", "+mixed8 x",
-                   "naive / trunk+cache", "peak RSS MB"], header)
+                   "linear x", "naive / trunk+cache", "peak RSS MB"], header)
     for r in rows:
         ratio = r.get("naive_over_trunk_cached")
         lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | "
                      f"{r.get('fit_s', r.get('fit_top2_s', float('nan'))):.1f} | {_x(r, 'naive')} | "
                      f"{_x(r, 'cached')} | "
-                     f"{_x(r, 'trunk_cached')} | {_x(r, 'mixed')} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
+                     f"{_x(r, 'trunk_cached')} | {_x(r, 'mixed')} | {_x(r, 'linear')} | "
+                     f"{'-' if ratio is None else f'{ratio:.1f}x'} | "
                      f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def format_goals(rows: list[dict]) -> str:
+    """#25's goals for the default (linear) read against the rows that measured them."""
+    lines = []
+    for r in rows:
+        goal = GOALS.get((r["model"], r["probes"]))
+        if goal is not None and "linear_x_floor" in r:
+            got = r["linear_x_floor"]
+            lines.append(f"- {r['model']}, T = {r['probes']}: {got:.1f}x one forward pass, goal <= {goal}x: "
+                         f"{'met' if got <= goal else f'not met (by {got - goal:.1f}x)'}")
     return "\n".join(lines)
 
 
@@ -596,6 +621,9 @@ def format_table(report: dict) -> str:
     parts = []
     if report["scan"]:
         parts.append("\nScan cost, multiples of one plain forward pass:\n\n" + format_scan(report["scan"]))
+        goals = format_goals(report["scan"])
+        if goals:
+            parts.append("\nGoals (#25), the default read:\n\n" + goals)
     if report["e2e"]:
         parts.append("\nEnd to end (fit + scan), seconds (multiple of one plain forward pass):\n\n"
                      + format_e2e(report["e2e"]))

@@ -7,6 +7,7 @@ from dataclasses import fields
 
 MIRROR_VARIANTS: dict[str, tuple[dict, dict]] = {
     "mirror": ({}, {}),  # the library defaults: the hybrid ranking (BM25 candidates, the mirror as a correction)
+    "mirror_forward": ({"read": "forward"}, {}),  # the default mirror read by a forward pass per probe
     "mirror_only": ({"rank_by": "mirror"}, {}),  # the default mirror ranking every document alone
     "mirror_raw": ({"normalize": "none", "rank_by": "mirror"}, {}),
     "mirror_zscore": ({"normalize": "zscore", "rank_by": "mirror"}, {}),

@@ -270,6 +270,10 @@ class ScanConfig:
     lexical_weight: float = option(
         LEXICAL_WEIGHT, min=0, help="weight of BM25's prior in the influence column (each term scaled per probe; "
         "0, the default: the mirror's scores alone; chosen on tail-patch and LDS, docs/benchmarks_tail_patch.md)")
+    read: Literal["auto", "forward", "linear"] = option(
+        "auto", help="how the scan reads the mirrors: forward, a forward pass per mirror (the loss change, "
+        "exactly); linear, one forward and backward pass per batch for every mirror (the first-order change, "
+        "hf_mirror.linear_read; the gradient mirror only); auto: linear for the gradient mirror, else forward")
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
     index: str | None = option(

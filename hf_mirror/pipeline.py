@@ -23,6 +23,7 @@ from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
+from hf_mirror.linear_read import LinearRead
 from hf_mirror.merge import merge_shards
 from hf_mirror.methods import Method, Request
 from hf_mirror.mirror import (
@@ -259,7 +260,8 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)  # the process state of distributed.py
     if scan.precision != "no" and not gpu:
         logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.precision)
-    if precision != "no" and mirror.fit == "gradient" and mirror.step_rise < 0.5:
+    read = resolve_read(mirror, scan)
+    if precision != "no" and read == "forward" and mirror.fit == "gradient" and mirror.step_rise < 0.5:
         logger.warning("--precision %s rounds each token loss to about 1e-2 of itself, more than the %g-nat gradient "
                        "mirror moves it: scan in fp32 (--precision no) or raise --step-rise.", precision,
                        mirror.step_rise)
@@ -289,7 +291,8 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
             if "dense" in scan.retrievers:  # refused here without dense vectors, or with another model's
                 embedder = index.embedder(model, tokenizer)
         settings = {**mirror.identity(), **{k: getattr(scan, k) for k in RESULT_SETTINGS},
-                    **_retrieval_settings(scan), "max_length": max_length, "overlap": overlap}
+                    **_retrieval_settings(scan), "max_length": max_length, "overlap": overlap,
+                    **({"read": read} if read != "forward" else {})}
         identity = run_identity("mirror", model_name, fingerprint, tokenizer, corpus, given,
                                 accelerator.num_processes, settings)
         output = Output.open(final, identity, overwrite)
@@ -310,6 +313,18 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
 # the scan settings that change a result (the others only change how fast it is made)
 RESULT_SETTINGS = ("top_k", "normalize", "controls", "min_pool", "candidates", "aggregate", "rank_by", "mirror_weight",
                    "max_new_tokens")
+
+
+def resolve_read(mirror: MirrorConfig, scan: ScanConfig) -> str:
+    """How the scan reads the mirrors (``scan.read``, with ``auto`` decided): forward passes, or the first-order read
+    of :mod:`hf_mirror.linear_read`, which needs the gradient mirror and a linear aggregate."""
+    linear_ok = mirror.fit == "gradient" and scan.aggregate != "max"
+    if scan.read == "auto":
+        return "linear" if linear_ok else "forward"
+    if scan.read == "linear" and not linear_ok:
+        raise InputError("--read linear reads the gradient mirror's first-order loss change summed over each document: "
+                         "it needs --fit gradient and --aggregate mean or sum; use --read forward (or auto) here.")
+    return scan.read
 
 
 def _retrieval_settings(scan: ScanConfig) -> dict:
@@ -358,7 +373,7 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
     controls = None
     if base is not None and pool.controls and pool.normalize != "none":
         key = stable_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
-                         run.scan.aggregate)
+                         run.scan.aggregate, *([] if resolve_read(run.mirror, run.scan) == "forward" else ["linear"]))
         controls = BaseLossCache(base.dir.parents[2], key, rank=run.rank, world=run.world, kind="control_scores")
     cached = controls is not None and controls.complete
     if run.world > 1:  # every process must scan the same adapters
@@ -376,7 +391,8 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
                          run.mirror.identity(), [asdict(p) for p in pool.all],
                          pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
                          None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by,
-                         *_retrieval_settings(scan).values())
+                         *_retrieval_settings(scan).values(),
+                         *([] if resolve_read(run.mirror, scan) == "forward" else ["linear"]))
     # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
     eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
     most = scan.n_candidates * len(scan.retrievers)  # a probe's candidates: the union of each retriever's top-M
@@ -412,12 +428,14 @@ def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, 
                             total=run.corpus.num_documents(), show=run.show_progress and main)
     layers = block_indices(run.mirror, run.model)
     first = min(layers) if layers else 0
-    trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 else None
+    read = resolve_read(run.mirror, scan)
+    trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 and read == "forward" else None
     scanner = Scanner(peft_model, run.tokenizer, adapter_names=pool.names[:n_fit], probe_ids=pool.ids[:n_fit],
                       max_length=run.max_length, overlap=run.overlap, batch_size=scan.batch_size, progress=progress,
                       autocast=run.accelerator.autocast, trunk=trunk,
                       adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width,
-                      sort_batches=scan.sort_batches)
+                      sort_batches=scan.sort_batches,
+                      linear=LinearRead(peft_model, pool.names[:n_fit]) if read == "linear" else None)
     docs = run.corpus.documents(run.rank, world)
     if pool.keep is not None:  # retrieve-then-rerank: only the candidates
         docs = (d for d in docs if d[0] in pool.keep)
@@ -505,47 +523,44 @@ def _raw_scores(out: Path, probe_ids: list[str]) -> dict[str, np.ndarray]:
 
 
 def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_model) -> dict[str, str]:
-    """What report.html shows that the scan did not keep: the token evidence of each probe's "moved the model" list
-    (added to ``result.evidence``: its documents are scored again under the run's mirrors, ``peft_model``, a few
-    forward passes) and
-    the texts of the listed documents outside the top-k (one pass over the corpus's text, only when some are missing).
-    Returns those texts by document id."""
+    """What the results and report.html show that the scan did not keep: the token evidence of each probe's top-k
+    (after the linear read, which keeps none) and of its "moved the model" list (added to ``result.evidence``: each
+    probe's documents are scored again under its own mirror in ``peft_model``, a few forward passes), and the texts of
+    the listed documents outside the top-k (one pass over the corpus's text, only when some are missing). Returns
+    those texts by document id."""
     from hf_mirror.report import missing_texts, moved_without_evidence
 
     need = moved_without_evidence(result)
+    have = set() if result.evidence.empty else set(zip(result.evidence["probe_id"],
+                                                       result.evidence["doc_id"].astype(str), strict=True))
+    for pid, d in zip(result.topk["probe_id"], result.topk["doc_id"], strict=True):
+        if (pid, str(d)) not in have and d not in need.setdefault(pid, []):
+            need[pid].append(d)
+    need = {pid: docs for pid, docs in need.items() if docs}
     wanted = missing_texts(result) | {str(d) for docs in need.values() for d in docs}
     if not wanted:
         return {}
-    texts: dict[str, str] = {}
-    for doc_id, text in run.corpus.documents():
-        if str(doc_id) in wanted and isinstance(text, str):
-            texts[str(doc_id)] = text
-            if len(texts) == len(wanted):
-                break
-    if not need:
-        return texts
+    known = dict(zip(result.topk["doc_id"].astype(str), result.topk["text"], strict=True))
+    texts: dict[str, str] = {d: known[d] for d in wanted if d in known}
+    if len(texts) < len(wanted):
+        for doc_id, text in run.corpus.documents():
+            if str(doc_id) in wanted and isinstance(text, str):
+                texts[str(doc_id)] = text
+                if len(texts) == len(wanted):
+                    break
     index = {p.id: i for i, p in enumerate(pool.probes)}
-    ids = [p for p in result.probe_ids if p in need]
-    names = [pool.names[index[p]] for p in ids]
-    docs, seen = [], set()
-    for pid in ids:
-        for d in need[pid]:
-            if str(d) in texts and str(d) not in seen:
-                seen.add(str(d))
-                docs.append((d, texts[str(d)]))
     rows = []
-    scanner = Scanner(peft_model, run.tokenizer, adapter_names=names, probe_ids=ids, max_length=run.max_length,
-                      overlap=run.overlap, batch_size=run.scan.batch_size, autocast=run.accelerator.autocast,
-                      adapters_per_forward=run.scan.adapters_per_forward)
-    for doc in scanner(docs):
-        pieces = token_pieces(run.tokenizer, doc.text, doc.token_ids)
-        for p, pid in enumerate(ids):
-            if str(doc.doc_id) not in {str(d) for d in need[pid]}:
-                continue
-            delta = run.mirror.sign * (doc.mirror[p] - doc.base)
+    for pid in (p for p in result.probe_ids if p in need):
+        docs = [(d, texts[str(d)]) for d in need[pid] if str(d) in texts]
+        scanner = Scanner(peft_model, run.tokenizer, adapter_names=[pool.names[index[pid]]], probe_ids=[pid],
+                          max_length=run.max_length, overlap=run.overlap, batch_size=run.scan.batch_size,
+                          autocast=run.accelerator.autocast, adapters_per_forward=1)
+        for doc in scanner(docs):
+            delta = run.mirror.sign * (doc.mirror[0] - doc.base)
             rows += [{"probe_id": pid, "doc_id": doc.doc_id, "position": i, "token": piece,
-                      "base_loss": float(doc.base[i]), "mirror_loss": float(doc.mirror[p, i]),
-                      "delta": float(delta[i])} for i, piece in enumerate(pieces)]
+                      "base_loss": float(doc.base[i]), "mirror_loss": float(doc.mirror[0, i]),
+                      "delta": float(delta[i])}
+                     for i, piece in enumerate(token_pieces(run.tokenizer, doc.text, doc.token_ids))]
     if rows:
         import pandas as pd
 

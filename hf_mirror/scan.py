@@ -26,8 +26,9 @@ class ScannedDoc:
     text: str
     token_ids: np.ndarray
     base: np.ndarray
-    mirror: np.ndarray
+    mirror: np.ndarray | None  # None under the linear read, which gives ``delta`` instead
     seq: int = 0  # position in this process's stream
+    delta: np.ndarray | None = None  # linear read: each probe's first-order change of the sum of the token losses
 
 
 @dataclass
@@ -43,8 +44,9 @@ class _Pending:
     text: str
     token_ids: list[int]
     base: np.ndarray
-    mirror: np.ndarray
+    mirror: np.ndarray | None
     remaining: int
+    delta: np.ndarray | None = None
 
 
 def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -107,7 +109,9 @@ class Scanner:
     """Streams documents through the base model and every mirror adapter, window batch by window batch.
 
     ``model`` is a PEFT model holding one adapter per name in ``adapter_names``; the base losses come from
-    the same model with its adapters disabled.
+    the same model with its adapters disabled. With ``linear`` (a :class:`hf_mirror.linear_read.LinearRead` of the same
+    adapters) every mirror's first-order change of each document's loss comes from one forward and one backward pass
+    per batch instead of a forward pass per mirror; documents then carry ``delta`` and no per-token mirror losses.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class Scanner:
         adapters_per_forward: int = 1,
         fixed_width: bool = False,
         sort_batches: int = 1,
+        linear=None,
     ) -> None:
         if batch_size < 1:
             raise InputError("batch_size must be at least 1.")
@@ -148,6 +153,11 @@ class Scanner:
         self.pool_size = batch_size * (1 if fixed_width else sort_batches)
         self.device = next(model.parameters()).device
         self.switch = AdapterSwitch(model)
+        self.linear = linear
+        if linear is not None:
+            if linear.names != self.adapter_names:
+                raise InputError("The linear read must hold the scan's adapters, in its order.")
+            self.trunk, self.adapters_per_forward = None, 1
         g = self.adapters_per_forward
         groups = [self.adapter_names[lo : lo + g] for lo in range(0, len(self.adapter_names), g)] if g > 1 else []
         stackable = bool(groups) and StackedLora.supports(model, groups[0][0])
@@ -187,6 +197,8 @@ class Scanner:
         """
         pending: OrderedDict[int, _Pending] = OrderedDict()
         pool: list[Window] = []
+        if self.linear is not None:
+            base_losses = None  # the linear read runs the base model forward and backward anyway
         run_base = base_losses is None
         n_probes = len(self.adapter_names)
         self.next_seq = start
@@ -208,8 +220,10 @@ class Scanner:
                 continue
             wins = windows(seq, self.max_length, self.overlap)
             base = np.empty(n, np.float32) if base_losses is None else self._cached(base_losses, seq_no, doc_id, n)
+            linear = self.linear is not None
             pending[seq_no] = _Pending(doc_id=doc_id, text=text, token_ids=seq[1:], base=base,
-                                       mirror=np.empty((n_probes, n), np.float32), remaining=len(wins))
+                                       mirror=None if linear else np.empty((n_probes, n), np.float32),
+                                       remaining=len(wins), delta=np.zeros(n_probes, np.float64) if linear else None)
             for w_start, ids, ctx in wins:
                 pool.append(Window(seq_no, w_start, ids, ctx))
                 if len(pool) == self.pool_size:
@@ -234,7 +248,7 @@ class Scanner:
             self.n_tokens += len(d.token_ids)
             self.progress.update(1, len(d.token_ids))
             yield ScannedDoc(doc_id=d.doc_id, text=d.text, token_ids=np.asarray(d.token_ids, np.int64), base=d.base,
-                             mirror=d.mirror, seq=seq)
+                             mirror=d.mirror, seq=seq, delta=d.delta)
 
     @staticmethod
     def _cached(base_losses: Iterator, seq_no: int, doc_id: object, n: int) -> np.ndarray:
@@ -251,6 +265,9 @@ class Scanner:
         ids, mask = collate([w.input_ids for w in batch], self.tokenizer.pad_token_id, self.device, self.width)
         self.window_tokens += int(mask.sum())
         self.padded_tokens += mask.numel()
+        if self.linear is not None:
+            self._run_linear(batch, pending, ids, mask)
+            return
         record = self.trunk.capture if self.trunk is not None else nullcontext
         reuse = self.trunk.reuse if self.trunk is not None else nullcontext
         if run_base:
@@ -281,6 +298,26 @@ class Scanner:
                     self._store(batch, pending, losses[j * len(batch) : (j + 1) * len(batch)], lo + j)
         for w in batch:
             pending[w.doc_seq].remaining -= 1
+
+    def _run_linear(self, batch: list[Window], pending: OrderedDict[int, _Pending], ids: torch.Tensor,
+                    mask: torch.Tensor) -> None:
+        scored = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.float32, device=ids.device)
+        for i, w in enumerate(batch):
+            scored[i, w.n_context - 1 : len(w.input_ids) - 1] = 1.0
+        with self.autocast():
+            base, delta = self.linear(ids, mask, scored)
+        self.base_passes += 1
+        self.forward_passes += 1
+        self._store(batch, pending, base.cpu().numpy(), None)
+        delta = delta.cpu().numpy().astype(np.float64)
+        for i, w in enumerate(batch):
+            d = pending[w.doc_seq]
+            if not np.isfinite(delta[i]).all():
+                bad = self.probe_ids[int(np.flatnonzero(~np.isfinite(delta[i]))[0])]
+                raise ScoreError(f"Non-finite first-order loss change under the mirror of probe {bad!r} on document "
+                                 f"{d.doc_id!r}; check the model's dtype (use fp32).")
+            d.delta += delta[i]
+            d.remaining -= 1
 
     def _store(self, batch: list[Window], pending, losses: np.ndarray, probe: int | None) -> None:
         for i, w in enumerate(batch):

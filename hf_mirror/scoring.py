@@ -258,13 +258,20 @@ class ScoreBook:
         ``extra``: raw scores of the last probes of the pool (cached control probes) that were not scanned.
         Returns the document's raw score for every probe of the pool.
         """
-        support = self.sign * (doc.mirror - doc.base)  # [probes, tokens]; > 0 where the mirror supports
-        raw = getattr(support, self.aggregate)(axis=1).astype(np.float64)
+        if doc.delta is not None:  # the linear read: the first-order change of the sum of the document's losses
+            if self.aggregate == "max":
+                raise InputError("The linear read gives each document's summed loss change, not its tokens': use "
+                                 "--aggregate mean or sum with it, or --read forward.")
+            raw = self.sign * doc.delta / (len(doc.token_ids) if self.aggregate == "mean" else 1)
+        else:
+            support = self.sign * (doc.mirror - doc.base)  # [probes, tokens]; > 0 where the mirror supports
+            raw = getattr(support, self.aggregate)(axis=1).astype(np.float64)
         if extra is not None:
             raw = np.concatenate([raw, np.asarray(extra, np.float64)])
         if len(raw) != len(self.all_ids):
             raise ScoreError(f"Document {doc.doc_id!r} has {len(raw)} probe scores, expected {len(self.all_ids)}.")
-        doc.doc_id = self.add_scores(doc.doc_id, doc.text, doc.token_ids, raw, doc.seq, skipped, doc.base, doc.mirror)
+        evidence = (doc.base, doc.mirror) if doc.mirror is not None else (None, None)
+        doc.doc_id = self.add_scores(doc.doc_id, doc.text, doc.token_ids, raw, doc.seq, skipped, *evidence)
         return raw
 
     def add_scores(

@@ -2,7 +2,7 @@
 and end-to-end cost (fit + scan) of the mirror against gradient-based attribution (gradsim, EK-FAC).
 
     python recipes/benchmark_speed.py [--models tiny gpt2-small] [--probes 1 8 32] [--docs 300]
-                                      [--parts scan e2e padding fit] [--variants naive cached trunk mixed]
+                                      [--parts scan e2e padding fit] [--variants naive cached trunk mixed linear]
                                       [--device auto|cpu|cuda] [--precision no|bf16] [--json PATH]
 
 Models are built from config (random weights: speed does not depend on training) with a byte-level BPE
@@ -14,6 +14,7 @@ the scan (``hf_mirror.scan.Scanner``) in up to four ways (``--variants``):
   trunk        mirrors on the top 2 blocks (1 of 2), base losses cached, lower blocks run once
                ("trunk+cache")                                     -> about T x 2 / n_layer + trunk
   mixed        trunk+cache, scoring up to 8 probes per forward (stacked LoRA, batched matmuls) ("+mixed8")
+  linear       the default read: all-block mirrors read to first order, one forward + backward per batch
 and reports each as a multiple of the floor, tokens/s, the mirror fitting time, and the process's peak RSS.
 
 ``--parts e2e``: the whole call, fitting included, of ``hf_mirror.attribute`` (all-block mirrors; top-2-block

@@ -12,7 +12,8 @@ from hf_mirror.cache import model_fingerprint
 def _run(model, tok, corpus, probes, out, cache_dir, **scan):
     return attribute(model, corpus, probes, tokenizer=tok, output_dir=out, show_progress=False,
                      scan=ScanConfig(rank_by="mirror", cache_dir=str(cache_dir), normalize="none",
-                                     **{"adapters_per_forward": 1, **scan}))  # passes counted one mirror at a time
+                                     # passes counted one mirror at a time; the forward read reads the cache
+                                     **{"adapters_per_forward": 1, "read": "forward", **scan}))
 
 
 def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_path):
@@ -26,7 +27,8 @@ def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_pat
     # per batch: base + 2 mirrors the first time, 3 mirrors and no base the second time
     assert second.config["stats"]["forward_passes"] == first.config["stats"]["forward_passes"]
     uncached = attribute(model, corpus, planted.probes()[2:5], tokenizer=tok, output_dir=tmp_path / "c",
-                         show_progress=False, scan=ScanConfig(rank_by="mirror", cache=False, normalize="none"))
+                         show_progress=False, scan=ScanConfig(rank_by="mirror", cache=False, normalize="none",
+                                                              read="forward"))
     assert uncached.config["stats"]["base_passes"] > 0
     a = second.scores().sort_values(["probe_id", "doc_id"])
     b = uncached.scores().sort_values(["probe_id", "doc_id"])

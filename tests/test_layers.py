@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"errors", "distributed", "progress", "terminal", "flags", "integrity", "stacked", "trunk", "fusion",
                     "methods"}),
     ("inputs", {"cache", "ownership", "probes", "corpus", "modeling", "config"}),
-    ("mechanics", {"scan", "scoring", "merge", "curvature", "mirror", "runs", "regime"}),
+    ("mechanics", {"scan", "scoring", "merge", "curvature", "linear_read", "mirror", "runs", "regime"}),
     ("retrieval", {"retrieval"}),
     ("results", {"results", "html", "render", "plots", "report"}),
     ("methods", {"pipeline", "baselines"}),

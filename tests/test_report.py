@@ -114,7 +114,9 @@ def test_the_moved_list_is_the_mirrors_order_with_its_token_evidence(default_run
         for doc_id in moved["doc_id"]:  # kept for the report, also outside the BM25 candidates
             assert len(result.token_deltas(pid, doc_id))
         best = result.token_deltas(pid, moved["doc_id"][0])
-        assert abs(best["delta"].mean() - moved["mirror"][0]) < 1e-4  # the same quantity, per token and averaged
+        # the same quantity, per token (the exact change, by a forward pass) and averaged (to first order: the default
+        # linear read; tests/test_linear_read.py checks the two equal under --read forward)
+        assert abs(best["delta"].mean() - moved["mirror"][0]) < 0.25 * abs(moved["mirror"][0])
 
 
 def test_marked_terms_marks_whole_words_case_insensitively_and_escapes():
@@ -130,7 +132,7 @@ def test_rank_by_mirror_and_a_mirror_that_left_its_regime(tiny_model, planted, t
     result = attribute(model, planted.texts, planted.probes()[:2], tokenizer=copy.deepcopy(tok), output_dir=out,
                        show_progress=False,
                        mirror=MirrorConfig(step_rise=30.0, precondition="none", target_modules="all-linear"),
-                       scan=ScanConfig(rank_by="mirror", top_k=5))
+                       scan=ScanConfig(rank_by="mirror", top_k=5, read="forward"))  # the drift is nonlinear
     warnings = result.config["regime"]["warnings"]
     assert any("no longer first order" in w and "--step-rise" in w for w in warnings), warnings
     assert any("Common drift" in w and "--normalize zscore" in w for w in warnings), warnings

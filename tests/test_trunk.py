@@ -200,7 +200,7 @@ def test_grouped_scan_stacks_the_embedding_tables(tiny_model, planted, tmp_path,
 
     def run(name, group):
         scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
-                          adapters_per_forward=group)
+                          adapters_per_forward=group, read="forward")
         return attribute(model, planted.texts[:10], probes, tokenizer=tok, output_dir=tmp_path / name,
                          show_progress=False, mirror=mirror, scan=scan).scores().sort_values(["probe_id", "doc_id"])
 
@@ -275,7 +275,7 @@ def test_auto_group_fills_the_logits_budget(tiny_model, planted, tmp_path):
 
     def run(name, group):
         scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
-                          adapters_per_forward=group)
+                          adapters_per_forward=group, read="forward")
         result = attribute(model, planted.texts[:10], probes, tokenizer=tok, output_dir=tmp_path / name,
                            show_progress=False, scan=scan)
         return result.scores().sort_values(["probe_id", "doc_id"]), result.config["stats"]["forward_passes"]
