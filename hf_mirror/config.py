@@ -1,8 +1,10 @@
 """The one source of every default: the mirror's and the scan's settings, with the help text of their flags.
 
 ``hf-mirror attribute`` generates its flags from these dataclasses (:mod:`hf_mirror.flags`), so the command
-line and the Python call run the same mirror. This module imports neither torch nor the Hugging Face
-libraries.
+line and the Python call run the same mirror. A field whose value changes a result is marked so
+(``option(..., changes_result=True)``); a run's identity is :func:`result_settings` of its config, so a rerun with
+another value of a marked field into the same output is refused. This module imports neither torch nor the Hugging
+Face libraries.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Literal
 
 from hf_mirror.errors import InputError
 from hf_mirror.flags import option
+from hf_mirror.flags import result_fields as result_fields  # re-exported: the fields marked changes_result
+from hf_mirror.flags import result_settings as result_settings  # re-exported: their values, as they key a run
 
 DIRECTIONS = ("unlearn", "learn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -237,14 +241,15 @@ class ScanConfig:
     max_length: int | None = option(None, min=2, help="tokens per window (default: the model's context, <= 1024)")
     overlap: int | None = option(None, min=1, help="context tokens repeated between windows (default: max_length // 8)")
     batch_size: int = option(8, min=1, help="windows per forward pass")
-    top_k: int = option(10, min=1, help="documents kept per probe, with token evidence")
+    top_k: int = option(10, min=1, help="documents kept per probe, with token evidence", changes_result=True)
     normalize: Literal["none", "zscore", "loo"] = option(
         "none", help="none (chosen by the sweep): the mean token-loss delta; zscore: standardise each document's "
-        "scores across the probes (and controls); loo: against the other probes only")
+        "scores across the probes (and controls); loo: against the other probes only", changes_result=True)
     controls: int | None = option(None, min=0, help="control probes from corpus snippets (default: enough to pool "
-                                  "min_pool probes under zscore/loo)")
-    min_pool: int = option(8, min=1, help="probes + controls a normalised run pools at least")
-    max_new_tokens: int = option(32, min=1, help="tokens generated for probes without a completion")
+                                  "min_pool probes under zscore/loo)", changes_result=True)
+    min_pool: int = option(8, min=1, help="probes + controls a normalised run pools at least", changes_result=True)
+    max_new_tokens: int = option(32, min=1, help="tokens generated for probes without a completion",
+                                 changes_result=True)
     checkpoint_every: int = option(1000, min=1, help="documents between checkpoints")
     checkpoint_seconds: float = option(300.0, min=1, help="seconds between checkpoints")
     cache: bool = option(True, help="read and write the base-loss cache")
@@ -258,22 +263,25 @@ class ScanConfig:
     candidates: int | str | None = option(
         "auto", flag={"type": parse_candidates, "metavar": "auto|all|bm25:M"},
         help=f"bm25:M: the mirror scans only each probe's top-M BM25 documents (retrieve-then-rerank); all: every "
-        f"document; auto: all up to {FULL_SCAN_MAX} documents, bm25:{AUTO_CANDIDATES} above")
-    aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score")
+        f"document; auto: all up to {FULL_SCAN_MAX} documents, bm25:{AUTO_CANDIDATES} above", changes_result=True)
+    aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score",
+                                                      changes_result=True)
     rank_by: Literal["hybrid", "mirror"] = option(
         "hybrid", help="hybrid: each probe's BM25 candidates, ranked by BM25 plus --mirror-weight x the mirror's "
         "z-scored influence (hf_mirror.fusion), with the mirror and influence columns beside them; mirror: every "
-        "scanned document by the mirror alone")
+        "scanned document by the mirror alone", changes_result=True)
     mirror_weight: float = option(
         MIRROR_WEIGHT, min=0, help="hybrid: weight of the mirror's z-scored influence against the BM25 score scaled to "
-        "[0, 1] (0: BM25's order; chosen by the hybrid benchmark, docs/benchmarks_hybrid.md)")
+        "[0, 1] (0: BM25's order; chosen by the hybrid benchmark, docs/benchmarks_hybrid.md)", changes_result=True)
     lexical_weight: float = option(
         LEXICAL_WEIGHT, min=0, help="weight of BM25's prior in the influence column (each term scaled per probe; "
-        "0, the default: the mirror's scores alone; chosen on tail-patch and LDS, docs/benchmarks_tail_patch.md)")
+        "0, the default: the mirror's scores alone; chosen on tail-patch and LDS, docs/benchmarks_tail_patch.md)",
+        changes_result=True, keyed_at_default=False)  # left out at 0: runs recorded before it keep their identity
     read: Literal["auto", "forward", "linear"] = option(
         "auto", help="how the scan reads the mirrors: forward, a forward pass per mirror (the loss change, "
         "exactly); linear, one forward and backward pass per batch for every mirror (the first-order change, "
-        "hf_mirror.linear_read; the gradient mirror only); auto: linear for the gradient mirror, else forward")
+        "hf_mirror.linear_read; the gradient mirror only); auto: linear for the gradient mirror, else forward",
+        changes_result=True)
     sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
                                "(less padding; 1 = off)")
     index: str | None = option(
@@ -283,7 +291,8 @@ class ScanConfig:
         default_factory=lambda: ["bm25"],
         help="each probe's candidates: bm25, its top-M BM25 documents; bm25 dense, their union with its top-M by "
         "cosine similarity of the model's mean-pooled embeddings (needs --index DIR built with `hf-mirror index "
-        "--dense`); the default stays bm25 (docs/benchmarks_index.md)")
+        "--dense`); the default stays bm25 (docs/benchmarks_index.md)",
+        changes_result=True, keyed_at_default=False)  # left out at bm25 alone: BM25-only runs keep their identity
 
     def __post_init__(self) -> None:
         self.candidates = parse_candidates(self.candidates)

@@ -8,7 +8,9 @@
 
 A field's ``metadata`` may carry ``help`` (shown by ``--help`` with the default), ``min`` (values below it
 are refused by the parser, naming the flag), ``flag`` (extra ``add_argument`` keywords, e.g. a ``type``
-that parses ``bm25:200``) and ``cli=False`` (no flag). :func:`option` builds that metadata. Every flag refuses
+that parses ``bm25:200``) and ``cli=False`` (no flag). :func:`option` builds that metadata; it also marks the fields
+whose value changes a run's result (``changes_result=True``; :func:`result_fields`), from which a run's identity is
+made, so a rerun with another value into the same output is refused. Every flag refuses
 NaN and infinities, whatever its type. The ``hf-mirror`` command and the benchmark recipes both build their
 flags here.
 
@@ -27,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 __all__ = ["OFFLINE_ENV", "add_config_flags", "apply_overrides", "config_from_args", "finite", "offline_defaults",
-           "option"]
+           "option", "result_fields", "result_settings"]
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -44,10 +46,38 @@ def offline_defaults() -> None:
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", min: float | None = None,  # noqa: A002
-          flag: dict | None = None, cli: bool = True, **kwargs: Any) -> Any:
-    """``dataclasses.field`` with the help text, lower bound and flag options of its command-line flag."""
-    metadata = {"help": help, "min": min, "flag": flag or {}, "cli": cli}
+          flag: dict | None = None, cli: bool = True, changes_result: bool = False, keyed_at_default: bool = True,
+          **kwargs: Any) -> Any:
+    """``dataclasses.field`` with the help text, lower bound and flag options of its command-line flag.
+
+    ``changes_result``: the field's value changes the run's result (not only how fast it is made), so it is part of
+    the run's identity (:func:`result_settings`). ``keyed_at_default=False`` leaves such a field out of the identity
+    while it holds its default: a field added after runs were recorded without it, whose outputs keep their identity.
+    """
+    if not keyed_at_default and not changes_result:
+        raise ValueError("keyed_at_default only applies to a field marked changes_result=True")
+    metadata = {"help": help, "min": min, "flag": flag or {}, "cli": cli, "changes_result": changes_result,
+                "keyed_at_default": keyed_at_default}
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def result_fields(cls: type) -> tuple[str, ...]:
+    """The fields of config dataclass ``cls`` marked ``changes_result`` (in declaration order)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("changes_result", False))
+
+
+def result_settings(cfg: Any) -> dict[str, Any]:
+    """The values of ``cfg``'s fields that change a result, as they key a run (name -> value); a field marked
+    ``keyed_at_default=False`` is left out while it equals its default."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("changes_result", False):
+            continue
+        value = getattr(cfg, f.name)
+        if not f.metadata.get("keyed_at_default", True) and value == _field_default(f):
+            continue
+        out[f.name] = value
+    return out
 
 
 def _finite(convert: Any) -> Any:

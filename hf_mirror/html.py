@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hf_mirror.fusion import Ranking
 from hf_mirror.render import score_meaning
 
 if TYPE_CHECKING:  # annotations only: results.py imports the views, not the other way round
@@ -107,7 +108,7 @@ def probe_html(result: AttributionResult, probe_id: str, k: int = 5, source: obj
     scale = max((float(ev["delta"].abs().max()) for ev in evs if ev is not None and len(ev)), default=0.0)
     max_score = max((abs(float(s)) for s in top["score"]), default=0.0) or 1.0
     normalized = result.config.get("scan", {}).get("normalize", "none") != "none"  # else score == raw
-    hybrid = result.config.get("scan", {}).get("rank_by") == "hybrid" and "bm25" in top
+    hybrid = Ranking.from_settings(result.config.get("scan")).hybrid and "bm25" in top
     before, after = record.get("probe_loss_before"), record.get("probe_loss_after")
     loss = (
         f" &middot; probe loss {before:.3f} &rarr; {after:.3f} under the mirror"

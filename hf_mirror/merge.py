@@ -1,8 +1,8 @@
 """The merge: every process's shard into one answer (``scores.parquet``, the ranked top-k and its evidence).
 
 Ranks are recomputed over all shards with one tie-break (score, then document id), so the answer does not depend
-on how documents were split over processes. Under the hybrid default the retrieval scores join the mirror's here
-and the final score is :func:`hf_mirror.fusion.fuse` of the two.
+on how documents were split over processes. The retrieval scores join the mirror's here, and the run's
+:class:`hf_mirror.fusion.Ranking` makes the final ``score``, ``mirror`` and ``influence`` columns from them.
 """
 
 from __future__ import annotations
@@ -16,32 +16,38 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hf_mirror.fusion import Ranking
 from hf_mirror.integrity import OVERWRITE_HINT, checked, damaged, read_json
 from hf_mirror.scoring import CHECKPOINT, EVIDENCE_COLUMNS, TOPK_COLUMNS, ScoreBook, doc_sort_key, read_state
 
 
 def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str], top_k: int,
-                 retrieval: dict[str, dict] | None = None, fusion_weight: float | None = None,
-                 prior: tuple[Callable[[Sequence, Sequence], np.ndarray], float] | None = None,
+                 retrieval: dict[str, dict] | None = None, ranking: Ranking | None = None,
+                 lexical: Callable[[Sequence, Sequence], np.ndarray] | None = None,
                  dense: dict[str, dict] | None = None) -> dict:
     """Merge every process's shard into ``scores.parquet`` and return the merged top-k, evidence and stats.
 
     The merged answer does not depend on how documents were split over processes: ranks are recomputed
     over all shards with the same tie-break (score, then document id). ``retrieval`` (probe id -> {doc id:
     BM25 score} of its candidates) becomes a ``bm25`` column beside the mirror's scores (NaN: not a candidate; in
-    ``scores.parquet`` every document's BM25 score where ``prior`` knows it).
-    With ``fusion_weight`` the final ``score`` is :func:`hf_mirror.fusion.fuse` of BM25 and the mirror's score
-    (kept as ``mirror``) over each probe's candidates, whose shards' top-k must hold them all; NaN elsewhere.
-    ``prior`` (a (probe ids, doc ids) -> BM25 score lookup, and the lexical weight) adds the ``influence`` column:
-    :func:`hf_mirror.fusion.scaled_sum` of the mirror's score and BM25's, each spread over the probe's scored
-    documents. ``dense`` (probe id -> {doc id: cosine similarity} of the dense retriever's candidates) becomes a
-    ``dense`` column in both tables (NaN: not a dense candidate).
+    ``scores.parquet`` every document's BM25 score where ``lexical`` knows it).
+    ``ranking`` (None: the score stays the shards' own, as a baseline method's) owns the final columns. A hybrid one
+    makes the final ``score`` from BM25 and the mirror's score (kept as ``mirror``) over each probe's candidates
+    (needs ``retrieval``; the shards' top-k must hold them all), NaN elsewhere. With ``lexical`` (a (probe ids, doc
+    ids) -> BM25 score lookup of every document) it adds the ``influence`` column, each term scaled by its spread
+    over the probe's scored documents (:meth:`hf_mirror.fusion.Ranking.influence`). ``dense`` (probe id -> {doc id:
+    cosine similarity} of the dense retriever's candidates) becomes a ``dense`` column in both tables (NaN: not a
+    dense candidate).
     """
     fix = f"rerun the same command to resume from the last intact checkpoint, or {OVERWRITE_HINT}"
     states = [_final_state(d, fix) for d in shard_dirs]
     bm25 = _Lookup(retrieval)
     topk = pd.concat([checked(d / "topk.parquet", pd.read_parquet, fix) for d in shard_dirs], ignore_index=True)
-    estimate = None if prior is None else _Influence(shard_dirs, states, bm25=prior[0], weight=prior[1], fix=fix)
+    fused = ranking is not None and ranking.hybrid
+    if fused and retrieval is None:
+        raise ValueError("a hybrid ranking needs each probe's BM25 candidates (retrieval)")
+    estimate = (None if ranking is None or lexical is None else
+                _Influence(shard_dirs, states, bm25=lexical, ranking=ranking, fix=fix))
     if estimate is not None and not topk.empty:
         topk["influence"] = estimate(topk["probe_id"], topk["doc_id"], topk["score"])
     if retrieval is not None and not topk.empty:
@@ -49,21 +55,18 @@ def merge_shards(shard_dirs: Sequence[Path], out: Path, probe_ids: Sequence[str]
     similarity = None if dense is None else _Lookup(dense)
     if similarity is not None and not topk.empty:
         topk["dense"] = similarity(topk["probe_id"], topk["doc_id"])
-    if fusion_weight is not None and not topk.empty:
-        from hf_mirror.fusion import fuse
-
+    if fused and not topk.empty:
         topk["mirror"] = topk["score"]
-        topk["score"] = fuse(topk, fusion_weight)
+        topk["score"] = ranking.score_column(topk)
         topk = topk[topk["score"].notna()]
-    final = _Lookup({}) if fusion_weight is None else _Lookup.of(topk)
-    lexical = None if retrieval is None else prior[0] if prior is not None else bm25  # every document's, if known
-    _write_scores(shard_dirs, states, out, {"bm25": lexical, "dense": similarity},
-                  final if fusion_weight is not None else None, estimate, fix)
+    final = _Lookup.of(topk) if fused else None
+    every = None if retrieval is None else lexical if lexical is not None else bm25  # every document's, if known
+    _write_scores(shard_dirs, states, out, {"bm25": every, "dense": similarity}, final, estimate, fix)
     evidence = pd.concat([checked(d / "evidence.parquet", pd.read_parquet, fix) for d in shard_dirs],
                          ignore_index=True)
     topk, evidence = _ranked(topk, evidence, probe_ids, top_k)
     columns = [*TOPK_COLUMNS, *(["bm25"] if retrieval is not None else []), *(["dense"] if dense is not None else []),
-               *(["mirror"] if fusion_weight is not None else []), *(["influence"] if prior is not None else [])]
+               *(["mirror"] if fused else []), *(["influence"] if estimate is not None else [])]
     return {"topk": topk[columns] if not topk.empty else pd.DataFrame(columns=columns),
             "evidence": evidence[EVIDENCE_COLUMNS] if not evidence.empty else pd.DataFrame(columns=EVIDENCE_COLUMNS),
             **_totals(states)}
@@ -91,9 +94,9 @@ class _Influence:
     """The influence column: each probe's mirror and BM25 scores, scaled by their spread over its scored documents
     (one read of every score part to measure the spreads)."""
 
-    def __init__(self, shard_dirs: Sequence[Path], states: list[dict], *, bm25: Callable, weight: float,
+    def __init__(self, shard_dirs: Sequence[Path], states: list[dict], *, bm25: Callable, ranking: Ranking,
                  fix: str) -> None:
-        self.bm25, self.weight = bm25, weight
+        self.bm25, self.ranking = bm25, ranking
         sums: dict[str, np.ndarray] = {}  # probe id -> [n, sum m, sum m^2, sum b, sum b^2]
         for d, meta in zip(shard_dirs, states, strict=True):
             for i in range(meta["parts"]):
@@ -106,11 +109,10 @@ class _Influence:
         self.spreads = {p: (_spread(n, m, m2), _spread(n, b, b2)) for p, (n, m, m2, b, b2) in sums.items()}
 
     def __call__(self, probes: Sequence, docs: Sequence, mirror: Sequence) -> np.ndarray:
-        from hf_mirror.fusion import scaled_sum
-
         spreads = np.array([self.spreads.get(p, (0.0, 0.0)) for p in probes], np.float64).reshape(-1, 2)
         lexical = np.nan_to_num(self.bm25(probes, docs))
-        return scaled_sum(np.asarray(mirror, np.float64), lexical, self.weight, spreads[:, 0], spreads[:, 1])
+        return self.ranking.influence(mirror=np.asarray(mirror, np.float64), bm25=lexical,
+                                      mirror_spread=spreads[:, 0], bm25_spread=spreads[:, 1])
 
 
 def _spread(n: float, total: float, squares: float) -> float:
@@ -131,7 +133,7 @@ def _write_scores(shard_dirs: Sequence[Path], states: list[dict], out: Path,
                   retrieval: dict[str, Callable | None], final: _Lookup | None, estimate: _Influence | None,
                   fix: str) -> None:
     """Every shard's score parts into one ``scores.parquet`` (with each retriever's score, ``bm25`` and ``dense``,
-    where known; with the fusion, ``mirror`` and the final ``score``; with the prior, ``influence``), written
+    where known; with a hybrid ranking, ``mirror`` and the final ``score``; with the estimate, ``influence``), written
     atomically."""
     writer = None
     for d, meta in zip(shard_dirs, states, strict=True):

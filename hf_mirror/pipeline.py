@@ -19,10 +19,11 @@ from datasets import Dataset, IterableDataset
 
 from hf_mirror import methods
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
-from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig
+from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig, result_settings
 from hf_mirror.corpus import Corpus
 from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
+from hf_mirror.fusion import Ranking
 from hf_mirror.linear_read import LinearRead
 from hf_mirror.merge import merge_shards
 from hf_mirror.methods import Method, Request
@@ -290,9 +291,7 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
             index = CandidateIndex.load(scan.index, tokenizer, corpus)
             if "dense" in scan.retrievers:  # refused here without dense vectors, or with another model's
                 embedder = index.embedder(model, tokenizer)
-        settings = {**mirror.identity(), **{k: getattr(scan, k) for k in RESULT_SETTINGS},
-                    **_retrieval_settings(scan), "max_length": max_length, "overlap": overlap,
-                    **({"read": read} if read != "forward" else {})}
+        settings = {**mirror.identity(), **result_settings(scan), "max_length": max_length, "overlap": overlap}
         identity = run_identity("mirror", model_name, fingerprint, tokenizer, corpus, given,
                                 accelerator.num_processes, settings)
         output = Output.open(final, identity, overwrite)
@@ -308,11 +307,6 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
                 model_name=str(model_name), model_fingerprint=fingerprint, corpus=corpus, mirror=mirror, scan=scan,
                 max_length=max_length, overlap=overlap, precision=precision, show_progress=show_progress,
                 probes=given, output=output, index=index, embedder=embedder)
-
-
-# the scan settings that change a result (the others only change how fast it is made)
-RESULT_SETTINGS = ("top_k", "normalize", "controls", "min_pool", "candidates", "aggregate", "rank_by", "mirror_weight",
-                   "max_new_tokens")
 
 
 def resolve_read(mirror: MirrorConfig, scan: ScanConfig) -> str:
@@ -478,8 +472,7 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     scan = run.scan
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
     merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores,
-                          scan.mirror_weight if scan.rank_by == "hybrid" else None,
-                          prior=(pool.retrieval.bm25, scan.lexical_weight), dense=pool.retrieval.dense)
+                          Ranking.from_config(scan), lexical=pool.retrieval.bm25, dense=pool.retrieval.dense)
     records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
                 "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
     config = {

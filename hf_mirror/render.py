@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hf_mirror.config import AUTO_CANDIDATES
+from hf_mirror.fusion import Ranking
 from hf_mirror.terminal import printable
 
 if TYPE_CHECKING:  # annotations only: results.py imports the views, not the other way round
@@ -26,12 +27,6 @@ _RAW = {
 }
 
 
-def _weight(scan: Mapping, key: str, flag: str) -> str:
-    """A weight of the run, as its config recorded it (older runs that did not record it say so)."""
-    value = scan.get(key)
-    return f"{value:g}" if isinstance(value, (int, float)) else f"w (the run's {flag}, not recorded)"
-
-
 def _per_probe(config: Mapping) -> int:
     """BM25 candidates per probe, as the run recorded them (``retrieval.per_probe``, else its ``--candidates``)."""
     per_probe = config.get("retrieval", {}).get("per_probe")
@@ -39,6 +34,13 @@ def _per_probe(config: Mapping) -> int:
         return per_probe
     candidates = config.get("scan", {}).get("candidates")
     return candidates if isinstance(candidates, int) else AUTO_CANDIDATES
+
+
+def candidates_phrase(config: Mapping) -> str:
+    """A probe's candidates in words, as the run recorded them (``"20 BM25 candidates"``, or with the dense ones)."""
+    per_probe = _per_probe(config)
+    dense = "dense" in config.get("retrieval", {}).get("retrievers", ["bm25"])
+    return f"{per_probe} BM25 and {per_probe} dense candidates" if dense else f"{per_probe} BM25 candidates"
 
 
 def _normalized(raw: str, normalize: str, name: str) -> str:
@@ -59,27 +61,16 @@ def score_meaning(config: Mapping) -> str:
     verb = "learns" if mirror.get("direction") == "learn" else "unlearns"
     raw = f"{raw} when the model {verb} the generation" + (" (sign flipped)" if verb == "learns" else "")
     normalize = scan.get("normalize", "none")
-    if scan.get("rank_by") == "hybrid":
-        per_probe = _per_probe(config)
+    ranking = Ranking.from_settings(scan)
+    if ranking.hybrid:
         dense = "dense" in config.get("retrieval", {}).get("retrievers", ["bm25"])
-        candidates = (f"{per_probe} BM25 and {per_probe} dense candidates" if dense else
-                      f"{per_probe} BM25 candidates")
-        weight = scan.get("mirror_weight")
-        lexical = ("score = BM25 of prompt + generation scaled to 1 for the probe's best lexical match (documents "
-                   "that state it)")
-        ranking = (f"{lexical}, over the probe's {candidates}; " if weight == 0 else
-                   f"{lexical} + {_weight(scan, 'mirror_weight', '--mirror-weight')} x the mirror's score, "
-                   f"standardised over the probe's {candidates}; ")
-        prior = scan.get("lexical_weight")
-        influence = ("influence = mirror / sd over the probe's scored documents (the additive estimate; no BM25 prior: "
-                     "--lexical-weight 0)" if prior == 0 else
-                     f"influence = mirror / sd + {_weight(scan, 'lexical_weight', '--lexical-weight')} x BM25 / sd "
-                     "over the probe's scored documents (the additive estimate)")
-        return (f"{ranking}{_normalized(raw, normalize, 'mirror')} (mirror: documents that moved the model); "
+        meaning = ranking.describe(candidates_phrase(config))
+        return (f"{meaning.score}; {_normalized(raw, normalize, ranking.mirror_column)} (mirror: documents that moved "
+                "the model); "
                 + ("dense = cosine similarity of the model's mean-pooled embeddings of probe and document (shown for "
                    "dense candidates); " if dense else "")
-                + f"{influence}; positive = the document supports the generation.")
-    return f"{_normalized(raw, normalize, 'score')}; positive = the document supports the generation."
+                + f"{meaning.influence}; positive = the document supports the generation.")
+    return f"{_normalized(raw, normalize, ranking.mirror_column)}; positive = the document supports the generation."
 
 
 def mark_tokens(tokens: list[str], deltas: np.ndarray, n_marked: int = 5, color: bool = False) -> str:
@@ -126,7 +117,7 @@ def format_probe(result: AttributionResult, probe_id: str, k: int = 5, n_marked:
         if "influence" in row._fields and row.influence == row.influence:
             both += f"  influence {row.influence:+.2f}"
         lines.append(f"  {row.rank:>3}. doc {printable(row.doc_id, False)}  score {row.score:+.4f}{both}  {text}")
-    if result.config.get("scan", {}).get("rank_by") == "hybrid":
+    if Ranking.from_settings(result.config.get("scan")).hybrid:
         moved = result.moved(probe.id, 3)
         lines.append("       moved the model most (by mirror, every scanned document): " + ", ".join(
             f"doc {printable(d, False)} (mirror {v:+.4f})"

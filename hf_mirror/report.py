@@ -19,8 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from hf_mirror.fusion import Ranking
 from hf_mirror.html import CSS, token_color
-from hf_mirror.render import _RAW, _per_probe
+from hf_mirror.render import _RAW, candidates_phrase
 from hf_mirror.results import AttributionResult
 
 REPORT = "report.html"
@@ -121,13 +122,11 @@ def states_list(result: AttributionResult, probe_id: str, k: int = LIST_K) -> tu
     method = result.config.get("method", "mirror")
     if method != "mirror":
         return pd.DataFrame(), ""
-    if scan.get("rank_by") == "hybrid":
+    ranking = Ranking.from_settings(scan)
+    if ranking.hybrid:
         top = result.top(probe_id).head(k)
-        n = _per_probe(result.config)
-        weight = scan.get("mirror_weight", 0)
-        order = (f"ordered by score: BM25 of prompt + generation, scaled to 1 for the best, over the probe's {n} "
-                 "BM25 candidates" + (f", + {weight:g} x the mirror's z-score" if weight else "")
-                 + "; marked: the words the document shares with the probe (what BM25 matched)")
+        order = (f"{ranking.describe(candidates_phrase(result.config)).order}; marked: the words the document shares "
+                 "with the probe (what BM25 matched)")
         return top, order
     path = result.directory / "scores.parquet"
     if not path.exists() or "bm25" not in pq.read_schema(path).names:
@@ -148,7 +147,7 @@ def moved_list(result: AttributionResult, probe_id: str, k: int = LIST_K) -> tup
     if method != "mirror":
         top = result.top(probe_id).head(k)
         return top, f"ordered by the {method} method's score (this run's ranking)"
-    if scan.get("rank_by") == "hybrid":
+    if Ranking.from_settings(scan).hybrid:
         rows = result.moved(probe_id, k)
     else:
         rows = result.top(probe_id).head(k).assign(mirror=lambda t: t["score"])
@@ -167,12 +166,13 @@ def _states_html(result: AttributionResult, probe_id: str, terms: set[str], k: i
     rows, order = states_list(result, probe_id, k)
     if not order:
         return ""
+    hybrid = Ranking.from_settings(result.config.get("scan")).hybrid  # else the score is the mirror's: not shown
     items = []
     for i, row in enumerate(rows.itertuples(), 1):
         parts = [f'doc <span class="id">{_esc(row.doc_id)}</span>']
         for name, spec in (("bm25", ".2f"), ("score", "+.3f"), ("mirror", "+.4g")):
             value = _fmt(getattr(row, name, None), spec)
-            if value is not None and not (name == "score" and result.config.get("scan", {}).get("rank_by") != "hybrid"):
+            if value is not None and not (name == "score" and not hybrid):
                 parts.append(f"{name} {value}")
         text = _text(result, row.doc_id, texts)
         body = marked_terms(text, terms) if text is not None else '<span class="missing">(text not kept)</span>'
@@ -264,7 +264,7 @@ def missing_texts(result: AttributionResult, k: int = LIST_K) -> set[str]:
 
 def moved_without_evidence(result: AttributionResult, k: int = LIST_K) -> dict[str, list]:
     """Per probe, the documents of its "moved the model" list that have no token evidence yet."""
-    if result.config.get("method", "mirror") != "mirror" or result.config.get("scan", {}).get("rank_by") != "hybrid":
+    if result.config.get("method", "mirror") != "mirror" or not Ranking.from_settings(result.config.get("scan")).hybrid:
         return {}
     have = set() if result.evidence.empty else set(zip(result.evidence["probe_id"],
                                                        result.evidence["doc_id"].astype(str), strict=True))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from hf_mirror.errors import StateError
-from hf_mirror.fusion import fuse, scaled_sum
+from hf_mirror.fusion import Ranking, fuse, scaled_sum
 from hf_mirror.merge import merge_shards
 from hf_mirror.scan import ScannedDoc, Skipped
 from hf_mirror.scoring import ScoreBook
@@ -79,7 +79,8 @@ def test_skipped_documents_are_collected_in_id_order(tmp_path):
 def test_the_fused_score_ranks_the_candidates_and_keeps_the_mirror_beside_it(tmp_path):
     retrieval = {"a": {0: 4.0, 1: 2.0, 3: 1.0}, "b": {5: 1.0, 2: 3.0}}
     eligible = {p: {str(d) for d in docs} for p, docs in retrieval.items()}
-    merged = merge_shards(shards(tmp_path, 2, top_k=6, eligible=eligible), tmp_path, PROBES, 6, retrieval, 0.0)
+    ranking = Ranking(rank_by="hybrid", mirror_weight=0.0, lexical_weight=0.0)
+    merged = merge_shards(shards(tmp_path, 2, top_k=6, eligible=eligible), tmp_path, PROBES, 6, retrieval, ranking)
     topk = merged["topk"]
     assert list(topk.columns[-2:]) == ["bm25", "mirror"]
     assert list(topk[topk.probe_id == "a"].doc_id) == [0, 1, 3]  # weight 0: BM25's order, only the candidates
@@ -99,7 +100,8 @@ def test_the_influence_column_scales_each_term_by_its_spread_over_the_scored_doc
     def prior(probes, docs):
         return np.array([every[p][d] for p, d in zip(probes, docs, strict=True)], np.float64)
 
-    merged = merge_shards(shards(tmp_path, 2, top_k=6), tmp_path, PROBES, 6, prior=(prior, 0.5))
+    ranking = Ranking(rank_by="mirror", mirror_weight=0.0, lexical_weight=0.5)
+    merged = merge_shards(shards(tmp_path, 2, top_k=6), tmp_path, PROBES, 6, ranking=ranking, lexical=prior)
     scores = pd.read_parquet(tmp_path / "scores.parquet")
     for p, i in (("a", 0), ("b", 1)):
         rows = scores[scores.probe_id == p].sort_values("doc_id")
