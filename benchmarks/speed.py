@@ -43,6 +43,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -210,6 +211,19 @@ def _scan(model, tok, names: list[str], ids: list[str], docs: list[tuple[int, st
     return time.perf_counter() - t0, out, scanner
 
 
+def read_agreement(exact: list, first_order: list, k: int = 10) -> dict:
+    """How the linear read's document scores (summed first-order changes) agree with the forward read's (summed exact
+    changes), per probe: mean Spearman correlation over the documents and mean overlap of the top ``k``."""
+    from scipy.stats import spearmanr
+
+    a = np.stack([(d.mirror - d.base).sum(axis=1) for d in exact])  # [documents, probes]
+    b = np.stack([d.delta for d in first_order])
+    k = min(k, len(a))
+    rho = [spearmanr(a[:, p], b[:, p]).statistic for p in range(a.shape[1])]
+    top = [len(set(np.argsort(-a[:, p])[:k]) & set(np.argsort(-b[:, p])[:k])) / k for p in range(a.shape[1])]
+    return {"linear_spearman": float(np.nanmean(rho)), "linear_top_overlap": float(np.mean(top)), "overlap_k": k}
+
+
 def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe_counts: list[int], n_docs: int,
                batch_size: int, max_length: int, variants: Iterable[str] = VARIANTS,
                device: torch.device | None = None, precision: str = "no", on_row: OnRow | None = None) -> list[dict]:
@@ -238,17 +252,20 @@ def bench_scan(name: str, spec: dict, texts: list[str], facts: list[dict], probe
             all_layers, _ = fit_mirrors(model, tok, probes[:t], names, MirrorConfig(**UNFITTED), max_length,
                                         show_progress=False)
             row["fit_s"] = time.perf_counter() - t0
+            exact = None  # the forward read's documents: what the linear read is compared with
             if "naive" in variants:
-                row["naive_s"], scanned, _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
-                                                autocast=autocast)
-                base = [(d.seq, str(d.doc_id), d.base) for d in scanned]
+                row["naive_s"], exact, _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
+                                              autocast=autocast)
+                base = [(d.seq, str(d.doc_id), d.base) for d in exact]
             if "cached" in variants:
                 base = base or base_only(all_layers)
-                row["cached_s"], *_ = _scan(all_layers, tok, names, names, docs, max_length, batch_size, base=base,
-                                           autocast=autocast)
+                row["cached_s"], exact, _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
+                                               base=base, autocast=autocast)
             if "linear" in variants:
-                row["linear_s"], *_ = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
-                                           autocast=autocast, read="linear")
+                row["linear_s"], first_order, _ = _scan(all_layers, tok, names, names, docs, max_length, batch_size,
+                                                     autocast=autocast, read="linear")
+                if exact is not None:
+                    row |= read_agreement(exact, first_order)
             all_layers.unload()
         if "trunk" in variants or "mixed" in variants:
             t0 = time.perf_counter()
@@ -533,16 +550,23 @@ def _x(row: dict, key: str) -> str:
 def format_scan(rows: list[dict], header: bool = True) -> str:
     """The scan rows as a Markdown table (multiples of one plain forward pass; '-' = not measured)."""
     lines = _head(["model", "T", "docs", "floor s", "fit s", "naive x", "cached x", "trunk+cache x", "+mixed8 x",
-                   "linear x", "naive / trunk+cache", "peak RSS MB"], header)
+                   "linear x", "linear vs forward: Spearman, top-10 overlap", "naive / trunk+cache", "peak RSS MB"],
+                  header)
     for r in rows:
         ratio = r.get("naive_over_trunk_cached")
         lines.append(f"| {r['model']} | {r['probes']} | {r['documents']} | {r['floor_s']:.2f} | "
                      f"{r.get('fit_s', r.get('fit_top2_s', float('nan'))):.1f} | {_x(r, 'naive')} | "
                      f"{_x(r, 'cached')} | "
-                     f"{_x(r, 'trunk_cached')} | {_x(r, 'mixed')} | {_x(r, 'linear')} | "
+                     f"{_x(r, 'trunk_cached')} | {_x(r, 'mixed')} | {_x(r, 'linear')} | {_agreement(r)} | "
                      f"{'-' if ratio is None else f'{ratio:.1f}x'} | "
                      f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def _agreement(row: dict) -> str:
+    if "linear_spearman" not in row:
+        return "-"
+    return f"{row['linear_spearman']:.4f}, {row['linear_top_overlap']:.2f}"
 
 
 def format_goals(rows: list[dict]) -> str:

@@ -32,7 +32,10 @@ AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/
 # the mirror's say in the final ranking: 0 ranks the candidates by BM25 alone (the mirror's influence stays beside
 # it, in the mirror and influence columns); chosen on the tune halves of recipes/benchmark_hybrid.py
 MIRROR_WEIGHT = 0.0
-FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size
+FULL_SCAN_MAX = 5000  # --candidates auto scans every document of a corpus up to this size (forward read)
+# ... and under the linear read, whose cost hardly grows with the probes (a forward and a backward pass per batch, plus
+# a fraction of a forward pass per probe): the influence column complete by default up to 100k documents (issue #25)
+LINEAR_FULL_SCAN_MAX = 100_000
 # the leakage detector's thresholds were chosen with 3-step mirrors (docs/benchmarks_details.md, "Benchmark leakage")
 CALIBRATED_STEPS = 3
 GRADIENT_FIELDS = ("fit", "precondition", "step_rise", "damping", "curvature_docs")  # what only fit="gradient" reads
@@ -263,7 +266,8 @@ class ScanConfig:
     candidates: int | str | None = option(
         "auto", flag={"type": parse_candidates, "metavar": "auto|all|bm25:M"},
         help=f"bm25:M: the mirror scans only each probe's top-M BM25 documents (retrieve-then-rerank); all: every "
-        f"document; auto: all up to {FULL_SCAN_MAX} documents, bm25:{AUTO_CANDIDATES} above", changes_result=True)
+        f"document; auto: all up to {FULL_SCAN_MAX:,} documents ({LINEAR_FULL_SCAN_MAX:,} under the linear read), "
+        f"bm25:{AUTO_CANDIDATES} above", changes_result=True)
     aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score",
                                                       changes_result=True)
     rank_by: Literal["hybrid", "mirror"] = option(
@@ -310,10 +314,11 @@ class ScanConfig:
         """BM25 candidates kept per probe: the rerank's M, else :data:`AUTO_CANDIDATES` (reported beside the mirror)."""
         return self.candidates if isinstance(self.candidates, int) else AUTO_CANDIDATES
 
-    def candidates_only(self, n_documents: int) -> bool:
-        """Whether the mirror scans only the candidates of a corpus of ``n_documents`` (else every document)."""
+    def candidates_only(self, n_documents: int, read: str = "forward") -> bool:
+        """Whether the mirror scans only the candidates of a corpus of ``n_documents`` (else every document), when the
+        scan reads the mirrors by ``read`` ("forward" or "linear")."""
         if self.candidates == "auto":
-            return n_documents > FULL_SCAN_MAX
+            return n_documents > (LINEAR_FULL_SCAN_MAX if read == "linear" else FULL_SCAN_MAX)
         return self.candidates is not None
 
     def n_controls(self, n_probes: int) -> int:

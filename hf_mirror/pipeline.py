@@ -342,7 +342,7 @@ def _probes_and_candidates(run: _Run) -> _Pool:
                     if n_controls else [])
 
         def full_scan(n_documents: int) -> bool:  # a full scan keeps every document's BM25, for the influence
-            return not scan.candidates_only(n_documents)
+            return not scan.candidates_only(n_documents, resolve_read(run.mirror, scan))
 
         retrieval = (run.index.retrieve(probe_list, scan.n_candidates, run.embedder, keep_all=full_scan)
                      if run.index is not None else
@@ -356,7 +356,7 @@ def _probes_and_candidates(run: _Run) -> _Pool:
     if normalize != "none" and scan.controls is None and len(probe_list) + len(controls) < 3:
         logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")
         normalize = "none"
-    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents) else None
+    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents, resolve_read(run.mirror, scan)) else None
     return _Pool(probes=probe_list, controls=controls, retrieval=retrieval, keep=keep, normalize=normalize)
 
 
@@ -494,7 +494,8 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
         "stats": merged["stats"],
     }
     stats = probe_stats(records, _raw_scores(run.out, [p.id for p in pool.probes]), run.mirror.direction)
-    config["regime"] = {"probes": stats, "warnings": warnings_for(stats, config["mirror"])}
+    config["regime"] = {"probes": stats, "warnings": warnings_for(stats, config["mirror"],
+                                                                 resolve_read(run.mirror, scan))}
     for warning in config["regime"]["warnings"]:
         logger.warning(warning)
     result = AttributionResult(run.out, topk=merged["topk"], evidence=merged["evidence"], probes=records,
@@ -542,13 +543,17 @@ def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_mod
                 if len(texts) == len(wanted):
                     break
     index = {p.id: i for i, p in enumerate(pool.probes)}
+    settings = {"max_length": run.max_length, "overlap": run.overlap, "batch_size": run.scan.batch_size,
+                "autocast": run.accelerator.autocast}
+    listed = list({str(d): (d, texts[str(d)]) for docs in need.values() for d in docs if str(d) in texts}.values())
+    base = {str(doc.doc_id): doc.base for doc in Scanner(peft_model, run.tokenizer, adapter_names=[], probe_ids=[],
+                                                         **settings)(listed)}  # once per document
     rows = []
     for pid in (p for p in result.probe_ids if p in need):
         docs = [(d, texts[str(d)]) for d in need[pid] if str(d) in texts]
         scanner = Scanner(peft_model, run.tokenizer, adapter_names=[pool.names[index[pid]]], probe_ids=[pid],
-                          max_length=run.max_length, overlap=run.overlap, batch_size=run.scan.batch_size,
-                          autocast=run.accelerator.autocast, adapters_per_forward=1)
-        for doc in scanner(docs):
+                          adapters_per_forward=1, **settings)
+        for doc in scanner(docs, base_losses=((i, str(d), base[str(d)]) for i, (d, _) in enumerate(docs))):
             delta = run.mirror.sign * (doc.mirror[0] - doc.base)
             rows += [{"probe_id": pid, "doc_id": doc.doc_id, "position": i, "token": piece,
                       "base_loss": float(doc.base[i]), "mirror_loss": float(doc.mirror[0, i]),

@@ -62,8 +62,10 @@ def _shown(ids: list[str]) -> str:
     return ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
-def warnings_for(stats: Mapping[str, Mapping], mirror: Mapping) -> list[str]:
-    """The run's warnings, one sentence each naming the probes and the flag to change (empty: in the regime)."""
+def warnings_for(stats: Mapping[str, Mapping], mirror: Mapping, read: str = "forward") -> list[str]:
+    """The run's warnings, one sentence each naming the probes and the flag to change (empty: in the regime).
+    ``read``: how the scan read the mirrors (under ``linear`` the scores are first order whatever the step, and only
+    the listed documents' token deltas, read by forward passes, leave the regime)."""
     gradient = mirror.get("fit", "gradient") == "gradient"
     step_rise = float(mirror.get("step_rise", 0.01))
     out = []
@@ -75,8 +77,11 @@ def warnings_for(stats: Mapping[str, Mapping], mirror: Mapping) -> list[str]:
             out.append(f"The gradient mirror moved the probe loss by {lo:.3g} to {hi:.3g} nats for {_shown(far)}, "
                        f"outside {1 / BELOW_FACTOR:.2g}-{ABOVE_FACTOR:g}x its first-order target (--step-rise "
                        f"{step_rise:g}): the "
-                       "step is no longer first order, so the deltas are not the influence estimate; lower "
-                       "--step-rise (default 0.01).")
+                       + ("step is no longer first order, so the deltas are not the influence estimate; lower "
+                          "--step-rise (default 0.01)." if read != "linear" else
+                          "step is no longer first order: the scores (the linear read) still are, but the listed "
+                          "documents' token deltas (forward passes under the mirror) are not; lower --step-rise "
+                          "(default 0.01) for token deltas that add up to the scores."))
     else:
         far = [p for p, r in rises.items() if r > RISE_LIMIT]
         if far:

@@ -191,3 +191,17 @@ def test_normalized_mirror_table_is_each_documents_normalisation_across_probes_i
             want = normalize_scores(np.array([raw[p, d] for p in probes]), method)
             np.testing.assert_allclose(out.set_index(["probe_id", "doc_id"]).loc[[(p, d) for p in probes],
                                                                                    "raw_score"], want)
+
+
+def test_auto_scans_every_document_up_to_a_size_that_depends_on_the_read():
+    """``--candidates auto``: the forward read scans every document up to FULL_SCAN_MAX, the linear read (whose cost
+    hardly grows with the probes) up to LINEAR_FULL_SCAN_MAX; an explicit rule holds whatever the read."""
+    from hf_mirror.config import FULL_SCAN_MAX, LINEAR_FULL_SCAN_MAX, ScanConfig
+
+    auto = ScanConfig()
+    assert not auto.candidates_only(FULL_SCAN_MAX, "forward") and auto.candidates_only(FULL_SCAN_MAX + 1, "forward")
+    assert not auto.candidates_only(LINEAR_FULL_SCAN_MAX, "linear")
+    assert auto.candidates_only(LINEAR_FULL_SCAN_MAX + 1, "linear") and LINEAR_FULL_SCAN_MAX >= 100_000
+    for read in ("forward", "linear"):
+        assert ScanConfig(candidates="bm25:5").candidates_only(10, read)
+        assert not ScanConfig(candidates="all").candidates_only(10**9, read)

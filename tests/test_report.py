@@ -158,6 +158,8 @@ def test_warnings_for_the_gradient_mirror_and_the_thresholds():
     far = {"a": {"rise": ABOVE_FACTOR * 0.01 * 2, "median": 0.0, "iqr": 1.0}}
     (w,) = warnings_for(far, {"fit": "gradient", "step_rise": 0.01})
     assert "no longer first order" in w and "--step-rise" in w and "'a'" in w
+    (w,) = warnings_for(far, {"fit": "gradient", "step_rise": 0.01}, read="linear")  # the scores stay first order
+    assert "scores (the linear read) still are" in w and "token deltas" in w and "--step-rise" in w
     assert warnings_for({"a": {"rise": 0.01 / BELOW_FACTOR / 2, "median": 0.0, "iqr": 1.0}},
                         {"fit": "gradient", "step_rise": 0.01})  # saturated: far below the target, too
     drift = {"b": {"rise": 0.012, "median": 2 * DRIFT_LIMIT, "iqr": 1.0}}
