@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 from hf_mirror.config import CALIBRATED_MIRROR, CALIBRATED_STEPS, MirrorConfig, ScanConfig
 from hf_mirror.distributed import is_main_process, set_threads
@@ -402,7 +403,7 @@ def _audit(args) -> int:
     corpus.check()  # before the output directory is touched
     identity = _identity(args, corpus, items=digest([asdict(r) for r in records]))
     output, work = open_shared(args.output, identity, args.overwrite, AUDIT)
-    try:
+    with nullcontext() if output is None else output:  # on leaving, the lock is released (finished or not)
         index = None
         if "ngram" in detectors:
             index = _open_or_build_index(args, corpus, tokenizer, Path(args.index) if args.index else work / "index")
@@ -423,9 +424,6 @@ def _audit(args) -> int:
             return 0
         write_report(report, work)
         output.finish()
-    finally:
-        if output is not None:
-            output.release()
     out = Path(args.output)
     print(f"{report['leaked']} of {len(records)} evaluation items leaked (contamination rate "
           f"{report['contamination_rate']:.1%}, detectors {','.join(detectors)}, verdict by "
@@ -481,7 +479,7 @@ def _provenance(args) -> int:
     probes = load_probes(args.probes)  # read once: refused before the output directory is touched
     identity = _identity(args, corpus, probes=digest([asdict(p) for p in probes]))
     output, work = open_shared(args.output, identity, args.overwrite, PROVENANCE)
-    try:
+    with nullcontext() if output is None else output:  # on leaving, the lock is released (finished or not)
         index = _open_or_build_index(args, corpus, tokenizer, Path(args.index) if args.index else work / "index")
         report = generation_provenance(model, corpus, probes, tokenizer=tokenizer, index=index,
                                        threshold=args.threshold, use_mirror=not args.no_mirror,
@@ -491,9 +489,6 @@ def _provenance(args) -> int:
             return 0
         write_provenance(report, work)
         output.finish()
-    finally:
-        if output is not None:
-            output.release()
     out = Path(args.output)
     for r in report["items"]:
         line = f"{printable(r['id'], False)}: {r['verdict']}"

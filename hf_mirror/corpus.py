@@ -257,6 +257,16 @@ class Corpus:
                 )
 
 
+def as_corpus(corpus) -> Corpus:
+    """``corpus`` as a :class:`Corpus`: one as it is, else a path, Hub name, ``Dataset``/``IterableDataset`` or list
+    of documents wrapped in one with the default columns (InputError for anything else)."""
+    if isinstance(corpus, Corpus):
+        return corpus
+    if isinstance(corpus, (str, Path, Dataset, IterableDataset, list, tuple)):
+        return Corpus(corpus)
+    raise InputError(f"Cannot use a {type(corpus).__name__} as a corpus; pass a path, a Hub name or a Dataset.")
+
+
 def _id_type(features, column: str | None):
     """How a value of the id column becomes a document id: as it is when the column holds integers (or its type is
     not known), else as a string, so ids of mixed types are all kept as text and never read as numbers."""

@@ -15,12 +15,11 @@ import numpy as np
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
-from datasets import Dataset, IterableDataset
 
 from hf_mirror import methods
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
 from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig, result_settings
-from hf_mirror.corpus import Corpus
+from hf_mirror.corpus import Corpus, as_corpus
 from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
 from hf_mirror.fusion import Ranking
@@ -52,19 +51,12 @@ from hf_mirror.regime import probe_stats, warnings_for
 from hf_mirror.report import write_report
 from hf_mirror.results import AttributionResult
 from hf_mirror.retrieval import CandidateIndex, Candidates, retrieve
-from hf_mirror.runs import package_versions, run_identity, stable_key
+from hf_mirror.runs import run_identity, run_record, stable_key
 from hf_mirror.scan import Scanner
 from hf_mirror.scoring import EVIDENCE_COLUMNS, ScoreBook, token_pieces
 from hf_mirror.trunk import SharedTrunk
 
 logger = get_logger(__name__)  # accelerate's: logs once, from the main process, unless told otherwise
-
-def _as_corpus(corpus) -> Corpus:
-    if isinstance(corpus, Corpus):
-        return corpus
-    if isinstance(corpus, (str, Path, Dataset, IterableDataset, list, tuple)):
-        return Corpus(corpus)
-    raise InputError(f"Cannot use a {type(corpus).__name__} as a corpus; pass a path, a Hub name or a Dataset.")
 
 
 @dataclass(kw_only=True)
@@ -253,7 +245,7 @@ def _mirrors_and_scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook) 
 def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanConfig, output_dir, model_kwargs,
            show_progress: bool, overwrite: bool) -> _Run:
     """The process group, the validated inputs, the model on its device, the windowing and the owned output."""
-    corpus = _as_corpus(corpus)
+    corpus = as_corpus(corpus)
     if scan.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {scan.precision!r}.")
     gpu = on_gpu()
@@ -475,10 +467,7 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
                           Ranking.from_config(scan), lexical=pool.retrieval.bm25, dense=pool.retrieval.dense)
     records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
                 "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
-    config = {
-        "model": run.model_name,
-        "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
-        "corpus": run.corpus.describe(),
+    own = {
         "mirror": run.mirror.to_dict(),
         "scan": {**asdict(scan), "max_length": run.max_length, "overlap": run.overlap,
                  "controls": len(pool.controls), "normalize": pool.normalize},
@@ -486,13 +475,10 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
         "candidate_documents": None if pool.keep is None else len(pool.keep),
         "retrieval": {"method": "+".join(scan.retrievers), "retrievers": scan.retrievers,
                       "per_probe": scan.n_candidates, "documents": pool.retrieval.n_documents},
-        "device": str(run.accelerator.device),
-        "num_processes": run.world,
-        "run_key": run_key,
-        "versions": package_versions(),
-        "torch_dtype": str(next(run.model.parameters()).dtype),
-        "stats": merged["stats"],
     }
+    config = run_record(run.model_name, model_kwargs, run.corpus, own, device=str(run.accelerator.device),
+                        num_processes=run.world, run_key=run_key, torch_dtype=str(next(run.model.parameters()).dtype),
+                        stats=merged["stats"])
     stats = probe_stats(records, _raw_scores(run.out, [p.id for p in pool.probes]), run.mirror.direction)
     config["regime"] = {"probes": stats, "warnings": warnings_for(stats, config["mirror"],
                                                                  resolve_read(run.mirror, scan))}

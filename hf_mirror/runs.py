@@ -1,5 +1,5 @@
 """What identifies a run, shared by every method: its identity in the output's manifest, its keys, the package
-versions it records."""
+versions it records and the part of its result's record (config.json) that every method writes alike."""
 
 from __future__ import annotations
 
@@ -38,3 +38,22 @@ def run_identity(method: str, model_name: object, weights: str | None, tokenizer
             "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus.describe(),
             "corpus content": corpus.fingerprint(), "probes": digest([asdict(p) for p in probes]),
             "processes": processes, "settings": json.loads(json.dumps(settings, default=str))}
+
+
+def run_record(model_name: object, model_kwargs: dict | None, corpus: Corpus, own: dict, *, device: str | None,
+               num_processes: int, run_key: str, torch_dtype: str | None, stats: dict) -> dict:
+    """A result's record (its config.json), as every method writes it: the model, its keyword arguments and the
+    corpus, then the method's ``own`` fields, then the device, the process count, the run key, the package versions,
+    the weights' dtype and the run's stats (``device`` and ``torch_dtype`` None when the weights are not read)."""
+    return {
+        "model": str(model_name),
+        "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
+        "corpus": corpus.describe(),
+        **own,
+        "device": device,
+        "num_processes": num_processes,
+        "run_key": run_key,
+        "versions": package_versions(),
+        "torch_dtype": torch_dtype,
+        "stats": stats,
+    }

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import shutil
 
 import numpy as np
 import pytest
 
-from hf_mirror import InputError, ScanConfig, attribute, methods
+from hf_mirror import InputError, MirrorConfig, ScanConfig, attribute, methods
 from hf_mirror.baselines import METHODS, Scorer, attribute_baseline
 from hf_mirror.cli import build_parser
+from hf_mirror.corpus import Corpus
 from hf_mirror.methods import Method, Request
 from hf_mirror.pipeline import Mirror
 
@@ -162,3 +164,26 @@ def test_a_rerun_of_a_method_that_does_not_resume_says_it_starts_over(planted, t
         again = attribute(planted.model_dir, planted.texts[:4], probes, **run).scores()
     assert "bm25 does not resume" in caplog.text and "--method mirror resumes" in caplog.text
     assert first.equals(again)
+
+
+def test_every_method_records_the_run_alike(planted, tmp_path, tiny_model):
+    """config.json: the mirror and the baselines write the fields every run has (runs.run_record) under the same keys,
+    in the same order, alike where they ran alike; each method adds only its own."""
+    model, tok = tiny_model
+    corpus = Corpus(planted.texts[:6])
+    run = dict(tokenizer=tok, scan=ScanConfig(top_k=2), show_progress=False)
+    mirror = attribute(model, corpus, _with_completions(planted, 2), output_dir=tmp_path / "m",
+                       mirror=MirrorConfig(fit="steps", steps=1), **run).config
+    gradsim = attribute(model, corpus, _with_completions(planted, 2), output_dir=tmp_path / "g", method="gradsim",
+                        **run).config
+    common = ["model", "model_kwargs", "corpus", "device", "num_processes", "run_key", "versions", "torch_dtype",
+              "stats"]
+    assert list(mirror) == [*common[:3], "mirror", "scan", "control_probes", "candidate_documents", "retrieval",
+                            *common[3:], "regime"]
+    assert list(gradsim) == ["method", *common[:3], "options", "scan", *common[3:]]
+    for key in common:
+        if key not in ("run_key", "stats"):
+            assert mirror[key] == gradsim[key], key
+    assert mirror["device"] == "cpu" and mirror["torch_dtype"] == "torch.float32" and mirror["num_processes"] == 1
+    keys = [c["run_key"] for c in (mirror, gradsim)]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", k) for k in keys) and keys[0] != keys[1]

@@ -16,7 +16,7 @@ from hf_mirror import AttributionResult, MirrorConfig, ScanConfig, attribute
 from hf_mirror.cli import _open_or_build_index, main
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
-from hf_mirror.ownership import MANIFEST, STAGING, Output
+from hf_mirror.ownership import AUDIT, MANIFEST, STAGING, Output
 
 MIRROR = MirrorConfig(fit="steps", steps=1)
 
@@ -117,6 +117,22 @@ def test_another_process_layout_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"processes \(1 -> 2\); settings \(top_k: 10 -> 3\)"):
         Output.open(tmp_path, {**identity, "processes": 2, "settings": {"top_k": 3}})
     Output.open(tmp_path, identity).release()  # the same run: resumed
+
+
+def test_an_error_inside_the_output_releases_it_unfinished(tmp_path):
+    """What the commands that write in ``with Output.open(...)`` (or ``with output:``) rely on: an exception inside
+    releases the lock without finishing the run, which stays unfinished (another run is refused, the same resumes)."""
+    identity = {"command": "audit", "processes": 1}
+    with pytest.raises(RuntimeError, match="cut short"), Output.open(tmp_path, identity, kind=AUDIT) as output:
+        (output.work / "report.json").write_text("{}")  # half the answer
+        raise RuntimeError("cut short")
+    assert json.loads((tmp_path / MANIFEST).read_text())["done"] is False
+    with pytest.raises(InputError, match=r"holds a different run \(unfinished\)"):  # not "Another hf-mirror run"
+        Output.open(tmp_path, {**identity, "processes": 2}, kind=AUDIT)
+    with Output.open(tmp_path, identity, kind=AUDIT) as again:
+        assert again.work == output.work == tmp_path
+        again.finish()
+    assert json.loads((tmp_path / MANIFEST).read_text())["done"] is True
 
 
 def test_cli_exits_2_on_another_method(planted, tmp_path, capsys):

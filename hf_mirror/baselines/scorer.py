@@ -4,9 +4,7 @@ merge and record, written like :func:`hf_mirror.attribute`'s result)."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
 import shutil
 import tempfile
@@ -23,7 +21,7 @@ from hf_mirror import methods
 from hf_mirror.baselines._common import Document, iter_documents
 from hf_mirror.cache import model_fingerprint
 from hf_mirror.config import ScanConfig
-from hf_mirror.corpus import Corpus
+from hf_mirror.corpus import Corpus, as_corpus
 from hf_mirror.errors import InputError
 from hf_mirror.merge import merge_shards
 from hf_mirror.methods import Method, Request
@@ -31,7 +29,7 @@ from hf_mirror.modeling import resolve_model, window_length
 from hf_mirror.ownership import Output, check_output_path
 from hf_mirror.probes import generate_completions, load_probes
 from hf_mirror.results import AttributionResult
-from hf_mirror.runs import package_versions, run_identity
+from hf_mirror.runs import run_identity, run_record, stable_key
 from hf_mirror.scan import Skipped
 from hf_mirror.scoring import ScoreBook
 
@@ -77,10 +75,6 @@ def _scorer(method: str) -> type[Scorer]:
         names = sorted(n for n in methods.REGISTRY if n != methods.MIRROR)
         raise InputError(f"Unknown baseline {method!r}; choose one of {names}.")
     return cls
-
-
-def _as_corpus(corpus) -> Corpus:
-    return corpus if isinstance(corpus, Corpus) else Corpus(corpus)
 
 
 def _options(cls: type[Scorer], options: dict) -> dict:
@@ -137,7 +131,7 @@ def attribute_baseline(
     if top_k < 1:
         raise InputError("top_k must be at least 1.")
     t0 = time.perf_counter()
-    corpus = _as_corpus(corpus)
+    corpus = as_corpus(corpus)
     final = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix=f"hf_mirror_{method}_"))
     check_output_path(final)
     given = load_probes(probes)
@@ -171,8 +165,8 @@ def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpu
     probe_list = given if all(p.completion is not None for p in given) else \
         generate_completions(model, tokenizer, given, max_new_tokens, max_length=max_length)
     ids = [p.id for p in probe_list]
-    run_key = hashlib.sha256(json.dumps([method, str(model_name), corpus.describe(), [asdict(p) for p in probe_list],
-                                         options, top_k, max_length, overlap], default=str).encode()).hexdigest()[:16]
+    run_key = stable_key(method, str(model_name), corpus.describe(), [asdict(p) for p in probe_list], options, top_k,
+                         max_length, overlap)
 
     scorer = cls(model, tokenizer, probes=probe_list, max_length=max_length, overlap=overlap, **options)
     shard = out / "shards" / method
@@ -203,21 +197,13 @@ def _score(out: Path, method: str, cls, model, tokenizer, model_name: str, corpu
 
     merged = merge_shards([shard], out, ids, top_k)
     records = [asdict(p) for p in probe_list]
-    config = {
-        "method": method,
-        "model": str(model_name),
-        "model_kwargs": {k: str(v) for k, v in (model_kwargs or {}).items()},
-        "corpus": corpus.describe(),
-        "options": options,
-        "scan": {"top_k": top_k, "max_length": max_length, "overlap": overlap, "normalize": "none",
-                 "max_new_tokens": max_new_tokens},
-        "device": str(next(model.parameters()).device) if cls.needs_model else None,
-        "num_processes": 1,
-        "run_key": run_key,
-        "versions": package_versions(),
-        "torch_dtype": str(next(model.parameters()).dtype) if cls.needs_model else None,
-        "stats": {**merged["stats"], "seconds": time.perf_counter() - t0},
-    }
+    own = {"options": options, "scan": {"top_k": top_k, "max_length": max_length, "overlap": overlap,
+                                         "normalize": "none", "max_new_tokens": max_new_tokens}}
+    param = next(model.parameters()) if cls.needs_model else None  # None: the weights are not read
+    config = {"method": method, **run_record(
+        model_name, model_kwargs, corpus, own, device=None if param is None else str(param.device),
+        num_processes=1, run_key=run_key, torch_dtype=None if param is None else str(param.dtype),
+        stats={**merged["stats"], "seconds": time.perf_counter() - t0})}
     result = AttributionResult(out, topk=merged["topk"], evidence=merged["evidence"], probes=records,
                                skipped=merged["skipped"], config=config)
     result.save(out)
