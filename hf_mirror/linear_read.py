@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Embedding as LoraEmbedding
 
 from hf_mirror.curvature import capture
-from hf_mirror.stacked import StackedLora
+from hf_mirror.stacked import StackedLora, adapters_off
 
 
 class LinearRead:
@@ -42,8 +42,6 @@ class LinearRead:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The base model's token losses ``[B, L-1]`` and, per row and mirror, the first-order change of the sum of the
         row's ``scored`` token losses (``scored``: a ``[B, L-1]`` mask over the loss positions) ``[B, G]``."""
-        from hf_mirror.stacked import adapters_off
-
         with adapters_off(self.model), capture(self.model, self.layers) as seen:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = input_ids[:, 1:]
