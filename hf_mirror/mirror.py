@@ -314,15 +314,39 @@ def _write_gradient_step(peft_model: PeftModel, probes: Sequence[Probe], names: 
         p.requires_grad_(False)
 
 
+# below this width a layer's SVD is exact (cheap); from it on a seeded randomized SVD finds the top singular triples:
+# gpt2-small's 768-wide layers took 0.1-0.6 s each for the full SVD and 5-54 ms this way (one thread), 11 s against
+# 0.6 s per probe over its 49 adapted layers
+EXACT_SVD_MAX = 256
+SVD_OVERSAMPLE, SVD_POWER = 10, 2  # Halko, Martinsson & Tropp (2011): oversampling and power iterations
+
+
 def _best_rank(direction: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-``rank`` approximation of ``direction`` [..., out, in] as its singular triples (u, s, vh), one
     sign per singular pair (its largest left entry positive): the same adapter weights however the probes are grouped,
-    not only the same product."""
-    u, s, vh = torch.linalg.svd(direction, full_matrices=False)
+    not only the same product. From :data:`EXACT_SVD_MAX` wide on, a randomized SVD (:func:`_randomized_svd`)."""
+    if min(direction.shape[-2:]) >= EXACT_SVD_MAX:
+        u, s, vh = _randomized_svd(direction, rank)
+    else:
+        u, s, vh = torch.linalg.svd(direction, full_matrices=False)
     r = min(rank, s.shape[-1])
     u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
     flip = torch.sign(torch.gather(u, -2, u.abs().argmax(dim=-2, keepdim=True))).clamp(min=0) * 2 - 1
     return u * flip, s, vh * flip.transpose(-1, -2)
+
+
+def _randomized_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triples of ``a`` [..., m, n], near-exactly: a range finder with a fixed Gaussian test
+    matrix (seeded, the same for every matrix of a batch, so that a probe's result does not depend on its group),
+    :data:`SVD_POWER` power iterations, then the exact SVD of the small projected matrix."""
+    q = min(rank + SVD_OVERSAMPLE, *a.shape[-2:])
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    omega = torch.randn(a.shape[-1], q, generator=generator, dtype=a.dtype).to(a.device)
+    basis = torch.linalg.qr(a @ omega).Q  # [..., m, q]
+    for _ in range(SVD_POWER):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)  # [..., q, n]: small
+    return basis @ u, s, vh
 
 
 def _linear_steps(name: str, d: torch.Tensor, x: torch.Tensor, cfg: MirrorConfig, curvature: Curvature | None,

@@ -95,3 +95,29 @@ def test_without_a_target_every_mirror_takes_every_step(tok, model_and_probes):
     plain, _ = _fit(model, tok, probes[:2], MirrorConfig(**STEPS, lr=2e-2, rank=4, fit_batch=2))
     for n, w in plain.items():  # a target never reached: the plain fit
         torch.testing.assert_close(huge[n], w)
+
+
+def test_wide_layers_take_a_randomized_svd_as_good_as_the_exact_one_and_independent_of_the_group():
+    """From EXACT_SVD_MAX wide on, the gradient mirror's rank-r step comes from a seeded randomized SVD: its error is
+    within 1% of the best rank-r approximation's on a noisy matrix (a low-rank part plus dense noise, like an
+    RMS-preconditioned gradient), it gives a probe the same adapter alone or in a group, and the same on every call;
+    below that width the SVD is exact."""
+    from hf_mirror.mirror import EXACT_SVD_MAX, _best_rank
+
+    torch.manual_seed(0)
+    g, m, n, r = 3, 3 * EXACT_SVD_MAX, EXACT_SVD_MAX, 16
+    a = torch.randn(g, m, 8) @ torch.randn(g, 8, n) + 0.5 * torch.randn(g, m, n)
+    u, s, vh = _best_rank(a, r)
+    full_u, full_s, full_vh = torch.linalg.svd(a, full_matrices=False)
+    best = (a - full_u[..., :r] @ (full_s[..., :r, None] * full_vh[..., :r, :])).norm(dim=(1, 2))
+    got = (a - u @ (s[..., None] * vh)).norm(dim=(1, 2))
+    assert (got / best).max() < 1.01 and (got / best).min() >= 1 - 1e-6
+    torch.testing.assert_close(s[:, :8], full_s[:, :8], rtol=1e-3, atol=0)  # the low-rank part's triples
+    alone = _best_rank(a[1:2], r)
+    for x, y in zip(alone, (u, s, vh), strict=True):
+        torch.testing.assert_close(x[0], y[1], rtol=0, atol=0)
+    for x, y in zip(_best_rank(a, r), (u, s, vh), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    small = a[:, : EXACT_SVD_MAX - 1, : EXACT_SVD_MAX - 1]
+    _, s_small, _ = _best_rank(small, r)
+    torch.testing.assert_close(s_small, torch.linalg.svdvals(small)[:, :r])
