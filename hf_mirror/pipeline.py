@@ -83,6 +83,7 @@ class _Run:
     show_progress: bool
     probes: list[Probe] | None
     output: Output | None  # the main process's lock and manifest
+    read: str  # how the scan reads the mirrors: "forward" or "linear" (resolve_read)
     index: CandidateIndex | None = None  # the saved candidate index (ScanConfig.index; main process)
     embedder: object | None = None  # the dense retriever's query embedder (retrievers with dense; main process)
 
@@ -298,7 +299,7 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     return _Run(accelerator=accelerator, out=Path(work[0]), final=final, model=model, tokenizer=tokenizer,
                 model_name=str(model_name), model_fingerprint=fingerprint, corpus=corpus, mirror=mirror, scan=scan,
                 max_length=max_length, overlap=overlap, precision=precision, show_progress=show_progress,
-                probes=given, output=output, index=index, embedder=embedder)
+                probes=given, output=output, index=index, embedder=embedder, read=read)
 
 
 def resolve_read(mirror: MirrorConfig, scan: ScanConfig) -> str:
@@ -334,7 +335,7 @@ def _probes_and_candidates(run: _Run) -> _Pool:
                     if n_controls else [])
 
         def full_scan(n_documents: int) -> bool:  # a full scan keeps every document's BM25, for the influence
-            return not scan.candidates_only(n_documents, resolve_read(run.mirror, scan))
+            return not scan.candidates_only(n_documents, run.read)
 
         retrieval = (run.index.retrieve(probe_list, scan.n_candidates, run.embedder, keep_all=full_scan)
                      if run.index is not None else
@@ -348,7 +349,7 @@ def _probes_and_candidates(run: _Run) -> _Pool:
     if normalize != "none" and scan.controls is None and len(probe_list) + len(controls) < 3:
         logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")
         normalize = "none"
-    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents, resolve_read(run.mirror, scan)) else None
+    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents, run.read) else None
     return _Pool(probes=probe_list, controls=controls, retrieval=retrieval, keep=keep, normalize=normalize)
 
 
@@ -359,7 +360,7 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
     controls = None
     if base is not None and pool.controls and pool.normalize != "none":
         key = stable_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
-                         run.scan.aggregate, *([] if resolve_read(run.mirror, run.scan) == "forward" else ["linear"]))
+                         run.scan.aggregate, *([] if run.read == "forward" else ["linear"]))
         controls = BaseLossCache(base.dir.parents[2], key, rank=run.rank, world=run.world, kind="control_scores")
     cached = controls is not None and controls.complete
     if run.world > 1:  # every process must scan the same adapters
@@ -378,7 +379,7 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
                          pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
                          None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by,
                          *_retrieval_settings(scan).values(),
-                         *([] if resolve_read(run.mirror, scan) == "forward" else ["linear"]))
+                         *([] if run.read == "forward" else ["linear"]))
     # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
     eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
     most = scan.n_candidates * len(scan.retrievers)  # a probe's candidates: the union of each retriever's top-M
@@ -414,7 +415,7 @@ def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, 
                             total=run.corpus.num_documents(), show=run.show_progress and main)
     layers = block_indices(run.mirror, run.model)
     first = min(layers) if layers else 0
-    read = resolve_read(run.mirror, scan)
+    read = run.read
     trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 and read == "forward" else None
     scanner = Scanner(peft_model, run.tokenizer, adapter_names=pool.names[:n_fit], probe_ids=pool.ids[:n_fit],
                       max_length=run.max_length, overlap=run.overlap, batch_size=scan.batch_size, progress=progress,
@@ -481,7 +482,7 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
                         stats=merged["stats"])
     stats = probe_stats(records, _raw_scores(run.out, [p.id for p in pool.probes]), run.mirror.direction)
     config["regime"] = {"probes": stats, "warnings": warnings_for(stats, config["mirror"],
-                                                                 resolve_read(run.mirror, scan))}
+                                                                 run.read)}
     for warning in config["regime"]["warnings"]:
         logger.warning(warning)
     result = AttributionResult(run.out, topk=merged["topk"], evidence=merged["evidence"], probes=records,
