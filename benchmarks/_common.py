@@ -53,6 +53,31 @@ def top_k_share(scores: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     return float(truth[chosen].mean() / best) if k and best > 0 else float("nan")
 
 
+def forward_pass_seconds(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 8,
+                         by_length: bool = False) -> float:
+    """Wall time of one forward pass of ``model`` over every document (windows cut as the scan cuts them), in
+    batches of ``batch_size``; ``by_length`` batches the windows in order of length, as the scan pools them."""
+    import time
+
+    import torch
+
+    from hf_mirror.corpus import document_tokens, windows
+    from hf_mirror.scan import collate
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    seqs = [ids for t in texts for _, ids, _ in windows(document_tokens(tokenizer, t), max_length,
+                                                         max(1, max_length // 8))]
+    if by_length:
+        seqs.sort(key=len)
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = collate(seqs[i: i + batch_size], pad, device)
+            model(input_ids=ids, attention_mask=mask)
+    return time.perf_counter() - start
+
+
 def cache_key(payload: object) -> str:
     """A short stable hash of a JSON-able ``payload`` (what a cached benchmark artefact was made from)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

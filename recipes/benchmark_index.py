@@ -20,7 +20,8 @@ one run, side by side:
 The forward pass is timed before and after the rest (the faster is the unit), so a change in the machine's load
 shows in the JSON (``forward_passes_s``, ``attribute_runs_s``).
 
-Uses only the public API (``hf_mirror.attribute``, ``ScanConfig``, ``Corpus``, ``hf_mirror.retrieval``).
+Uses the public API (``hf_mirror.attribute``, ``ScanConfig``, ``Corpus``, ``hf_mirror.retrieval``) and the benchmarks'
+forward-pass timer (``benchmarks._common.forward_pass_seconds``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package, not in it
 
 NAMES = ["ka", "lo", "mi", "ra", "tu", "ve", "zo", "pe", "ni", "sa", "du", "fe", "gi", "ho", "ju", "be"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "silver", "golden"]
@@ -54,24 +58,6 @@ def make_corpus(n: int, seed: int = 0) -> list[dict]:
                     f"{rng.choice(PLACES)}.")
         rows.append({"id": f"doc-{i}", "text": text})
     return rows
-
-
-def forward_pass_seconds(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 8) -> float:
-    """Wall time of one forward pass of ``model`` over every document (windows cut as the scan cuts them)."""
-    import torch
-
-    from hf_mirror.corpus import document_tokens, windows
-    from hf_mirror.scan import collate
-
-    pad = tokenizer.eos_token_id
-    start = time.perf_counter()
-    seqs = [ids for t in texts for _, ids, _ in windows(document_tokens(tokenizer, t), max_length,
-                                                         max(1, max_length // 8))]
-    with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = collate(seqs[i: i + batch_size], pad, "cpu")
-            model(input_ids=ids, attention_mask=mask)
-    return time.perf_counter() - start
 
 
 def timed(fn):
@@ -98,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from benchmarks._common import forward_pass_seconds
     from hf_mirror import Corpus, ScanConfig, attribute
     from hf_mirror.probes import load_probes
     from hf_mirror.retrieval import CandidateIndex, build_index, retrieve

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.fact_tracing import FactTracingConfig, build_benchmark
-from benchmarks.rerank import distractor_pool, padded_corpus
+from benchmarks.rerank import cost_goal, distractor_pool, padded_corpus
 from hf_mirror.errors import InputError
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "benchmark_rerank.py"
@@ -67,6 +67,12 @@ def test_quick_rerank_benchmark(tmp_path, capsys, model_dir):
         assert 0 <= row["mrr"] <= 1 and 0 <= row["recall@10"] <= 1 and row["seconds"] > 0
     assert methods["bm25"]["mrr"] > 0.5
     assert (model_dir / "config.json").exists()  # kept for --model-dir reuse
+    # the cost goal: the default (a full scan here) against BM25 + one forward pass over the corpus
+    assert report["forward_seconds"] > 0
+    goal = cost_goal(report)
+    assert goal["unit"] == methods["bm25"]["seconds"] + report["forward_seconds"]
+    assert goal["ratio"] == methods["default"]["seconds"] / goal["unit"]
+    assert "Goal (#25): the default's influence column complete at 800 documents in at most 3x" in printed
 
 
 def test_rerank_benchmark_runs_the_chosen_rows(tmp_path, capsys, model_dir):
