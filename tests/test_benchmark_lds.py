@@ -251,3 +251,23 @@ def test_summary_table_from_the_benchmarks_json(tmp_path):
     assert "| mirror | 0.750 | 0.500 / 0.250 | 0.500 / 0.250 | 0.125 | 12 s, 600 MB (9 s factors cached) |" in table
     assert "mirror[mirror]" not in table  # the same ranking as the influence column
     assert "| mirror:target_modules=all-linear\\|lm_head |  | 0.250 / 0.125 |" in table
+
+
+def test_frontier_of_quality_against_cost(tmp_path):
+    """``benchmark_summary.py --frontier``: each method's held-out value against its seconds; the frontier keeps
+    the methods that no other beats on both, and the figure is written."""
+    summary = recipe("benchmark_summary")
+    row = lambda s, sec: {"seconds": sec, "variants": {v: {"held_out": {"top_k_share": s}} for v in ("sgd", "adam")}}  # noqa: E731
+    (tmp_path / "tail_patch_wordnet.json").write_text(json.dumps({"methods": {
+        "bm25": row(0.1, 1.0), "mirror": row(0.6, 10.0), "mirror[mirror]": row(0.6, 10.0),
+        "ekfac": row(0.4, 20.0), "mirror_forward": row(0.65, 30.0)}}))
+    (tmp_path / "lds_wordnet.json").write_text(json.dumps({"methods": {
+        "bm25": {"seconds": 1.0, "lds": 0.7, "held_out": 0.72},
+        "mirror": {"seconds": 10.0, "lds": 0.7, "held_out": 0.7}}}))
+    points = summary.frontier_points(tmp_path)
+    sgd = points[("wordnet", "tail-patch top-10 share, 1 SGD step")]
+    assert [p[0] for p in sgd] == ["bm25", "mirror", "ekfac", "mirror_forward"]  # no [mirror] column
+    assert [p[0] for p in summary.pareto(sgd)] == ["bm25", "mirror", "mirror_forward"]  # ekfac: dearer and worse
+    assert [p[0] for p in summary.pareto(points[("wordnet", "LDS")])] == ["bm25"]  # cheaper and better
+    out = summary.plot_frontier(tmp_path, tmp_path / "f.png")
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
