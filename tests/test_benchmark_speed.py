@@ -83,8 +83,9 @@ def test_speed_benchmark_scan_and_end_to_end_rows(recipe, tmp_path, capsys):
     assert [r["probes"] for r in report["scan"]] == [2] and [r["probes"] for r in report["e2e"]] == [2]
     for r in report["scan"]:
         assert r["documents"] == 4 and r["floor_s"] > 0
-        for k in ("naive", "cached", "trunk_cached", "mixed"):
+        for k in ("naive", "cached", "trunk_cached", "mixed", "linear", "fwd_bwd"):
             assert r[f"{k}_s"] > 0 and r[f"{k}_x_floor"] > 0
+        assert r["fwd_bwd_s"] > r["floor_s"]  # a backward pass on top of the forward
     for r in report["e2e"]:
         for k in ("mirror", "mirror_top2", "mirror_top2_warm", "gradsim"):
             assert r[f"{k}_s"] > 0
@@ -92,6 +93,15 @@ def test_speed_benchmark_scan_and_end_to_end_rows(recipe, tmp_path, capsys):
     assert {(c["method"], c["mirror"]) for c in report["crossovers"]} == {
         ("gradsim", m) for m in ("mirror", "mirror_top2", "mirror_top2_warm")}
     assert all(c["estimate"] is None for c in report["crossovers"])  # one probe count: no line to fit
+
+
+def test_goals_say_how_far_and_the_reads_floor():
+    rows = [{"model": "gpt2-small", "probes": 8, "linear_x_floor": 2.4, "fwd_bwd_x_floor": 2.1},
+            {"model": "gpt2-small", "probes": 64, "linear_x_floor": 3.7}, {"model": "tiny", "probes": 8}]
+    assert speed.format_goals(rows).splitlines() == [
+        "- gpt2-small, T = 8: 2.4x one forward pass, goal <= 1.5x: not met (by 0.9x); the read's own floor, one "
+        "forward and one backward pass through every adapted layer, is 2.1x",
+        "- gpt2-small, T = 64: 3.7x one forward pass, goal <= 4.0x: met"]
 
 
 def test_library_run_reports_rows_as_they_are_measured():
