@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Embedding as LoraEmbedding
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from hf_mirror.curvature import capture
 from hf_mirror.stacked import StackedLora, adapters_off
@@ -32,6 +33,7 @@ class LinearRead:
         self.n = len(names)
         # captured at the wrapped layers (an embedding table's hook knows its own kind)
         self.layers = {str(i): m.get_base_layer() for i, m in enumerate(stack.layers)}
+        self.switched = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]  # found once, not per batch
         self.tables = [isinstance(m, LoraEmbedding) for m in stack.layers]
         # every mirror's factors side by side: A as [G x r, in], B (times its scaling) as [out, G x r]
         self.A = [a.reshape(-1, a.shape[-1]) for a in stack.A]
@@ -42,7 +44,7 @@ class LinearRead:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The base model's token losses ``[B, L-1]`` and, per row and mirror, the first-order change of the sum of the
         row's ``scored`` token losses (``scored``: a ``[B, L-1]`` mask over the loss positions) ``[B, G]``."""
-        with adapters_off(self.model), capture(self.model, self.layers) as seen:
+        with adapters_off(self.model, self.switched), capture(self.model, self.layers) as seen:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = input_ids[:, 1:]
             losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")

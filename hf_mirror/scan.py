@@ -235,11 +235,24 @@ class Scanner:
         self.progress.close()
 
     def _run_pool(self, pool: list[Window], pending: OrderedDict[int, _Pending], run_base: bool) -> None:
-        """Run a pool of windows in batches of ``batch_size``, sorted by length when the pool spans several."""
+        """Run a pool of windows in batches of ``batch_size``, sorted by length when the pool spans several.
+
+        The linear read packs short windows: a batch takes windows while its padded area stays within
+        ``batch_size`` windows of ``max_length`` tokens (the memory a full batch takes anyway), so that its one
+        forward and backward pass run on fewer, larger matrices."""
         if len(pool) > self.batch_size:
             pool = sorted(pool, key=lambda w: len(w.input_ids))
-        for lo in range(0, len(pool), self.batch_size):
-            self._run(pool[lo : lo + self.batch_size], pending, run_base)
+        if self.linear is None or self.width is not None:
+            for lo in range(0, len(pool), self.batch_size):
+                self._run(pool[lo : lo + self.batch_size], pending, run_base)
+            return
+        area, lo = self.batch_size * self.max_length, 0
+        while lo < len(pool):
+            hi = lo + self.batch_size  # at least batch_size windows; more while the padded area allows
+            while hi < len(pool) and (hi + 1 - lo) * len(pool[hi].input_ids) <= area:
+                hi += 1
+            self._run(pool[lo:hi], pending, run_base)
+            lo = hi
 
     def _drain(self, pending: OrderedDict[int, _Pending]) -> Iterator[ScannedDoc]:
         while pending and next(iter(pending.values())).remaining == 0:

@@ -123,6 +123,26 @@ def test_the_scans_linear_read_is_its_forward_reads_loss_change_to_first_order(m
     assert np.corrcoef(first_order.ravel(), exact.ravel())[0, 1] > 0.9999
 
 
+def test_the_linear_read_packs_short_windows_into_fuller_batches(mirrors):
+    """Short windows share a pass while the batch's padded area stays within batch_size full windows: fewer passes,
+    the same base losses and first-order changes as batches of batch_size windows (fixed width: no packing)."""
+    model, tokenizer = mirrors
+    names = ["m0", "m1", "m2"]
+
+    def scan(**kwargs):
+        scanner = Scanner(model, tokenizer, adapter_names=names, probe_ids=names, linear=LinearRead(model, names),
+                          max_length=64, overlap=8, batch_size=2, sort_batches=8, **kwargs)
+        return list(scanner(list(enumerate(TEXTS * 4)))), scanner.forward_passes
+
+    packed, passes = scan()
+    plain, plain_passes = scan(fixed_width=True)
+    assert plain_passes == 10 and passes < plain_passes  # 20 one-window documents: 10 batches of 2 unpacked
+    # float32 sums in another order: equal to float32 rounding
+    np.testing.assert_allclose(np.stack([d.delta for d in packed]), np.stack([d.delta for d in plain]), rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([d.base for d in packed]), np.concatenate([d.base for d in plain]),
+                               rtol=1e-6)
+
+
 def test_every_adapted_kind_of_layer_is_read(mirrors):
     """The blocks' linear layers, the output layer and the token and position tables: with one kind's update alone
     (every other B set to 0), the linear read still matches the forward read, and it is not zero."""
