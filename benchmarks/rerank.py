@@ -5,7 +5,7 @@ is padded with real text the model did *not* train on (templated facts about the
 countries, and the bundled WordNet noun entries) up to ``n_documents``. The same probes (the model's correct
 answers) are then attributed, in one run, by each of the chosen :data:`METHODS`: the full mirror scan over every
 document (``full``), the mirror scanning only each probe's top-``m`` BM25 candidates (``rerank``,
-``ScanConfig(candidates=m)``), the library default (``default``: the hybrid ranking of each probe's BM25
+``RetrievalConfig(candidates=m)``), the library default (``default``: the hybrid ranking of each probe's BM25
 candidates, ``candidates="auto"``) and BM25 alone (``bm25``); the report holds each one's wall time, MRR and
 recall@k and, when the full scan ran, each one's speedup over it and the share of its MRR kept.
 """
