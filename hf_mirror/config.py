@@ -3,8 +3,9 @@
 ``hf-mirror attribute`` generates its flags from these dataclasses (:mod:`hf_mirror.flags`), so the command
 line and the Python call run the same mirror. A field whose value changes a result is marked so
 (``option(..., changes_result=True)``); a run's identity is :func:`result_settings` of its config, so a rerun with
-another value of a marked field into the same output is refused. This module imports neither torch nor the Hugging
-Face libraries.
+another value of a marked field into the same output is refused. :class:`ScanConfig` holds its settings in groups by
+concern; their fields keep flat names (the flags', and config.json's ``"scan"``). This module imports neither torch
+nor the Hugging Face libraries.
 """
 
 from __future__ import annotations
