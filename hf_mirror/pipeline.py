@@ -374,7 +374,7 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
     """This process's score book, keyed by everything that decides the scores (a resume continues it)."""
     scan = run.scan
     ranking, retrieval, aggregate = scan.ranking, scan.retrieval, scan.scoring.aggregate
-    hybrid = ranking.rank_by == "hybrid"
+    hybrid = Ranking.from_config(scan).hybrid  # fusion.Ranking alone says what a rank_by ranks
     run_key = stable_key(run.model_name, run.model_fingerprint, run.corpus.describe(), run.corpus.fingerprint(),
                          run.mirror.identity(), [asdict(p) for p in pool.all],
                          pool.normalize, ranking.top_k, run.max_length, run.overlap, run.world,
