@@ -14,7 +14,7 @@ ones, in probe order) and reports it on the *held-out* half (the odd ones):
   mirror's z-score among the candidates (what ``attribute`` ranks by, ``rank_by="hybrid"``).
 
 :func:`run_union` compares the candidate sets of issue #13's retrievers on the same tables: each probe's BM25 top-M
-against its union with the dense index's top-M (``ScanConfig.retrievers``), by candidate recall and by the
+against its union with the dense index's top-M (``ScanConfig.retrieval.retrievers``), by candidate recall and by the
 default hybrid ranking's MRR / recall@k over each set.
 
 Benchmarks: ``wordnet`` (real dictionary text that the default model memorised; probes = a headword prompt
@@ -40,7 +40,7 @@ from benchmarks.variants import run_method
 from hf_mirror.config import AUTO_CANDIDATES, ScanConfig
 
 RRF_K = 60
-DEFAULT_RULE = f"hybrid@{AUTO_CANDIDATES}:{ScanConfig().mirror_weight:g}"  # what `attribute` ranks by
+DEFAULT_RULE = f"hybrid@{AUTO_CANDIDATES}:{ScanConfig().ranking.mirror_weight:g}"  # what `attribute` ranks by
 PREVIOUS_DEFAULT = "hybrid@20:0.05"  # the default until 2026-12-01 (docs/benchmarks_hybrid.md), still compared
 RULES = ("mirror", "bm25", "rerank@20", "rerank@50", "rerank@100", "rrf", "rrf@20", "rrf@50", "rrf@100",
          "hybrid@20:0.01", "hybrid@20:0.02", "hybrid@20:0.05", "hybrid@20:0.1", "hybrid@20:0.2", "hybrid@20:0.5",
@@ -294,7 +294,8 @@ NORMALIZED_RULES = ("bm25", "hybrid@20:0.05", "hybrid@20:0.1", "hybrid@20:0.2", 
 
 def normalized(mirror: pd.DataFrame, method: str) -> pd.DataFrame:
     """The mirror's score table with each document's ``raw_score`` normalised across the probes as a run with
-    ``ScanConfig(normalize=method)`` does (:func:`hf_mirror.scoring.normalize_scores`), rows in the table's order."""
+    ``ScoringConfig(normalize=method)`` does (:func:`hf_mirror.scoring.normalize_scores`), rows in the table's
+    order."""
     from hf_mirror.scoring import normalize_scores
 
     if method == "none":
@@ -307,8 +308,8 @@ def normalized(mirror: pd.DataFrame, method: str) -> pd.DataFrame:
 
 def run_normalizations(cfg: HybridConfig, output_dir: str | Path | None = None,
                        log: Callable[[str], None] = lambda s: None) -> dict:
-    """:data:`NORMALIZED_RULES` with the mirror's scores normalised each way of ``ScanConfig.normalize``, from the
-    same score tables as :func:`run_hybrid`: does comparing each document across the probes remove what the mirror
+    """:data:`NORMALIZED_RULES` with the mirror's scores normalised each way of ``ScoringConfig.normalize``, from
+    the same score tables as :func:`run_hybrid`: does comparing each document across the probes remove what the mirror
     shares between probes of one template?"""
     from hf_mirror.scoring import NORMALIZATIONS
 
@@ -356,9 +357,9 @@ def union_rows(inputs: tuple, answers: dict[str, list[str]], mirror: pd.DataFram
     out = {}
     for retrievers in RETRIEVER_SETS:
         embedder = index.embedder(model, tokenizer) if "dense" in retrievers else None
-        found = index.retrieve(given, scan.n_candidates, embedder)
+        found = index.retrieve(given, scan.retrieval.n_candidates, embedder)
         chosen = {p: {str(d) for d in docs} for p, docs in found.scores.items()}
-        fused = fuse(mirror, bm25, f"hybrid@{scan.n_candidates}:{scan.mirror_weight}", chosen)
+        fused = fuse(mirror, bm25, f"hybrid@{scan.retrieval.n_candidates}:{scan.ranking.mirror_weight}", chosen)
         row = {"candidates": float(np.mean([len(chosen[p]) for p in answers]))}
         near = {p: {str(d) for d in docs} for p, docs in (found.dense or {}).items()}
         for half, ids in split.items():

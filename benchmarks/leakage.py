@@ -102,7 +102,7 @@ def _ngram_ranking(match) -> list:
 def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = None,
                   show_progress: bool = False) -> dict:
     """Build, train, run the four detectors, and return the metrics (see the module docstring)."""
-    from hf_mirror.config import CALIBRATED_MIRROR
+    from hf_mirror.config import CALIBRATED_MIRROR, RankingConfig, ScoringConfig, SpeedConfig, WindowConfig
     from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig
     from hf_mirror.provenance.leakage import audit_leakage, make_items
@@ -127,8 +127,9 @@ def run_benchmark(cfg: LeakageBenchmarkConfig, output_dir: str | Path | None = N
     report = audit_leakage(index, records, model=model, tokenizer=tokenizer,
                            detectors=("ngram", "mirror", "minkprob"), corpus=corpus,
                            mirror=MirrorConfig(**CALIBRATED_MIRROR, seed=cfg.seed),
-                           scan=ScanConfig(top_k=5, batch_size=cfg.batch_size, normalize="loo",
-                                           adapters_per_forward=cfg.adapters_per_forward),
+                           scan=ScanConfig(windows=WindowConfig(batch_size=cfg.batch_size),
+                                           scoring=ScoringConfig(normalize="loo"), ranking=RankingConfig(top_k=5),
+                                           speed=SpeedConfig(adapters_per_forward=cfg.adapters_per_forward)),
                            output_dir=work / "mirror", show_progress=show_progress, membership=cfg.membership)
     t_detect = time.perf_counter() - t1
     by_id = {r["id"]: r for r in report["items"]}

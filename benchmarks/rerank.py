@@ -5,7 +5,7 @@ is padded with real text the model did *not* train on (templated facts about the
 countries, and the bundled WordNet noun entries) up to ``n_documents``. The same probes (the model's correct
 answers) are then attributed, in one run, by each of the chosen :data:`METHODS`: the full mirror scan over every
 document (``full``), the mirror scanning only each probe's top-``m`` BM25 candidates (``rerank``,
-``ScanConfig(candidates=m)``), the library default (``default``: the hybrid ranking of each probe's BM25
+``RetrievalConfig(candidates=m)``), the library default (``default``: the hybrid ranking of each probe's BM25
 candidates, ``candidates="auto"``) and BM25 alone (``bm25``); the report holds each one's wall time, MRR and
 recall@k and, when the full scan ran, each one's speedup over it and the share of its MRR kept.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import forward_pass_seconds
 from benchmarks.fact_tracing import (
     FactTracingBenchmark,
     FactTracingConfig,
@@ -32,7 +33,6 @@ from benchmarks.fact_tracing import (
     rankings,
     retrieval_metrics,
 )
-from benchmarks._common import forward_pass_seconds
 from benchmarks.variants import run_method
 from hf_mirror.errors import InputError
 
@@ -180,7 +180,7 @@ def run_rerank_benchmark(cfg: RerankConfig, model_dir: str | Path | None = None,
 
     k = cfg.facts.top_k
     unit = forward_pass_seconds(model, tokenizer, [d["text"] for d in docs], context_length(model, tokenizer),
-                                ScanConfig().batch_size, by_length=True)
+                                ScanConfig().windows.batch_size, by_length=True)
     log(f"one forward pass over the corpus: {unit:.1f} s")
     report = {"config": {**asdict(cfg), "facts": asdict(cfg.facts)}, "documents": len(docs),
               "training_documents": len(bench.documents), "queries": len(answers), "correct": len(correct),

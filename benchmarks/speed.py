@@ -415,7 +415,7 @@ def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
 
     ``methods`` maps each gradient method to None (run it) or the reason it cannot run (reported as n/a).
     """
-    from hf_mirror import ScanConfig, attribute
+    from hf_mirror import ScanConfig, ScoringConfig, SpeedConfig, WindowConfig, attribute
     from hf_mirror.corpus import Corpus
 
     device = device or torch.device("cpu")
@@ -437,17 +437,19 @@ def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
         # (imports, allocator, kernels) do not land on the first timed call; EK-FAC's import is done already
         few = Corpus([{"id": str(i), "text": t} for i, t in rows_docs[:4]], id_column="id")
         attribute(model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-mirror", show_progress=False,
-                  scan=ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length, cache=False,
-                                  precision=precision), overwrite=True)
+                  scan=ScanConfig(windows=WindowConfig(batch_size=batch_size, max_length=max_length),
+                                  scoring=ScoringConfig(normalize="none"),
+                                  speed=SpeedConfig(cache=False, precision=precision)), overwrite=True)
         if methods.get("gradsim", "") is None:
             attribute(model, few, probes[:1], tokenizer=tok, output_dir=work / "warm-gradsim", show_progress=False,
-                      scan=ScanConfig(max_length=max_length), method="gradsim")
+                      scan=ScanConfig(windows=WindowConfig(max_length=max_length)), method="gradsim")
         for t in probe_counts:
             row = _row(name, t, len(rows_docs), n_tokens, floor, device, precision)
 
             def mirror(tag: str, layers: list[int] | None, cache: str, t: int = t) -> float:
-                scan = ScanConfig(normalize="none", batch_size=batch_size, max_length=max_length,
-                                  cache_dir=str(work / cache), precision=precision)
+                scan = ScanConfig(windows=WindowConfig(batch_size=batch_size, max_length=max_length),
+                                  scoring=ScoringConfig(normalize="none"),
+                                  speed=SpeedConfig(cache_dir=str(work / cache), precision=precision))
                 t0 = time.perf_counter()
                 attribute(model, corpus, probes[:t], tokenizer=tok, mirror=MirrorConfig(layers=layers), scan=scan,
                           output_dir=work / f"{tag}-{t}", show_progress=False, overwrite=True)
@@ -464,7 +466,8 @@ def bench_e2e(name: str, spec: dict, texts: list[str], facts: list[dict], probe_
                 t0 = time.perf_counter()
                 try:
                     attribute(model, corpus, probes[:t], tokenizer=tok, output_dir=work / f"{m}-{t}",
-                              show_progress=False, scan=ScanConfig(max_length=max_length), method=m)
+                              show_progress=False, scan=ScanConfig(windows=WindowConfig(max_length=max_length)),
+                              method=m)
                     _sync(device)
                     row[f"{m}_s"] = time.perf_counter() - t0
                 except Exception as e:  # report it and go on: one failing baseline must not lose the table

@@ -125,7 +125,7 @@ def normalized(raw: pd.DataFrame, normalize: str) -> pd.DataFrame:
 def run_sweep(cfg: FactTracingConfig, grid: Sequence[Setting] | None = None, output_dir: str | Path | None = None,
               model_dir: str | Path | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every setting of ``grid`` and score it (MRR, recall@k) on the tune and test halves."""
-    from hf_mirror import ScanConfig, attribute
+    from hf_mirror import RankingConfig, ScanConfig, ScoringConfig, WindowConfig, attribute
     from hf_mirror.corpus import Corpus
 
     work = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_mirror_sweep_"))
@@ -147,7 +147,9 @@ def run_sweep(cfg: FactTracingConfig, grid: Sequence[Setting] | None = None, out
     for s in grid:
         t0 = time.perf_counter()
         if not s.ensemble:
-            scan = ScanConfig(normalize="none", aggregate=s.aggregate, top_k=cfg.top_k, batch_size=32)
+            scan = ScanConfig(windows=WindowConfig(batch_size=32),
+                              scoring=ScoringConfig(normalize="none", aggregate=s.aggregate),
+                              ranking=RankingConfig(top_k=cfg.top_k))
             result = attribute(model, corpus, probes, tokenizer=tokenizer, mirror=replace(STEP_MIRROR, **s.mirror),
                                scan=scan, output_dir=work / "runs" / s.name, show_progress=False, overwrite=True)
             raws[s.name] = result.scores()[["probe_id", "doc_id", "raw_score", "n_tokens"]]

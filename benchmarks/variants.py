@@ -1,4 +1,5 @@
-"""Mirror variants the evaluation benchmarks run by name: (``ScanConfig`` overrides, ``MirrorConfig`` overrides)."""
+"""Mirror variants the evaluation benchmarks run by name: (``ScanConfig`` overrides by flat field name, ``MirrorConfig``
+overrides)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def run_method(name: str, model, corpus, probes, *, tokenizer=None, output_dir=N
                scan: dict | None = None, mirror: dict | None = None, overwrite: bool = True, **options):
     """Run a benchmark's method by name through :func:`hf_mirror.attribute`: a mirror variant of
     :data:`MIRROR_VARIANTS` (``mirror`` overrides go to its ``MirrorConfig``) or a method of the registry
-    (:mod:`hf_mirror.methods`; ``options`` go to its scorer). ``scan`` overrides the ``ScanConfig`` of either."""
+    (:mod:`hf_mirror.methods`; ``options`` go to its scorer). ``scan`` overrides the ``ScanConfig`` of either (flat
+    field names, e.g. ``{"read": "forward"}``: :func:`hf_mirror.flags.nested_config` routes each to its group)."""
     from hf_mirror import MirrorConfig, ScanConfig, attribute
+    from hf_mirror.flags import nested_config
 
     scan_overrides, mirror_overrides = MIRROR_VARIANTS.get(name, ({}, {}))
     method = "mirror" if name in MIRROR_VARIANTS else name
@@ -33,8 +36,8 @@ def run_method(name: str, model, corpus, probes, *, tokenizer=None, output_dir=N
         raise InputError(f"mirror settings apply to the mirror variants only, not to {name!r}.")
     return attribute(model, corpus, probes, tokenizer=tokenizer, output_dir=output_dir, show_progress=show_progress,
                      mirror=MirrorConfig(**{**mirror_overrides, **(mirror or {})}),
-                     scan=ScanConfig(**{**scan_overrides, **(scan or {})}), overwrite=overwrite, method=method,
-                     **options)
+                     scan=nested_config(ScanConfig, {**scan_overrides, **(scan or {})}), overwrite=overwrite,
+                     method=method, **options)
 
 
 def parse_method(spec: str, methods: Sequence[str]) -> tuple[str, dict]:

@@ -11,7 +11,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hf_mirror.config import MirrorConfig, ScanConfig
+    from hf_mirror.config import (
+        CheckpointConfig,
+        MirrorConfig,
+        RankingConfig,
+        RetrievalConfig,
+        ScanConfig,
+        ScoringConfig,
+        SpeedConfig,
+        WindowConfig,
+    )
     from hf_mirror.corpus import Corpus
     from hf_mirror.errors import InputError, ScoreError
     from hf_mirror.pipeline import attribute
@@ -20,24 +29,36 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "AttributionResult": "hf_mirror.results",
+    "CheckpointConfig": "hf_mirror.config",
     "Corpus": "hf_mirror.corpus",
     "InputError": "hf_mirror.errors",
     "MirrorConfig": "hf_mirror.config",
     "Probe": "hf_mirror.probes",
+    "RankingConfig": "hf_mirror.config",
+    "RetrievalConfig": "hf_mirror.config",
     "ScanConfig": "hf_mirror.config",
     "ScoreError": "hf_mirror.errors",
+    "ScoringConfig": "hf_mirror.config",
+    "SpeedConfig": "hf_mirror.config",
+    "WindowConfig": "hf_mirror.config",
     "attribute": "hf_mirror.pipeline",
     "load_probes": "hf_mirror.probes",
 }
 
 __all__ = [
     "AttributionResult",
+    "CheckpointConfig",
     "Corpus",
     "InputError",
     "MirrorConfig",
     "Probe",
+    "RankingConfig",
+    "RetrievalConfig",
     "ScanConfig",
     "ScoreError",
+    "ScoringConfig",
+    "SpeedConfig",
+    "WindowConfig",
     "attribute",
     "load_probes",
 ]

@@ -466,6 +466,7 @@ def _provenance(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
+    from hf_mirror.config import RankingConfig
     from hf_mirror.corpus import Corpus
     from hf_mirror.modeling import resolve_model
     from hf_mirror.ownership import PROVENANCE, digest, open_shared
@@ -483,7 +484,8 @@ def _provenance(args) -> int:
         index = _open_or_build_index(args, corpus, tokenizer, Path(args.index) if args.index else work / "index")
         report = generation_provenance(model, corpus, probes, tokenizer=tokenizer, index=index,
                                        threshold=args.threshold, use_mirror=not args.no_mirror,
-                                       scan=ScanConfig(top_k=args.top_k), max_new_tokens=args.max_new_tokens,
+                                       scan=ScanConfig(ranking=RankingConfig(top_k=args.top_k)),
+                                       max_new_tokens=args.max_new_tokens,
                                        output_dir=work, top=args.top_k, show_progress=not args.no_progress)
         if output is None:
             return 0

@@ -3,19 +3,22 @@
 ``hf-mirror attribute`` generates its flags from these dataclasses (:mod:`hf_mirror.flags`), so the command
 line and the Python call run the same mirror. A field whose value changes a result is marked so
 (``option(..., changes_result=True)``); a run's identity is :func:`result_settings` of its config, so a rerun with
-another value of a marked field into the same output is refused. This module imports neither torch nor the Hugging
-Face libraries.
+another value of a marked field into the same output is refused. :class:`ScanConfig` holds its settings in groups by
+concern; their fields keep flat names (the flags', and config.json's ``"scan"``). This module imports neither torch
+nor the Hugging Face libraries.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from hf_mirror.errors import InputError
-from hf_mirror.flags import option
+from hf_mirror.flags import flat_config as flat_config  # re-exported: a config as flat names
+from hf_mirror.flags import flat_fields, option
+from hf_mirror.flags import nested_config as nested_config  # re-exported: a config from flat names
 from hf_mirror.flags import result_fields as result_fields  # re-exported: the fields marked changes_result
 from hf_mirror.flags import result_settings as result_settings  # re-exported: their values, as they key a run
 
@@ -27,7 +30,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 # influence = mirror / sd + this x BM25 / sd: 0 with the gradient mirror, chosen on the tune halves of the tail-patch
 # and LDS benchmarks (docs/benchmarks_tail_patch.md; 0.5 suited the step-fitted mirror: benchmark_lexical_prior.py)
 LEXICAL_WEIGHT = 0.0
-RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (ScanConfig.retrievers)
+RETRIEVERS = ("bm25", "dense")  # the candidate stage's retrievers (RetrievalConfig.retrievers)
 AUTO_CANDIDATES = 20  # BM25 candidates per probe in the default pipeline (docs/benchmarks_hybrid.md)
 # the mirror's say in the final ranking: 0 ranks the candidates by BM25 alone (the mirror's influence stays beside
 # it, in the mirror and influence columns); chosen on the tune halves of recipes/benchmark_hybrid.py
@@ -211,40 +214,43 @@ class MirrorConfig:
 
 
 @dataclass(kw_only=True)
-class ScanConfig:
-    """How the corpus is scanned and scored.
+class WindowConfig:
+    """How documents are cut into windows and batched (``ScanConfig.windows``).
 
-    ``max_length``: tokens per window (default: the model's context, at most 1024); longer documents are
-    split into windows that repeat ``overlap`` tokens of context (default ``max_length // 8``).
-    ``normalize="none"`` (the default, chosen by the sweep in docs/benchmarks.md) reports the raw token-loss
-    delta, aggregated over the document's tokens by ``aggregate`` ("mean", "sum" or "max").
-    ``normalize="zscore"`` standardises each document's scores across the probes of the run, which removes
-    the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
-    probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
-    explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling).
-
-    Speed: ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``); ``shared_trunk``
-    runs the blocks below the mirror's lowest adapted layer once per batch when ``MirrorConfig.layers`` is set;
-    ``adapters_per_forward`` > 1 scores that many probes per forward pass (stacked LoRA weights and batched matmuls;
-    PEFT mixed-adapter batches for adapter types the stacks lack); 0 (the default) as many as keep a pass's logits
-    within 2^22 entries (:meth:`hf_mirror.scan.Scanner.auto_group`). ``precision`` ("bf16"/"fp16") autocasts on GPU.
-    Checkpoints are written every ``checkpoint_every`` documents or ``checkpoint_seconds``. ``fixed_width`` pads
-    every batch to ``max_length`` so that scores do not depend on how documents are batched or split over processes,
-    down to the last bit (costs compute on short documents). ``candidates=M`` scans only the union of each probe's
-    top-M BM25 documents (retrieve-then-rerank); other documents get no score. ``sort_batches`` pools that many
+    ``max_length``: tokens per window (default: the model's context, at most 1024); longer documents are split into
+    windows that repeat ``overlap`` tokens of context (default ``max_length // 8``). ``sort_batches`` pools that many
     batches of windows and batches them by length, which cuts padding on corpora of mixed lengths (1 = off).
-    ``index`` reuses the BM25 index that ``hf-mirror index`` saved for the corpus
-    (:class:`hf_mirror.retrieval.CandidateIndex`): the same candidates, without indexing the corpus again.
-    ``retrievers=["bm25", "dense"]`` makes each probe's candidates the union of its top-M BM25 documents and its
-    top-M by cosine similarity in the index's dense vectors (``hf-mirror index --dense``; needs ``index``).
-    ``lexical_weight`` sets the influence column (``influence`` in the results, the additive estimate a linear
-    datamodel sums): ``mirror / sd + lexical_weight * bm25 / sd`` over the probe's scored documents.
+    ``fixed_width`` pads every batch to ``max_length`` so that scores do not depend on how documents are batched or
+    split over processes, down to the last bit (costs compute on short documents).
     """
 
     max_length: int | None = option(None, min=2, help="tokens per window (default: the model's context, <= 1024)")
     overlap: int | None = option(None, min=1, help="context tokens repeated between windows (default: max_length // 8)")
     batch_size: int = option(8, min=1, help="windows per forward pass")
-    top_k: int = option(10, min=1, help="documents kept per probe, with token evidence", changes_result=True)
+    fixed_width: bool = option(False, help="pad every batch to max_length: scores independent of batching and "
+                               "process count, down to the last bit")
+    sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
+                               "(less padding; 1 = off)")
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.overlap is not None and self.overlap >= self.max_length:
+            raise InputError(f"--overlap ({self.overlap}) must be smaller than --max-length ({self.max_length}).")
+
+
+@dataclass(kw_only=True)
+class ScoringConfig:
+    """How the mirrors are read and a document's token-loss deltas become its score (``ScanConfig.scoring``).
+
+    ``normalize="none"`` (the default, chosen by the sweep in docs/benchmarks.md) reports the raw token-loss
+    delta, aggregated over the document's tokens by ``aggregate`` ("mean", "sum" or "max").
+    ``normalize="zscore"`` standardises each document's scores across the probes of the run, which removes
+    the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
+    probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
+    explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling). ``read``
+    chooses how the scan reads the mirrors (a forward pass per mirror, or the linear read); ``max_new_tokens`` is
+    how many tokens are generated for probes without a completion.
+    """
+
     normalize: Literal["none", "zscore", "loo"] = option(
         "none", help="none (chosen by the sweep): the mean token-loss delta; zscore: standardise each document's "
         "scores across the probes (and controls); loo: against the other probes only", changes_result=True)
@@ -253,41 +259,36 @@ class ScanConfig:
     min_pool: int = option(8, min=1, help="probes + controls a normalised run pools at least", changes_result=True)
     max_new_tokens: int = option(32, min=1, help="tokens generated for probes without a completion",
                                  changes_result=True)
-    checkpoint_every: int = option(1000, min=1, help="documents between checkpoints")
-    checkpoint_seconds: float = option(300.0, min=1, help="seconds between checkpoints")
-    cache: bool = option(True, help="read and write the base-loss cache")
-    cache_dir: str | None = option(None, help="base-loss cache root (default: $HF_MIRROR_CACHE or ~/.cache/hf_mirror)")
-    precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast on GPU (the CPU scans in fp32)")
-    shared_trunk: bool = option(True, help="run the blocks below the mirrors' layers once per batch")
-    adapters_per_forward: int = option(0, min=0, help="probes scored per forward pass (stacked LoRA); 0: as many as "
-                                       "keep a pass's logits within 2^22 entries (1 for gpt2-small)")
-    fixed_width: bool = option(False, help="pad every batch to max_length: scores independent of batching and "
-                               "process count, down to the last bit")
-    candidates: int | str | None = option(
-        "auto", flag={"type": parse_candidates, "metavar": "auto|all|bm25:M"},
-        help=f"bm25:M: the mirror scans only each probe's top-M BM25 documents (retrieve-then-rerank); all: every "
-        f"document; auto: all up to {FULL_SCAN_MAX:,} documents ({LINEAR_FULL_SCAN_MAX:,} under the linear read), "
-        f"bm25:{AUTO_CANDIDATES} above", changes_result=True)
     aggregate: Literal["mean", "sum", "max"] = option("mean", help="how a document's token-loss deltas make its score",
                                                       changes_result=True)
-    rank_by: Literal["hybrid", "mirror"] = option(
-        "hybrid", help="hybrid: each probe's BM25 candidates, ranked by BM25 plus --mirror-weight x the mirror's "
-        "z-scored influence (hf_mirror.fusion), with the mirror and influence columns beside them; mirror: every "
-        "scanned document by the mirror alone", changes_result=True)
-    mirror_weight: float = option(
-        MIRROR_WEIGHT, min=0, help="hybrid: weight of the mirror's z-scored influence against the BM25 score scaled to "
-        "[0, 1] (0: BM25's order; chosen by the hybrid benchmark, docs/benchmarks_hybrid.md)", changes_result=True)
-    lexical_weight: float = option(
-        LEXICAL_WEIGHT, min=0, help="weight of BM25's prior in the influence column (each term scaled per probe; "
-        "0, the default: the mirror's scores alone; chosen on tail-patch and LDS, docs/benchmarks_tail_patch.md)",
-        changes_result=True, keyed_at_default=False)  # left out at 0: runs recorded before it keep their identity
     read: Literal["auto", "forward", "linear"] = option(
         "auto", help="how the scan reads the mirrors: forward, a forward pass per mirror (the loss change, "
         "exactly); linear, one forward and backward pass per batch for every mirror (the first-order change, "
         "hf_mirror.linear_read; the gradient mirror only); auto: linear for the gradient mirror, else forward",
         changes_result=True)
-    sort_batches: int = option(16, min=1, help="pool this many batches of windows and batch them by length "
-                               "(less padding; 1 = off)")
+
+    def n_controls(self, n_probes: int) -> int:
+        if self.controls is not None:
+            return self.controls
+        return max(0, self.min_pool - n_probes) if self.normalize != "none" else 0
+
+
+@dataclass(kw_only=True)
+class RetrievalConfig:
+    """Which documents the mirror scans: each probe's retrieved candidates, or all (``ScanConfig.retrieval``).
+
+    ``candidates=M`` scans only the union of each probe's top-M BM25 documents (retrieve-then-rerank); other documents
+    get no score. ``index`` reuses the BM25 index that ``hf-mirror index`` saved for the corpus
+    (:class:`hf_mirror.retrieval.CandidateIndex`): the same candidates, without indexing the corpus again.
+    ``retrievers=["bm25", "dense"]`` makes each probe's candidates the union of its top-M BM25 documents and its
+    top-M by cosine similarity in the index's dense vectors (``hf-mirror index --dense``; needs ``index``).
+    """
+
+    candidates: int | str | None = option(
+        "auto", flag={"type": parse_candidates, "metavar": "auto|all|bm25:M"},
+        help=f"bm25:M: the mirror scans only each probe's top-M BM25 documents (retrieve-then-rerank); all: every "
+        f"document; auto: all up to {FULL_SCAN_MAX:,} documents ({LINEAR_FULL_SCAN_MAX:,} under the linear read), "
+        f"bm25:{AUTO_CANDIDATES} above", changes_result=True)
     index: str | None = option(
         None, help="a directory built by `hf-mirror index` for this corpus and tokenizer: its saved BM25 index gives "
         "the candidates (the same ones) instead of indexing the corpus on the fly (default: on the fly)")
@@ -306,8 +307,6 @@ class ScanConfig:
         if "dense" in self.retrievers and self.index is None:
             raise InputError("--retrievers dense needs --index DIR, a saved index with dense vectors: build it with "
                              "`hf-mirror index --dense --model MODEL --corpus CORPUS --output DIR`.")
-        if self.max_length is not None and self.overlap is not None and self.overlap >= self.max_length:
-            raise InputError(f"--overlap ({self.overlap}) must be smaller than --max-length ({self.max_length}).")
 
     @property
     def n_candidates(self) -> int:
@@ -321,7 +320,83 @@ class ScanConfig:
             return n_documents > (LINEAR_FULL_SCAN_MAX if read == "linear" else FULL_SCAN_MAX)
         return self.candidates is not None
 
-    def n_controls(self, n_probes: int) -> int:
-        if self.controls is not None:
-            return self.controls
-        return max(0, self.min_pool - n_probes) if self.normalize != "none" else 0
+
+@dataclass(kw_only=True)
+class RankingConfig:
+    """How each probe's documents are ranked and how many are kept (``ScanConfig.ranking``; :mod:`hf_mirror.fusion`).
+
+    ``rank_by="hybrid"`` ranks each probe's BM25 candidates by BM25 plus ``mirror_weight`` x the mirror's z-scored
+    influence; ``"mirror"`` every scanned document by the mirror alone. ``lexical_weight`` sets the influence column
+    (``influence`` in the results, the additive estimate a linear datamodel sums):
+    ``mirror / sd + lexical_weight * bm25 / sd`` over the probe's scored documents.
+    """
+
+    top_k: int = option(10, min=1, help="documents kept per probe, with token evidence", changes_result=True)
+    rank_by: Literal["hybrid", "mirror"] = option(
+        "hybrid", help="hybrid: each probe's BM25 candidates, ranked by BM25 plus --mirror-weight x the mirror's "
+        "z-scored influence (hf_mirror.fusion), with the mirror and influence columns beside them; mirror: every "
+        "scanned document by the mirror alone", changes_result=True)
+    mirror_weight: float = option(
+        MIRROR_WEIGHT, min=0, help="hybrid: weight of the mirror's z-scored influence against the BM25 score scaled to "
+        "[0, 1] (0: BM25's order; chosen by the hybrid benchmark, docs/benchmarks_hybrid.md)", changes_result=True)
+    lexical_weight: float = option(
+        LEXICAL_WEIGHT, min=0, help="weight of BM25's prior in the influence column (each term scaled per probe; "
+        "0, the default: the mirror's scores alone; chosen on tail-patch and LDS, docs/benchmarks_tail_patch.md)",
+        changes_result=True, keyed_at_default=False)  # left out at 0: runs recorded before it keep their identity
+
+
+@dataclass(kw_only=True)
+class SpeedConfig:
+    """Settings that change how fast a scan runs, never its scores (``ScanConfig.speed``).
+
+    ``cache`` reuses base losses across runs (``cache_dir``, default ``$HF_MIRROR_CACHE``); ``shared_trunk``
+    runs the blocks below the mirror's lowest adapted layer once per batch when ``MirrorConfig.layers`` is set;
+    ``adapters_per_forward`` > 1 scores that many probes per forward pass (stacked LoRA weights and batched matmuls;
+    PEFT mixed-adapter batches for adapter types the stacks lack); 0 (the default) as many as keep a pass's logits
+    within 2^22 entries (:meth:`hf_mirror.scan.Scanner.auto_group`). ``precision`` ("bf16"/"fp16") autocasts on GPU.
+    """
+
+    cache: bool = option(True, help="read and write the base-loss cache")
+    cache_dir: str | None = option(None, help="base-loss cache root (default: $HF_MIRROR_CACHE or ~/.cache/hf_mirror)")
+    precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast on GPU (the CPU scans in fp32)")
+    shared_trunk: bool = option(True, help="run the blocks below the mirrors' layers once per batch")
+    adapters_per_forward: int = option(0, min=0, help="probes scored per forward pass (stacked LoRA); 0: as many as "
+                                       "keep a pass's logits within 2^22 entries (1 for gpt2-small)")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When a scan writes its checkpoints, every ``every`` documents or ``seconds`` (``ScanConfig.checkpoints``)."""
+
+    checkpoint_every: int = option(1000, min=1, help="documents between checkpoints")
+    checkpoint_seconds: float = option(300.0, min=1, help="seconds between checkpoints")
+
+
+@dataclass(kw_only=True)
+class ScanConfig:
+    """How the corpus is scanned and scored, in groups by concern: ``windows`` (:class:`WindowConfig`), ``scoring``
+    (:class:`ScoringConfig`), ``retrieval`` (:class:`RetrievalConfig`), ``ranking`` (:class:`RankingConfig`),
+    ``speed`` (:class:`SpeedConfig`) and ``checkpoints`` (:class:`CheckpointConfig`).
+
+    ``ScanConfig(ranking=RankingConfig(top_k=5), windows=WindowConfig(max_length=64))``; from flat field names (the
+    flags' and config.json's): ``nested_config(ScanConfig, {"top_k": 5, "max_length": 64})``, and back:
+    ``flat_config(scan)`` (:mod:`hf_mirror.flags`). Flat names are unique across the groups; each has a flag.
+    """
+
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __getattr__(self, name: str):  # only for names no attribute has: a flat name says where it moved
+        group = _SCAN_GROUP.get(name)
+        if group is not None:
+            raise AttributeError(f"ScanConfig.{name} is ScanConfig.{group}.{name} (the settings are grouped)")
+        raise AttributeError(f"'ScanConfig' object has no attribute {name!r}")
+
+
+# flat name (and method) -> its group
+_SCAN_GROUP = {**{name: path[0] for name, (path, _, _) in flat_fields(ScanConfig).items()},
+               "n_controls": "scoring", "n_candidates": "retrieval", "candidates_only": "retrieval"}

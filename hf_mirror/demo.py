@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hf_mirror.cache import default_cache_dir
+from hf_mirror.config import RankingConfig, ScoringConfig, WindowConfig
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import MirrorConfig
@@ -278,7 +279,8 @@ def demo_probes(config: DemoModelConfig, n: int = 5) -> list[dict]:
 
 
 DEMO_MIRROR = MirrorConfig()  # the library's defaults: raw mean token-loss delta, no normalisation
-DEMO_SCAN = ScanConfig(batch_size=128, top_k=5, max_new_tokens=48)
+DEMO_SCAN = ScanConfig(windows=WindowConfig(batch_size=128), scoring=ScoringConfig(max_new_tokens=48),
+                       ranking=RankingConfig(top_k=5))
 
 
 @dataclass(kw_only=True)

@@ -102,7 +102,8 @@ class Ranking:
     @classmethod
     def from_config(cls, scan: Any) -> Ranking:
         """The ranking a run's :class:`hf_mirror.config.ScanConfig` asks for."""
-        return cls(rank_by=scan.rank_by, mirror_weight=scan.mirror_weight, lexical_weight=scan.lexical_weight)
+        ranking = scan.ranking
+        return cls(rank_by=ranking.rank_by, mirror_weight=ranking.mirror_weight, lexical_weight=ranking.lexical_weight)
 
     @classmethod
     def from_settings(cls, scan: Mapping | None) -> Ranking:

@@ -18,7 +18,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from hf_mirror import methods
 from hf_mirror.cache import BaseLossCache, default_cache_dir, model_fingerprint, tokenizer_fingerprint
-from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig, result_settings
+from hf_mirror.config import PRECISIONS, MirrorConfig, ScanConfig, flat_config, result_settings
 from hf_mirror.corpus import Corpus, as_corpus
 from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
@@ -84,7 +84,7 @@ class _Run:
     probes: list[Probe] | None
     output: Output | None  # the main process's lock and manifest
     read: str  # how the scan reads the mirrors: "forward" or "linear" (resolve_read)
-    index: CandidateIndex | None = None  # the saved candidate index (ScanConfig.index; main process)
+    index: CandidateIndex | None = None  # the saved candidate index (ScanConfig.retrieval.index; main process)
     embedder: object | None = None  # the dense retriever's query embedder (retrievers with dense; main process)
 
     @property
@@ -247,13 +247,13 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
            show_progress: bool, overwrite: bool) -> _Run:
     """The process group, the validated inputs, the model on its device, the windowing and the owned output."""
     corpus = as_corpus(corpus)
-    if scan.precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS}, got {scan.precision!r}.")
+    if scan.speed.precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {scan.speed.precision!r}.")
     gpu = on_gpu()
-    precision = scan.precision if gpu else "no"
+    precision = scan.speed.precision if gpu else "no"
     accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)  # the process state of distributed.py
-    if scan.precision != "no" and not gpu:
-        logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.precision)
+    if scan.speed.precision != "no" and not gpu:
+        logger.warning("No GPU: scanning in fp32 (--precision %s applies on GPU only).", scan.speed.precision)
     read = resolve_read(mirror, scan)
     if precision != "no" and read == "forward" and mirror.fit == "gradient" and mirror.step_rise < 0.5:
         logger.warning("--precision %s rounds each token loss to about 1e-2 of itself, more than the %g-nat gradient "
@@ -270,8 +270,8 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     given = load_probes(probes) if main else None
     model, tokenizer, model_name = resolve_model(model, tokenizer, model_kwargs)
     model.to(accelerator.device).eval()
-    max_length = window_length(model, tokenizer, scan.max_length)
-    overlap = scan.overlap if scan.overlap is not None else max(1, max_length // 8)
+    max_length = window_length(model, tokenizer, scan.windows.max_length)
+    overlap = scan.windows.overlap if scan.windows.overlap is not None else max(1, max_length // 8)
     if not 1 <= overlap < max_length:
         raise InputError(f"overlap must be between 1 and max_length - 1 ({max_length - 1}), got {overlap}.")
     if mirror.steps == 0:
@@ -280,9 +280,9 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
     output = index = embedder = None
     if main:
         corpus.check()  # readable, UTF-8, columns, not empty: before anything is fitted or written
-        if scan.index is not None:  # refused here when it is half-written or for another corpus or tokenizer
-            index = CandidateIndex.load(scan.index, tokenizer, corpus)
-            if "dense" in scan.retrievers:  # refused here without dense vectors, or with another model's
+        if scan.retrieval.index is not None:  # refused here when it is half-written or for another corpus or tokenizer
+            index = CandidateIndex.load(scan.retrieval.index, tokenizer, corpus)
+            if "dense" in scan.retrieval.retrievers:  # refused here without dense vectors, or with another model's
                 embedder = index.embedder(model, tokenizer)
         settings = {**mirror.identity(), **result_settings(scan), "max_length": max_length, "overlap": overlap}
         identity = run_identity("mirror", model_name, fingerprint, tokenizer, corpus, given,
@@ -303,20 +303,20 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
 
 
 def resolve_read(mirror: MirrorConfig, scan: ScanConfig) -> str:
-    """How the scan reads the mirrors (``scan.read``, with ``auto`` decided): forward passes, or the first-order read
-    of :mod:`hf_mirror.linear_read`, which needs the gradient mirror and a linear aggregate."""
-    linear_ok = mirror.fit == "gradient" and scan.aggregate != "max"
-    if scan.read == "auto":
+    """How the scan reads the mirrors (``scan.scoring.read``, with ``auto`` decided): forward passes, or the
+    first-order read of :mod:`hf_mirror.linear_read`, which needs the gradient mirror and a linear aggregate."""
+    linear_ok = mirror.fit == "gradient" and scan.scoring.aggregate != "max"
+    if scan.scoring.read == "auto":
         return "linear" if linear_ok else "forward"
-    if scan.read == "linear" and not linear_ok:
+    if scan.scoring.read == "linear" and not linear_ok:
         raise InputError("--read linear reads the gradient mirror's first-order loss change summed over each document: "
                          "it needs --fit gradient and --aggregate mean or sum; use --read forward (or auto) here.")
-    return scan.read
+    return scan.scoring.read
 
 
 def _retrieval_settings(scan: ScanConfig) -> dict:
     """``retrievers`` where it is not the default (BM25 alone), so BM25-only runs keep the identity they had."""
-    return {} if scan.retrievers == ["bm25"] else {"retrievers": scan.retrievers}
+    return {} if scan.retrieval.retrievers == ["bm25"] else {"retrievers": scan.retrieval.retrievers}
 
 
 def _probes_and_candidates(run: _Run) -> _Pool:
@@ -326,30 +326,30 @@ def _probes_and_candidates(run: _Run) -> _Pool:
     shared = [None, None, None]
     if run.main:
         probe_list: list[Probe] = _probes_from_disk(run.out, run.probes) or run.probes
-        probe_list = generate_completions(run.model, run.tokenizer, probe_list, scan.max_new_tokens,
+        probe_list = generate_completions(run.model, run.tokenizer, probe_list, scan.scoring.max_new_tokens,
                                           max_length=run.max_length)
         check_probe_lengths(run.tokenizer, probe_list, run.max_length, context_length(run.model, None, cap=1 << 62))
-        n_controls = scan.n_controls(len(probe_list))
+        n_controls = scan.scoring.n_controls(len(probe_list))
         controls = (control_probes(run.corpus.documents(), run.tokenizer, n_controls, run.mirror.seed,
-                                   span=min(16, (run.max_length - 1) // 2), strict=scan.controls is not None)
+                                   span=min(16, (run.max_length - 1) // 2), strict=scan.scoring.controls is not None)
                     if n_controls else [])
 
         def full_scan(n_documents: int) -> bool:  # a full scan keeps every document's BM25, for the influence
-            return not scan.candidates_only(n_documents, run.read)
+            return not scan.retrieval.candidates_only(n_documents, run.read)
 
-        retrieval = (run.index.retrieve(probe_list, scan.n_candidates, run.embedder, keep_all=full_scan)
+        retrieval = (run.index.retrieve(probe_list, scan.retrieval.n_candidates, run.embedder, keep_all=full_scan)
                      if run.index is not None else
-                     retrieve(run.corpus.documents(), probe_list, scan.n_candidates, keep_all=full_scan))
+                     retrieve(run.corpus.documents(), probe_list, scan.retrieval.n_candidates, keep_all=full_scan))
         shared = [probe_list, controls, retrieval]
         if run.world > 1 and retrieval.every is not None:  # every document's BM25: read by the merge only (here)
             shared[2] = dataclasses.replace(retrieval, every=None)
     probe_list, controls, received = run.share(shared)
     retrieval = retrieval if run.main else received
-    normalize = scan.normalize
-    if normalize != "none" and scan.controls is None and len(probe_list) + len(controls) < 3:
+    normalize = scan.scoring.normalize
+    if normalize != "none" and scan.scoring.controls is None and len(probe_list) + len(controls) < 3:
         logger.warning("Too few probes and corpus snippets to z-score; reporting raw score deltas instead.")
         normalize = "none"
-    keep = retrieval.union() if scan.candidates_only(retrieval.n_documents, run.read) else None
+    keep = retrieval.union() if scan.retrieval.candidates_only(retrieval.n_documents, run.read) else None
     return _Pool(probes=probe_list, controls=controls, retrieval=retrieval, keep=keep, normalize=normalize)
 
 
@@ -360,7 +360,7 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
     controls = None
     if base is not None and pool.controls and pool.normalize != "none":
         key = stable_key("control-scores-v1", base.key, run.mirror.identity(), [asdict(c) for c in pool.controls],
-                         run.scan.aggregate, *([] if run.read == "forward" else ["linear"]))
+                         run.scan.scoring.aggregate, *([] if run.read == "forward" else ["linear"]))
         controls = BaseLossCache(base.dir.parents[2], key, rank=run.rank, world=run.world, kind="control_scores")
     cached = controls is not None and controls.complete
     if run.world > 1:  # every process must scan the same adapters
@@ -373,20 +373,22 @@ def _caches(run: _Run, pool: _Pool) -> _Caches:
 def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
     """This process's score book, keyed by everything that decides the scores (a resume continues it)."""
     scan = run.scan
-    hybrid = scan.rank_by == "hybrid"
+    ranking, retrieval, aggregate = scan.ranking, scan.retrieval, scan.scoring.aggregate
+    hybrid = Ranking.from_config(scan).hybrid  # fusion.Ranking alone says what a rank_by ranks
     run_key = stable_key(run.model_name, run.model_fingerprint, run.corpus.describe(), run.corpus.fingerprint(),
                          run.mirror.identity(), [asdict(p) for p in pool.all],
-                         pool.normalize, scan.top_k, run.max_length, run.overlap, run.world,
-                         None if pool.keep is None and not hybrid else scan.n_candidates, scan.aggregate, scan.rank_by,
+                         pool.normalize, ranking.top_k, run.max_length, run.overlap, run.world,
+                         None if pool.keep is None and not hybrid else retrieval.n_candidates, aggregate,
+                         ranking.rank_by,
                          *_retrieval_settings(scan).values(),
                          *([] if run.read == "forward" else ["linear"]))
     # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
     eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
-    most = scan.n_candidates * len(scan.retrievers)  # a probe's candidates: the union of each retriever's top-M
+    most = retrieval.n_candidates * len(retrieval.retrievers)  # a probe's candidates: each retriever's top-M, united
     return ScoreBook(pool.ids, sign=run.mirror.sign, normalize=pool.normalize,
-                     top_k=max(scan.top_k, most) if hybrid else scan.top_k, shard_dir=run.shard,
-                     n_controls=len(pool.controls), run_key=run_key, checkpoint_every=scan.checkpoint_every,
-                     checkpoint_seconds=scan.checkpoint_seconds, aggregate=scan.aggregate, eligible=eligible)
+                     top_k=max(ranking.top_k, most) if hybrid else ranking.top_k, shard_dir=run.shard,
+                     n_controls=len(pool.controls), run_key=run_key, checkpoint_every=scan.checkpoints.checkpoint_every,
+                     checkpoint_seconds=scan.checkpoints.checkpoint_seconds, aggregate=aggregate, eligible=eligible)
 
 
 def _mirrors(run: _Run, pool: _Pool, n_fit: int):
@@ -416,12 +418,12 @@ def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, 
     layers = block_indices(run.mirror, run.model)
     first = min(layers) if layers else 0
     read = run.read
-    trunk = SharedTrunk(peft_model, first) if scan.shared_trunk and first > 0 and read == "forward" else None
+    trunk = SharedTrunk(peft_model, first) if scan.speed.shared_trunk and first > 0 and read == "forward" else None
     scanner = Scanner(peft_model, run.tokenizer, adapter_names=pool.names[:n_fit], probe_ids=pool.ids[:n_fit],
-                      max_length=run.max_length, overlap=run.overlap, batch_size=scan.batch_size, progress=progress,
-                      autocast=run.accelerator.autocast, trunk=trunk,
-                      adapters_per_forward=scan.adapters_per_forward, fixed_width=scan.fixed_width,
-                      sort_batches=scan.sort_batches,
+                      max_length=run.max_length, overlap=run.overlap, batch_size=scan.windows.batch_size,
+                      progress=progress, autocast=run.accelerator.autocast, trunk=trunk,
+                      adapters_per_forward=scan.speed.adapters_per_forward, fixed_width=scan.windows.fixed_width,
+                      sort_batches=scan.windows.sort_batches,
                       linear=LinearRead(peft_model, pool.names[:n_fit]) if read == "linear" else None)
     docs = run.corpus.documents(run.rank, world)
     if pool.keep is not None:  # retrieve-then-rerank: only the candidates
@@ -464,18 +466,18 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
     """Merge every process's shard and write the result with the record of how it was made (main process)."""
     scan = run.scan
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
-    merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.top_k, pool.retrieval.scores,
+    merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.ranking.top_k, pool.retrieval.scores,
                           Ranking.from_config(scan), lexical=pool.retrieval.bm25, dense=pool.retrieval.dense)
     records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
                 "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
     own = {
         "mirror": run.mirror.to_dict(),
-        "scan": {**asdict(scan), "max_length": run.max_length, "overlap": run.overlap,
+        "scan": {**flat_config(scan), "max_length": run.max_length, "overlap": run.overlap,
                  "controls": len(pool.controls), "normalize": pool.normalize},
         "control_probes": [asdict(c) for c in pool.controls],
         "candidate_documents": None if pool.keep is None else len(pool.keep),
-        "retrieval": {"method": "+".join(scan.retrievers), "retrievers": scan.retrievers,
-                      "per_probe": scan.n_candidates, "documents": pool.retrieval.n_documents},
+        "retrieval": {"method": "+".join(scan.retrieval.retrievers), "retrievers": scan.retrieval.retrievers,
+                      "per_probe": scan.retrieval.n_candidates, "documents": pool.retrieval.n_documents},
     }
     config = run_record(run.model_name, model_kwargs, run.corpus, own, device=str(run.accelerator.device),
                         num_processes=run.world, run_key=run_key, torch_dtype=str(next(run.model.parameters()).dtype),
@@ -530,7 +532,7 @@ def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_mod
                 if len(texts) == len(wanted):
                     break
     index = {p.id: i for i, p in enumerate(pool.probes)}
-    settings = {"max_length": run.max_length, "overlap": run.overlap, "batch_size": run.scan.batch_size,
+    settings = {"max_length": run.max_length, "overlap": run.overlap, "batch_size": run.scan.windows.batch_size,
                 "autocast": run.accelerator.autocast}
     listed = list({str(d): (d, texts[str(d)]) for docs in need.values() for d in docs if str(d) in texts}.values())
     base = {str(doc.doc_id): doc.base for doc in Scanner(peft_model, run.tokenizer, adapter_names=[], probe_ids=[],
@@ -557,15 +559,15 @@ def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_mod
 def _base_cache(model, tokenizer, corpus: Corpus, scan: ScanConfig, max_length: int, overlap: int,
                 precision: str, rank: int, world: int, weights: str | None = None) -> BaseLossCache | None:
     """The base-loss cache for this model, tokenizer, corpus and windowing (None when it cannot be keyed)."""
-    fingerprint = corpus.fingerprint() if scan.cache else None
+    fingerprint = corpus.fingerprint() if scan.speed.cache else None
     if fingerprint is None:
-        if scan.cache:
+        if scan.speed.cache:
             logger.info("Corpus has no stable fingerprint (a generator?): base losses are not cached.")
         return None
     key = stable_key("base-losses-v1", weights or model_fingerprint(model), tokenizer_fingerprint(tokenizer),
                      fingerprint, corpus.text_column, corpus.id_column, max_length, overlap, precision,
-                     scan.fixed_width, str(next(model.parameters()).dtype))
-    root = Path(scan.cache_dir or default_cache_dir())
+                     scan.windows.fixed_width, str(next(model.parameters()).dtype))
+    root = Path(scan.speed.cache_dir or default_cache_dir())
     cache = BaseLossCache(root, key, rank=rank, world=world)
     if not writable(root) and not cache.complete:  # a read-only cache is still read
         logger.warning("The cache directory %s is not writable: base losses are not cached (pass --cache-dir or "
@@ -612,8 +614,8 @@ def _curvature(run: _Run):
     from hf_mirror.curvature import curvature_for
 
     return curvature_for(run.model, run.tokenizer, run.corpus, run.mirror.precondition, run.mirror.curvature_docs,
-                         run.max_length, run.scan.cache_dir if run.scan.cache else None, run.model_fingerprint,
-                         cache=run.scan.cache)
+                         run.max_length, run.scan.speed.cache_dir if run.scan.speed.cache else None,
+                         run.model_fingerprint, cache=run.scan.speed.cache)
 
 
 def _fit_or_reload(model, tokenizer, pool, names, mirror, max_length, out: Path, run_key: str, show_progress,

@@ -11,7 +11,7 @@ best mean MRR + recall@10, ties broken by mean average precision, then by the le
 hybrid.json. ``--union`` instead compares the candidate sets of ``--retrievers bm25`` and ``bm25 dense`` (issue
 #13) on the same score tables: candidate recall and the default hybrid's MRR / recall@10 with each; writes
 union.json. ``--normalizations`` scores the hybrid with the mirror's scores normalised across the probes
-(``ScanConfig.normalize``: none, zscore, loo) from the same tables; writes normalizations.json.
+(``ScanConfig.scoring.normalize``: none, zscore, loo) from the same tables; writes normalizations.json.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks._common import forward_pass_seconds
-    from hf_mirror import Corpus, ScanConfig, attribute
+    from hf_mirror import Corpus, RetrievalConfig, ScanConfig, SpeedConfig, WindowConfig, attribute
     from hf_mirror.probes import load_probes
     from hf_mirror.retrieval import CandidateIndex, build_index, retrieve
     from hf_mirror.tiny_lm import train_tiny_lm
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(name: str, index: str | None, source: Path = path, candidates: int | str = m):
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
-        scan = ScanConfig(candidates=candidates, max_length=max_length, cache=False, index=index)
+        scan = ScanConfig(windows=WindowConfig(max_length=max_length),
+                          retrieval=RetrievalConfig(candidates=candidates, index=index), speed=SpeedConfig(cache=False))
         return timed(lambda: attribute(model, Corpus(str(source), id_column="id"), probes, tokenizer=tokenizer,
                                        scan=scan, output_dir=out, show_progress=False))
 

@@ -9,8 +9,8 @@ every document with the default mirror and with BM25 once, then computes the LDS
 weight, on the tune half of the probes (even positions) and the held-out half (odd positions). The chosen weight
 maximises the mean tune LDS over both benchmarks among the weights whose tune LDS is at least BM25's on each; the
 table reports every weight's held-out figures beside BM25's and the mirror's own. Finally the library's default
-(``ScanConfig().lexical_weight``) is run end to end and its ``influence`` column scored, which must reproduce the
-row of that weight.
+(``ScanConfig().ranking.lexical_weight``) is run end to end and its ``influence`` column scored, which must reproduce
+the row of that weight.
 """
 
 from __future__ import annotations

@@ -21,12 +21,14 @@ from pathlib import Path
 
 
 def _child(args) -> None:
-    from hf_mirror import Corpus, MirrorConfig, ScanConfig, attribute
+    from hf_mirror import Corpus, MirrorConfig, ScanConfig, ScoringConfig, SpeedConfig, WindowConfig, attribute
 
     probes = [json.loads(line) for line in Path(args.probes_file).read_text().splitlines()]
     t0 = time.perf_counter()
     result = attribute(args.model, Corpus(args.corpus, id_column="id"), probes, output_dir=args.output,
-                       mirror=MirrorConfig(), scan=ScanConfig(normalize="none", batch_size=64, cache=False),
+                       mirror=MirrorConfig(), scan=ScanConfig(windows=WindowConfig(batch_size=64),
+                                                              scoring=ScoringConfig(normalize="none"),
+                                                              speed=SpeedConfig(cache=False)),
                        show_progress=False)
     elapsed = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

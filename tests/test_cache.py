@@ -5,15 +5,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hf_mirror import Corpus, MirrorConfig, ScanConfig, attribute
+from hf_mirror import Corpus, MirrorConfig, RankingConfig, ScanConfig, ScoringConfig, SpeedConfig, attribute
 from hf_mirror.cache import model_fingerprint
+from hf_mirror.flags import nested_config
 
 
 def _run(model, tok, corpus, probes, out, cache_dir, **scan):
     return attribute(model, corpus, probes, tokenizer=tok, output_dir=out, show_progress=False,
-                     scan=ScanConfig(rank_by="mirror", cache_dir=str(cache_dir), normalize="none",
-                                     # passes counted one mirror at a time; the forward read reads the cache
-                                     **{"adapters_per_forward": 1, "read": "forward", **scan}))
+                     scan=nested_config(ScanConfig, {"rank_by": "mirror", "cache_dir": str(cache_dir),
+                                                     "normalize": "none",
+                                                     # passes counted one mirror at a time; the forward read reads
+                                                     # the cache
+                                                     "adapters_per_forward": 1, "read": "forward", **scan}))
 
 
 def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_path):
@@ -27,8 +30,9 @@ def test_cache_hit_skips_base_pass_and_keeps_scores(tiny_model, planted, tmp_pat
     # per batch: base + 2 mirrors the first time, 3 mirrors and no base the second time
     assert second.config["stats"]["forward_passes"] == first.config["stats"]["forward_passes"]
     uncached = attribute(model, corpus, planted.probes()[2:5], tokenizer=tok, output_dir=tmp_path / "c",
-                         show_progress=False, scan=ScanConfig(rank_by="mirror", cache=False, normalize="none",
-                                                              read="forward"))
+                         show_progress=False, scan=ScanConfig(scoring=ScoringConfig(normalize="none", read="forward"),
+                                                              ranking=RankingConfig(rank_by="mirror"),
+                                                              speed=SpeedConfig(cache=False)))
     assert uncached.config["stats"]["base_passes"] > 0
     a = second.scores().sort_values(["probe_id", "doc_id"])
     b = uncached.scores().sort_values(["probe_id", "doc_id"])
@@ -98,7 +102,7 @@ def test_single_probe_reuses_cached_control_scores(tiny_model, planted, tmp_path
     mirror = MirrorConfig(fit="steps", target_modules=None)
     run = lambda probes, out, **kw: attribute(  # noqa: E731
         model, corpus, probes, tokenizer=tok, output_dir=tmp_path / out, show_progress=False, mirror=mirror,
-        scan=ScanConfig(**scan, **kw))
+        scan=nested_config(ScanConfig, {**scan, **kw}))
     first = run(planted.probes()[:1], "a")
     assert first.config["scan"]["controls"] == 7 and first.config["stats"]["control_cache_hits"] == 0
     second = run(planted.probes()[1:2], "b")
@@ -108,7 +112,8 @@ def test_single_probe_reuses_cached_control_scores(tiny_model, planted, tmp_path
     assert len(list((tmp_path / "b" / "adapters").glob("*/adapter_config.json"))) == 1  # controls not fitted
     uncached = attribute(model, corpus, planted.probes()[1:2], tokenizer=tok, output_dir=tmp_path / "c",
                          show_progress=False, mirror=mirror,
-                         scan=ScanConfig(rank_by="mirror", cache=False, normalize="zscore"))
+                         scan=ScanConfig(scoring=ScoringConfig(normalize="zscore"),
+                                         ranking=RankingConfig(rank_by="mirror"), speed=SpeedConfig(cache=False)))
     assert uncached.config["control_probes"] == second.config["control_probes"]
     a = second.scores().sort_values("doc_id")
     b = uncached.scores().sort_values("doc_id")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_mirror import InputError, ScanConfig, attribute
+from hf_mirror import InputError, RankingConfig, RetrievalConfig, ScanConfig, ScoringConfig, SpeedConfig, attribute
 from hf_mirror.config import parse_candidates
 
 
@@ -22,9 +22,11 @@ def test_rerank_scores_only_candidates_and_keeps_the_answer(tiny_model, planted,
     probes = planted.probes()[:8]
     kw = dict(tokenizer=tok, show_progress=False)
     full = attribute(model, planted.texts, probes, output_dir=tmp_path / "full",
-                     scan=ScanConfig(rank_by="mirror", normalize="none", cache=False), **kw)
+                     scan=ScanConfig(scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror"),
+                                     speed=SpeedConfig(cache=False)), **kw)
     rerank = attribute(model, planted.texts, probes, output_dir=tmp_path / "rerank",
-                       scan=ScanConfig(rank_by="mirror", normalize="none", candidates=3), **kw)
+                       scan=ScanConfig(scoring=ScoringConfig(normalize="none"), retrieval=RetrievalConfig(candidates=3),
+                                       ranking=RankingConfig(rank_by="mirror")), **kw)
     n_candidates = rerank.config["candidate_documents"]
     assert 8 <= n_candidates <= 24 and rerank.config["stats"]["documents"] == n_candidates
     assert rerank.config["stats"]["forward_passes"] < full.config["stats"]["forward_passes"] / 2
@@ -82,7 +84,7 @@ def test_the_influence_column_is_the_mirror_plus_the_lexical_prior_over_every_do
     probes = planted.probes()[:3]
     texts = [*planted.texts, "zzz qqq"]  # a document that shares no word with any probe: BM25 0
     runs = {w: attribute(model, texts, probes, tokenizer=tok, output_dir=tmp_path / f"w{w}", show_progress=False,
-                         scan=ScanConfig(lexical_weight=w)) for w in (0.5, 0.0)}
+                         scan=ScanConfig(ranking=RankingConfig(lexical_weight=w))) for w in (0.5, 0.0)}
     result = runs[0.5]
     assert result.config["scan"]["lexical_weight"] == 0.5
     scores = result.scores()
@@ -140,7 +142,7 @@ def test_the_default_rule_is_bm25s_order_of_the_candidates():
     from benchmarks.hybrid import DEFAULT_RULE, fuse
     from hf_mirror.config import MIRROR_WEIGHT, ScanConfig
 
-    assert ScanConfig().mirror_weight == MIRROR_WEIGHT == 0 and DEFAULT_RULE == "hybrid@20:0"
+    assert ScanConfig().ranking.mirror_weight == MIRROR_WEIGHT == 0 and DEFAULT_RULE == "hybrid@20:0"
     rng = np.random.default_rng(0)
     n = 60
     probes = np.repeat(["p0", "p1", "p2"], n)
@@ -196,12 +198,12 @@ def test_normalized_mirror_table_is_each_documents_normalisation_across_probes_i
 def test_auto_scans_every_document_up_to_a_size_that_depends_on_the_read():
     """``--candidates auto``: the forward read scans every document up to FULL_SCAN_MAX, the linear read (whose cost
     hardly grows with the probes) up to LINEAR_FULL_SCAN_MAX; an explicit rule holds whatever the read."""
-    from hf_mirror.config import FULL_SCAN_MAX, LINEAR_FULL_SCAN_MAX, ScanConfig
+    from hf_mirror.config import FULL_SCAN_MAX, LINEAR_FULL_SCAN_MAX, RetrievalConfig
 
-    auto = ScanConfig()
+    auto = RetrievalConfig()
     assert not auto.candidates_only(FULL_SCAN_MAX, "forward") and auto.candidates_only(FULL_SCAN_MAX + 1, "forward")
     assert not auto.candidates_only(LINEAR_FULL_SCAN_MAX, "linear")
     assert auto.candidates_only(LINEAR_FULL_SCAN_MAX + 1, "linear") and LINEAR_FULL_SCAN_MAX >= 100_000
     for read in ("forward", "linear"):
-        assert ScanConfig(candidates="bm25:5").candidates_only(10, read)
-        assert not ScanConfig(candidates="all").candidates_only(10**9, read)
+        assert RetrievalConfig(candidates="bm25:5").candidates_only(10, read)
+        assert not RetrievalConfig(candidates="all").candidates_only(10**9, read)

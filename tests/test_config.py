@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
+import json
 
+import pandas as pd
 import pytest
 
 from hf_mirror.cli import audit_mirror, build_parser, main
-from hf_mirror.config import CALIBRATED_STEPS, MirrorConfig, ScanConfig
-from hf_mirror.flags import config_from_args
+from hf_mirror.config import (
+    CALIBRATED_STEPS,
+    CheckpointConfig,
+    MirrorConfig,
+    RankingConfig,
+    RetrievalConfig,
+    ScanConfig,
+    ScoringConfig,
+    SpeedConfig,
+    WindowConfig,
+    result_settings,
+)
+from hf_mirror.flags import apply_overrides, config_from_args, flat_config, flat_fields, nested_config
 
 REQUIRED = ["attribute", "--model", "m", "--corpus", "c", "--probes", "p", "--output", "o"]
 
@@ -21,10 +36,10 @@ def _subparser(name: str):
 def test_every_attribute_default_is_the_library_default(cls):
     parser = _subparser("attribute")
     flags = {a.dest: a for a in parser._actions}
-    for f in dataclasses.fields(cls):
-        assert f.name in flags, f"no --{f.name.replace('_', '-')} flag"
-        assert flags[f.name].default == getattr(cls(), f.name), f.name
-        assert flags[f.name].help, f"--{f.name} has no help text"
+    for name, value in flat_config(cls()).items():
+        assert name in flags, f"no --{name.replace('_', '-')} flag"
+        assert flags[name].default == value, name
+        assert flags[name].help, f"--{name} has no help text"
     assert config_from_args(cls, build_parser().parse_args(REQUIRED)) == cls()
 
 
@@ -33,7 +48,7 @@ def test_flags_reach_the_config():
                                       "--candidates", "bm25:50", "--target-modules", "all-linear"])
     mirror, scan = config_from_args(MirrorConfig, args), config_from_args(ScanConfig, args)
     assert mirror == MirrorConfig(fit="steps", steps=3, layers=[-2, -1], target_modules="all-linear")
-    assert scan == ScanConfig(cache=False, candidates=50)
+    assert scan == ScanConfig(retrieval=RetrievalConfig(candidates=50), speed=SpeedConfig(cache=False))
 
 
 def test_audit_mirror_is_the_library_mirror_with_calibrated_steps():
@@ -43,8 +58,8 @@ def test_audit_mirror_is_the_library_mirror_with_calibrated_steps():
 
 def _int_flags(cls) -> list[tuple[str, str]]:
     """(flag, out-of-range value) for every field with a lower bound."""
-    return [(f"--{f.name.replace('_', '-')}", str(int(f.metadata["min"]) - 1)) for f in dataclasses.fields(cls)
-            if f.metadata.get("min") is not None and f.name != "candidates"] + \
+    return [(f"--{name.replace('_', '-')}", str(int(f.metadata["min"]) - 1)) for name, (_, _, f) in
+            flat_fields(cls).items() if f.metadata.get("min") is not None and name != "candidates"] + \
            ([("--candidates", "bm25:0")] if cls is ScanConfig else [])
 
 
@@ -105,3 +120,100 @@ def test_overlap_must_be_smaller_than_the_window(capsys):
     assert main([*REQUIRED, "--max-length", "16", "--overlap", "16"]) == 2
     err = capsys.readouterr().err
     assert "--overlap" in err and "--max-length" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------ ScanConfig's groups (issue #28, item 4)
+GROUPS = {"windows": WindowConfig, "scoring": ScoringConfig, "retrieval": RetrievalConfig, "ranking": RankingConfig,
+          "speed": SpeedConfig, "checkpoints": CheckpointConfig}
+# settings away from every default, by flat name (the names of the flags and of config.json's "scan")
+CHANGED = {"top_k": 5, "normalize": "zscore", "controls": 3, "min_pool": 4, "max_new_tokens": 16,
+           "candidates": "bm25:50", "aggregate": "max", "rank_by": "mirror", "mirror_weight": 0.5,
+           "lexical_weight": 0.25, "read": "forward", "retrievers": ["bm25", "dense"], "index": "/tmp/idx",
+           "max_length": 64, "batch_size": 2, "cache": False}
+
+
+def test_every_flat_name_belongs_to_exactly_one_group():
+    assert {f.name: f.type for f in dataclasses.fields(ScanConfig)} == {k: v.__name__ for k, v in GROUPS.items()}
+    owners: dict[str, list[str]] = {}
+    for group, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(group)
+    assert all(len(groups) == 1 for groups in owners.values()), owners
+    leaves = flat_fields(ScanConfig)
+    assert list(leaves) == list(owners) and len(leaves) == 25
+    assert all(path == tuple(owners[name]) and GROUPS[path[0]] is owner for name, (path, owner, _) in leaves.items())
+    flags = {a.dest for a in _subparser("attribute")._actions}
+    assert set(leaves) <= flags and not set(GROUPS) & flags  # flat flags, no flag per group
+
+
+def test_flat_and_nested_round_trip():
+    for flat in ({}, CHANGED):
+        scan = nested_config(ScanConfig, flat)
+        assert flat_config(scan) == {**flat_config(ScanConfig()), **flat, "candidates": 50 if flat else "auto"}
+        assert nested_config(ScanConfig, flat_config(scan)) == scan
+    scan = nested_config(ScanConfig, CHANGED)
+    assert scan.ranking == RankingConfig(top_k=5, rank_by="mirror", mirror_weight=0.5, lexical_weight=0.25)
+    assert scan.windows == WindowConfig(max_length=64, batch_size=2) and scan.speed == SpeedConfig(cache=False)
+    with pytest.raises(TypeError, match="'rank'"):
+        nested_config(ScanConfig, {"top_k": 3, "rank": 4})
+    with pytest.raises(AttributeError, match=r"ScanConfig\.ranking\.top_k"):  # a flat read says where it moved
+        ScanConfig().top_k  # noqa: B018
+
+
+def test_the_groups_are_keyword_only_and_validate_their_own_fields():
+    for cls in (ScanConfig, *GROUPS.values()):
+        with pytest.raises(TypeError):
+            cls(None)
+    from hf_mirror import InputError
+
+    with pytest.raises(InputError, match="--overlap"):
+        WindowConfig(max_length=8, overlap=8)
+    with pytest.raises(InputError, match="--index"):
+        RetrievalConfig(retrievers=["bm25", "dense"])
+    assert ScoringConfig(normalize="zscore").n_controls(3) == 5
+    assert RetrievalConfig(candidates="bm25:7").n_candidates == 7
+
+
+def test_overrides_reach_the_groups():
+    args = argparse.Namespace(top_k=3, cache=False, max_length=None, normalize="loo")
+    scan = apply_overrides(ScanConfig(), args)
+    assert scan == ScanConfig(ranking=RankingConfig(top_k=3), speed=SpeedConfig(cache=False),
+                              scoring=ScoringConfig(normalize="loo"))
+    cli = config_from_args(ScanConfig, build_parser().parse_args(REQUIRED), top_k=5, index=None)
+    assert cli == ScanConfig(ranking=RankingConfig(top_k=5))
+
+
+def test_the_run_identity_of_a_scan_is_the_flat_one_it_always_was():
+    """result_settings keys every run: these values were computed before ScanConfig was grouped, so outputs written
+    then keep their run keys and caches."""
+    from hf_mirror.runs import stable_key
+
+    default, changed = ScanConfig(), nested_config(ScanConfig, CHANGED)
+    assert result_settings(default) == {"top_k": 10, "normalize": "none", "controls": None, "min_pool": 8,
+                                        "max_new_tokens": 32, "candidates": "auto", "aggregate": "mean",
+                                        "rank_by": "hybrid", "mirror_weight": 0.0, "read": "auto"}
+    assert result_settings(changed) == {"top_k": 5, "normalize": "zscore", "controls": 3, "min_pool": 4,
+                                        "max_new_tokens": 16, "candidates": 50, "aggregate": "max",
+                                        "rank_by": "mirror", "mirror_weight": 0.5, "lexical_weight": 0.25,
+                                        "read": "forward", "retrievers": ["bm25", "dense"]}
+    assert stable_key(result_settings(default)) == "f16bbad28c18610a"
+    assert stable_key(result_settings(changed)) == "249cc0c11939afcd"
+
+
+def test_config_json_records_the_scan_flat_and_a_rerun_resumes(tiny_model, planted, tmp_path):
+    from hf_mirror import AttributionResult, attribute
+
+    model, tok = tiny_model
+    scan = ScanConfig(ranking=RankingConfig(top_k=2, rank_by="mirror"), windows=WindowConfig(max_length=24),
+                      speed=SpeedConfig(cache=False))
+    out = tmp_path / "run"
+    kw = dict(output_dir=out, show_progress=False, mirror=MirrorConfig(fit="steps", steps=1))
+    first = attribute(model, planted.texts[:4], planted.probes()[:2], tokenizer=copy.deepcopy(tok), scan=scan, **kw)
+    recorded = json.loads((out / "config.json").read_text())["scan"]
+    assert set(recorded) == set(flat_config(scan)) and not set(GROUPS) & set(recorded)
+    assert recorded["top_k"] == 2 and recorded["max_length"] == 24 and recorded["rank_by"] == "mirror"
+    assert AttributionResult.load(out).config["scan"] == recorded
+    again = attribute(model, planted.texts[:4], planted.probes()[:2], tokenizer=copy.deepcopy(tok),
+                      scan=nested_config(ScanConfig, {"top_k": 2, "rank_by": "mirror", "max_length": 24,
+                                                      "cache": False}), **kw)
+    pd.testing.assert_frame_equal(again.topk, first.topk)

@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from hf_mirror import Corpus, InputError, MirrorConfig, ScanConfig, ScoreError, attribute, load_probes
 from hf_mirror.corpus import windows
+from hf_mirror.flags import nested_config
 
 DOCS = [{"key": f"k{i}", "text": t} for i, t in enumerate(["alpha beta", "gamma delta", "epsilon", "zeta eta"])]
 
@@ -100,7 +101,7 @@ def _run(tiny_model, corpus, probes, tmp_path, **scan):
         tokenizer=tok,
         output_dir=tmp_path,
         show_progress=False,
-        scan=ScanConfig(rank_by="mirror", normalize="none", **scan),
+        scan=nested_config(ScanConfig, {"rank_by": "mirror", "normalize": "none", **scan}),
     )
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from hf_mirror import InputError, MirrorConfig, ScanConfig, attribute
+from hf_mirror import InputError, MirrorConfig, RankingConfig, ScanConfig, SpeedConfig, attribute
 from hf_mirror.curvature import (
     Curvature,
     capture,
@@ -76,7 +76,8 @@ def test_a_small_gradient_step_reads_the_gradient_inner_product_by_forward_passe
     corpus = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
     # a copy: attribute gives a tokenizer without one a pad token, and ``tok`` is shared by the whole session
     result = attribute(model, corpus, [probe], tokenizer=copy.deepcopy(tok), output_dir=tmp_path / "run", mirror=cfg,
-                       scan=ScanConfig(rank_by="mirror", cache=False, top_k=len(TEXTS)), show_progress=False)
+                       scan=ScanConfig(ranking=RankingConfig(rank_by="mirror", top_k=len(TEXTS)),
+                                       speed=SpeedConfig(cache=False)), show_progress=False)
     scores = result.scores().set_index("doc_id")["score"]
     g_probe = _grads(model, _probe_batch(tok, probe), head, embeddings)
     norm = sum((g * g).sum() for g in g_probe.values())

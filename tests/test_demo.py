@@ -56,7 +56,7 @@ def test_demo_end_to_end(demo_run):
     for probe in result.probes:
         assert probe.completion and probe.completion.strip(), "the model's generation is attributed"
         assert by_id[report.sources[probe.id]]["prompt"] == probe.prompt
-        assert len(result.top(probe.id)) == demo.DEMO_SCAN.top_k
+        assert len(result.top(probe.id)) == demo.DEMO_SCAN.ranking.top_k
     # every 5th bundled document is scanned (the fast budget), keyed by the id column
     assert len(facts) == 3000 and result.summary()["documents"] == 600
     assert result.config["corpus"]["id_column"] == "id"

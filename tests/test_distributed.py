@@ -14,7 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hf_mirror import AttributionResult, MirrorConfig, ScanConfig, attribute
+from hf_mirror import (
+    AttributionResult,
+    CheckpointConfig,
+    MirrorConfig,
+    RankingConfig,
+    ScanConfig,
+    ScoringConfig,
+    WindowConfig,
+    attribute,
+)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -112,7 +121,9 @@ def test_resume_after_an_exception_keeps_finished_work(tiny_model, planted, tmp_
     monkeypatch.setattr(corpus, "READ_BATCH", 4)  # the stream is read in batches: fail after some were scanned
     model, tok = tiny_model
     kw = dict(tokenizer=tok, show_progress=False, mirror=MirrorConfig(fit="steps", steps=2),
-              scan=ScanConfig(rank_by="mirror", checkpoint_every=3, batch_size=2, sort_batches=4, normalize="none"))
+              scan=ScanConfig(windows=WindowConfig(batch_size=2, sort_batches=4),
+                              scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror"),
+                              checkpoints=CheckpointConfig(checkpoint_every=3)))
     texts = planted.texts
 
     def failing(n):
@@ -149,10 +160,10 @@ def test_a_different_run_in_the_same_directory_is_refused(tiny_model, planted, t
     attribute(model, planted.texts[:6], planted.probes()[:3], **kw)
     from hf_mirror import InputError
 
+    top3 = ScanConfig(ranking=RankingConfig(rank_by="mirror", top_k=3))
     with pytest.raises(InputError, match="different run"):
-        attribute(model, planted.texts[:6], planted.probes()[:3], scan=ScanConfig(rank_by="mirror", top_k=3), **kw)
-    again = attribute(model, planted.texts[:6], planted.probes()[:3], scan=ScanConfig(rank_by="mirror", top_k=3),
-                      overwrite=True, **kw)
+        attribute(model, planted.texts[:6], planted.probes()[:3], scan=top3, **kw)
+    again = attribute(model, planted.texts[:6], planted.probes()[:3], scan=top3, overwrite=True, **kw)
     assert again.config["scan"]["top_k"] == 3
 
 

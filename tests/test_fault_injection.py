@@ -17,7 +17,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hf_mirror import AttributionResult, Corpus, MirrorConfig, ScanConfig, attribute
+from hf_mirror import (
+    AttributionResult,
+    CheckpointConfig,
+    Corpus,
+    MirrorConfig,
+    RankingConfig,
+    ScanConfig,
+    ScoringConfig,
+    SpeedConfig,
+    WindowConfig,
+    attribute,
+)
 from hf_mirror.errors import StateError
 from hf_mirror.integrity import check_hashes, read_json
 from hf_mirror.probes import load_probes
@@ -67,8 +78,10 @@ def runs(tiny_model, planted, tmp_path_factory) -> Runs:
     def run(out: Path, cache: Path | None = None) -> AttributionResult:
         return attribute(model, corpus, planted.probes()[:2], tokenizer=tok, output_dir=out, show_progress=False,
                          mirror=MirrorConfig(fit="steps", steps=2),
-                         scan=ScanConfig(normalize="none", checkpoint_every=5, batch_size=16, top_k=5,
-                                         cache_dir=str(cache or root / "cache")))
+                         scan=ScanConfig(windows=WindowConfig(batch_size=16), scoring=ScoringConfig(normalize="none"),
+                                         ranking=RankingConfig(top_k=5),
+                                         speed=SpeedConfig(cache_dir=str(cache or root / "cache")),
+                                         checkpoints=CheckpointConfig(checkpoint_every=5)))
 
     ref = run(root / "ref")  # also fills the base-loss cache
     original = ScoreBook.checkpoint

@@ -96,9 +96,9 @@ def test_ranking_computes_the_final_columns_from_named_inputs():
 
 
 def test_ranking_is_built_from_the_config_or_the_recorded_settings():
-    from hf_mirror.config import ScanConfig
+    from hf_mirror.config import RankingConfig, ScanConfig
 
-    scan = ScanConfig(rank_by="mirror", mirror_weight=0.5, lexical_weight=0.25)
+    scan = ScanConfig(ranking=RankingConfig(rank_by="mirror", mirror_weight=0.5, lexical_weight=0.25))
     assert Ranking.from_config(scan) == BY_MIRROR == Ranking.from_settings(
         {"rank_by": "mirror", "mirror_weight": 0.5, "lexical_weight": 0.25})
     assert Ranking.from_config(ScanConfig()) == Ranking(rank_by="hybrid", mirror_weight=0.0, lexical_weight=0.0)
@@ -152,16 +152,14 @@ def _marked() -> tuple[str, ...]:
 
 
 def test_every_marked_field_has_a_changed_value_and_the_identity_keeps_old_runs_keys():
-    import dataclasses
-
-    from hf_mirror.config import ScanConfig, result_settings
+    from hf_mirror.config import RankingConfig, ScanConfig, flat_config, result_settings
 
     assert set(_marked()) == set(CHANGED)
-    defaults = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
-    assert all(CHANGED[k] != defaults[k] for k in CHANGED if defaults[k] is not dataclasses.MISSING)
+    defaults = flat_config(ScanConfig())
+    assert all(CHANGED[k] != defaults[k] for k in CHANGED)
     # the fields added after runs were recorded are keyed only away from their default: older outputs keep theirs
     assert set(result_settings(ScanConfig())) == set(CHANGED) - {"lexical_weight", "retrievers"}
-    assert result_settings(ScanConfig(lexical_weight=0.5))["lexical_weight"] == 0.5
+    assert result_settings(ScanConfig(ranking=RankingConfig(lexical_weight=0.5)))["lexical_weight"] == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +167,7 @@ def finished(planted, tiny_model, tmp_path_factory):
     """A finished default run over a few documents, with an index that has dense vectors (for --retrievers)."""
     from hf_mirror import ScanConfig, attribute
     from hf_mirror.corpus import Corpus
+    from hf_mirror.flags import nested_config
     from hf_mirror.retrieval import build_index
 
     model, tok = tiny_model
@@ -180,7 +179,7 @@ def finished(planted, tiny_model, tmp_path_factory):
     build_index(corpus, tok, root / "index", n=4, model=model)
 
     def run(overwrite: bool = False, **changed):
-        scan = ScanConfig(**{"index": str(root / "index"), "cache": False, **changed})
+        scan = nested_config(ScanConfig, {"index": str(root / "index"), "cache": False, **changed})  # flat names
         return attribute(model, corpus, planted.probes()[:2], tokenizer=copy.deepcopy(tok), scan=scan,
                          output_dir=root / "run", show_progress=False, overwrite=overwrite)
 

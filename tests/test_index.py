@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hf_mirror import InputError, ScanConfig, attribute
+from hf_mirror import InputError, RetrievalConfig, ScanConfig, SpeedConfig, attribute
 from hf_mirror.cli import main
 from hf_mirror.corpus import Corpus
 from hf_mirror.probes import Probe
@@ -169,7 +169,7 @@ def test_stale_half_written_and_foreign_indexes_are_refused(planted, tiny_model,
     edited = _write(tmp_path / "edited.jsonl", planted.texts[:10])
     with pytest.raises(InputError, match="other corpus content"):
         attribute(model, Corpus(str(edited), id_column="id"), probes, tokenizer=tok, output_dir=tmp_path / "r",
-                  scan=ScanConfig(index=str(out)), show_progress=False)
+                  scan=ScanConfig(retrieval=RetrievalConfig(index=str(out))), show_progress=False)
     corpus_file.write_text(corpus_file.read_text() + json.dumps({"id": "new", "text": "a new document."}) + "\n")
     assert main(["attribute", "--model", str(planted.model_dir), "--corpus", str(corpus_file), "--id-column", "id",
                  "--probes", str(_probe_file(tmp_path, probes)), "--output", str(tmp_path / "r2"), "--index",
@@ -231,8 +231,9 @@ def test_no_candidates_and_m_above_the_corpus_fall_back_as_documented(planted, t
     assert found.scores["nothing"] == {} and found.scores["unknown"] == {}  # no word in common: no candidates
     assert "shares no word with the corpus" in caplog.text
     result = attribute(model, corpus, [{"id": p.id, "prompt": p.prompt, "completion": p.completion} for p in probes],
-                       tokenizer=tok, output_dir=tmp_path / "run", scan=ScanConfig(candidates=1000, index=str(
-                           tmp_path / "index"), cache=False), show_progress=False)
+                       tokenizer=tok, output_dir=tmp_path / "run", show_progress=False,
+                       scan=ScanConfig(retrieval=RetrievalConfig(candidates=1000, index=str(tmp_path / "index")),
+                                       speed=SpeedConfig(cache=False)))
     assert len(result.top("nothing")) == 0 and result.top("p0")["doc_id"][0] == "d0"
     from hf_mirror.render import format_result
 
@@ -351,7 +352,9 @@ def test_dense_retriever_adds_the_source_bm25_cannot_see(planted, tiny_model, de
     records = [{"id": p.id, "prompt": p.prompt, "completion": p.completion} for p in probes]
     corpus = Corpus(str(corpus_file), id_column="id")
     runs = {tuple(r): attribute(model, corpus, records, tokenizer=tok, output_dir=tmp_path / "+".join(r),
-                                scan=ScanConfig(candidates=5, index=str(index_dir), retrievers=r, cache=False),
+                                scan=ScanConfig(retrieval=RetrievalConfig(candidates=5, index=str(index_dir),
+                                                                          retrievers=r),
+                                                speed=SpeedConfig(cache=False)),
                                 show_progress=False) for r in (["bm25"], ["bm25", "dense"])}
     alone, both = runs[("bm25",)], runs[("bm25", "dense")]
     assert source not in set(alone.top("sym")["doc_id"]) and "dense" not in alone.topk
@@ -387,11 +390,11 @@ def test_dense_retriever_without_dense_vectors_is_refused_naming_the_fix(planted
 
     model, tok = tiny_model
     with pytest.raises(InputError, match="--retrievers dense needs --index.*hf-mirror index --dense"):
-        ScanConfig(retrievers=["bm25", "dense"])
+        ScanConfig(retrieval=RetrievalConfig(retrievers=["bm25", "dense"]))
     for wrong in (["dense"], ["bm25", "sparse"], []):
         with pytest.raises(InputError, match="--retrievers takes bm25, or bm25 dense"):
-            ScanConfig(retrievers=wrong, index="x")
-    assert ScanConfig(retrievers=["dense", "bm25", "dense"], index="x").retrievers == ["bm25", "dense"]
+            ScanConfig(retrieval=RetrievalConfig(retrievers=wrong, index="x"))
+    assert RetrievalConfig(retrievers=["dense", "bm25", "dense"], index="x").retrievers == ["bm25", "dense"]
     args = build_parser().parse_args(["attribute", "--model", "m", "--corpus", "c", "--probes", "p", "--output", "o",
                                       "--retrievers", "bm25", "dense", "--index", "i"])
     assert args.retrievers == ["bm25", "dense"]

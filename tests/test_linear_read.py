@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_mirror import InputError, MirrorConfig, ScanConfig, attribute
+from hf_mirror import InputError, MirrorConfig, RankingConfig, ScanConfig, ScoringConfig, SpeedConfig, attribute
 from hf_mirror.linear_read import LinearRead
 from hf_mirror.probes import Probe
 from hf_mirror.scan import Scanner
@@ -176,7 +176,9 @@ def test_a_run_read_linearly_ranks_and_explains_as_a_forward_run(tiny_model, tmp
     for read in ("forward", "linear"):
         runs[read] = attribute(model, corpus, probes, tokenizer=copy.deepcopy(tok), output_dir=tmp_path / read,
                                mirror=MirrorConfig(precondition="none"),
-                               scan=ScanConfig(rank_by="mirror", cache=False, top_k=3, read=read),
+                               scan=ScanConfig(scoring=ScoringConfig(read=read),
+                                               ranking=RankingConfig(rank_by="mirror", top_k=3),
+                                               speed=SpeedConfig(cache=False)),
                                show_progress=False)
     scores = {read: r.scores().sort_values(["probe_id", "doc_id"]) for read, r in runs.items()}
     exact, first_order = scores["forward"]["raw_score"].to_numpy(), scores["linear"]["raw_score"].to_numpy()
@@ -201,14 +203,15 @@ def test_the_linear_read_refuses_what_it_cannot_read(tiny_model, tmp_path):
     model, tok = tiny_model
     probe = Probe("p0", "the cat", " sat on the mat")
     corpus = [{"id": "d0", "text": TEXTS[0]}]
-    for mirror, scan in ((MirrorConfig(fit="steps"), ScanConfig(read="linear")),
-                         (MirrorConfig(precondition="none"), ScanConfig(read="linear", aggregate="max"))):
+    for mirror, scan in ((MirrorConfig(fit="steps"), ScanConfig(scoring=ScoringConfig(read="linear"))),
+                         (MirrorConfig(precondition="none"),
+                          ScanConfig(scoring=ScoringConfig(read="linear", aggregate="max")))):
         with pytest.raises(InputError, match="--read linear"):
             attribute(model, corpus, [probe], tokenizer=copy.deepcopy(tok), output_dir=tmp_path / "x",
                       mirror=mirror, scan=scan, show_progress=False)
     assert not (tmp_path / "x").exists()
     from hf_mirror.pipeline import resolve_read
 
-    assert resolve_read(MirrorConfig(fit="steps"), ScanConfig(read="auto")) == "forward"
-    assert resolve_read(MirrorConfig(), ScanConfig(read="auto")) == "linear"
-    assert resolve_read(MirrorConfig(), ScanConfig(read="auto", aggregate="max")) == "forward"
+    assert resolve_read(MirrorConfig(fit="steps"), ScanConfig(scoring=ScoringConfig(read="auto"))) == "forward"
+    assert resolve_read(MirrorConfig(), ScanConfig(scoring=ScoringConfig(read="auto"))) == "linear"
+    assert resolve_read(MirrorConfig(), ScanConfig(scoring=ScoringConfig(read="auto", aggregate="max"))) == "forward"

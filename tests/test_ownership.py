@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hf_mirror import AttributionResult, MirrorConfig, ScanConfig, attribute
+from hf_mirror import AttributionResult, MirrorConfig, RankingConfig, ScanConfig, SpeedConfig, WindowConfig, attribute
 from hf_mirror.cli import _open_or_build_index, main
 from hf_mirror.corpus import Corpus
 from hf_mirror.errors import InputError
@@ -23,7 +23,7 @@ MIRROR = MirrorConfig(fit="steps", steps=1)
 
 def _run(tiny_model, planted, out, corpus=None, probes=None, **kw) -> AttributionResult:
     model, tok = tiny_model
-    kw.setdefault("scan", ScanConfig(top_k=3))
+    kw.setdefault("scan", ScanConfig(ranking=RankingConfig(top_k=3)))
     return attribute(model, corpus if corpus is not None else planted.texts[:8],
                      probes if probes is not None else planted.probes()[:2], tokenizer=tok, output_dir=out,
                      show_progress=False, mirror=kw.pop("mirror", MIRROR), **kw)
@@ -62,12 +62,13 @@ def test_failed_overwrite_keeps_the_previous_result(tiny_model, planted, tmp_pat
 
     with monkeypatch.context() as mp, pytest.raises(RuntimeError, match="killed"):
         mp.setattr(pipeline, "_merge_and_record", crash)
-        _run(tiny_model, planted, out, scan=ScanConfig(top_k=2), overwrite=True)
+        _run(tiny_model, planted, out, scan=ScanConfig(ranking=RankingConfig(top_k=2)), overwrite=True)
     assert (out / STAGING).is_dir()  # the new run was built beside the old one
     assert {k: v for k, v in _listing(out).items() if not k.startswith(STAGING)} == before
     pd.testing.assert_frame_equal(AttributionResult.load(out).topk, first.topk)
 
-    again = _run(tiny_model, planted, out, scan=ScanConfig(top_k=2), overwrite=True)  # resumes the staged run
+    again = _run(tiny_model, planted, out, scan=ScanConfig(ranking=RankingConfig(top_k=2)),
+                 overwrite=True)  # resumes the staged run
     assert again.config["scan"]["top_k"] == 2 and again.directory == out
     assert not (out / STAGING).exists() and not (out / ".hf_mirror-old").exists()
     names = {p.name for p in out.iterdir()}
@@ -162,7 +163,7 @@ def test_inputs_are_validated_before_anything_is_written(tiny_model, planted, tm
     with pytest.raises(InputError, match=r"bad.jsonl:3 is not UTF-8"):
         _run(tiny_model, planted, out, probes=str(bad))
     with pytest.raises(InputError, match=r"--max-length 100000 is above the model's context window"):
-        _run(tiny_model, planted, out, scan=ScanConfig(max_length=100_000))
+        _run(tiny_model, planted, out, scan=ScanConfig(windows=WindowConfig(max_length=100_000)))
     assert not out.exists()
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -179,7 +180,7 @@ def test_inputs_are_validated_before_anything_is_written(tiny_model, planted, tm
     with monkeypatch.context() as mp, caplog.at_level(logging.WARNING):
         mp.setattr(ownership.os, "access", lambda path, mode: not Path(path).is_relative_to(ro) and access(path, mode))
         _run(tiny_model, planted, out, mirror=MirrorConfig(fit="steps", steps=0),
-             scan=ScanConfig(cache_dir=str(ro / "cache")))
+             scan=ScanConfig(speed=SpeedConfig(cache_dir=str(ro / "cache"))))
     assert "--steps 0" in caplog.text and f"The cache directory {ro / 'cache'} is not writable" in caplog.text
     assert not any(ro.iterdir())
 
@@ -464,9 +465,10 @@ def test_a_swap_cut_short_is_completed_by_the_next_command(tiny_model, planted, 
 
     with monkeypatch.context() as mp, pytest.raises(OSError, match="went down"):
         mp.setattr(ownership.os, "replace", replace)
-        _run(tiny_model, planted, out, scan=ScanConfig(top_k=2), overwrite=True)
+        _run(tiny_model, planted, out, scan=ScanConfig(ranking=RankingConfig(top_k=2)), overwrite=True)
     assert (out / STAGING / MANIFEST).is_file() and json.loads((out / STAGING / MANIFEST).read_text())["done"]
-    again = _run(tiny_model, planted, out, scan=ScanConfig(top_k=2))  # the swap is completed, then resumed
+    # the swap is completed, then resumed
+    again = _run(tiny_model, planted, out, scan=ScanConfig(ranking=RankingConfig(top_k=2)))
     assert again.config["scan"]["top_k"] == 2 and not (out / STAGING).exists()
     assert not (out / ".hf_mirror-old").exists()
     manifest = json.loads((out / MANIFEST).read_text())

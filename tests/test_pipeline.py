@@ -7,7 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from hf_mirror import AttributionResult, Corpus, MirrorConfig, ScanConfig, attribute
+from hf_mirror import (
+    AttributionResult,
+    Corpus,
+    MirrorConfig,
+    RankingConfig,
+    ScanConfig,
+    ScoringConfig,
+    WindowConfig,
+    attribute,
+)
 from hf_mirror.errors import InputError
 from hf_mirror.mirror import load_mirrors
 from hf_mirror.probes import Probe, encode_probe
@@ -20,7 +29,8 @@ def test_planted_fact_source_ranks_first(planted, tmp_path):
     # the fact-tracing, LDS and SmolLM2 benchmarks chose; docs/benchmarks.md).
     result = attribute(
         str(planted.model_dir), planted.texts, planted.probes(), output_dir=tmp_path, show_progress=False,
-        mirror=MirrorConfig(fit="steps", steps=5, rank=8), scan=ScanConfig(rank_by="mirror", normalize="zscore"),
+        mirror=MirrorConfig(fit="steps", steps=5, rank=8), scan=ScanConfig(scoring=ScoringConfig(normalize="zscore"),
+                                                                           ranking=RankingConfig(rank_by="mirror")),
     )
     hits = [result.top(f"fact-{i}", 1)["doc_id"][0] == i for i in range(len(planted.names))]
     assert np.mean(hits) >= 0.9, f"source document ranked first for only {np.mean(hits):.0%} of probes"
@@ -38,7 +48,7 @@ def test_zero_steps_gives_zero_scores(tiny_model, planted, tmp_path):
         tokenizer=tok,
         output_dir=tmp_path,
         mirror=MirrorConfig(fit="steps", steps=0),
-        scan=ScanConfig(rank_by="mirror", normalize="none"),
+        scan=ScanConfig(scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror")),
         show_progress=False,
     )
     scores = result.scores()
@@ -60,7 +70,8 @@ def test_batch_size_does_not_change_scores(tiny_model, planted, tmp_path):
         corpus,
         planted.probes()[:4],
         output_dir=tmp_path / "a",
-        scan=ScanConfig(rank_by="mirror", batch_size=1, max_length=16, overlap=4, normalize="none"),
+        scan=ScanConfig(windows=WindowConfig(batch_size=1, max_length=16, overlap=4),
+                        scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror")),
         **kw,
     )
     b = attribute(
@@ -68,7 +79,8 @@ def test_batch_size_does_not_change_scores(tiny_model, planted, tmp_path):
         corpus,
         planted.probes()[:4],
         output_dir=tmp_path / "b",
-        scan=ScanConfig(rank_by="mirror", batch_size=8, max_length=16, overlap=4, normalize="none"),
+        scan=ScanConfig(windows=WindowConfig(batch_size=8, max_length=16, overlap=4),
+                        scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror")),
         **kw,
     )
     np.testing.assert_allclose(_scores(a)["score"], _scores(b)["score"], atol=1e-5)
@@ -110,7 +122,8 @@ def test_long_document_is_windowed_and_every_token_scored_once(tiny_model, plant
         planted.probes()[:3],
         tokenizer=tok,
         output_dir=tmp_path,
-        scan=ScanConfig(rank_by="mirror", max_length=24, overlap=6, top_k=2),
+        scan=ScanConfig(windows=WindowConfig(max_length=24, overlap=6),
+                        ranking=RankingConfig(rank_by="mirror", top_k=2)),
         show_progress=False,
     )
     ev = result.token_deltas("fact-0", 0)
@@ -133,7 +146,7 @@ def test_adapters_are_standard_peft_and_reload(tiny_model, planted, tmp_path):
         planted.probes()[:2],
         tokenizer=tok,
         output_dir=tmp_path,
-        scan=ScanConfig(rank_by="mirror", normalize="none"),
+        scan=ScanConfig(scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror")),
         show_progress=False,
     )
     names = [r["adapter"] for r in result.probe_records]
@@ -162,7 +175,7 @@ def test_result_roundtrip(tiny_model, planted, tmp_path):
         planted.probes()[:3],
         tokenizer=tok,
         output_dir=tmp_path / "run",
-        scan=ScanConfig(rank_by="mirror", top_k=3),
+        scan=ScanConfig(ranking=RankingConfig(rank_by="mirror", top_k=3)),
         show_progress=False,
     )
     for name in ("topk.parquet", "scores.parquet", "probes.jsonl", "config.json", "evidence.parquet"):
@@ -199,7 +212,8 @@ def test_aggregations_of_token_deltas(tiny_model, planted, tmp_path):
     model, tok = tiny_model
     kw = dict(tokenizer=tok, mirror=MirrorConfig(fit="steps", steps=2), show_progress=False)
     runs = {agg: attribute(model, planted.texts[:10], planted.probes()[:3], output_dir=tmp_path / agg,
-                           scan=ScanConfig(rank_by="mirror", normalize="none", aggregate=agg, top_k=10), **kw)
+                           scan=ScanConfig(scoring=ScoringConfig(normalize="none", aggregate=agg),
+                                           ranking=RankingConfig(rank_by="mirror", top_k=10)), **kw)
             for agg in ("mean", "sum", "max")}
     mean, total, top = (_scores(runs[a]) for a in ("mean", "sum", "max"))
     np.testing.assert_allclose(total["score"], mean["score"] * mean["n_tokens"], rtol=1e-5, atol=1e-6)
@@ -209,14 +223,16 @@ def test_aggregations_of_token_deltas(tiny_model, planted, tmp_path):
     np.testing.assert_allclose(best.to_numpy(), ev.loc[best.index].to_numpy(), rtol=1e-5)
     with pytest.raises(InputError, match="aggregate must be one of"):
         attribute(model, planted.texts[:3], planted.probes()[:3], output_dir=tmp_path / "bad",
-                  scan=ScanConfig(rank_by="mirror", aggregate="median"), **kw)
+                  scan=ScanConfig(scoring=ScoringConfig(aggregate="median"), ranking=RankingConfig(rank_by="mirror")),
+                  **kw)
 
 
 def test_caller_model_comes_back_unchanged(tiny_model, planted, tmp_path):
     model, tok = tiny_model
     before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
     attribute(model, planted.texts[:4], planted.probes()[:3], tokenizer=tok, output_dir=tmp_path / "run",
-              scan=ScanConfig(rank_by="mirror", normalize="none"), show_progress=False)
+              scan=ScanConfig(scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror")),
+              show_progress=False)
     after = dict(model.named_parameters())
     assert set(after) == set(before)  # no LoRA layers left behind
     for n, (grad, value) in before.items():

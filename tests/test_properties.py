@@ -7,7 +7,7 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_mirror import InputError, MirrorConfig, ScanConfig, attribute
+from hf_mirror import InputError, MirrorConfig, RankingConfig, ScanConfig, ScoringConfig, WindowConfig, attribute
 
 words = st.text(alphabet=string.ascii_lowercase + " .,\n", min_size=0, max_size=60)
 docs = st.lists(words, min_size=1, max_size=8)
@@ -56,7 +56,9 @@ def test_scan_scores_each_nonempty_document_once(
             output_dir=tmp_path_factory.mktemp("prop"),
             show_progress=False,
             mirror=MirrorConfig(fit="steps", steps=1),
-            scan=ScanConfig(rank_by="mirror", max_length=max_length, overlap=2, normalize=normalize, top_k=3),
+            scan=ScanConfig(windows=WindowConfig(max_length=max_length, overlap=2),
+                            scoring=ScoringConfig(normalize=normalize),
+                            ranking=RankingConfig(rank_by="mirror", top_k=3)),
         )
     except InputError as e:  # the only acceptable failures are clear input errors
         message = str(e)

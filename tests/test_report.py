@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from hf_mirror import MirrorConfig, ScanConfig, attribute
+from hf_mirror import MirrorConfig, RankingConfig, ScanConfig, ScoringConfig, attribute
 from hf_mirror.errors import InputError
 from hf_mirror.regime import ABOVE_FACTOR, BELOW_FACTOR, DRIFT_LIMIT, RISE_LIMIT, warnings_for
 from hf_mirror.render import format_result
@@ -132,7 +132,8 @@ def test_rank_by_mirror_and_a_mirror_that_left_its_regime(tiny_model, planted, t
     result = attribute(model, planted.texts, planted.probes()[:2], tokenizer=copy.deepcopy(tok), output_dir=out,
                        show_progress=False,
                        mirror=MirrorConfig(step_rise=30.0, precondition="none", target_modules="all-linear"),
-                       scan=ScanConfig(rank_by="mirror", top_k=5, read="forward"))  # the drift is nonlinear
+                       scan=ScanConfig(scoring=ScoringConfig(read="forward"),
+                                       ranking=RankingConfig(rank_by="mirror", top_k=5)))  # the drift is nonlinear
     warnings = result.config["regime"]["warnings"]
     assert any("no longer first order" in w and "--step-rise" in w for w in warnings), warnings
     assert any("Common drift" in w and "--normalize zscore" in w for w in warnings), warnings

@@ -7,7 +7,17 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from hf_mirror import MirrorConfig, ScanConfig, attribute
+from hf_mirror import (
+    CheckpointConfig,
+    MirrorConfig,
+    RankingConfig,
+    ScanConfig,
+    ScoringConfig,
+    SpeedConfig,
+    WindowConfig,
+    attribute,
+)
+from hf_mirror.flags import nested_config
 from hf_mirror.trunk import SharedTrunk, find_blocks
 
 
@@ -34,8 +44,9 @@ def test_shared_trunk_matches_full_forward(tiny_model, planted, tmp_path, arch):
 
     def run(name, **scan):
         return attribute(model, corpus, probes, output_dir=tmp_path / name,
-                         scan=ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4,
-                                         **{"adapters_per_forward": 1, **scan}), **kw)
+                         scan=nested_config(ScanConfig, {"rank_by": "mirror", "normalize": "none", "max_length": 24,
+                                                         "overlap": 4, "batch_size": 4, "adapters_per_forward": 1,
+                                                         **scan}), **kw)
 
     plain = run("plain", shared_trunk=False, cache=False)
     shared = run("shared", cache=False)
@@ -81,9 +92,9 @@ def test_length_sorted_batches_pad_less_and_score_the_same(tiny_model, planted, 
     probes = planted.probes()[:2]
 
     def run(name, sort_batches):
-        scan = ScanConfig(rank_by="mirror", normalize="none", max_length=48, overlap=8, batch_size=4,
-                          sort_batches=sort_batches,
-                          cache=False, checkpoint_every=3)
+        scan = ScanConfig(windows=WindowConfig(max_length=48, overlap=8, batch_size=4, sort_batches=sort_batches),
+                          scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror"),
+                          speed=SpeedConfig(cache=False), checkpoints=CheckpointConfig(checkpoint_every=3))
         return attribute(model, corpus, probes, tokenizer=tok, output_dir=tmp_path / name, show_progress=False,
                          mirror=MirrorConfig(fit="steps", steps=2), scan=scan)
 
@@ -199,8 +210,10 @@ def test_grouped_scan_stacks_the_embedding_tables(tiny_model, planted, tmp_path,
     peft_model.unload()
 
     def run(name, group):
-        scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
-                          adapters_per_forward=group, read="forward")
+        scan = ScanConfig(windows=WindowConfig(max_length=24, overlap=4, batch_size=4),
+                          scoring=ScoringConfig(normalize="none", read="forward"),
+                          ranking=RankingConfig(rank_by="mirror"),
+                          speed=SpeedConfig(cache=False, adapters_per_forward=group))
         return attribute(model, planted.texts[:10], probes, tokenizer=tok, output_dir=tmp_path / name,
                          show_progress=False, mirror=mirror, scan=scan).scores().sort_values(["probe_id", "doc_id"])
 
@@ -274,12 +287,14 @@ def test_auto_group_fills_the_logits_budget(tiny_model, planted, tmp_path):
     probes = [{**p, "completion": fact[len(p["prompt"]) :]} for p, fact in pairs]
 
     def run(name, group):
-        scan = ScanConfig(rank_by="mirror", normalize="none", max_length=24, overlap=4, batch_size=4, cache=False,
-                          adapters_per_forward=group, read="forward")
+        scan = ScanConfig(windows=WindowConfig(max_length=24, overlap=4, batch_size=4),
+                          scoring=ScoringConfig(normalize="none", read="forward"),
+                          ranking=RankingConfig(rank_by="mirror"),
+                          speed=SpeedConfig(cache=False, adapters_per_forward=group))
         result = attribute(model, planted.texts[:10], probes, tokenizer=tok, output_dir=tmp_path / name,
                            show_progress=False, scan=scan)
         return result.scores().sort_values(["probe_id", "doc_id"]), result.config["stats"]["forward_passes"]
 
     (one, passes_one), (auto, passes_auto) = run("one", 1), run("auto", 0)
-    assert ScanConfig().adapters_per_forward == 0 and passes_auto < passes_one
+    assert ScanConfig().speed.adapters_per_forward == 0 and passes_auto < passes_one
     np.testing.assert_allclose(one["raw_score"], auto["raw_score"], atol=1e-6)

@@ -62,10 +62,10 @@ class Scorer(Method):
     def attribute(cls, request: Request) -> AttributionResult:
         scan = request.scan or ScanConfig()
         return attribute_baseline(cls.name, request.model, request.corpus, request.probes, tokenizer=request.tokenizer,
-                                  output_dir=request.output_dir, top_k=scan.top_k, show_progress=request.show_progress,
-                                  max_length=scan.max_length, overlap=scan.overlap,
-                                  max_new_tokens=scan.max_new_tokens, model_kwargs=request.model_kwargs,
-                                  overwrite=request.overwrite, **request.options)
+                                  output_dir=request.output_dir, top_k=scan.ranking.top_k,
+                                  show_progress=request.show_progress, max_length=scan.windows.max_length,
+                                  overlap=scan.windows.overlap, max_new_tokens=scan.scoring.max_new_tokens,
+                                  model_kwargs=request.model_kwargs, overwrite=request.overwrite, **request.options)
 
 
 def _scorer(method: str) -> type[Scorer]:

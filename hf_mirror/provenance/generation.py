@@ -128,10 +128,11 @@ def summary(report: dict) -> str:
 def _mirror_rankings(model, tokenizer, corpus: Corpus, probe_list, mirror, scan, top: int,
                      output_dir: str | Path | None, show_progress: bool) -> dict[str, dict]:
     """Per probe, every scanned document's mirror score, best first (the mirror's own score under the hybrid)."""
+    from hf_mirror.config import RankingConfig
     from hf_mirror.pipeline import ScanConfig, attribute
 
     result = attribute(model, corpus, probe_list, tokenizer=tokenizer, mirror=mirror,
-                       scan=scan or ScanConfig(top_k=top),
+                       scan=scan or ScanConfig(ranking=RankingConfig(top_k=top)),
                        output_dir=None if output_dir is None else Path(output_dir) / "attribution",
                        show_progress=show_progress, overwrite=True)
     scores = result.scores()

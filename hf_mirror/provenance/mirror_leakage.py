@@ -145,13 +145,14 @@ def mirror_leakage(
     sqrt(n - 1), which flattens exactly the outliers this detector looks for). Returns
     ``{item id: MirrorEvidence}``; the attribution run itself is kept in ``output_dir`` when given.
     """
+    from hf_mirror.config import RankingConfig, ScoringConfig
     from hf_mirror.mirror import MirrorConfig
     from hf_mirror.pipeline import ScanConfig, attribute
 
     items = make_items(items)
     if not items:
         raise InputError("No evaluation items to check.")
-    scan = scan or ScanConfig(top_k=top, normalize="loo")
+    scan = scan or ScanConfig(scoring=ScoringConfig(normalize="loo"), ranking=RankingConfig(top_k=top))
     mirror = mirror or MirrorConfig(**CALIBRATED_MIRROR)
     probe_ids = {}
     probes = []

@@ -11,11 +11,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from hf_mirror.corpus import Corpus
+from hf_mirror.corpus import Corpus, as_corpus
 from hf_mirror.errors import InputError
 from hf_mirror.integrity import check_hashes, hash_files
 from hf_mirror.ownership import STAGING, Kind
@@ -287,8 +288,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
         raise InputError(f"Unknown verbatim index backend {backend!r}; choose among {list(VERBATIM_DIRS)}.")
     if backend == INFINI_GRAM:
         require_infini_gram()  # before the corpus pass
-    if not isinstance(corpus, Corpus):
-        corpus = Corpus(corpus)
+    corpus = as_corpus(corpus)
     out = Path(output_dir)
     rank, world, state = process_group()
     embedder = None if model is None else Embedder(model, tokenizer, dense_batch_size)
@@ -304,7 +304,7 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
     if rank == 0:
         corpus.check()  # readable and not empty, before anything is written
     output, tmp = open_shared(out, identity, overwrite, INDEX)
-    try:
+    with output if output is not None else nullcontext():  # the main process's lock, released however it ends
         if rank == 0:
             for part in tmp.iterdir():  # what a build killed after its n-gram pass left; its checkpoint is kept
                 if part.name not in (".ngram.build", OWN_MANIFEST):
@@ -319,9 +319,6 @@ def build_index(corpus: Corpus | list[str], tokenizer, output_dir: str | Path, *
         if output is not None:
             _write_index(tmp, corpus, tokenizer, documents, embedder, verbatim, world, key, backend)
             output.finish()  # swapped in for an earlier index
-    finally:
-        if output is not None:
-            output.release()
     if world > 1:
         state.wait_for_everyone()
     return CandidateIndex.load(out, tokenizer)
