@@ -449,6 +449,9 @@ def lexical_prior_lds(mirror: np.ndarray, bm25: np.ndarray, retrains: Retrains,
     return out
 
 
+BENCHMARK_SCAN = {"cache": False, "batch_size": 32, "candidates": "all"}  # the mirror variants' scan, unless they say
+
+
 def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = False, scan: dict | None = None,
                   **options):
     """Run ``method`` (``mirror``/``mirror_raw`` or a baseline name) on the full model; its scores DataFrame.
@@ -457,7 +460,8 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
     :data:`benchmarks.variants.MIRROR_VARIANTS` (e.g. ``mirror_zscore``: ``normalize="zscore"``,
     ``mirror_top2_linear``: every linear layer of the top 2 blocks); for them ``options`` go to ``MirrorConfig``
     (e.g. ``steps=10``) and ``scan`` to ``ScanConfig`` (e.g. ``{"aggregate": "sum"}``); for a baseline ``options``
-    go to its class.
+    go to its class. A variant's own scan settings win over the benchmarks' (:data:`BENCHMARK_SCAN`: every
+    document scanned), and ``scan`` over both.
     """
     probes = [{"id": p["id"], "prompt": p["prompt"], "completion": p["completion"]} for p in setup.probes]
     if method not in MIRROR_VARIANTS:
@@ -467,7 +471,7 @@ def method_scores(method: str, setup: Setup, work: Path, show_progress: bool = F
                           output_dir=work / method, show_progress=show_progress, **options).scores()
     result = run_method(method, setup.model, setup.corpus(), probes, tokenizer=setup.tokenizer,
                         output_dir=work / method, show_progress=show_progress,
-                        scan={"cache": False, "batch_size": 32, "candidates": "all", **(scan or {})}, mirror=options)
+                        scan={**BENCHMARK_SCAN, **MIRROR_VARIANTS[method][0], **(scan or {})}, mirror=options)
     scores = result.scores()
     # the hybrid's final score ranks candidates only: a linear datamodel sums the influence column of every document
     return scores.assign(score=scores["influence"]) if "influence" in scores else scores

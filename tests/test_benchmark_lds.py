@@ -271,3 +271,27 @@ def test_frontier_of_quality_against_cost(tmp_path):
     assert [p[0] for p in summary.pareto(points[("wordnet", "LDS")])] == ["bm25"]  # cheaper and better
     out = summary.plot_frontier(tmp_path, tmp_path / "f.png")
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_variants_own_scan_settings_win_over_the_benchmarks(monkeypatch):
+    """``method_scores``: the benchmarks scan every document, unless a variant asks otherwise (a candidates variant
+    keeps its candidates); a ``scan`` argument wins over both."""
+    import benchmarks.lds as lds
+    from benchmarks.variants import MIRROR_VARIANTS
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def run_method(name, *args, scan=None, **kwargs):
+        seen.append(scan)
+        raise Stop
+
+    monkeypatch.setattr(lds, "run_method", run_method)
+    monkeypatch.setitem(MIRROR_VARIANTS, "mirror_rerank5", ({"candidates": 5}, {}))
+    setup = lds.Setup(None, None, [], [], {}, Path("."))
+    for method, scan in (("mirror", None), ("mirror_rerank5", None), ("mirror_rerank5", {"candidates": 7})):
+        with pytest.raises(Stop):
+            lds.method_scores(method, setup, Path("."), scan=scan)
+    assert [s["candidates"] for s in seen] == ["all", 5, 7] and all(s["cache"] is False for s in seen)
