@@ -7,8 +7,10 @@ Each DIR is a result that ``recipes/benchmark_lds.py --output OUT`` or ``recipes
 OUT`` kept for a method spec (``OUT/<spec>/mirror``, e.g. ``runs/lds/mirror/mirror`` and
 ``runs/lds/mirror_precondition_kfac_target_modules_all-linear/mirror``); either benchmark may be left out. Each
 probe's ``raw_score`` row is z-scored over the documents and the blend is ``z(base) + w * z(other)``; printed per
-weight: LDS and the tail-patch top-10 share of both variants, tune and held-out halves. The retrains and the
-ground truth come from the benchmarks' cache.
+weight: LDS and the tail-patch top-10 share of both variants, tune and held-out halves. ``--reread N ...`` instead
+takes each probe's N largest base scores by magnitude from the other column, unscaled (the base read to first
+order, its head read again exactly by the other: ``mirror`` and ``mirror_forward``). The retrains and the ground
+truth come from the benchmarks' cache.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ from hf_mirror.flags import add_config_flags, apply_overrides, offline_defaults
 def zscored(matrix):
     """Each row standardised over its documents."""
     return (matrix - matrix.mean(1, keepdims=True)) / (matrix.std(1, keepdims=True) + 1e-30)
+
+
+def reread(base, other, n: int):
+    """``base`` with each row's ``n`` largest entries by magnitude taken from ``other``: a first-order column whose
+    head is read again exactly (``other``, e.g. the forward read of the same mirrors)."""
+    import numpy as np
+
+    out = base.copy()
+    head = np.argsort(-np.abs(base), axis=1, kind="stable")[:, :n]
+    np.put_along_axis(out, head, np.take_along_axis(other, head, axis=1), axis=1)
+    return out
 
 
 def _folders(pairs: list[str]) -> dict[str, Path]:
@@ -51,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", nargs="+", required=True, help="lds=DIR tail_patch=DIR: the first column's results")
     p.add_argument("--other", nargs="+", required=True, help="lds=DIR tail_patch=DIR: the second column's results")
     p.add_argument("--weights", type=float, nargs="+", default=[0, 0.25, 0.5, 1, 2, 100])
+    p.add_argument("--reread", type=int, nargs="+", default=None, metavar="N",
+                   help="instead of blending: each probe's N largest base scores (by magnitude) taken from the other "
+                   "column, unscaled (the other is the same mirrors' exact read)")
     add_config_flags(p, LDSConfig, hidden=False)
     args = p.parse_args(argv)
     base, other = _folders(args.base), _folders(args.other)
@@ -63,23 +79,28 @@ def main(argv: list[str] | None = None) -> int:
             probes, docs = retrains.probe_ids, retrains.doc_ids
         else:
             probes, docs = [q["id"] for q in setup.probes], [d["id"] for d in setup.documents]
-        columns[kind] = [zscored(score_matrix(AttributionResult.load(f[kind]).scores(), probes, docs, "raw_score"))
-                         for f in (base, other)]
+        raw = [score_matrix(AttributionResult.load(f[kind]).scores(), probes, docs, "raw_score") for f in (base, other)]
+        columns[kind] = raw if args.reread else [zscored(m) for m in raw]
     truths = {v: ground_truth(setup, v, args.cache_dir)[0] for v in VARIANTS} if "tail_patch" in columns else {}
-    print(f"{cfg.corpus}: z(base) + w z(other); tune / held-out halves")
-    for w in args.weights:
+    if args.reread:
+        print(f"{cfg.corpus}: the base with each probe's top N (by magnitude) from the other; tune / held-out halves")
+        mix, settings, label = (lambda a, b, n: reread(a, b, int(n))), args.reread, "N"
+    else:
+        print(f"{cfg.corpus}: z(base) + w z(other); tune / held-out halves")
+        mix, settings, label = (lambda a, b, w: a + w * b), args.weights, "w"
+    for w in settings:
         cells = []
         if "lds" in columns:
             a, b = columns["lds"]
-            per_probe = lds_of_matrix(a + w * b, retrains)["per_probe"]
+            per_probe = lds_of_matrix(mix(a, b, w), retrains)["per_probe"]
             values = np.array([per_probe[q] for q in retrains.probe_ids], np.float64)
             cells.append(f"LDS {np.nanmean(values[0::2]):.3f} / {np.nanmean(values[1::2]):.3f}")
         if "tail_patch" in columns:
             a, b = columns["tail_patch"]
             for variant, truth in truths.items():
-                r = evaluate_matrix(a + w * b, truth)
+                r = evaluate_matrix(mix(a, b, w), truth)
                 cells.append(f"{variant} share {r['tune']['top_k_share']:.3f} / {r['held_out']['top_k_share']:.3f}")
-        print(f"w = {w:g}: " + ", ".join(cells))
+        print(f"{label} = {w:g}: " + ", ".join(cells))
     return 0
 
 

@@ -295,3 +295,11 @@ def test_a_variants_own_scan_settings_win_over_the_benchmarks(monkeypatch):
         with pytest.raises(Stop):
             lds.method_scores(method, setup, Path("."), scan=scan)
     assert [s["candidates"] for s in seen] == ["all", 5, 7] and all(s["cache"] is False for s in seen)
+
+
+def test_reread_takes_each_rows_head_by_magnitude_from_the_exact_column():
+    reread = recipe("benchmark_blend").reread
+    base = np.array([[0.1, -0.9, 0.5, 0.0], [3.0, 1.0, -2.0, 0.5]])
+    exact = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    assert reread(base, exact, 2).tolist() == [[0.1, 2.0, 3.0, 0.0], [5.0, 1.0, 7.0, 0.5]]
+    assert reread(base, exact, 0).tolist() == base.tolist() and reread(base, exact, 9).tolist() == exact.tolist()
