@@ -10,6 +10,7 @@ nor the Hugging Face libraries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -400,3 +401,19 @@ class ScanConfig:
 # flat name (and method) -> its group
 _SCAN_GROUP = {**{name: path[0] for name, (path, _, _) in flat_fields(ScanConfig).items()},
                "n_controls": "scoring", "n_candidates": "retrieval", "candidates_only": "retrieval"}
+_GROUP_CLASS = {f.name: f.type for f in fields(ScanConfig)}
+_scan_init = ScanConfig.__init__
+
+
+@functools.wraps(_scan_init)  # its signature stays the dataclass's
+def _grouped_init(self, **settings) -> None:
+    """The dataclass's ``__init__``, with a flat setting (``ScanConfig(top_k=5)``) refused by naming its group."""
+    flat = [name for name in settings if name in _SCAN_GROUP and name not in _GROUP_CLASS]
+    if flat:
+        fix = ", ".join(f"{_SCAN_GROUP[n]}={_GROUP_CLASS[_SCAN_GROUP[n]]}({n}=...)" for n in flat)
+        raise TypeError(f"ScanConfig takes its settings in groups: {fix}; or from flat names, "
+                        f"hf_mirror.flags.nested_config(ScanConfig, {{{', '.join(f'{n!r}: ...' for n in flat)}}}).")
+    _scan_init(self, **settings)
+
+
+ScanConfig.__init__ = _grouped_init  # type: ignore[method-assign]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 
 import pandas as pd
@@ -217,3 +218,16 @@ def test_config_json_records_the_scan_flat_and_a_rerun_resumes(tiny_model, plant
                       scan=nested_config(ScanConfig, {"top_k": 2, "rank_by": "mirror", "max_length": 24,
                                                       "cache": False}), **kw)
     pd.testing.assert_frame_equal(again.topk, first.topk)
+
+
+def test_a_flat_setting_in_the_constructor_names_its_group():
+    """``ScanConfig(top_k=5)`` (the flat form before the groups) is refused with the grouped form and the flat route."""
+    with pytest.raises(TypeError, match=r"ranking=RankingConfig\(top_k=\.\.\.\), windows=WindowConfig\(max_length"):
+        ScanConfig(top_k=5, max_length=64)
+    with pytest.raises(TypeError, match=r"nested_config\(ScanConfig, \{'read': \.\.\.\}\)"):
+        ScanConfig(read="forward")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        ScanConfig(bogus=1)
+    assert ScanConfig(ranking=RankingConfig(top_k=5)).ranking.top_k == 5
+    assert list(inspect.signature(ScanConfig).parameters) == ["windows", "scoring", "retrieval", "ranking", "speed",
+                                                               "checkpoints"]
