@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Embedding as LoraEmbedding
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from hf_mirror.curvature import capture
 from hf_mirror.stacked import StackedLora, adapters_off
@@ -33,7 +32,7 @@ class LinearRead:
         self.n = len(names)
         # captured at the wrapped layers (an embedding table's hook knows its own kind)
         self.layers = {str(i): m.get_base_layer() for i, m in enumerate(stack.layers)}
-        self.switched = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]  # found once, not per batch
+        self.switched = stack.switched  # the model's adapter layers, switched off for the base pass
         self.tables = [isinstance(m, LoraEmbedding) for m in stack.layers]
         # every mirror's factors side by side: A as [G x r, in], B (times its scaling) as [out, G x r]
         self.A = [a.reshape(-1, a.shape[-1]) for a in stack.A]

@@ -242,13 +242,10 @@ class Scanner:
         forward and backward pass run on fewer, larger matrices."""
         if len(pool) > self.batch_size:
             pool = sorted(pool, key=lambda w: len(w.input_ids))
-        if self.linear is None or self.width is not None:
-            for lo in range(0, len(pool), self.batch_size):
-                self._run(pool[lo : lo + self.batch_size], pending, run_base)
-            return
-        area, lo = self.batch_size * self.max_length, 0
+        area = self.batch_size * self.max_length if self.linear is not None and self.width is None else 0
+        lo = 0
         while lo < len(pool):
-            hi = lo + self.batch_size  # at least batch_size windows; more while the padded area allows
+            hi = lo + self.batch_size  # batch_size windows; under the linear read, more while the padded area allows
             while hi < len(pool) and (hi + 1 - lo) * len(pool[hi].input_ids) <= area:
                 hi += 1
             self._run(pool[lo:hi], pending, run_base)

@@ -16,6 +16,7 @@ from peft import PeftModel
 from peft.tuners.lora import Embedding as LoraEmbedding
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 
 class BatchRows:
@@ -36,8 +37,6 @@ def adapters_off(peft_model: PeftModel, layers: Sequence | None = None) -> Itera
 
     What ``PeftModel.disable_adapter`` does for LoRA, without the walk over every parameter of every adapter it
     takes first to report the model's status (0.4 s per call with 40 mirrors on a 3-block model, once per batch)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)] if layers is None else list(layers)
     if not all(hasattr(m, "_disable_adapters") for m in layers):
         with peft_model.disable_adapter():
@@ -79,6 +78,8 @@ class StackedLora:
         self.model = peft_model
         self.names = list(names)
         self.layers = lora_layers(peft_model, names[0])
+        # every adapter layer of the model, switched off while the stacks apply: found once, not per batch
+        self.switched = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         self.A = [self._stack(self._weights(m, "A"), trainable) for m in self.layers]
         self.B = [self._stack(self._weights(m, "B"), trainable) for m in self.layers]
         self.scaling = [m.scaling[names[0]] for m in self.layers]
@@ -145,7 +146,7 @@ class StackedLora:
                                             with_kwargs=True)
                     for m, a, b, s in zip(self.layers, self.A, self.B, self.scaling, strict=True)]
         try:
-            with adapters_off(self.model):
+            with adapters_off(self.model, self.switched):
                 yield
         finally:
             for h in handles:
