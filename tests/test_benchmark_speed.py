@@ -85,7 +85,6 @@ def test_speed_benchmark_scan_and_end_to_end_rows(recipe, tmp_path, capsys):
         assert r["documents"] == 4 and r["floor_s"] > 0
         for k in ("naive", "cached", "trunk_cached", "mixed", "linear", "fwd_bwd"):
             assert r[f"{k}_s"] > 0 and r[f"{k}_x_floor"] > 0
-        assert r["fwd_bwd_s"] > r["floor_s"]  # a backward pass on top of the forward
     for r in report["e2e"]:
         for k in ("mirror", "mirror_top2", "mirror_top2_warm", "gradsim"):
             assert r[f"{k}_s"] > 0
