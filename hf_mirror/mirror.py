@@ -498,7 +498,9 @@ def _step(opt, params: Sequence[torch.nn.Parameter], losses: torch.Tensor, stopp
 def save_mirrors(model: PeftModel, names: Sequence[str], directory: str | Path) -> None:
     """Save each adapter in the standard PEFT layout: ``directory/<name>/adapter_model.safetensors``."""
     with quiet_peft():  # save the LoRA weights only, never a copy of an adapted output layer's full weight
-        model.save_pretrained(str(directory), selected_adapters=list(names), save_embedding_layers=False)
+        # one state dict for every adapter: PEFT would read the whole model's once per adapter
+        model.save_pretrained(str(directory), selected_adapters=list(names), save_embedding_layers=False,
+                              state_dict=model.state_dict())
 
 
 def load_mirrors(base_model, directory: str | Path, names: Sequence[str]) -> PeftModel:
@@ -557,7 +559,8 @@ def adapter_states(model: PeftModel, names: Sequence[str]) -> dict[str, dict[str
     """Each adapter's LoRA weights on the CPU (small: for broadcasting to other processes)."""
     from peft import get_peft_model_state_dict
 
-    return {n: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=n,
+    whole = model.state_dict()  # read once, filtered per adapter
+    return {n: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, whole, adapter_name=n,
                                                                           save_embedding_layers=False).items()}
             for n in names}
 
