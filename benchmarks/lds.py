@@ -42,8 +42,8 @@ from benchmarks._common import cache_key, write_json
 from benchmarks.variants import MIRROR_VARIANTS, run_method
 from hf_mirror.errors import InputError
 
-METHODS = ("mirror", "mirror_forward", "mirror_raw", "mirror_zscore", "mirror_linear", "mirror_top2",
-           "mirror_top2_linear", "bm25", "embedding", "gradsim", "ekfac", "bergson_ekfac", "trackstar")
+METHODS = ("mirror", "mirror_forward", "mirror_first_order", "mirror_raw", "mirror_zscore", "mirror_linear",
+           "mirror_top2", "mirror_top2_linear", "bm25", "embedding", "gradsim", "ekfac", "bergson_ekfac", "trackstar")
 CORPORA = ("capitals", "wordnet", "docstrings")
 
 

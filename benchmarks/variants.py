@@ -9,6 +9,7 @@ from dataclasses import fields
 MIRROR_VARIANTS: dict[str, tuple[dict, dict]] = {
     "mirror": ({}, {}),  # the library defaults: the hybrid ranking (BM25 candidates, the mirror as a correction)
     "mirror_forward": ({"read": "forward"}, {}),  # the default mirror read by a forward pass per probe
+    "mirror_first_order": ({"exact_head": 0}, {}),  # the linear read alone, no head read again (before 2026-12-08)
     "mirror_only": ({"rank_by": "mirror"}, {}),  # the default mirror ranking every document alone
     "mirror_raw": ({"normalize": "none", "rank_by": "mirror"}, {}),
     "mirror_zscore": ({"normalize": "zscore", "rank_by": "mirror"}, {}),

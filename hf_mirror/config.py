@@ -248,8 +248,10 @@ class ScoringConfig:
     the drift that any perturbation causes on generic documents; when there are fewer than ``min_pool``
     probes, control probes cut from corpus snippets are added to the pool (``controls`` sets their number
     explicitly). ``normalize="loo"`` compares each probe with the others only (no sqrt(n - 1) ceiling). ``read``
-    chooses how the scan reads the mirrors (a forward pass per mirror, or the linear read); ``max_new_tokens`` is
-    how many tokens are generated for probes without a completion.
+    chooses how the scan reads the mirrors (a forward pass per mirror, or the linear read); under the linear read (and
+    ``normalize="none"``) each probe's ``exact_head`` documents with the largest first-order change are read again
+    exactly at the merge (the mixed read). ``max_new_tokens`` is how many tokens are generated for probes without a
+    completion.
     """
 
     normalize: Literal["none", "zscore", "loo"] = option(
@@ -267,6 +269,12 @@ class ScoringConfig:
         "exactly); linear, one forward and backward pass per batch for every mirror (the first-order change, "
         "hf_mirror.linear_read; the gradient mirror only); auto: linear for the gradient mirror, else forward",
         changes_result=True)
+    exact_head: int = option(
+        10, min=0, flag={"metavar": "N"},
+        help="under the linear read, each probe's N documents with the largest first-order loss change (by "
+        "magnitude) are read again exactly, by forward passes under its mirror (0: the first-order value everywhere; "
+        "docstrings LDS 0.713 -> 0.762 at 10, docs/benchmarks_tail_patch.md); ignored by the forward read and under "
+        "--normalize zscore/loo (which would need every control read again)", changes_result=True)
 
     def n_controls(self, n_probes: int) -> int:
         if self.controls is not None:

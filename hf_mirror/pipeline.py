@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
@@ -24,7 +25,7 @@ from hf_mirror.distributed import on_gpu
 from hf_mirror.errors import InputError, StateError
 from hf_mirror.fusion import Ranking
 from hf_mirror.linear_read import LinearRead
-from hf_mirror.merge import merge_shards
+from hf_mirror.merge import exact_head, merge_shards
 from hf_mirror.methods import Method, Request
 from hf_mirror.mirror import (
     FitReport,
@@ -52,7 +53,7 @@ from hf_mirror.report import write_report
 from hf_mirror.results import AttributionResult
 from hf_mirror.retrieval import CandidateIndex, Candidates, retrieve
 from hf_mirror.runs import run_identity, run_record, stable_key
-from hf_mirror.scan import Scanner
+from hf_mirror.scan import ScannedDoc, Scanner
 from hf_mirror.scoring import EVIDENCE_COLUMNS, ScoreBook, token_pieces
 from hf_mirror.trunk import SharedTrunk
 
@@ -214,7 +215,7 @@ def _attribute_mirror(request: Request) -> AttributionResult:
         with _mirrors_and_scan(run, pool, caches, book) as (report, peft_model):  # 2. fit or reload, 3. scan
             run.accelerator.wait_for_everyone()
             if run.main:
-                _merge_and_record(run, pool, report, book.run_key, model_kwargs, peft_model)  # 4. merge, 5. record
+                _merge_and_record(run, pool, report, book, model_kwargs, peft_model)  # 4. merge, 5. record
                 run.output.finish()  # under overwrite: swapped in for the previous result
         run.accelerator.wait_for_everyone()
     finally:
@@ -285,6 +286,8 @@ def _start(model, corpus, probes, tokenizer, mirror: MirrorConfig, scan: ScanCon
             if "dense" in scan.retrieval.retrievers:  # refused here without dense vectors, or with another model's
                 embedder = index.embedder(model, tokenizer)
         settings = {**mirror.identity(), **result_settings(scan), "max_length": max_length, "overlap": overlap}
+        if read == "forward":  # exact already: the mixed read's setting does not reach its result (nor its identity)
+            del settings["exact_head"]
         identity = run_identity("mirror", model_name, fingerprint, tokenizer, corpus, given,
                                 accelerator.num_processes, settings)
         output = Output.open(final, identity, overwrite)
@@ -381,14 +384,21 @@ def _score_book(run: _Run, pool: _Pool) -> ScoreBook:
                          None if pool.keep is None and not hybrid else retrieval.n_candidates, aggregate,
                          ranking.rank_by,
                          *_retrieval_settings(scan).values(),
-                         *([] if run.read == "forward" else ["linear"]))
-    # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them
+                         *([] if run.read == "forward" else ["linear", _head(run, pool)]))
+    # hybrid: each probe's top-k holds all its candidates (with their evidence); the merge ranks them. Else the exact
+    # head's documents may leave the top-k at the merge: as many more are kept, so that what moves up is there
     eligible = {p: {str(d) for d in docs} for p, docs in pool.retrieval.scores.items()} if hybrid else None
     most = retrieval.n_candidates * len(retrieval.retrievers)  # a probe's candidates: each retriever's top-M, united
-    return ScoreBook(pool.ids, sign=run.mirror.sign, normalize=pool.normalize,
-                     top_k=max(ranking.top_k, most) if hybrid else ranking.top_k, shard_dir=run.shard,
+    top_k = max(ranking.top_k, most) if hybrid else ranking.top_k + _head(run, pool)
+    return ScoreBook(pool.ids, sign=run.mirror.sign, normalize=pool.normalize, top_k=top_k, shard_dir=run.shard,
                      n_controls=len(pool.controls), run_key=run_key, checkpoint_every=scan.checkpoints.checkpoint_every,
                      checkpoint_seconds=scan.checkpoints.checkpoint_seconds, aggregate=aggregate, eligible=eligible)
+
+
+def _head(run: _Run, pool: _Pool) -> int:
+    """Each probe's documents the mixed read reads again exactly (``exact_head``): under the linear read without
+    normalisation, else none (the forward read is exact; a normalised score would need every control read again)."""
+    return run.scan.scoring.exact_head if run.read == "linear" and pool.normalize == "none" else 0
 
 
 def _mirrors(run: _Run, pool: _Pool, n_fit: int):
@@ -461,13 +471,16 @@ def _scan(run: _Run, pool: _Pool, caches: _Caches, book: ScoreBook, peft_model, 
                 main_process_only=False)
 
 
-def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, model_kwargs: dict | None,
+def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, book: ScoreBook, model_kwargs: dict | None,
                       peft_model) -> None:
-    """Merge every process's shard and write the result with the record of how it was made (main process)."""
+    """Merge every process's shard, with the mixed read's exact head, and write the result with the record of how it
+    was made (main process)."""
     scan = run.scan
     shards = sorted((run.out / "shards").glob(f"rank-*-of-{run.world:05d}"))
+    exact, reads = _exact_head(run, pool, book, shards, peft_model)
     merged = merge_shards(shards, run.out, pool.ids[: len(pool.probes)], scan.ranking.top_k, pool.retrieval.scores,
-                          Ranking.from_config(scan), lexical=pool.retrieval.bm25, dense=pool.retrieval.dense)
+                          Ranking.from_config(scan), lexical=pool.retrieval.bm25, dense=pool.retrieval.dense,
+                          exact=exact)
     records = [{**asdict(p), "adapter": n, "probe_loss_before": report.loss_before[p.id],
                 "probe_loss_after": report.loss_after[p.id]} for p, n in zip(pool.probes, pool.names, strict=False)]
     own = {
@@ -480,8 +493,9 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
                       "per_probe": scan.retrieval.n_candidates, "documents": pool.retrieval.n_documents},
     }
     config = run_record(run.model_name, model_kwargs, run.corpus, own, device=str(run.accelerator.device),
-                        num_processes=run.world, run_key=run_key, torch_dtype=str(next(run.model.parameters()).dtype),
-                        stats=merged["stats"])
+                        num_processes=run.world, run_key=book.run_key,
+                        torch_dtype=str(next(run.model.parameters()).dtype),
+                        stats={**merged["stats"], "exact_head_pairs": len(reads)})
     stats = probe_stats(records, _raw_scores(run.out, [p.id for p in pool.probes]), run.mirror.direction)
     config["regime"] = {"probes": stats, "warnings": warnings_for(stats, config["mirror"],
                                                                  run.read)}
@@ -489,7 +503,7 @@ def _merge_and_record(run: _Run, pool: _Pool, report: FitReport, run_key: str, m
         logger.warning(warning)
     result = AttributionResult(run.out, topk=merged["topk"], evidence=merged["evidence"], probes=records,
                                skipped=merged["skipped"], config=config)
-    texts = _report_evidence(run, pool, result, peft_model)
+    texts = _report_evidence(run, pool, result, peft_model, reads)
     result.save(run.out)
     write_report(result, run.out, texts=texts)
 
@@ -505,12 +519,72 @@ def _raw_scores(out: Path, probe_ids: list[str]) -> dict[str, np.ndarray]:
     return {pid: rows.to_numpy(np.float64) for pid, rows in table.groupby("probe_id")["raw_score"]}
 
 
-def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_model) -> dict[str, str]:
+def _exact_head(run: _Run, pool: _Pool, book: ScoreBook, shards: list[Path], peft_model
+                ) -> tuple[pd.DataFrame | None, dict[tuple[str, str], ScannedDoc]]:
+    """The mixed read: each probe's :func:`_head` documents with the largest first-order change
+    (:func:`hf_mirror.merge.exact_head`) read again by forward passes under its own mirror. Returns their exact scores,
+    as the forward read's score book makes them, as :func:`merge_shards`'s ``exact`` rows (None: no head), and the
+    documents read by (probe id, document id) (their token losses are the report's evidence)."""
+    n = _head(run, pool)
+    if not n:
+        return None, {}
+    head = exact_head(shards, n)
+    known = {str(d): t for d, t in zip(head["doc_id"], head["text"], strict=True) if isinstance(t, str)}
+    texts = _texts(run, set(head["doc_id"].astype(str)), known)
+    need = {pid: list(docs) for pid, docs in head.groupby("probe_id", sort=False)["doc_id"]}
+    reads = _read_exactly(run, pool, peft_model, need, texts)
+    keys = [(p, str(d)) for p, d in zip(head["probe_id"], head["doc_id"], strict=True)]
+    head = head.loc[[k in reads for k in keys]]
+    raw = [float(book.read_scores(reads[k].base, reads[k].mirror)[0]) for k in keys if k in reads]
+    logger.info("Mixed read: %d (probe, document) pairs read again exactly, each under its probe's mirror.",
+                len(reads))
+    # normalize "none" (_head): a document's score is its raw score
+    return head.assign(raw_score=raw, score=raw, text=[texts[str(d)] for d in head["doc_id"]]), reads
+
+
+def _texts(run: _Run, wanted: set[str], known: dict[str, str]) -> dict[str, str]:
+    """The texts of the documents ``wanted`` (ids as text): from ``known``, else one pass over the corpus."""
+    texts = {d: known[d] for d in wanted if d in known}
+    if len(texts) < len(wanted):
+        for doc_id, text in run.corpus.documents():
+            if str(doc_id) in wanted and isinstance(text, str):
+                texts[str(doc_id)] = text
+                if len(texts) == len(wanted):
+                    break
+    return texts
+
+
+def _read_exactly(run: _Run, pool: _Pool, peft_model, need: dict[str, list], texts: dict[str, str]
+                  ) -> dict[tuple[str, str], ScannedDoc]:
+    """Each probe's documents ``need`` (those with a text in ``texts``) read by forward passes under its own mirror in
+    ``peft_model``, the base model's losses once per document; by (probe id, document id as text)."""
+    index = {p.id: i for i, p in enumerate(pool.probes)}
+    settings = {"max_length": run.max_length, "overlap": run.overlap, "batch_size": run.scan.windows.batch_size,
+                "autocast": run.accelerator.autocast}
+    listed = list({str(d): (d, texts[str(d)]) for docs in need.values() for d in docs if str(d) in texts}.values())
+    if not listed:
+        return {}
+    base = {str(doc.doc_id): doc.base for doc in Scanner(peft_model, run.tokenizer, adapter_names=[], probe_ids=[],
+                                                         **settings)(listed)}  # once per document
+    reads = {}
+    for pid, wanted in need.items():
+        docs = [(d, texts[str(d)]) for d in wanted if str(d) in texts]
+        if not docs:
+            continue
+        scanner = Scanner(peft_model, run.tokenizer, adapter_names=[pool.names[index[pid]]], probe_ids=[pid],
+                          adapters_per_forward=1, **settings)
+        for doc in scanner(docs, base_losses=((i, str(d), base[str(d)]) for i, (d, _) in enumerate(docs))):
+            reads[(pid, str(doc.doc_id))] = doc
+    return reads
+
+
+def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_model,
+                     reads: dict[tuple[str, str], ScannedDoc]) -> dict[str, str]:
     """What the results and report.html show that the scan did not keep: the token evidence of each probe's top-k
     (after the linear read, which keeps none) and of its "moved the model" list (added to ``result.evidence``: each
-    probe's documents are scored again under its own mirror in ``peft_model``, a few forward passes), and the texts of
-    the listed documents outside the top-k (one pass over the corpus's text, only when some are missing). Returns
-    those texts by document id."""
+    probe's documents are scored again under its own mirror in ``peft_model``, a few forward passes, unless the mixed
+    read's ``reads`` hold them), and the texts of the listed documents outside the top-k (one pass over the corpus's
+    text, only when some are missing). Returns those texts by document id."""
     from hf_mirror.report import missing_texts, moved_without_evidence
 
     need = moved_without_evidence(result)
@@ -523,34 +597,20 @@ def _report_evidence(run: _Run, pool: _Pool, result: AttributionResult, peft_mod
     wanted = missing_texts(result) | {str(d) for docs in need.values() for d in docs}
     if not wanted:
         return {}
-    known = dict(zip(result.topk["doc_id"].astype(str), result.topk["text"], strict=True))
-    texts: dict[str, str] = {d: known[d] for d in wanted if d in known}
-    if len(texts) < len(wanted):
-        for doc_id, text in run.corpus.documents():
-            if str(doc_id) in wanted and isinstance(text, str):
-                texts[str(doc_id)] = text
-                if len(texts) == len(wanted):
-                    break
-    index = {p.id: i for i, p in enumerate(pool.probes)}
-    settings = {"max_length": run.max_length, "overlap": run.overlap, "batch_size": run.scan.windows.batch_size,
-                "autocast": run.accelerator.autocast}
-    listed = list({str(d): (d, texts[str(d)]) for docs in need.values() for d in docs if str(d) in texts}.values())
-    base = {str(doc.doc_id): doc.base for doc in Scanner(peft_model, run.tokenizer, adapter_names=[], probe_ids=[],
-                                                         **settings)(listed)}  # once per document
+    known = {**{d: doc.text for (_, d), doc in reads.items()},
+             **dict(zip(result.topk["doc_id"].astype(str), result.topk["text"], strict=True))}
+    texts = _texts(run, wanted, known)
+    fresh = {pid: [d for d in docs if (pid, str(d)) not in reads] for pid, docs in need.items()}  # not read yet
+    reads = {**reads, **_read_exactly(run, pool, peft_model, fresh, texts)}
     rows = []
     for pid in (p for p in result.probe_ids if p in need):
-        docs = [(d, texts[str(d)]) for d in need[pid] if str(d) in texts]
-        scanner = Scanner(peft_model, run.tokenizer, adapter_names=[pool.names[index[pid]]], probe_ids=[pid],
-                          adapters_per_forward=1, **settings)
-        for doc in scanner(docs, base_losses=((i, str(d), base[str(d)]) for i, (d, _) in enumerate(docs))):
+        for doc in (reads[(pid, str(d))] for d in need[pid] if (pid, str(d)) in reads):
             delta = run.mirror.sign * (doc.mirror[0] - doc.base)
             rows += [{"probe_id": pid, "doc_id": doc.doc_id, "position": i, "token": piece,
                       "base_loss": float(doc.base[i]), "mirror_loss": float(doc.mirror[0, i]),
                       "delta": float(delta[i])}
                      for i, piece in enumerate(token_pieces(run.tokenizer, doc.text, doc.token_ids))]
     if rows:
-        import pandas as pd
-
         extra = pd.DataFrame(rows, columns=EVIDENCE_COLUMNS)
         result.evidence = extra if result.evidence.empty else pd.concat([result.evidence, extra], ignore_index=True)
     return texts

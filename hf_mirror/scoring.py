@@ -264,8 +264,7 @@ class ScoreBook:
                                  "--aggregate mean or sum with it, or --read forward.")
             raw = self.sign * doc.delta / (len(doc.token_ids) if self.aggregate == "mean" else 1)
         else:
-            support = self.sign * (doc.mirror - doc.base)  # [probes, tokens]; > 0 where the mirror supports
-            raw = getattr(support, self.aggregate)(axis=1).astype(np.float64)
+            raw = self.read_scores(doc.base, doc.mirror)
         if extra is not None:
             raw = np.concatenate([raw, np.asarray(extra, np.float64)])
         if len(raw) != len(self.all_ids):
@@ -273,6 +272,12 @@ class ScoreBook:
         evidence = (doc.base, doc.mirror) if doc.mirror is not None else (None, None)
         doc.doc_id = self.add_scores(doc.doc_id, doc.text, doc.token_ids, raw, doc.seq, skipped, *evidence)
         return raw
+
+    def read_scores(self, base: np.ndarray, mirror: np.ndarray) -> np.ndarray:
+        """Each probe's raw score of a document read by forward passes: its token losses under the probes' mirrors
+        (``mirror``: [probes, tokens]) against the base model's (``base``), signed and aggregated over its tokens."""
+        support = self.sign * (mirror - base)  # [probes, tokens]; > 0 where the mirror supports
+        return getattr(support, self.aggregate)(axis=1).astype(np.float64)
 
     def add_scores(
         self,

@@ -9,8 +9,8 @@ OUT`` kept for a method spec (``OUT/<spec>/mirror``, e.g. ``runs/lds/mirror/mirr
 probe's ``raw_score`` row is z-scored over the documents and the blend is ``z(base) + w * z(other)``; printed per
 weight: LDS and the tail-patch top-10 share of both variants, tune and held-out halves. ``--reread N ...`` instead
 takes each probe's N largest base scores by magnitude from the other column, unscaled (the base read to first
-order, its head read again exactly by the other: ``mirror`` and ``mirror_forward``). The retrains and the ground
-truth come from the benchmarks' cache.
+order, its head read again exactly by the other: ``mirror_first_order`` and ``mirror_forward``; what ``--exact-head``
+now does in every default run). The retrains and the ground truth come from the benchmarks' cache.
 """
 
 from __future__ import annotations

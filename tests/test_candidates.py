@@ -21,11 +21,12 @@ def test_rerank_scores_only_candidates_and_keeps_the_answer(tiny_model, planted,
     model, tok = tiny_model
     probes = planted.probes()[:8]
     kw = dict(tokenizer=tok, show_progress=False)
+    scoring = ScoringConfig(normalize="none", exact_head=0)  # the scan's scores (the exact head is over what it scans)
     full = attribute(model, planted.texts, probes, output_dir=tmp_path / "full",
-                     scan=ScanConfig(scoring=ScoringConfig(normalize="none"), ranking=RankingConfig(rank_by="mirror"),
+                     scan=ScanConfig(scoring=scoring, ranking=RankingConfig(rank_by="mirror"),
                                      speed=SpeedConfig(cache=False)), **kw)
     rerank = attribute(model, planted.texts, probes, output_dir=tmp_path / "rerank",
-                       scan=ScanConfig(scoring=ScoringConfig(normalize="none"), retrieval=RetrievalConfig(candidates=3),
+                       scan=ScanConfig(scoring=scoring, retrieval=RetrievalConfig(candidates=3),
                                        ranking=RankingConfig(rank_by="mirror")), **kw)
     n_candidates = rerank.config["candidate_documents"]
     assert 8 <= n_candidates <= 24 and rerank.config["stats"]["documents"] == n_candidates

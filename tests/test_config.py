@@ -129,8 +129,8 @@ GROUPS = {"windows": WindowConfig, "scoring": ScoringConfig, "retrieval": Retrie
 # settings away from every default, by flat name (the names of the flags and of config.json's "scan")
 CHANGED = {"top_k": 5, "normalize": "zscore", "controls": 3, "min_pool": 4, "max_new_tokens": 16,
            "candidates": "bm25:50", "aggregate": "max", "rank_by": "mirror", "mirror_weight": 0.5,
-           "lexical_weight": 0.25, "read": "forward", "retrievers": ["bm25", "dense"], "index": "/tmp/idx",
-           "max_length": 64, "batch_size": 2, "cache": False}
+           "lexical_weight": 0.25, "read": "forward", "exact_head": 0, "retrievers": ["bm25", "dense"],
+           "index": "/tmp/idx", "max_length": 64, "batch_size": 2, "cache": False}
 
 
 def test_every_flat_name_belongs_to_exactly_one_group():
@@ -141,7 +141,7 @@ def test_every_flat_name_belongs_to_exactly_one_group():
             owners.setdefault(f.name, []).append(group)
     assert all(len(groups) == 1 for groups in owners.values()), owners
     leaves = flat_fields(ScanConfig)
-    assert list(leaves) == list(owners) and len(leaves) == 25
+    assert list(leaves) == list(owners) and len(leaves) == 26
     assert all(path == tuple(owners[name]) and GROUPS[path[0]] is owner for name, (path, owner, _) in leaves.items())
     flags = {a.dest for a in _subparser("attribute")._actions}
     assert set(leaves) <= flags and not set(GROUPS) & flags  # flat flags, no flag per group
@@ -186,19 +186,22 @@ def test_overrides_reach_the_groups():
 
 def test_the_run_identity_of_a_scan_is_the_flat_one_it_always_was():
     """result_settings keys every run: these values were computed before ScanConfig was grouped, so outputs written
-    then keep their run keys and caches."""
+    then keep their run keys and caches. ``exact_head`` (the mixed read, 2026-12-08) changed the linear read's result
+    and so its key; the forward read, which it does not reach, leaves it out (pipeline._start) and keeps its key."""
     from hf_mirror.runs import stable_key
 
     default, changed = ScanConfig(), nested_config(ScanConfig, CHANGED)
     assert result_settings(default) == {"top_k": 10, "normalize": "none", "controls": None, "min_pool": 8,
                                         "max_new_tokens": 32, "candidates": "auto", "aggregate": "mean",
-                                        "rank_by": "hybrid", "mirror_weight": 0.0, "read": "auto"}
+                                        "rank_by": "hybrid", "mirror_weight": 0.0, "read": "auto", "exact_head": 10}
     assert result_settings(changed) == {"top_k": 5, "normalize": "zscore", "controls": 3, "min_pool": 4,
                                         "max_new_tokens": 16, "candidates": 50, "aggregate": "max",
                                         "rank_by": "mirror", "mirror_weight": 0.5, "lexical_weight": 0.25,
-                                        "read": "forward", "retrievers": ["bm25", "dense"]}
-    assert stable_key(result_settings(default)) == "f16bbad28c18610a"
-    assert stable_key(result_settings(changed)) == "249cc0c11939afcd"
+                                        "read": "forward", "exact_head": 0, "retrievers": ["bm25", "dense"]}
+    assert stable_key(result_settings(default)) == "d150c5a698a8669a"
+    assert stable_key(result_settings(changed)) == "0ac61036cdb8fc25"
+    before = [{k: v for k, v in result_settings(scan).items() if k != "exact_head"} for scan in (default, changed)]
+    assert [stable_key(settings) for settings in before] == ["f16bbad28c18610a", "249cc0c11939afcd"]
 
 
 def test_config_json_records_the_scan_flat_and_a_rerun_resumes(tiny_model, planted, tmp_path):
